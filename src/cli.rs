@@ -1,0 +1,40 @@
+//! The command line: subcommands and their options, kept apart from `main` so the man page and
+//! tests can be generated from the same definition.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::DEFAULT_PATH;
+
+/// ferryd relays the load balancer's SSH and WinRM connections to the build VM.
+#[derive(Debug, Parser)]
+#[command(name = "ferryd", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the relay daemon in the foreground (as systemd starts it).
+    ///
+    /// Logs go to journald when started by systemd, to stderr otherwise; FERRYD_LOG sets the
+    /// level (error, warn, info, debug, trace). SIGHUP reloads the file; SIGTERM drains.
+    Run {
+        /// The configuration file.
+        #[arg(short, long, value_name = "PATH", default_value = DEFAULT_PATH)]
+        config: PathBuf,
+    },
+    /// Validate the configuration and print the effective routes, every default filled in.
+    ///
+    /// Exits 0 when the file is valid (the effective configuration goes to stdout, as TOML that
+    /// ferryd accepts), 1 when it is not (the reason, with file, line and key, goes to stderr).
+    Check {
+        /// The configuration file.
+        #[arg(short, long, value_name = "PATH", default_value = DEFAULT_PATH)]
+        config: PathBuf,
+    },
+}

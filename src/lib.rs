@@ -1,0 +1,26 @@
+//! ferryd: the forwarding daemon of an image builder's proxy VM.
+//!
+//! It listens where the internal load balancer sends the builder's SSH and WinRM connections,
+//! admits only the balancer's sources, answers health probes itself, and relays everything else
+//! to the build VM with splice(2). The modules, by role:
+//!
+//! - [`config`]: the file, its validation and defaults;
+//! - [`allow`]: CIDR allowlists;
+//! - [`route`]: a listener, admission, and each connection's life and log line;
+//! - [`upstream`]: dialling the build VM;
+//! - [`relay`]: moving bytes both ways and ending a connection correctly;
+//! - [`daemon`]: start-up, signals, reload and drain;
+//! - [`shutdown`]: the drain signal passed to each connection;
+//! - [`net`], [`logging`], [`stats`]: socket options, log sinks and rate limits, counters.
+
+pub mod allow;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod logging;
+pub mod net;
+pub mod relay;
+pub mod route;
+pub mod shutdown;
+pub mod stats;
+pub mod upstream;

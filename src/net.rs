@@ -1,0 +1,94 @@
+//! Socket plumbing shared by the listeners and the relay: binding with retries, the per-socket
+//! options both legs get, and passing a reset on.
+//!
+//! This module owns what is set on a socket and how a socket is closed abruptly. It must not
+//! decide who is admitted or where bytes go.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::config::Keepalive;
+
+/// Accept queue length. The kernel clamps it to net.core.somaxconn (128 on Ubuntu 18.04), which
+/// is plenty for a builder's handful of connections and absorbs a burst of probes and retries.
+const LISTEN_BACKLOG: i32 = 1024;
+
+/// How long a bind that fails with "address in use" or "address not available" is retried at
+/// start. 60000-60001 lie inside the default ephemeral port range, so an outgoing connection can
+/// briefly hold one; at boot, the listen address may not be configured yet.
+pub const BIND_RETRY_WINDOW: Duration = Duration::from_secs(30);
+/// Pause between bind attempts.
+const BIND_RETRY_EVERY: Duration = Duration::from_millis(250);
+
+/// Binds a listening socket with SO_REUSEADDR, so a restart is not refused by the previous
+/// process's connections in TIME_WAIT.
+pub fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// [`listen`], retried for up to `window` while the error is one that goes away by itself.
+pub async fn listen_with_retry(addr: SocketAddr, window: Duration) -> io::Result<TcpListener> {
+    let deadline = tokio::time::Instant::now() + window;
+    let mut logged = false;
+    loop {
+        match listen(addr) {
+            Ok(listener) => return Ok(listener),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::AddrInUse | io::ErrorKind::AddrNotAvailable
+                ) && tokio::time::Instant::now() + BIND_RETRY_EVERY < deadline =>
+            {
+                if !logged {
+                    tracing::warn!(listen = %addr, error = %e, "cannot listen yet; retrying for up to {}s", window.as_secs());
+                    logged = true;
+                }
+                tokio::time::sleep(BIND_RETRY_EVERY).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// TCP_NODELAY (SSH keystrokes and WinRM requests are small and latency-bound) and keepalive
+/// (Azure silently drops flows idle for about 4 minutes) on one leg. A failure only means the
+/// peer is already gone, which the relay finds out by itself, so it is logged and not fatal.
+pub fn tune_stream(stream: &TcpStream, keepalive: &Keepalive) {
+    let sock = SockRef::from(stream);
+    let params = TcpKeepalive::new()
+        .with_time(keepalive.time)
+        .with_interval(keepalive.interval)
+        .with_retries(keepalive.probes);
+    if let Err(e) = sock
+        .set_tcp_nodelay(true)
+        .and_then(|_| sock.set_tcp_keepalive(&params))
+    {
+        tracing::debug!(error = %e, "cannot set socket options (peer already gone?)");
+    }
+}
+
+/// Sets the options of [`tune_stream`] on a socket before it connects.
+pub fn tune_socket(sock: SockRef<'_>, keepalive: &Keepalive) -> io::Result<()> {
+    let params = TcpKeepalive::new()
+        .with_time(keepalive.time)
+        .with_interval(keepalive.interval)
+        .with_retries(keepalive.probes);
+    sock.set_tcp_nodelay(true)?;
+    sock.set_tcp_keepalive(&params)
+}
+
+/// Closes `stream` with a reset (SO_LINGER 0) instead of a FIN: the peer learns at once that the
+/// connection is refused or was broken, rather than seeing an orderly end of data.
+pub fn reset(stream: TcpStream) {
+    let _ = SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+    drop(stream);
+}

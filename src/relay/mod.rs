@@ -1,0 +1,188 @@
+//! The relay: one accepted client and one connected upstream, joined until both directions end.
+//!
+//! This module owns how a relayed connection ends. An end of stream on one side is passed on as
+//! a shutdown of the other side's write half once every byte has gone through, while the other
+//! direction keeps flowing; an error on either side is passed on as a reset of both; silence
+//! beyond idle_timeout (fin_timeout once half-closed) closes both; and the daemon's drain
+//! deadline closes what is left. It must not admit, dial or log connections: the route does
+//! that around it.
+
+mod pipe;
+mod pump;
+
+use std::net::Shutdown as Direction;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use socket2::SockRef;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+pub use pipe::PipePool;
+use pump::{Flow, PumpError};
+
+use crate::shutdown::Shutdown;
+use crate::stats::{Outcome, RelayStats};
+
+/// What every relayed connection shares: the pipe pool (absent when splice is turned off) and the
+/// engine counters.
+#[derive(Debug)]
+pub struct Engine {
+    pipes: Option<PipePool>,
+    /// Engine-wide counters, read for the exit summary and metrics.
+    pub stats: RelayStats,
+}
+
+impl Engine {
+    /// An engine that splices through at most `max_pipes` pipes, or only copies when `splice`
+    /// is false.
+    pub fn new(splice: bool, max_pipes: usize) -> Arc<Engine> {
+        Arc::new(Engine {
+            pipes: splice.then(|| PipePool::new(max_pipes)),
+            stats: RelayStats::default(),
+        })
+    }
+
+    /// The pool, when splicing.
+    pub fn pipes(&self) -> Option<&PipePool> {
+        self.pipes.as_ref()
+    }
+}
+
+/// The timers that bound a relayed connection.
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    /// Silence that closes a connection; `None` never does.
+    pub idle: Option<Duration>,
+    /// Silence that closes a half-closed connection.
+    pub fin: Duration,
+}
+
+/// How a relayed connection ended and what it carried.
+#[derive(Debug)]
+pub struct Transfer {
+    /// How it ended: Eof, Reset, Idle or Drain.
+    pub outcome: Outcome,
+    /// For a reset, which side failed and how.
+    pub detail: Option<String>,
+    /// Bytes client → upstream.
+    pub up: u64,
+    /// Bytes upstream → client.
+    pub down: u64,
+}
+
+/// When the connection last moved a byte, in milliseconds since it started: one relaxed store per
+/// burst, read only when an idle timer fires.
+#[derive(Debug)]
+pub struct Activity {
+    start: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = self.start.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+}
+
+/// Relays between `client` and `upstream` until the connection ends, then closes both sockets
+/// the way the ending requires (FIN for an orderly end, reset for a broken one).
+pub async fn relay(
+    engine: &Engine,
+    client: TcpStream,
+    upstream: TcpStream,
+    timeouts: Timeouts,
+    shutdown: &mut Shutdown,
+) -> Transfer {
+    let activity = Activity::new();
+    let up = AtomicU64::new(0);
+    let down = AtomicU64::new(0);
+
+    let (outcome, detail) = {
+        let flow = |bytes| Flow {
+            pipes: engine.pipes(),
+            stats: &engine.stats,
+            bytes,
+            activity: &activity,
+        };
+        let upward = half(&client, &upstream, flow(&up), "client", "upstream");
+        let downward = half(&upstream, &client, flow(&down), "upstream", "client");
+        tokio::pin!(upward, downward);
+        let (mut up_done, mut down_done) = (false, false);
+        loop {
+            let quiet_limit = if up_done || down_done {
+                Some(timeouts.idle.map_or(timeouts.fin, |idle| idle.min(timeouts.fin)))
+            } else {
+                timeouts.idle
+            };
+            let deadline = quiet_limit.map(|limit| activity.last() + limit);
+            tokio::select! {
+                result = &mut upward, if !up_done => match result {
+                    Ok(()) => up_done = true,
+                    Err(detail) => break (Outcome::Reset, Some(detail)),
+                },
+                result = &mut downward, if !down_done => match result {
+                    Ok(()) => down_done = true,
+                    Err(detail) => break (Outcome::Reset, Some(detail)),
+                },
+                _ = sleep_until(deadline) => {
+                    if quiet_limit.is_some_and(|limit| activity.last().elapsed() >= limit) {
+                        break (Outcome::Idle, None);
+                    }
+                },
+                _ = shutdown.closing() => break (Outcome::Drain, None),
+            }
+            if up_done && down_done {
+                break (Outcome::Eof, None);
+            }
+        }
+    };
+
+    if outcome == Outcome::Reset {
+        crate::net::reset(client);
+        crate::net::reset(upstream);
+    }
+    Transfer {
+        outcome,
+        detail,
+        up: up.into_inner(),
+        down: down.into_inner(),
+    }
+}
+
+/// One direction, then the half-close that passes its end of stream on.
+async fn half(
+    src: &TcpStream,
+    dst: &TcpStream,
+    flow: Flow<'_>,
+    src_name: &str,
+    dst_name: &str,
+) -> Result<(), String> {
+    match pump::pump(src, dst, flow).await {
+        Ok(()) => SockRef::from(dst)
+            .shutdown(Direction::Write)
+            .map_err(|e| format!("{dst_name}: shutdown after {src_name}'s FIN failed: {e}")),
+        Err(PumpError::Read(e)) => Err(format!("{src_name}: {e}")),
+        Err(PumpError::Write(e)) => Err(format!("{dst_name}: {e}")),
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}

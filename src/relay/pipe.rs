@@ -1,0 +1,209 @@
+//! The pipe pool and the two splice(2) moves: socket → pipe and pipe → socket.
+//!
+//! This module owns pipes: creating them non-blocking, lending them only while bytes are in
+//! flight, taking back only empty ones, and bounding how many exist. It must not decide when to
+//! read or write (the pump does, from tokio readiness) and must never be asked to move
+//! `usize::MAX` bytes: newer kernels answer EINVAL.
+
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use nix::fcntl::{OFlag, SpliceFFlags, splice};
+
+/// Bytes asked of one splice call: the default pipe capacity (16 pages). A pipe can report full
+/// with less than this in it, since every skb fragment takes a whole slot, so the drain loop
+/// always moves what the pipe actually holds.
+pub const SPLICE_CHUNK: usize = 64 * 1024;
+
+/// Empty pipes kept for reuse. Creating a pipe is two fds and a syscall; keeping a few dozen
+/// covers the bursts of a build (parallel uploads) without holding fds for idle connections.
+const IDLE_PIPES_KEPT: usize = 32;
+
+/// A non-blocking pipe: the kernel buffer that splice moves pages through.
+#[derive(Debug)]
+pub struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+}
+
+impl Pipe {
+    fn new() -> io::Result<Pipe> {
+        let (read, write) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
+        Ok(Pipe { read, write })
+    }
+}
+
+/// A bounded set of pipes shared by every connection.
+#[derive(Debug)]
+pub struct PipePool {
+    idle: Mutex<Vec<Pipe>>,
+    alive: AtomicUsize,
+    created: AtomicU64,
+    max: usize,
+}
+
+impl PipePool {
+    /// A pool that lets at most `max` pipes exist at once.
+    pub fn new(max: usize) -> Self {
+        PipePool {
+            idle: Mutex::new(Vec::new()),
+            alive: AtomicUsize::new(0),
+            created: AtomicU64::new(0),
+            max,
+        }
+    }
+
+    /// Lends an empty pipe, creating one while under the bound. `Ok(None)` when the bound is
+    /// reached: the caller copies through a buffer instead.
+    pub fn take(&self) -> io::Result<Option<Lease<'_>>> {
+        if let Some(pipe) = self.lock_idle().pop() {
+            return Ok(Some(Lease::new(self, pipe)));
+        }
+        let reserved = self.alive.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < self.max).then_some(n + 1)
+        });
+        if reserved.is_err() {
+            return Ok(None);
+        }
+        match Pipe::new() {
+            Ok(pipe) => {
+                self.created.fetch_add(1, Ordering::Relaxed);
+                Ok(Some(Lease::new(self, pipe)))
+            }
+            Err(e) => {
+                self.alive.fetch_sub(1, Ordering::AcqRel);
+                Err(e)
+            }
+        }
+    }
+
+    /// Pipes that exist now, lent or idle.
+    pub fn alive(&self) -> usize {
+        self.alive.load(Ordering::Relaxed)
+    }
+
+    /// Pipes created since start; far fewer than connections when the pool works.
+    pub fn created(&self) -> u64 {
+        self.created.load(Ordering::Relaxed)
+    }
+
+    /// Empty pipes waiting in the pool.
+    pub fn idle(&self) -> usize {
+        self.lock_idle().len()
+    }
+
+    fn lock_idle(&self) -> std::sync::MutexGuard<'_, Vec<Pipe>> {
+        // A panic while holding this lock cannot leave the Vec inconsistent; keep going.
+        self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn give_back(&self, pipe: Pipe, empty: bool) {
+        if empty {
+            let mut idle = self.lock_idle();
+            if idle.len() < IDLE_PIPES_KEPT {
+                idle.push(pipe);
+                return;
+            }
+        }
+        // Not empty (an error cut a transfer short) or the pool is full: close it.
+        drop(pipe);
+        self.alive.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A pipe lent to one direction of one connection while bytes are in flight. It goes back to the
+/// pool when dropped, and only if it is empty; a pipe with bytes left in it is closed instead,
+/// so stale data can never leak into another connection.
+#[derive(Debug)]
+pub struct Lease<'a> {
+    pool: &'a PipePool,
+    pipe: Option<Pipe>,
+    pending: usize,
+}
+
+impl<'a> Lease<'a> {
+    fn new(pool: &'a PipePool, pipe: Pipe) -> Self {
+        Lease {
+            pool,
+            pipe: Some(pipe),
+            pending: 0,
+        }
+    }
+
+    /// Bytes in the pipe, waiting to be written out.
+    pub fn pending(&self) -> usize {
+        self.pending
+    }
+
+    /// Moves up to [`SPLICE_CHUNK`] bytes from `socket` into the pipe. `Ok(0)` is end of stream.
+    /// Call only with an empty pipe: then EAGAIN can only mean "socket empty".
+    pub fn fill_from(&mut self, socket: impl AsFd) -> io::Result<usize> {
+        debug_assert_eq!(
+            self.pending, 0,
+            "splice into a non-empty pipe makes EAGAIN ambiguous"
+        );
+        let pipe = self.pipe.as_ref().ok_or_else(gone)?;
+        let n = splice(socket, None, &pipe.write, None, SPLICE_CHUNK, flags())?;
+        self.pending += n;
+        Ok(n)
+    }
+
+    /// Moves what the pipe holds into `socket`; returns how much went.
+    pub fn drain_to(&mut self, socket: impl AsFd) -> io::Result<usize> {
+        let pipe = self.pipe.as_ref().ok_or_else(gone)?;
+        let n = splice(&pipe.read, None, socket, None, self.pending, flags())?;
+        self.pending -= n.min(self.pending);
+        Ok(n)
+    }
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        if let Some(pipe) = self.pipe.take() {
+            self.pool.give_back(pipe, self.pending == 0);
+        }
+    }
+}
+
+fn flags() -> SpliceFFlags {
+    SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK
+}
+
+fn gone() -> io::Error {
+    io::Error::other("pipe already returned to the pool")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_is_bounded_and_reuses_empty_pipes() {
+        let pool = PipePool::new(2);
+        let a = pool.take().unwrap().unwrap();
+        let b = pool.take().unwrap().unwrap();
+        assert!(pool.take().unwrap().is_none(), "third pipe over a bound of two");
+        drop(a);
+        assert_eq!(pool.idle(), 1);
+        let c = pool.take().unwrap().unwrap();
+        assert_eq!(pool.alive(), 2);
+        drop((b, c));
+        assert_eq!(pool.idle(), 2);
+    }
+
+    #[test]
+    fn pipe_with_bytes_left_is_closed_not_pooled() {
+        let pool = PipePool::new(4);
+        let (mut tx, rx) = std::os::unix::net::UnixStream::pair().unwrap();
+        // splice needs a socket or pipe on the input side; a unix stream socket works.
+        use std::io::Write;
+        tx.write_all(b"left over").unwrap();
+        let mut lease = pool.take().unwrap().unwrap();
+        assert_eq!(lease.fill_from(&rx).unwrap(), 9);
+        drop(lease);
+        assert_eq!(pool.idle(), 0);
+        assert_eq!(pool.alive(), 0);
+    }
+}

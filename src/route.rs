@@ -1,0 +1,302 @@
+//! A route at run time: its listening socket, the admission of each accepted connection
+//! (probe, allowlist, limit), and the task that dials the upstream, relays and logs the result.
+//!
+//! This module owns the decision about every accepted socket and the one log line each
+//! connection gets. Admission happens right after accept and before anything is dialled. It must
+//! not parse configuration or handle signals: new settings arrive over a watch channel from the
+//! daemon, and the listener stops when that channel's sender is dropped (route removed, or
+//! drain begun). Connections already running keep the settings they were accepted with.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use crate::allow::Allowlist;
+use crate::config::Route;
+use crate::logging::RateLimit;
+use crate::relay::{self, Engine, Timeouts};
+use crate::shutdown::Shutdown;
+use crate::stats::{Outcome, RouteStats};
+
+/// Shortest pause after an accept failure such as EMFILE: the pending connection stays in the
+/// backlog and the listener stays readable, so accepting again at once would spin.
+const ACCEPT_PAUSE_MIN: Duration = Duration::from_millis(20);
+/// Longest pause: long enough to cost nothing, short enough that service resumes within a second
+/// of descriptors being freed.
+const ACCEPT_PAUSE_MAX: Duration = Duration::from_millis(500);
+
+/// Health probes arrive every few seconds for as long as the VM lives; one line a minute shows
+/// they are arriving, with a count of the rest.
+const PROBE_LOG_WINDOW: Duration = Duration::from_secs(60);
+
+/// What a route's connections are admitted and relayed with; replaced as a whole on reload.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteSettings {
+    /// The route as configured.
+    pub route: Route,
+    /// Load-balancer probe sources (a top-level setting, copied into each route's settings).
+    pub probe_sources: Allowlist,
+}
+
+/// Rate limits for the lines a flood can cause, one set per route so a scan of one port does
+/// not hide what happens on another.
+#[derive(Debug)]
+struct Quiet {
+    denied: RateLimit,
+    limit: RateLimit,
+    probe: RateLimit,
+    upstream: RateLimit,
+}
+
+/// A bound listening socket and everything its accept loop needs.
+pub struct RouteListener {
+    listener: TcpListener,
+    settings: watch::Receiver<Arc<RouteSettings>>,
+    stats: Arc<RouteStats>,
+    engine: Arc<Engine>,
+    shutdown: Shutdown,
+    quiet: Arc<Quiet>,
+}
+
+impl RouteListener {
+    /// Prepares the accept loop of one route. The listener stops when every sender of
+    /// `settings` is gone.
+    pub fn new(
+        listener: TcpListener,
+        settings: watch::Receiver<Arc<RouteSettings>>,
+        stats: Arc<RouteStats>,
+        engine: Arc<Engine>,
+        shutdown: Shutdown,
+    ) -> Self {
+        RouteListener {
+            listener,
+            settings,
+            stats,
+            engine,
+            shutdown,
+            quiet: Arc::new(Quiet {
+                denied: RateLimit::new(),
+                limit: RateLimit::new(),
+                probe: RateLimit::with(1, PROBE_LOG_WINDOW),
+                upstream: RateLimit::new(),
+            }),
+        }
+    }
+
+    /// Accepts until the route is removed or the daemon drains; then closes the listening socket
+    /// (new connections are refused by the kernel) and returns. Running connections go on.
+    pub async fn run(mut self) {
+        let mut backoff = AcceptBackoff::default();
+        loop {
+            tokio::select! {
+                changed = self.settings.changed() => if changed.is_err() { break },
+                accepted = self.listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        backoff.recovered(&self.name());
+                        self.admit(stream, peer);
+                    }
+                    Err(e) => {
+                        let pause = backoff.failed(&self.name(), &e);
+                        if !pause.is_zero() {
+                            self.stats.accept_errors.fetch_add(1, Ordering::Relaxed);
+                            tokio::select! {
+                                changed = self.settings.changed() => if changed.is_err() { break },
+                                _ = tokio::time::sleep(pause) => {}
+                            }
+                        }
+                    }
+                },
+            }
+        }
+        match self.listener.local_addr() {
+            Ok(listen) => tracing::info!(route = %self.name(), %listen, "stopped listening"),
+            Err(_) => tracing::info!(route = %self.name(), "stopped listening"),
+        }
+    }
+
+    fn name(&self) -> String {
+        self.settings.borrow().route.name.clone()
+    }
+
+    fn admit(&self, stream: TcpStream, peer: SocketAddr) {
+        let settings = self.settings.borrow().clone();
+        let route = &settings.route;
+        let source = peer.ip().to_canonical();
+
+        if settings.probe_sources.contains(source) {
+            // Accept + FIN: a TCP probe succeeds, and sshd/WinRM never see it.
+            drop(stream);
+            self.stats.record(Outcome::Probe);
+            if let Some(suppressed) = self.quiet.probe.admit() {
+                tracing::info!(route = %route.name, client = %peer, end = "probe", suppressed, "probe answered locally");
+            }
+            return;
+        }
+        if !route.allow.contains(source) {
+            crate::net::reset(stream);
+            self.stats.record(Outcome::Denied);
+            if let Some(suppressed) = self.quiet.denied.admit() {
+                tracing::warn!(route = %route.name, client = %peer, end = "denied", suppressed, "source not in allow list; connection reset");
+            }
+            return;
+        }
+        let live = self.stats.live.load(Ordering::Relaxed);
+        if live >= route.max_connections {
+            crate::net::reset(stream);
+            self.stats.record(Outcome::Limit);
+            if let Some(suppressed) = self.quiet.limit.admit() {
+                tracing::warn!(route = %route.name, client = %peer, end = "limit", live, max_connections = route.max_connections, suppressed, "route at max_connections; connection reset");
+            }
+            return;
+        }
+        let connection = Connection {
+            live: LiveGuard::new(self.stats.clone()),
+            client: stream,
+            peer,
+            settings,
+            engine: self.engine.clone(),
+            shutdown: self.shutdown.clone(),
+            quiet: self.quiet.clone(),
+        };
+        tokio::spawn(connection.run());
+    }
+}
+
+/// Counts a connection as live from admission until its task ends, whatever way it ends.
+struct LiveGuard(Arc<RouteStats>);
+
+impl LiveGuard {
+    fn new(stats: Arc<RouteStats>) -> Self {
+        stats.live.fetch_add(1, Ordering::Relaxed);
+        LiveGuard(stats)
+    }
+}
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        self.0.live.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One admitted client, from dialling the upstream to the log line at the end.
+struct Connection {
+    live: LiveGuard,
+    client: TcpStream,
+    peer: SocketAddr,
+    settings: Arc<RouteSettings>,
+    engine: Arc<Engine>,
+    shutdown: Shutdown,
+    quiet: Arc<Quiet>,
+}
+
+impl Connection {
+    async fn run(mut self) {
+        let started = Instant::now();
+        let route = &self.settings.route;
+        let stats = &self.live.0;
+        crate::net::tune_stream(&self.client, &route.keepalive);
+
+        let dialled = tokio::select! {
+            dialled = crate::upstream::dial(&route.upstream, route.connect_timeout, &route.keepalive) => dialled,
+            _ = self.shutdown.closing() => {
+                crate::net::reset(self.client);
+                stats.record(Outcome::Drain);
+                tracing::info!(route = %route.name, client = %self.peer, upstream = %route.upstream, end = "drain", "closed while dialling at shutdown");
+                return;
+            }
+        };
+        let (upstream, upstream_addr) = match dialled {
+            Ok(ok) => ok,
+            Err(e) => {
+                crate::net::reset(self.client);
+                stats.record(e.outcome);
+                if let Some(suppressed) = self.quiet.upstream.admit() {
+                    let upstream = e
+                        .addr
+                        .map_or_else(|| route.upstream.to_string(), |a| a.to_string());
+                    tracing::warn!(
+                        route = %route.name,
+                        client = %self.peer,
+                        upstream,
+                        end = e.outcome.as_str(),
+                        error = %e.reason,
+                        duration_ms = started.elapsed().as_millis() as u64,
+                        suppressed,
+                        "upstream connect failed; client reset"
+                    );
+                }
+                return;
+            }
+        };
+
+        let timeouts = Timeouts {
+            idle: route.idle_timeout,
+            fin: route.fin_timeout,
+        };
+        let transfer = relay::relay(&self.engine, self.client, upstream, timeouts, &mut self.shutdown).await;
+        stats.bytes_up.fetch_add(transfer.up, Ordering::Relaxed);
+        stats.bytes_down.fetch_add(transfer.down, Ordering::Relaxed);
+        stats.record(transfer.outcome);
+        tracing::info!(
+            route = %route.name,
+            client = %self.peer,
+            upstream = %upstream_addr,
+            bytes_up = transfer.up,
+            bytes_down = transfer.down,
+            duration_ms = started.elapsed().as_millis() as u64,
+            end = transfer.outcome.as_str(),
+            error = transfer.detail.as_deref(),
+            "connection closed"
+        );
+    }
+}
+
+/// Accept failures that last until descriptors or memory are freed elsewhere: pause and retry,
+/// logging once when it starts and once when it ends.
+#[derive(Debug, Default)]
+struct AcceptBackoff {
+    failures: u64,
+    since: Option<Instant>,
+    pause: Duration,
+}
+
+impl AcceptBackoff {
+    /// How long to pause after `e` (zero for errors that concern one connection only).
+    fn failed(&mut self, route: &str, e: &io::Error) -> Duration {
+        let per_connection = matches!(
+            e.kind(),
+            io::ErrorKind::ConnectionAborted
+                | io::ErrorKind::ConnectionReset
+                | io::ErrorKind::PermissionDenied
+        ) || e.raw_os_error() == Some(libc::EPROTO);
+        if per_connection {
+            tracing::debug!(route, error = %e, "accept failed for one connection");
+            return Duration::ZERO;
+        }
+        if self.failures == 0 {
+            self.since = Some(Instant::now());
+            tracing::warn!(route, error = %e, "accept failing; pausing accepts until it recovers (connections wait in the backlog)");
+        }
+        self.failures += 1;
+        self.pause = (self.pause * 2).clamp(ACCEPT_PAUSE_MIN, ACCEPT_PAUSE_MAX);
+        self.pause
+    }
+
+    fn recovered(&mut self, route: &str) {
+        if self.failures > 0 {
+            let lasted = self.since.map(|s| s.elapsed()).unwrap_or_default();
+            tracing::info!(
+                route,
+                failed_accepts = self.failures,
+                lasted_ms = lasted.as_millis() as u64,
+                "accepting again"
+            );
+            *self = AcceptBackoff::default();
+        }
+    }
+}

@@ -1,0 +1,109 @@
+//! Counters the daemon keeps about itself: per route (connections by outcome, live connections,
+//! bytes) and for the relay engine as a whole (spliced and copied bytes, fallbacks, pipes).
+//!
+//! This module owns the numbers only. It must not format, export or log them; the exit summary,
+//! and later the metrics endpoint, read them from here. Every counter is a relaxed atomic: they
+//! are statistics, never used to make a decision that needs ordering.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+/// How a connection ended, or why it never started. The names are the `end=` field of the log
+/// line each connection gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Both sides closed in order; every byte was delivered.
+    Eof,
+    /// One side reset or failed; the reset was passed on to the other.
+    Reset,
+    /// No bytes either way for idle_timeout (or fin_timeout once half-closed).
+    Idle,
+    /// Closed because the drain timeout ran out during shutdown.
+    Drain,
+    /// The source is not on the route's allowlist: reset before anything was dialled.
+    Denied,
+    /// A load-balancer probe: accepted and closed with a FIN, never relayed.
+    Probe,
+    /// The route was at max_connections: reset.
+    Limit,
+    /// The upstream refused the connection.
+    UpstreamRefused,
+    /// The upstream did not answer within connect_timeout.
+    UpstreamTimeout,
+    /// The upstream could not be reached (no route, name did not resolve, ...).
+    UpstreamUnreachable,
+}
+
+impl Outcome {
+    /// Every outcome, in a fixed order, for counters and metrics.
+    pub const ALL: [Outcome; 10] = [
+        Outcome::Eof,
+        Outcome::Reset,
+        Outcome::Idle,
+        Outcome::Drain,
+        Outcome::Denied,
+        Outcome::Probe,
+        Outcome::Limit,
+        Outcome::UpstreamRefused,
+        Outcome::UpstreamTimeout,
+        Outcome::UpstreamUnreachable,
+    ];
+
+    /// The name used in logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Eof => "eof",
+            Outcome::Reset => "reset",
+            Outcome::Idle => "idle",
+            Outcome::Drain => "drain",
+            Outcome::Denied => "denied",
+            Outcome::Probe => "probe",
+            Outcome::Limit => "limit",
+            Outcome::UpstreamRefused => "upstream-refused",
+            Outcome::UpstreamTimeout => "upstream-timeout",
+            Outcome::UpstreamUnreachable => "upstream-unreachable",
+        }
+    }
+
+    fn index(self) -> usize {
+        Outcome::ALL.iter().position(|o| *o == self).unwrap_or(0)
+    }
+}
+
+/// Counters of one listening route. They survive reloads that keep the listen address.
+#[derive(Debug, Default)]
+pub struct RouteStats {
+    /// Connections currently relayed or dialling.
+    pub live: AtomicUsize,
+    outcomes: [AtomicU64; Outcome::ALL.len()],
+    /// Bytes from clients to the upstream.
+    pub bytes_up: AtomicU64,
+    /// Bytes from the upstream to clients.
+    pub bytes_down: AtomicU64,
+    /// Accepts that failed for lack of descriptors or memory (each one pauses the listener).
+    pub accept_errors: AtomicU64,
+}
+
+impl RouteStats {
+    /// Counts one connection that ended with `outcome`.
+    pub fn record(&self, outcome: Outcome) {
+        self.outcomes[outcome.index()].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How many connections ended with `outcome`.
+    pub fn count(&self, outcome: Outcome) -> u64 {
+        self.outcomes[outcome.index()].load(Ordering::Relaxed)
+    }
+}
+
+/// Counters of the relay engine, shared by every route.
+#[derive(Debug, Default)]
+pub struct RelayStats {
+    /// Bytes moved socket → pipe → socket.
+    pub spliced_bytes: AtomicU64,
+    /// Bytes moved through a user-space buffer.
+    pub copied_bytes: AtomicU64,
+    /// Bursts copied because no pipe was free (max_pipes reached, or pipe creation failed).
+    pub fallback_no_pipe: AtomicU64,
+    /// Connection directions switched to copying because the kernel refused splice.
+    pub fallback_refused: AtomicU64,
+}
