@@ -1,0 +1,390 @@
+//! Test harness shared by the integration tests: a real `ferryd` process on a temporary
+//! configuration, real upstream servers on loopback, and helpers to read its log.
+#![allow(dead_code)]
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_ferryd");
+
+/// A port that was free a moment ago on 127.0.0.1.
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    listener.local_addr().expect("local addr").port()
+}
+
+/// A directory removed when dropped.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("ferryd-test-{}-{tag}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        TempDir(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running ferryd with its stderr collected line by line.
+pub struct Daemon {
+    child: Child,
+    pub config: PathBuf,
+    lines: Arc<Mutex<Vec<String>>>,
+    _dir: TempDir,
+}
+
+impl Daemon {
+    /// Starts `ferryd run` on `config` and waits for its "ready" line.
+    pub fn start(config: &str) -> Daemon {
+        Self::start_with(config, |_| {})
+    }
+
+    /// Like [`Daemon::start`], letting the caller adjust the command (environment, limits).
+    pub fn start_with(config: &str, adjust: impl FnOnce(&mut Command)) -> Daemon {
+        let daemon = Self::spawn_with(config, adjust);
+        if daemon
+            .wait_for_log(" ready config=", Duration::from_secs(10))
+            .is_none()
+        {
+            panic!("ferryd did not become ready; its log:\n{}", daemon.log());
+        }
+        daemon
+    }
+
+    /// Starts `ferryd run` without waiting for anything.
+    pub fn spawn_with(config: &str, adjust: impl FnOnce(&mut Command)) -> Daemon {
+        let dir = TempDir::new("daemon");
+        let path = dir.path().join("ferryd.toml");
+        std::fs::write(&path, config).expect("write config");
+        let mut command = Command::new(BIN);
+        command
+            .args(["run", "--config"])
+            .arg(&path)
+            .env_remove("JOURNAL_STREAM")
+            .env_remove("NOTIFY_SOCKET")
+            .env("FERRYD_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        adjust(&mut command);
+        let mut child = command.spawn().expect("spawn ferryd");
+        let stderr = child.stderr.take().expect("stderr piped");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Daemon {
+            child,
+            config: path,
+            lines,
+            _dir: dir,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, signal: Signal) {
+        kill(Pid::from_raw(self.pid()), signal).expect("signal ferryd");
+    }
+
+    /// Replaces the configuration file (for a reload).
+    pub fn rewrite_config(&self, config: &str) {
+        std::fs::write(&self.config, config).expect("rewrite config");
+    }
+
+    /// Everything logged so far.
+    pub fn log(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    /// Lines containing `needle`.
+    pub fn log_lines(&self, needle: &str) -> Vec<String> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .cloned()
+            .collect()
+    }
+
+    /// Waits until a line containing `needle` appears.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> Option<String> {
+        self.wait_for_nth_log(needle, 1, timeout)
+    }
+
+    /// Waits until `n` lines containing `needle` have appeared; returns the n-th.
+    pub fn wait_for_nth_log(&self, needle: &str, n: usize, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let found = self.log_lines(needle);
+            if found.len() >= n {
+                return Some(found[n - 1].clone());
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                // Let the reader thread collect the last lines.
+                std::thread::sleep(Duration::from_millis(50));
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGTERM, then the exit status (which must come within 10 s).
+    pub fn stop(&mut self) -> ExitStatus {
+        self.signal(Signal::SIGTERM);
+        match self.wait_exit(Duration::from_secs(10)) {
+            Some(status) => status,
+            None => panic!("ferryd did not exit after SIGTERM; log:\n{}", self.log()),
+        }
+    }
+
+    /// CPU seconds (user + system) the process has used.
+    pub fn cpu_seconds(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).expect("read stat");
+        let after_comm = &stat[stat.rfind(')').expect("comm") + 2..];
+        let fields: Vec<&str> = after_comm.split_whitespace().collect();
+        // Fields 14 and 15 of stat (utime, stime), counted from after the comm field.
+        let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+        ticks as f64 / 100.0
+    }
+
+    /// Open file descriptors of the process.
+    pub fn fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A value of `key=value` in a log line, as the stderr formatter writes it.
+pub fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let start = line.find(&format!(" {key}="))? + key.len() + 2;
+    let rest = &line[start..];
+    let value = rest.split(' ').next()?;
+    Some(value.trim_matches('"'))
+}
+
+/// An upstream server on 127.0.0.1 that runs `handler` on each connection in its own thread
+/// and counts the connections it accepted.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub accepted: Arc<AtomicUsize>,
+}
+
+impl Upstream {
+    pub fn start(handler: impl Fn(TcpStream) + Send + Sync + 'static) -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind upstream");
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        let handler = Arc::new(handler);
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { continue };
+                count.fetch_add(1, Ordering::SeqCst);
+                let handler = handler.clone();
+                std::thread::spawn(move || handler(stream));
+            }
+        });
+        Upstream { addr, accepted }
+    }
+
+    /// Echoes every byte back until EOF, then closes.
+    pub fn echo() -> Upstream {
+        Upstream::start(|mut stream| {
+            let mut buf = [0u8; 16 * 1024];
+            loop {
+                match stream.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        if stream.write_all(&buf[..n]).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        })
+    }
+
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+/// A minimal configuration: one route `name` on `listen_port` to `upstream`.
+pub fn config_one_route(
+    listen_port: u16,
+    upstream: SocketAddr,
+    extra_top: &str,
+    extra_route: &str,
+) -> String {
+    format!(
+        r#"allow = ["127.0.0.1/32"]
+probe_sources = ["127.0.0.3/32"]
+drain_timeout = "10s"
+{extra_top}
+
+[[route]]
+name = "test"
+listen = "127.0.0.1:{listen_port}"
+upstream = "{upstream}"
+{extra_route}
+"#
+    )
+}
+
+pub fn local(port: u16) -> SocketAddr {
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, port))
+}
+
+/// Connects to `to` from source address `from` (any 127.x address works on loopback).
+pub fn connect_from(from: Ipv4Addr, to: SocketAddr) -> io::Result<TcpStream> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    socket.bind(&SocketAddr::V4(SocketAddrV4::new(from, 0)).into())?;
+    socket.connect(&to.into())?;
+    Ok(socket.into())
+}
+
+/// Writes one message and reads the same number of bytes back (through an echo upstream).
+pub fn echo_roundtrip(stream: &mut TcpStream, message: &[u8]) -> io::Result<()> {
+    stream.write_all(message)?;
+    let mut back = vec![0u8; message.len()];
+    stream.read_exact(&mut back)?;
+    if back != message {
+        return Err(io::Error::other("echo returned different bytes"));
+    }
+    Ok(())
+}
+
+/// A deterministic byte stream: a pseudo-random block of a length prime to every buffer size,
+/// repeated, so that a lost, doubled or reordered chunk shows up as a mismatch.
+pub struct Pattern {
+    block: Vec<u8>,
+}
+
+impl Pattern {
+    pub fn new(seed: u64) -> Pattern {
+        const LEN: usize = (1 << 20) + 7;
+        let mut x = seed | 1;
+        let block = (0..LEN)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect();
+        Pattern { block }
+    }
+
+    /// Writes `total` bytes of the pattern.
+    pub fn send(&self, stream: &mut impl Write, total: u64) -> io::Result<()> {
+        let mut sent = 0u64;
+        let len = self.block.len() as u64;
+        while sent < total {
+            let at = (sent % len) as usize;
+            let n = (self.block.len() - at)
+                .min((total - sent) as usize)
+                .min(256 * 1024);
+            stream.write_all(&self.block[at..at + n])?;
+            sent += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Reads until EOF and checks every byte against the pattern; returns how many matched.
+    pub fn verify(&self, stream: &mut impl Read) -> io::Result<u64> {
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut got = 0u64;
+        let len = self.block.len() as u64;
+        loop {
+            let n = stream.read(&mut buf)?;
+            if n == 0 {
+                return Ok(got);
+            }
+            let mut checked = 0;
+            while checked < n {
+                let at = ((got + checked as u64) % len) as usize;
+                let m = (n - checked).min(self.block.len() - at);
+                if buf[checked..checked + m] != self.block[at..at + m] {
+                    return Err(io::Error::other(format!(
+                        "mismatch within bytes {}..{}",
+                        got,
+                        got + n as u64
+                    )));
+                }
+                checked += m;
+            }
+            got += n as u64;
+        }
+    }
+}
+
+/// Connects from `from` to `to` and expects ferryd to reset the connection. The reset can arrive
+/// while connect() is still confirming the handshake, or on the first read.
+pub fn expect_reset(from: Ipv4Addr, to: SocketAddr) {
+    match connect_from(from, to) {
+        Err(e) => assert_eq!(
+            e.kind(),
+            io::ErrorKind::ConnectionReset,
+            "connect from {from}: {e}"
+        ),
+        Ok(mut stream) => {
+            stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let result = stream.read(&mut [0u8; 16]);
+            assert_eq!(
+                result.map_err(|e| e.kind()),
+                Err(io::ErrorKind::ConnectionReset),
+                "connection from {from} was not reset"
+            );
+        }
+    }
+}

@@ -1,0 +1,369 @@
+//! The relay's behaviour through a real ferryd process on loopback: bytes, half-close, resets,
+//! admission, limits and timeouts.
+
+mod common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Ipv4Addr, Shutdown, TcpStream};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const MIB: u64 = 1024 * 1024;
+
+fn read_error_kind(stream: &mut TcpStream) -> Result<usize, ErrorKind> {
+    let mut buf = [0u8; 1024];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return Ok(0),
+            Ok(_) => continue,
+            Err(e) => return Err(e.kind()),
+        }
+    }
+}
+
+/// 256 MiB each way at the same time, checked byte for byte, and the exit summary shows the
+/// bytes went through splice, not the copy path.
+#[test]
+fn bulk_both_directions_byte_exact_and_spliced() {
+    const TOTAL: u64 = 256 * MIB;
+    let upstream = Upstream::start(|stream| {
+        let mut reader = stream.try_clone().unwrap();
+        let checker = std::thread::spawn(move || Pattern::new(1).verify(&mut reader));
+        let mut writer = stream;
+        Pattern::new(2).send(&mut writer, TOTAL).unwrap();
+        writer.shutdown(Shutdown::Write).unwrap();
+        let got = checker
+            .join()
+            .unwrap()
+            .expect("upstream received a corrupted stream");
+        assert_eq!(got, TOTAL, "upstream received a short stream");
+    });
+    let port = free_port();
+    let mut daemon = Daemon::start(&config_one_route(port, upstream.addr, "", ""));
+
+    let client = TcpStream::connect(local(port)).unwrap();
+    let mut reader = client.try_clone().unwrap();
+    let checker = std::thread::spawn(move || Pattern::new(2).verify(&mut reader));
+    let mut writer = client;
+    Pattern::new(1).send(&mut writer, TOTAL).unwrap();
+    writer.shutdown(Shutdown::Write).unwrap();
+    let got = checker
+        .join()
+        .unwrap()
+        .expect("client received a corrupted stream");
+    assert_eq!(got, TOTAL);
+
+    let closed = daemon
+        .wait_for_log("connection closed", Duration::from_secs(10))
+        .expect("close logged");
+    assert_eq!(field(&closed, "end"), Some("eof"), "{closed}");
+    assert_eq!(field(&closed, "bytes_up"), Some(TOTAL.to_string().as_str()));
+    assert_eq!(field(&closed, "bytes_down"), Some(TOTAL.to_string().as_str()));
+
+    assert!(daemon.stop().success());
+    let summary = daemon
+        .wait_for_log(" stopped relayed=", Duration::from_secs(1))
+        .expect("summary");
+    let spliced: u64 = field(&summary, "spliced_bytes").unwrap().parse().unwrap();
+    let copied: u64 = field(&summary, "copied_bytes").unwrap().parse().unwrap();
+    assert_eq!(spliced, 2 * TOTAL, "{summary}");
+    assert_eq!(copied, 0, "{summary}");
+    assert_eq!(field(&summary, "fallback_no_pipe"), Some("0"), "{summary}");
+    let pipes: u64 = field(&summary, "pipes_created").unwrap().parse().unwrap();
+    assert!(
+        (1..=2).contains(&pipes),
+        "pipes are pooled, not made per burst: {summary}"
+    );
+}
+
+/// With splice turned off, or with the pipe pool exhausted, the same transfer is copied
+/// through a buffer, and the counters say so.
+#[test]
+fn copy_path_and_pool_exhaustion_are_counted() {
+    for (extra, expect_fallbacks) in [("splice = false", false), ("max_pipes = 1", true)] {
+        let upstream = Upstream::echo();
+        let port = free_port();
+        let mut daemon = Daemon::start(&config_one_route(port, upstream.addr, extra, ""));
+        // Two connections echoing at once: with one pipe, one direction must copy.
+        let mut clients: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(local(port)).unwrap()).collect();
+        let pattern = Pattern::new(7);
+        let threads: Vec<_> = clients
+            .iter_mut()
+            .map(|c| {
+                let mut reader = c.try_clone().unwrap();
+                std::thread::spawn(move || Pattern::new(7).verify(&mut reader))
+            })
+            .collect();
+        for c in &mut clients {
+            pattern.send(c, 8 * MIB).unwrap();
+            c.shutdown(Shutdown::Write).unwrap();
+        }
+        for t in threads {
+            assert_eq!(t.join().unwrap().unwrap(), 8 * MIB);
+        }
+        assert!(daemon.stop().success());
+        let summary = daemon
+            .wait_for_log(" stopped relayed=", Duration::from_secs(1))
+            .expect("summary");
+        let copied: u64 = field(&summary, "copied_bytes").unwrap().parse().unwrap();
+        let fallbacks: u64 = field(&summary, "fallback_no_pipe").unwrap().parse().unwrap();
+        assert!(copied > 0, "{extra}: {summary}");
+        if expect_fallbacks {
+            assert!(fallbacks > 0, "{extra}: {summary}");
+            assert!(
+                !daemon.log_lines("every pipe is in use").is_empty(),
+                "pool exhaustion must be logged"
+            );
+        } else {
+            assert_eq!(field(&summary, "spliced_bytes"), Some("0"), "{summary}");
+        }
+    }
+}
+
+/// The client sends a request and its FIN; the upstream answers only after seeing EOF; the
+/// client receives all of the answer.
+#[test]
+fn half_close_from_client_keeps_the_answer_flowing() {
+    let upstream = Upstream::start(|mut stream| {
+        let mut request = Vec::new();
+        stream.read_to_end(&mut request).unwrap();
+        assert_eq!(request, b"request then FIN");
+        std::thread::sleep(Duration::from_millis(200));
+        Pattern::new(3).send(&mut stream, 4 * MIB).unwrap();
+    });
+    let port = free_port();
+    let _daemon = Daemon::start(&config_one_route(port, upstream.addr, "", ""));
+    let mut client = TcpStream::connect(local(port)).unwrap();
+    client.write_all(b"request then FIN").unwrap();
+    client.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(Pattern::new(3).verify(&mut client).unwrap(), 4 * MIB);
+}
+
+/// The mirror case: the upstream speaks first and sends its FIN; the client answers after
+/// EOF and the upstream receives all of it.
+#[test]
+fn half_close_from_upstream_keeps_the_answer_flowing() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let upstream = Upstream::start(move |mut stream| {
+        stream.write_all(b"SSH-2.0-banner\r\n").unwrap();
+        stream.shutdown(Shutdown::Write).unwrap();
+        tx.send(Pattern::new(4).verify(&mut stream).map_err(|e| e.to_string()))
+            .unwrap();
+    });
+    let port = free_port();
+    let _daemon = Daemon::start(&config_one_route(port, upstream.addr, "", ""));
+    let mut client = TcpStream::connect(local(port)).unwrap();
+    let mut banner = Vec::new();
+    client.read_to_end(&mut banner).unwrap();
+    assert_eq!(banner, b"SSH-2.0-banner\r\n");
+    Pattern::new(4).send(&mut client, 4 * MIB).unwrap();
+    client.shutdown(Shutdown::Write).unwrap();
+    let got = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("upstream finished")
+        .unwrap();
+    assert_eq!(got, 4 * MIB);
+}
+
+fn abort(stream: TcpStream) {
+    socket2::SockRef::from(&stream)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(stream);
+}
+
+/// A client reset reaches the upstream as a reset, not as an orderly end.
+#[test]
+fn client_reset_is_passed_on_as_reset() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let upstream = Upstream::start(move |mut stream| {
+        tx.send(read_error_kind(&mut stream)).unwrap();
+    });
+    let port = free_port();
+    let daemon = Daemon::start(&config_one_route(port, upstream.addr, "", ""));
+    let mut client = TcpStream::connect(local(port)).unwrap();
+    client.write_all(b"some bytes").unwrap();
+    // Let the relay connect and forward before the reset.
+    std::thread::sleep(Duration::from_millis(200));
+    abort(client);
+    let seen = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("upstream saw the end");
+    assert_eq!(seen, Err(ErrorKind::ConnectionReset));
+    let closed = daemon
+        .wait_for_log("connection closed", Duration::from_secs(5))
+        .unwrap();
+    assert_eq!(field(&closed, "end"), Some("reset"), "{closed}");
+}
+
+/// An upstream reset reaches the client as a reset.
+#[test]
+fn upstream_reset_is_passed_on_as_reset() {
+    let upstream = Upstream::start(|mut stream| {
+        let mut buf = [0u8; 5];
+        stream.read_exact(&mut buf).unwrap();
+        abort(stream);
+    });
+    let port = free_port();
+    let _daemon = Daemon::start(&config_one_route(port, upstream.addr, "", ""));
+    let mut client = TcpStream::connect(local(port)).unwrap();
+    client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    client.write_all(b"hello").unwrap();
+    assert_eq!(read_error_kind(&mut client), Err(ErrorKind::ConnectionReset));
+}
+
+/// Nothing listens upstream: the client is reset at once (well within 100 ms on loopback), and
+/// the log names the route and the reason.
+#[test]
+fn upstream_refused_resets_the_client_at_once() {
+    let dead = local(free_port());
+    let port = free_port();
+    let daemon = Daemon::start(&config_one_route(port, dead, "", ""));
+    let mut client = TcpStream::connect(local(port)).unwrap();
+    client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let started = Instant::now();
+    let result = read_error_kind(&mut client);
+    let took = started.elapsed();
+    assert_eq!(result, Err(ErrorKind::ConnectionReset));
+    assert!(
+        took < Duration::from_millis(100),
+        "client released after {took:?}"
+    );
+    let line = daemon
+        .wait_for_log("upstream connect failed", Duration::from_secs(2))
+        .unwrap();
+    assert_eq!(field(&line, "end"), Some("upstream-refused"), "{line}");
+    assert_eq!(field(&line, "route"), Some("test"), "{line}");
+}
+
+/// Allowed source relayed; other source reset without a dial; probe source answered with a
+/// FIN without a dial.
+#[test]
+fn allowlist_and_probe_sources() {
+    let upstream = Upstream::echo();
+    let port = free_port();
+    let daemon = Daemon::start(&config_one_route(port, upstream.addr, "", ""));
+
+    let mut allowed = connect_from(Ipv4Addr::new(127, 0, 0, 1), local(port)).unwrap();
+    echo_roundtrip(&mut allowed, b"through").unwrap();
+    assert_eq!(upstream.accepted(), 1);
+
+    expect_reset(Ipv4Addr::new(127, 0, 0, 2), local(port));
+
+    let mut probe = connect_from(Ipv4Addr::new(127, 0, 0, 3), local(port)).unwrap();
+    probe.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(read_error_kind(&mut probe), Ok(0), "a probe gets an orderly FIN");
+
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        upstream.accepted(),
+        1,
+        "neither the denied source nor the probe reached the upstream"
+    );
+    let line = daemon
+        .wait_for_log("end=\"denied\"", Duration::from_secs(2))
+        .unwrap();
+    assert_eq!(
+        field(&line, "client").map(|c| c.starts_with("127.0.0.2:")),
+        Some(true),
+        "{line}"
+    );
+    assert!(
+        daemon
+            .wait_for_log("end=\"probe\"", Duration::from_secs(2))
+            .is_some()
+    );
+}
+
+/// At max_connections the next client is reset; once one closes, a new one is admitted.
+#[test]
+fn max_connections_resets_the_excess() {
+    let upstream = Upstream::echo();
+    let port = free_port();
+    let daemon = Daemon::start(&config_one_route(port, upstream.addr, "", "max_connections = 2"));
+    let mut first = TcpStream::connect(local(port)).unwrap();
+    let mut second = TcpStream::connect(local(port)).unwrap();
+    echo_roundtrip(&mut first, b"1").unwrap();
+    echo_roundtrip(&mut second, b"2").unwrap();
+
+    expect_reset(Ipv4Addr::new(127, 0, 0, 1), local(port));
+    assert!(
+        daemon
+            .wait_for_log("end=\"limit\"", Duration::from_secs(2))
+            .is_some()
+    );
+
+    drop(first);
+    daemon
+        .wait_for_log("connection closed", Duration::from_secs(5))
+        .unwrap();
+    let mut fourth = TcpStream::connect(local(port)).unwrap();
+    echo_roundtrip(&mut fourth, b"4").unwrap();
+    echo_roundtrip(&mut second, b"still here").unwrap();
+}
+
+/// A connection with no bytes either way for idle_timeout is closed on both sides.
+#[test]
+fn idle_timeout_closes_both_sides() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let upstream = Upstream::start(move |mut stream| {
+        let mut buf = [0u8; 3];
+        stream.read_exact(&mut buf).unwrap();
+        stream.write_all(&buf).unwrap();
+        tx.send(read_error_kind(&mut stream)).unwrap();
+    });
+    let port = free_port();
+    let daemon = Daemon::start(&config_one_route(
+        port,
+        upstream.addr,
+        "",
+        "idle_timeout = \"400ms\"",
+    ));
+    let mut client = TcpStream::connect(local(port)).unwrap();
+    client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    echo_roundtrip(&mut client, b"abc").unwrap();
+    let started = Instant::now();
+    assert_eq!(read_error_kind(&mut client), Ok(0), "client sees the close");
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "closed before the idle timeout"
+    );
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(5)).unwrap(),
+        Ok(0),
+        "upstream sees the close"
+    );
+    let line = daemon
+        .wait_for_log("connection closed", Duration::from_secs(2))
+        .unwrap();
+    assert_eq!(field(&line, "end"), Some("idle"), "{line}");
+}
+
+/// Once one side has sent its FIN, a connection that stays quiet for fin_timeout is closed,
+/// even though idle_timeout is far away.
+#[test]
+fn half_closed_connection_is_bounded_by_fin_timeout() {
+    let upstream = Upstream::start(|mut stream| {
+        let mut request = Vec::new();
+        let _ = stream.read_to_end(&mut request);
+        // Never answer, never close: only ferryd can end this.
+        std::thread::sleep(Duration::from_secs(30));
+    });
+    let port = free_port();
+    let daemon = Daemon::start(&config_one_route(
+        port,
+        upstream.addr,
+        "",
+        "fin_timeout = \"300ms\"",
+    ));
+    let mut client = TcpStream::connect(local(port)).unwrap();
+    client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    client.write_all(b"bye").unwrap();
+    client.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(read_error_kind(&mut client), Ok(0));
+    let line = daemon
+        .wait_for_log("connection closed", Duration::from_secs(2))
+        .unwrap();
+    assert_eq!(field(&line, "end"), Some("idle"), "{line}");
+}

@@ -1,0 +1,294 @@
+//! Reload, drain and resource exhaustion through a real ferryd process.
+
+mod common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Ipv4Addr, Shutdown, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::time::{Duration, Instant};
+
+use common::*;
+use nix::sys::signal::Signal;
+
+fn two_routes(port_a: u16, port_b: Option<u16>, upstream: std::net::SocketAddr, allow: &str) -> String {
+    let mut text = format!(
+        r#"allow = [{allow}]
+probe_sources = ["127.0.0.3/32"]
+
+[[route]]
+name = "a"
+listen = "127.0.0.1:{port_a}"
+upstream = "{upstream}"
+"#
+    );
+    if let Some(port_b) = port_b {
+        text.push_str(&format!(
+            "\n[[route]]\nname = \"b\"\nlisten = \"127.0.0.1:{port_b}\"\nupstream = \"{upstream}\"\n"
+        ));
+    }
+    text
+}
+
+/// SIGHUP applies a new allowlist and new routes to new connections, never drops a live one,
+/// and an invalid file is rejected with the running configuration kept.
+#[test]
+fn reload_applies_to_new_connections_and_keeps_live_ones() {
+    let upstream = Upstream::echo();
+    let (a, b) = (free_port(), free_port());
+    let daemon = Daemon::start(&two_routes(a, Some(b), upstream.addr, r#""127.0.0.1/32""#));
+
+    let mut live_a = TcpStream::connect(local(a)).unwrap();
+    let mut live_b = TcpStream::connect(local(b)).unwrap();
+    echo_roundtrip(&mut live_a, b"before").unwrap();
+    echo_roundtrip(&mut live_b, b"before").unwrap();
+    expect_reset(Ipv4Addr::new(127, 0, 0, 2), local(a));
+
+    // Widen the allowlist, drop route b, add route c.
+    let c = free_port();
+    let new = two_routes(a, Some(c), upstream.addr, r#""127.0.0.1/32", "127.0.0.2/32""#)
+        .replace("name = \"b\"", "name = \"c\"");
+    daemon.rewrite_config(&new);
+    daemon.signal(Signal::SIGHUP);
+    daemon
+        .wait_for_log("configuration reloaded", Duration::from_secs(5))
+        .expect("reload logged");
+
+    let mut widened = connect_from(Ipv4Addr::new(127, 0, 0, 2), local(a)).unwrap();
+    echo_roundtrip(&mut widened, b"now allowed").unwrap_or_else(|e| panic!("{e}; log:\n{}", daemon.log()));
+    let mut on_c = TcpStream::connect(local(c)).unwrap();
+    echo_roundtrip(&mut on_c, b"new route").unwrap();
+    assert_eq!(
+        TcpStream::connect(local(b)).map_err(|e| e.kind()).err(),
+        Some(ErrorKind::ConnectionRefused),
+        "removed route stops listening"
+    );
+    echo_roundtrip(&mut live_a, b"after reload").unwrap();
+    echo_roundtrip(&mut live_b, b"route removed, connection kept").unwrap();
+
+    // An invalid file: rejected, everything keeps working as before.
+    daemon.rewrite_config("allow = [\"not-a-cidr\"]\n");
+    daemon.signal(Signal::SIGHUP);
+    let rejected = daemon
+        .wait_for_log("reload rejected", Duration::from_secs(5))
+        .expect("rejection logged");
+    assert!(rejected.contains("not-a-cidr"), "{rejected}");
+    echo_roundtrip(&mut live_a, b"after bad reload").unwrap();
+    let mut still = connect_from(Ipv4Addr::new(127, 0, 0, 2), local(a)).unwrap();
+    echo_roundtrip(&mut still, b"old config still in force").unwrap();
+    assert!(
+        daemon
+            .log_lines("connection closed")
+            .iter()
+            .all(|l| !l.contains("end=\"reset\""))
+    );
+}
+
+/// SIGTERM closes the listeners at once but lets a transfer in flight finish byte-exact, then
+/// exits 0.
+#[test]
+fn sigterm_drains_a_transfer_in_flight() {
+    const TOTAL: u64 = 32 * 1024 * 1024;
+    let upstream = Upstream::start(|mut stream| {
+        let mut go = [0u8; 1];
+        stream.read_exact(&mut go).unwrap();
+        // Slow enough that the transfer is still running when SIGTERM arrives.
+        let pattern = Pattern::new(9);
+        let mut sent = 0;
+        while sent < TOTAL {
+            pattern
+                .send(
+                    &mut SkipWriter {
+                        inner: &mut stream,
+                        skip: sent,
+                    },
+                    sent + TOTAL / 16,
+                )
+                .unwrap();
+            sent += TOTAL / 16;
+            std::thread::sleep(Duration::from_millis(60));
+        }
+    });
+    let port = free_port();
+    let mut daemon = Daemon::start(&config_one_route(port, upstream.addr, "", ""));
+    let mut client = TcpStream::connect(local(port)).unwrap();
+    client.write_all(b"g").unwrap();
+    client.shutdown(Shutdown::Write).unwrap();
+    let reader = std::thread::spawn(move || Pattern::new(9).verify(&mut client));
+
+    std::thread::sleep(Duration::from_millis(200));
+    daemon.signal(Signal::SIGTERM);
+    daemon
+        .wait_for_log("draining", Duration::from_secs(5))
+        .expect("drain logged");
+    assert_eq!(
+        TcpStream::connect(local(port)).map_err(|e| e.kind()).err(),
+        Some(ErrorKind::ConnectionRefused),
+        "no new connection during the drain"
+    );
+    assert_eq!(reader.join().unwrap().expect("intact"), TOTAL);
+    let status = daemon.wait_exit(Duration::from_secs(10)).expect("exited");
+    assert!(status.success(), "{status:?}");
+    let closed = daemon.log_lines("connection closed");
+    assert_eq!(closed.len(), 1);
+    assert_eq!(field(&closed[0], "end"), Some("eof"), "{}", closed[0]);
+}
+
+/// A connection still open when drain_timeout runs out is closed, logged as "drain", and the
+/// daemon exits 0.
+#[test]
+fn drain_timeout_closes_the_rest_and_exits_zero() {
+    let upstream = Upstream::echo();
+    let port = free_port();
+    let config = config_one_route(port, upstream.addr, "", "")
+        .replace("drain_timeout = \"10s\"", "drain_timeout = \"300ms\"");
+    let mut daemon = Daemon::start(&config);
+    let mut client = TcpStream::connect(local(port)).unwrap();
+    echo_roundtrip(&mut client, b"stay").unwrap();
+    let started = Instant::now();
+    assert!(daemon.stop().success());
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let closed = daemon
+        .wait_for_log("connection closed", Duration::from_secs(1))
+        .unwrap();
+    assert_eq!(field(&closed, "end"), Some("drain"), "{closed}");
+    let mut buf = [0u8; 1];
+    client.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    assert!(
+        matches!(client.read(&mut buf), Ok(0) | Err(_)),
+        "client connection ended"
+    );
+}
+
+/// Under a low RLIMIT_NOFILE, accepts fail with EMFILE: the daemon pauses instead of spinning,
+/// logs the condition once, and serves again as soon as descriptors are free.
+///
+/// Each relayed connection holds two descriptors, so whether the last free descriptor is taken
+/// by an accept (the next client then waits in the backlog while accept fails with EMFILE: the
+/// case that spins a naive accept loop) or by an upstream socket (the next client is reset)
+/// depends on the parity of the free descriptors. Two limits one apart cover both.
+#[test]
+fn fd_exhaustion_backs_off_and_recovers() {
+    let waited: Vec<bool> = [48u64, 49].into_iter().map(exhaust_descriptors).collect();
+    assert!(
+        waited.contains(&true),
+        "no run left a client waiting in the backlog: {waited:?}"
+    );
+}
+
+/// Runs one exhaustion scenario; returns whether a client was left waiting in the backlog.
+fn exhaust_descriptors(fd_limit: u64) -> bool {
+    let upstream = Upstream::echo();
+    let port = free_port();
+    let config = config_one_route(port, upstream.addr, "workers = 1", "");
+    let daemon = Daemon::start_with(&config, |command| {
+        // SAFETY: setrlimit is async-signal-safe and touches only the child.
+        unsafe {
+            command.pre_exec(move || {
+                nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, fd_limit, fd_limit)
+                    .map_err(std::io::Error::from)
+            });
+        }
+    });
+
+    // Fill the descriptor table with live relayed connections until one is not served.
+    let mut held = Vec::new();
+    let mut starved = None;
+    for i in 0..fd_limit {
+        let mut stream = TcpStream::connect(local(port)).unwrap();
+        stream.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+        match echo_roundtrip(&mut stream, format!("conn {i:02}").as_bytes()) {
+            Ok(()) => held.push(stream),
+            Err(e) => {
+                starved = Some((stream, e.kind()));
+                break;
+            }
+        }
+    }
+    let (mut starved, how) = starved.expect("the descriptor limit was never reached");
+    assert!(
+        held.len() > 5,
+        "only {} connections before exhaustion",
+        held.len()
+    );
+    let waiting = matches!(how, ErrorKind::WouldBlock | ErrorKind::TimedOut);
+    assert!(
+        waiting || how == ErrorKind::ConnectionReset,
+        "unexpected failure {how:?}"
+    );
+    let exhausted = daemon.wait_for_log("accept failing", Duration::from_secs(2));
+    assert!(
+        exhausted.is_some(),
+        "exhaustion not logged; log:\n{}",
+        daemon.log()
+    );
+
+    // While out of descriptors, the daemon must not spin.
+    let cpu_before = daemon.cpu_seconds();
+    std::thread::sleep(Duration::from_secs(1));
+    let cpu_used = daemon.cpu_seconds() - cpu_before;
+    assert!(
+        cpu_used < 0.2,
+        "daemon used {cpu_used:.2} CPU seconds in 1 s while out of descriptors"
+    );
+    assert_eq!(
+        daemon.log_lines("accept failing").len(),
+        1,
+        "logged once, not per failure"
+    );
+
+    // Free descriptors: the waiting client is served, and so is a new one.
+    drop(held);
+    if waiting {
+        starved.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut back = [0u8; 7];
+        starved
+            .read_exact(&mut back)
+            .expect("the client that waited in the backlog is served");
+        let recovered = daemon
+            .wait_for_log("accepting again", Duration::from_secs(2))
+            .expect("recovery logged");
+        let failed: u64 = field(&recovered, "failed_accepts").unwrap().parse().unwrap();
+        assert!(
+            failed >= 2,
+            "repeated failures were summed into one line: {recovered}"
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut stream = TcpStream::connect(local(port)).unwrap();
+        stream.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+        if echo_roundtrip(&mut stream, b"back").is_ok() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "service did not resume; log:\n{}",
+            daemon.log()
+        );
+    }
+    waiting
+}
+
+/// Writes to `inner` while skipping the first `skip` bytes of what it is given, so a pattern
+/// can be sent in slices.
+struct SkipWriter<'a, W: Write> {
+    inner: &'a mut W,
+    skip: u64,
+}
+
+impl<W: Write> Write for SkipWriter<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.skip >= buf.len() as u64 {
+            self.skip -= buf.len() as u64;
+            return Ok(buf.len());
+        }
+        let from = self.skip as usize;
+        self.skip = 0;
+        self.inner.write_all(&buf[from..])?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
