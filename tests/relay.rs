@@ -5,6 +5,7 @@ mod common;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, TcpStream};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -366,4 +367,73 @@ fn half_closed_connection_is_bounded_by_fin_timeout() {
         .wait_for_log("connection closed", Duration::from_secs(2))
         .unwrap();
     assert_eq!(field(&line, "end"), Some("idle"), "{line}");
+}
+
+/// Both legs carry the configured TCP keepalive (so Azure's 4-minute idle cut never hits a quiet
+/// SSH session), visible as a keepalive timer in `ss`.
+#[test]
+fn both_legs_have_keepalive() {
+    if Command::new("ss").arg("-V").output().is_err() {
+        eprintln!("SKIPPED both_legs_have_keepalive: `ss` (iproute2) is not installed");
+        return;
+    }
+    let upstream = Upstream::echo();
+    let port = free_port();
+    let _daemon = Daemon::start(&config_one_route(
+        port,
+        upstream.addr,
+        "",
+        "keepalive_time = \"45s\"",
+    ));
+    let mut client = TcpStream::connect(local(port)).unwrap();
+    echo_roundtrip(&mut client, b"keepalive?").unwrap();
+    let client_port = client.local_addr().unwrap().port();
+
+    let out = Command::new("ss")
+        .args(["-tnoH", "state", "established"])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    let sockets: Vec<(&str, &str, &str)> = table
+        .lines()
+        .filter_map(|line| {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            (cols.len() >= 4).then(|| (cols[2], cols[3], line))
+        })
+        .collect();
+    let client_leg = sockets
+        .iter()
+        .find(|(local_addr, peer, _)| {
+            local_addr.ends_with(&format!(":{port}")) && peer.ends_with(&format!(":{client_port}"))
+        })
+        .expect("ferryd's client-side socket");
+    let upstream_port = upstream.addr.port();
+    let upstream_leg = sockets
+        .iter()
+        .find(|(local_addr, peer, _)| {
+            peer.ends_with(&format!(":{upstream_port}")) && !local_addr.ends_with(&format!(":{client_port}"))
+        })
+        .expect("ferryd's upstream-side socket");
+    for (leg, (_, _, line)) in [("client", client_leg), ("upstream", upstream_leg)] {
+        assert!(
+            line.contains("timer:(keepalive,4"),
+            "{leg} leg has no 45 s keepalive timer: {line}"
+        );
+    }
+}
+
+/// On a dual-stack listener an IPv4 client appears as ::ffff:a.b.c.d and still matches the
+/// IPv4 allowlist entry.
+#[test]
+fn ipv4_mapped_source_matches_ipv4_allowlist() {
+    let upstream = Upstream::echo();
+    let port = free_port();
+    let config = config_one_route(port, upstream.addr, "", "").replace(
+        &format!("listen = \"127.0.0.1:{port}\""),
+        &format!("listen = \"[::]:{port}\""),
+    );
+    let _daemon = Daemon::start(&config);
+    let mut client = TcpStream::connect(local(port)).unwrap();
+    echo_roundtrip(&mut client, b"mapped").unwrap();
+    expect_reset(Ipv4Addr::new(127, 0, 0, 2), local(port));
 }
