@@ -13,8 +13,13 @@ use tracing_subscriber::prelude::*;
 /// The environment variable that sets the log level (error, warn, info, debug, trace).
 pub const LEVEL_ENV: &str = "FERRYD_LOG";
 
+/// Journal fields are named FERRYD_ROUTE=, FERRYD_CLIENT=, FERRYD_END=, ... so that
+/// `journalctl FERRYD_END=denied` finds what an operator is after without clashing with
+/// journald's own fields.
+pub const JOURNAL_FIELD_PREFIX: &str = "FERRYD";
+
 /// Installs the global subscriber. Under systemd (JOURNAL_STREAM is set) lines go to journald
-/// with their fields as journal fields (ROUTE=, CLIENT=, ...); if the journal socket cannot be
+/// with their fields as journal fields (FERRYD_ROUTE=, ...); if the journal socket cannot be
 /// opened, or outside systemd, they go to stderr.
 pub fn init() {
     let level = std::env::var(LEVEL_ENV)
@@ -24,7 +29,11 @@ pub fn init() {
     let journald = if std::env::var_os("JOURNAL_STREAM").is_some() {
         tracing_journald::layer()
             .ok()
-            .map(|layer| layer.with_syslog_identifier("ferryd".to_string()))
+            .map(|layer| {
+                layer
+                    .with_syslog_identifier("ferryd".to_string())
+                    .with_field_prefix(Some(JOURNAL_FIELD_PREFIX.to_string()))
+            })
     } else {
         None
     };
