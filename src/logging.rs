@@ -27,13 +27,11 @@ pub fn init() {
         .and_then(|v| v.parse::<LevelFilter>().ok())
         .unwrap_or(LevelFilter::INFO);
     let journald = if std::env::var_os("JOURNAL_STREAM").is_some() {
-        tracing_journald::layer()
-            .ok()
-            .map(|layer| {
-                layer
-                    .with_syslog_identifier("ferryd".to_string())
-                    .with_field_prefix(Some(JOURNAL_FIELD_PREFIX.to_string()))
-            })
+        tracing_journald::layer().ok().map(|layer| {
+            layer
+                .with_syslog_identifier("ferryd".to_string())
+                .with_field_prefix(Some(JOURNAL_FIELD_PREFIX.to_string()))
+        })
     } else {
         None
     };
