@@ -37,4 +37,16 @@ pub enum Command {
         #[arg(short, long, value_name = "PATH", default_value = DEFAULT_PATH)]
         config: PathBuf,
     },
+    /// Summarize the running daemon (from its /status) and its systemd unit (over D-Bus).
+    ///
+    /// Exits 0 when both answered, 1 when the daemon did not, 2 when only systemd could not be
+    /// asked (no system bus, or the unit is unknown).
+    Status {
+        /// The configuration file (to find the health endpoint).
+        #[arg(short, long, value_name = "PATH", default_value = DEFAULT_PATH)]
+        config: PathBuf,
+        /// The systemd unit to ask about.
+        #[arg(long, default_value = "ferryd.service")]
+        unit: String,
+    },
 }

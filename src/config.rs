@@ -65,6 +65,20 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// connections, not open ones; beyond it data is copied through a buffer instead.
 pub const DEFAULT_MAX_PIPES: usize = 512;
 
+/// The health endpoint's port when `[health]` is absent: outside the relay ports and outside the
+/// default ephemeral range (32768-60999), so no outgoing connection can hold it at boot.
+pub const DEFAULT_HEALTH_LISTEN: &str = "0.0.0.0:60080";
+
+/// The path the load balancer's HTTP probe asks for.
+pub const DEFAULT_HEALTH_PATH: &str = "/healthz";
+
+/// Loopback, which may always read the health endpoint, /metrics and /status unless the file says
+/// otherwise, so an operator on the VM can look without editing anything.
+const LOOPBACK: [&str; 2] = ["127.0.0.0/8", "::1/128"];
+
+/// The name a socket-activated health listener is passed under; no route may take it.
+pub const HEALTH_SOCKET_NAME: &str = "health";
+
 /// Linux caps TCP_KEEPIDLE and TCP_KEEPINTVL at 32767 s and TCP_KEEPCNT at 127.
 const MAX_KEEPALIVE_SECS: u64 = 32767;
 const MAX_KEEPALIVE_PROBES: u32 = 127;
@@ -85,8 +99,30 @@ pub struct Config {
     pub splice: bool,
     /// Upper bound on pipes alive at once (busy and pooled).
     pub max_pipes: usize,
+    /// After SIGTERM, how long the relay listeners stay open while the health endpoint already
+    /// answers 503, so a balancer with several proxy VMs moves new flows elsewhere first.
+    pub shutdown_grace: Duration,
+    /// The health, metrics and status endpoint.
+    pub health: Health,
     /// The routes, in file order.
     pub routes: Vec<Route>,
+}
+
+/// The HTTP endpoint that answers the load balancer's health probe and serves /metrics and
+/// /status to people.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Health {
+    /// Where it listens.
+    pub listen: SocketAddr,
+    /// The path of the health probe.
+    pub path: String,
+    /// Sources that may ask for the health path; everyone else is reset.
+    pub allow: Allowlist,
+    /// Sources that may read /metrics and /status.
+    pub metrics_allow: Allowlist,
+    /// The top-level `probe_sources`, copied here: their requests get connection slots of their
+    /// own, so a flood from elsewhere can never crowd out the load balancer's probe.
+    pub probe_sources: Allowlist,
 }
 
 /// One listening address and where its connections go.
@@ -275,9 +311,20 @@ struct FileTunables {
 /// tunables are listed here and in [`FileRoute`] and gathered by `tunables()`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct FileHealth {
+    listen: Option<ListenAddr>,
+    path: Option<Spanned<String>>,
+    allow: Option<Vec<Cidr>>,
+    metrics_allow: Option<Vec<Cidr>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct FileConfig {
     probe_sources: Option<Vec<Cidr>>,
     drain_timeout: Option<HumanDuration>,
+    shutdown_grace: Option<HumanDuration>,
+    health: Option<Spanned<FileHealth>>,
     workers: Option<Spanned<usize>>,
     splice: Option<bool>,
     max_pipes: Option<Spanned<usize>>,
@@ -388,6 +435,8 @@ impl Config {
             ]),
         };
         let drain_timeout = file.drain_timeout.map_or(DEFAULT_DRAIN_TIMEOUT, |d| d.0);
+        let shutdown_grace = file.shutdown_grace.map_or(Duration::ZERO, |d| d.0);
+        let health = resolve_health(&loc, file.health, &probe_sources)?;
         let splice = file.splice.unwrap_or(true);
         let file_routes = file.route;
         let defaults = gather_tunables!(file);
@@ -417,6 +466,12 @@ impl Config {
                     format!("route name {name:?} may only use letters, digits, '-', '_' and '.' (it appears in logs and metrics)"),
                 ));
             }
+            if name == HEALTH_SOCKET_NAME {
+                return Err(loc.at(
+                    Some(name_span),
+                    format!("route name {name:?} is reserved for the health endpoint's socket"),
+                ));
+            }
             if let Some((other, _)) = routes.iter().find(|(r, _)| r.name == name) {
                 return Err(loc.at(
                     Some(name_span),
@@ -436,6 +491,15 @@ impl Config {
                     ),
                 ));
             }
+            if listens_overlap(health.listen, listen) {
+                return Err(loc.at(
+                    Some(listen_span),
+                    format!(
+                        "route {name:?}: listen address {listen} collides with the health endpoint ({}); move one of them",
+                        health.listen
+                    ),
+                ));
+            }
             let upstream = raw.upstream.clone();
             let own = gather_tunables!(raw);
             let route = resolve_route(&loc, name, listen, upstream, own, &defaults, route_span.clone())?;
@@ -449,6 +513,8 @@ impl Config {
             workers,
             splice,
             max_pipes,
+            shutdown_grace,
+            health,
             routes: routes.into_iter().map(|(r, _)| r).collect(),
         })
     }
@@ -462,6 +528,12 @@ impl Config {
         let _ = writeln!(out, "workers = {}", self.workers);
         let _ = writeln!(out, "splice = {}", self.splice);
         let _ = writeln!(out, "max_pipes = {}", self.max_pipes);
+        let _ = writeln!(out, "shutdown_grace = {}", duration(self.shutdown_grace));
+        let _ = writeln!(out, "\n[health]");
+        let _ = writeln!(out, "listen = {}", quoted(&self.health.listen.to_string()));
+        let _ = writeln!(out, "path = {}", quoted(&self.health.path));
+        let _ = writeln!(out, "allow = {}", cidr_list(&self.health.allow));
+        let _ = writeln!(out, "metrics_allow = {}", cidr_list(&self.health.metrics_allow));
         for route in &self.routes {
             let _ = writeln!(out, "\n[[route]]");
             let _ = writeln!(out, "name = {}", quoted(&route.name));
@@ -497,6 +569,66 @@ fn listens_overlap(a: SocketAddr, b: SocketAddr) -> bool {
         // [::]:port is dual-stack by default on Linux and takes the IPv4 port as well.
         || matches!(ia, IpAddr::V6(v6) if v6.is_unspecified())
         || matches!(ib, IpAddr::V6(v6) if v6.is_unspecified())
+}
+
+fn resolve_health(
+    loc: &Locator<'_>,
+    file: Option<Spanned<FileHealth>>,
+    probe_sources: &Allowlist,
+) -> Result<Health, ConfigError> {
+    let loopback = || -> Vec<Cidr> { LOOPBACK.iter().filter_map(|c| c.parse().ok()).collect() };
+    let (span, file) = match file {
+        Some(f) => {
+            let span = f.span();
+            (Some(span), f.into_inner())
+        }
+        None => (
+            None,
+            FileHealth {
+                listen: None,
+                path: None,
+                allow: None,
+                metrics_allow: None,
+            },
+        ),
+    };
+    let listen = match file.listen {
+        Some(addr) => addr.0,
+        None => DEFAULT_HEALTH_LISTEN
+            .parse()
+            .map_err(|_| loc.at(span.clone(), "internal error: bad default health address"))?,
+    };
+    let path = match file.path {
+        Some(p) if !p.get_ref().starts_with('/') || p.get_ref().contains(char::is_whitespace) => {
+            return Err(loc.at(
+                Some(p.span()),
+                format!(
+                    "health path {:?} must start with '/' and contain no spaces",
+                    p.get_ref()
+                ),
+            ));
+        }
+        Some(p) if ["/metrics", "/status"].contains(&p.get_ref().as_str()) => {
+            return Err(loc.at(
+                Some(p.span()),
+                format!("health path {:?} is taken by the endpoint itself", p.get_ref()),
+            ));
+        }
+        Some(p) => p.into_inner(),
+        None => DEFAULT_HEALTH_PATH.to_string(),
+    };
+    let allow = match file.allow {
+        Some(list) => Allowlist::new(list),
+        None => Allowlist::new(probe_sources.blocks().iter().copied().chain(loopback()).collect()),
+    };
+    let metrics_allow = Allowlist::new(file.metrics_allow.unwrap_or_else(loopback));
+    Ok(Health {
+        listen,
+        path,
+        allow,
+        metrics_allow,
+        probe_sources: probe_sources.clone(),
+    })
 }
 
 fn resolve_route(
@@ -733,6 +865,25 @@ upstream = "buildvm.internal:5986"
 
         let empty_name = error_of(&MINIMAL.replace("\"ssh\"", "\"\""));
         assert!(empty_name.contains("route name is empty"), "{empty_name}");
+    }
+
+    #[test]
+    fn health_defaults_to_probe_sources_and_loopback() {
+        let config = parse(MINIMAL).unwrap();
+        assert_eq!(config.health.listen, DEFAULT_HEALTH_LISTEN.parse().unwrap());
+        assert_eq!(config.health.path, "/healthz");
+        assert!(config.health.allow.contains("168.63.129.16".parse().unwrap()));
+        assert!(config.health.allow.contains("127.0.0.1".parse().unwrap()));
+        assert!(!config.health.allow.contains("10.0.0.9".parse().unwrap()));
+        assert!(config.health.metrics_allow.contains("::1".parse().unwrap()));
+        assert!(
+            !config
+                .health
+                .metrics_allow
+                .contains("168.63.129.16".parse().unwrap())
+        );
+        let clash = error_of(&MINIMAL.replace("0.0.0.0:60001", "127.0.0.1:60080"));
+        assert!(clash.contains("collides with the health endpoint"), "{clash}");
     }
 
     #[test]

@@ -1,10 +1,12 @@
-//! The daemon's life: start every route, react to signals (SIGHUP reloads, SIGTERM/SIGINT drain
-//! and exit), and say what happened at the end.
+//! The daemon's life: start the health endpoint and every route, tell systemd, react to signals
+//! (SIGHUP reloads, SIGTERM/SIGINT drain and exit), beat the heartbeat the watchdog and the health
+//! endpoint read, and say what happened at the end.
 //!
-//! This module owns the set of running listeners and the order of a shutdown: close the
-//! listeners, let live connections finish for up to drain_timeout, close the rest, exit 0. It
-//! must not touch a connection's bytes, and a reload must never drop a live connection:
-//! connections keep the settings they were accepted with, and only listeners come and go.
+//! This module owns the set of running listeners and the order of a shutdown: report draining
+//! (health 503, STOPPING=1), optionally keep accepting for `shutdown_grace`, close the listeners,
+//! let live connections finish for up to `drain_timeout`, close the rest, exit 0. It must not
+//! touch a connection's bytes, and a reload must never drop a live connection: connections keep
+//! the settings they were accepted with, and only listeners come and go.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -17,28 +19,49 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::config::Config;
+use crate::config::{Config, HEALTH_SOCKET_NAME, Route};
+use crate::health::state::{Phase, RouteView, State};
 use crate::relay::Engine;
 use crate::route::{RouteListener, RouteSettings};
 use crate::shutdown::Drain;
 use crate::stats::{Outcome, RouteStats};
+use crate::systemd::activation::Passed;
+use crate::systemd::notify::{self, Notifier};
 
 /// After the drain timeout tells the last connections to close, how long they get to do so and
 /// write their log line before the process exits anyway.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
+/// How often the daemon task proves it is alive (heartbeat for the watchdog and the health
+/// endpoint) and refreshes systemd's STATUS line.
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+
+/// Environment switch for test-only faults. `stall-on-sigusr2` makes SIGUSR2 block every worker
+/// thread, so tests can show that a stalled runtime stops the watchdog pings. Never set it in
+/// production.
+const FAULTS_ENV: &str = "FERRYD_TEST_FAULTS";
+
 /// Runs the daemon on the configuration at `path` until SIGTERM or SIGINT.
 pub fn run(path: &Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
+    // Both read and clear environment variables: do it before any other thread exists.
+    let notifier = Arc::new(Notifier::from_env());
+    let passed = Passed::from_env();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.workers)
         .thread_name("ferryd-worker")
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let result = runtime.block_on(async {
-        let daemon = Daemon::start(config).await?;
-        daemon.serve().await
+    // The daemon runs as a spawned task, on the worker threads: if they all stall, so does the
+    // heartbeat, and the watchdog notices.
+    let result = runtime.block_on(async move {
+        tokio::spawn(async move {
+            let daemon = Daemon::start(config, notifier, passed).await?;
+            daemon.serve().await
+        })
+        .await
+        .context("the daemon task failed")?
     });
     runtime.shutdown_timeout(Duration::from_secs(1));
     result
@@ -57,28 +80,64 @@ struct Daemon {
     engine: Arc<Engine>,
     drain: Drain,
     routes: Vec<Running>,
+    state: Arc<State>,
+    notifier: Arc<Notifier>,
+    last_status: String,
 }
 
 impl Daemon {
-    async fn start(config: Config) -> anyhow::Result<Daemon> {
+    async fn start(config: Config, notifier: Arc<Notifier>, mut passed: Passed) -> anyhow::Result<Daemon> {
         let engine = Engine::new(config.splice, config.max_pipes);
+        let state = State::new(engine.clone(), config.health.clone());
+
+        let health = &config.health;
+        let listener = match passed.claim(HEALTH_SOCKET_NAME, health.listen) {
+            Some(listener) => listener,
+            None => crate::net::listen_with_retry(health.listen, crate::net::BIND_RETRY_WINDOW)
+                .await
+                .with_context(|| format!("health endpoint: cannot listen on {}", health.listen))?,
+        };
+        crate::health::spawn(listener, state.clone()).context("cannot start the health endpoint")?;
+        tracing::info!(listen = %health.listen, path = %health.path, "health endpoint listening");
+
         let mut daemon = Daemon {
             engine,
             drain: Drain::new(),
             routes: Vec::new(),
+            state,
+            notifier,
+            last_status: String::new(),
             config,
         };
         let routes = daemon.config.routes.clone();
         for route in &routes {
-            let listener = crate::net::listen_with_retry(route.listen, crate::net::BIND_RETRY_WINDOW)
-                .await
-                .with_context(|| {
-                    format!(
-                        "route {:?}: cannot listen on {} (another process, or an outgoing connection using it as its ephemeral port, holds it; reserve the port with net.ipv4.ip_local_reserved_ports)",
-                        route.name, route.listen
-                    )
-                })?;
-            daemon.spawn(route.listen, listener, daemon.settings_for(route));
+            let listener = match passed.claim(&route.name, route.listen) {
+                Some(listener) => listener,
+                None => crate::net::listen_with_retry(route.listen, crate::net::BIND_RETRY_WINDOW)
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "route {:?}: cannot listen on {} (another process, or an outgoing connection using it as its ephemeral port, holds it; reserve the port with net.ipv4.ip_local_reserved_ports)",
+                            route.name, route.listen
+                        )
+                    })?,
+            };
+            daemon.spawn(route, listener)?;
+        }
+        passed.close_unclaimed();
+        daemon.publish_routes();
+        daemon.state.beat();
+        daemon.state.set_phase(Phase::Ready);
+        let status = daemon.status_line();
+        daemon.notifier.ready(&status);
+        daemon.last_status = status;
+        if let Some(interval) = notify::watchdog_interval() {
+            notify::spawn_watchdog(daemon.notifier.clone(), daemon.state.clone(), interval)
+                .context("cannot start the watchdog thread")?;
+            tracing::info!(
+                interval_ms = interval.as_millis() as u64,
+                "systemd watchdog enabled"
+            );
         }
         tracing::info!(
             config = %daemon.config.path.display(),
@@ -90,18 +149,19 @@ impl Daemon {
         Ok(daemon)
     }
 
-    fn settings_for(&self, route: &crate::config::Route) -> Arc<RouteSettings> {
+    fn settings_for(&self, route: &Route) -> Arc<RouteSettings> {
         Arc::new(RouteSettings {
             route: route.clone(),
             probe_sources: self.config.probe_sources.clone(),
         })
     }
 
-    fn spawn(&mut self, listen: SocketAddr, listener: tokio::net::TcpListener, settings: Arc<RouteSettings>) {
-        let route = &settings.route;
-        tracing::info!(route = %route.name, listen = %listen, upstream = %route.upstream, "listening");
-        let (tx, rx) = watch::channel(settings);
-        let stats = Arc::new(RouteStats::default());
+    fn spawn(&mut self, route: &Route, listener: std::net::TcpListener) -> anyhow::Result<()> {
+        let listener = tokio::net::TcpListener::from_std(listener)
+            .with_context(|| format!("route {:?}: cannot register the listener", route.name))?;
+        tracing::info!(route = %route.name, listen = %route.listen, upstream = %route.upstream, "listening");
+        let (tx, rx) = watch::channel(self.settings_for(route));
+        let stats = Arc::new(RouteStats::new(self.state.metrics.connect_histogram(&route.name)));
         let task = RouteListener::new(
             listener,
             rx,
@@ -110,43 +170,114 @@ impl Daemon {
             self.drain.handle(),
         );
         self.routes.push(Running {
-            listen,
+            listen: route.listen,
             settings: tx,
             stats,
             task: tokio::spawn(task.run()),
         });
+        Ok(())
+    }
+
+    fn publish_routes(&self) {
+        let views = self
+            .routes
+            .iter()
+            .map(|r| RouteView {
+                settings: r.settings.borrow().clone(),
+                stats: r.stats.clone(),
+            })
+            .collect();
+        self.state.set_routes(views);
+    }
+
+    fn status_line(&self) -> String {
+        let live: usize = self
+            .routes
+            .iter()
+            .map(|r| r.stats.live.load(Ordering::Relaxed))
+            .sum();
+        format!("{} routes, {live} live connections", self.routes.len())
     }
 
     async fn serve(mut self) -> anyhow::Result<()> {
         let mut hangup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
         let mut terminate = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
         let mut interrupt = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
+        let mut user2 = signal(SignalKind::user_defined2()).context("cannot install the SIGUSR2 handler")?;
+        let stall_on_usr2 = std::env::var(FAULTS_ENV).is_ok_and(|f| f.contains("stall-on-sigusr2"));
+        let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = hangup.recv() => self.reload().await,
                 _ = terminate.recv() => { tracing::info!("SIGTERM received"); break; }
                 _ = interrupt.recv() => { tracing::info!("SIGINT received"); break; }
+                _ = heartbeat.tick() => self.beat(),
+                _ = user2.recv() => {
+                    if stall_on_usr2 {
+                        tracing::warn!("test fault: stalling every worker thread");
+                        for _ in 0..self.config.workers + 1 {
+                            tokio::spawn(async { std::thread::sleep(Duration::from_secs(3600)) });
+                        }
+                    }
+                }
             }
         }
         self.stop().await;
         Ok(())
     }
 
+    /// Proves progress, unless an accept loop has died: then the heartbeat stops, the health
+    /// endpoint reports the route, and the watchdog lets systemd restart the daemon.
+    fn beat(&mut self) {
+        let mut all_alive = true;
+        for running in &self.routes {
+            if running.task.is_finished() {
+                all_alive = false;
+                let name = running.settings.borrow().route.name.clone();
+                self.state.set_problem(
+                    &format!("route {name}"),
+                    Some(format!("accept loop on {} ended unexpectedly", running.listen)),
+                );
+            }
+        }
+        if all_alive {
+            self.state.beat();
+        }
+        let status = self.status_line();
+        if status != self.last_status {
+            self.notifier.status(&status);
+            self.last_status = status;
+        }
+    }
+
     /// Re-reads the file and applies it to new connections. Every new listen address is bound
     /// before anything changes, so a reload either applies whole or not at all.
     async fn reload(&mut self) {
+        self.notifier.reloading();
+        match self.apply_reload().await {
+            Ok(()) => self.state.reloads_ok.fetch_add(1, Ordering::Relaxed),
+            Err(()) => self.state.reloads_rejected.fetch_add(1, Ordering::Relaxed),
+        };
+        let status = self.status_line();
+        self.notifier.ready(&status);
+        self.last_status = status;
+    }
+
+    async fn apply_reload(&mut self) -> Result<(), ()> {
         let path = self.config.path.clone();
         let new = match Config::load(&path) {
             Ok(new) => new,
             Err(e) => {
                 tracing::error!(error = %e, "reload rejected; the running configuration stays in force");
-                return;
+                return Err(());
             }
         };
         for (key, changed) in [
             ("workers", new.workers != self.config.workers),
             ("splice", new.splice != self.config.splice),
             ("max_pipes", new.max_pipes != self.config.max_pipes),
+            ("[health] listen", new.health.listen != self.config.health.listen),
         ] {
             if changed {
                 tracing::warn!(
@@ -170,7 +301,7 @@ impl Daemon {
                         error = %e,
                         "reload rejected: cannot listen on the new address (if a route being removed holds an overlapping address, restart ferryd instead); the running configuration stays in force"
                     );
-                    return;
+                    return Err(());
                 }
             }
         }
@@ -182,14 +313,18 @@ impl Daemon {
             let name = gone.settings.borrow().route.name.clone();
             drop(gone.settings);
             let _ = gone.task.await;
+            self.state.set_problem(&format!("route {name}"), None);
             tracing::info!(route = %name, listen = %gone.listen, "route removed; its live connections continue");
         }
-        self.config = Config {
-            workers: self.config.workers,
-            splice: self.config.splice,
-            max_pipes: self.config.max_pipes,
-            ..new
-        };
+        // Settings that need a restart keep their running values, so the effective
+        // configuration stays the one really in force.
+        let mut new = new;
+        new.workers = self.config.workers;
+        new.splice = self.config.splice;
+        new.max_pipes = self.config.max_pipes;
+        new.health.listen = self.config.health.listen;
+        self.config = new;
+        self.state.set_health(self.config.health.clone());
         self.routes = kept;
         for running in &self.routes {
             if let Some(route) = self
@@ -209,10 +344,13 @@ impl Daemon {
             }
         }
         for (route, listener) in fresh {
-            let settings = self.settings_for(&route);
-            self.spawn(route.listen, listener, settings);
+            if let Err(e) = self.spawn(&route, listener) {
+                tracing::error!(route = %route.name, error = %format!("{e:#}"), "cannot start the new route");
+            }
         }
+        self.publish_routes();
         tracing::info!(config = %path.display(), routes = self.routes.len(), "configuration reloaded");
+        Ok(())
     }
 
     async fn stop(self) {
@@ -221,7 +359,19 @@ impl Daemon {
             engine,
             drain,
             routes,
+            state,
+            notifier,
+            ..
         } = self;
+        state.set_phase(Phase::Draining);
+        notifier.stopping();
+        if !config.shutdown_grace.is_zero() {
+            tracing::info!(
+                shutdown_grace = %humantime::format_duration(config.shutdown_grace),
+                "health endpoint reports draining; listeners stay open for the grace period"
+            );
+            tokio::time::sleep(config.shutdown_grace).await;
+        }
         let mut stats = Vec::new();
         for running in routes {
             drop(running.settings);

@@ -11,16 +11,22 @@
 //! - [`relay`]: moving bytes both ways and ending a connection correctly;
 //! - [`daemon`]: start-up, signals, reload and drain;
 //! - [`shutdown`]: the drain signal passed to each connection;
+//! - [`health`], [`metrics`]: the probe endpoint, /status and /metrics;
+//! - [`systemd`]: notify, watchdog, socket activation, unit state over D-Bus;
 //! - [`net`], [`logging`], [`stats`]: socket options, log sinks and rate limits, counters.
 
 pub mod allow;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod health;
 pub mod logging;
+pub mod metrics;
 pub mod net;
 pub mod relay;
 pub mod route;
 pub mod shutdown;
 pub mod stats;
+pub mod status;
+pub mod systemd;
 pub mod upstream;

@@ -20,6 +20,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Status { config, unit } => ferryd::status::run(&config, &unit),
         Command::Check { config } => match Config::load(&config) {
             Ok(effective) => {
                 print!("{}", effective.to_toml());

@@ -6,10 +6,10 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 use crate::config::Keepalive;
 
@@ -21,22 +21,30 @@ const LISTEN_BACKLOG: i32 = 1024;
 /// start. 60000-60001 lie inside the default ephemeral port range, so an outgoing connection can
 /// briefly hold one; at boot, the listen address may not be configured yet.
 pub const BIND_RETRY_WINDOW: Duration = Duration::from_secs(30);
+/// Shortest pause after an accept failure such as EMFILE: the pending connection stays in the
+/// backlog and the listener stays readable, so accepting again at once would spin.
+const ACCEPT_PAUSE_MIN: Duration = Duration::from_millis(20);
+/// Longest pause: long enough to cost nothing, short enough that service resumes within a second
+/// of descriptors being freed.
+const ACCEPT_PAUSE_MAX: Duration = Duration::from_millis(500);
+
 /// Pause between bind attempts.
 const BIND_RETRY_EVERY: Duration = Duration::from_millis(250);
 
-/// Binds a listening socket with SO_REUSEADDR, so a restart is not refused by the previous
-/// process's connections in TIME_WAIT.
-pub fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+/// Binds a non-blocking listening socket with SO_REUSEADDR, so a restart is not refused by the
+/// previous process's connections in TIME_WAIT. It is a std listener so that any runtime (the
+/// relay's or the health endpoint's) can take it.
+pub fn listen(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(LISTEN_BACKLOG)?;
-    TcpListener::from_std(socket.into())
+    Ok(socket.into())
 }
 
 /// [`listen`], retried for up to `window` while the error is one that goes away by itself.
-pub async fn listen_with_retry(addr: SocketAddr, window: Duration) -> io::Result<TcpListener> {
+pub async fn listen_with_retry(addr: SocketAddr, window: Duration) -> io::Result<std::net::TcpListener> {
     let deadline = tokio::time::Instant::now() + window;
     let mut logged = false;
     loop {
@@ -91,4 +99,50 @@ pub fn tune_socket(sock: SockRef<'_>, keepalive: &Keepalive) -> io::Result<()> {
 pub fn reset(stream: TcpStream) {
     let _ = SockRef::from(&stream).set_linger(Some(Duration::ZERO));
     drop(stream);
+}
+
+/// Accept failures that last until descriptors or memory are freed elsewhere: pause and retry,
+/// logging once when it starts and once when it ends.
+#[derive(Debug, Default)]
+pub struct AcceptBackoff {
+    failures: u64,
+    since: Option<Instant>,
+    pause: Duration,
+}
+
+impl AcceptBackoff {
+    /// Notes a failed accept on `route`; returns how long to pause after `e` (zero for errors that concern one connection only).
+    pub fn failed(&mut self, route: &str, e: &io::Error) -> Duration {
+        let per_connection = matches!(
+            e.kind(),
+            io::ErrorKind::ConnectionAborted
+                | io::ErrorKind::ConnectionReset
+                | io::ErrorKind::PermissionDenied
+        ) || e.raw_os_error() == Some(libc::EPROTO);
+        if per_connection {
+            tracing::debug!(route, error = %e, "accept failed for one connection");
+            return Duration::ZERO;
+        }
+        if self.failures == 0 {
+            self.since = Some(Instant::now());
+            tracing::warn!(route, error = %e, "accept failing; pausing accepts until it recovers (connections wait in the backlog)");
+        }
+        self.failures += 1;
+        self.pause = (self.pause * 2).clamp(ACCEPT_PAUSE_MIN, ACCEPT_PAUSE_MAX);
+        self.pause
+    }
+
+    /// Notes a successful accept; logs the end of a failure episode.
+    pub fn recovered(&mut self, route: &str) {
+        if self.failures > 0 {
+            let lasted = self.since.map(|s| s.elapsed()).unwrap_or_default();
+            tracing::info!(
+                route,
+                failed_accepts = self.failures,
+                lasted_ms = lasted.as_millis() as u64,
+                "accepting again"
+            );
+            *self = AcceptBackoff::default();
+        }
+    }
 }

@@ -7,7 +7,6 @@
 //! daemon, and the listener stops when that channel's sender is dropped (route removed, or
 //! drain begun). Connections already running keep the settings they were accepted with.
 
-use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -19,16 +18,10 @@ use tokio::sync::watch;
 use crate::allow::Allowlist;
 use crate::config::Route;
 use crate::logging::RateLimit;
-use crate::relay::{self, Engine, Timeouts};
+use crate::net::AcceptBackoff;
+use crate::relay::{self, Engine, Timeouts, Totals};
 use crate::shutdown::Shutdown;
 use crate::stats::{Outcome, RouteStats};
-
-/// Shortest pause after an accept failure such as EMFILE: the pending connection stays in the
-/// backlog and the listener stays readable, so accepting again at once would spin.
-const ACCEPT_PAUSE_MIN: Duration = Duration::from_millis(20);
-/// Longest pause: long enough to cost nothing, short enough that service resumes within a second
-/// of descriptors being freed.
-const ACCEPT_PAUSE_MAX: Duration = Duration::from_millis(500);
 
 /// Health probes arrive every few seconds for as long as the VM lives; one line a minute shows
 /// they are arriving, with a count of the rest.
@@ -201,6 +194,7 @@ impl Connection {
         let stats = &self.live.0;
         crate::net::tune_stream(&self.client, &route.keepalive);
 
+        let dial_started = Instant::now();
         let dialled = tokio::select! {
             dialled = crate::upstream::dial(&route.upstream, route.connect_timeout, &route.keepalive) => dialled,
             _ = self.shutdown.closing() => {
@@ -211,10 +205,17 @@ impl Connection {
             }
         };
         let (upstream, upstream_addr) = match dialled {
-            Ok(ok) => ok,
+            Ok(ok) => {
+                stats.relayed.fetch_add(1, Ordering::Relaxed);
+                stats
+                    .connect_seconds
+                    .observe(dial_started.elapsed().as_secs_f64());
+                ok
+            }
             Err(e) => {
                 crate::net::reset(self.client);
                 stats.record(e.outcome);
+                stats.upstream_failed(format!("{}: {}", e.outcome.as_str(), e.reason));
                 if let Some(suppressed) = self.quiet.upstream.admit() {
                     let upstream = e
                         .addr
@@ -238,9 +239,19 @@ impl Connection {
             idle: route.idle_timeout,
             fin: route.fin_timeout,
         };
-        let transfer = relay::relay(&self.engine, self.client, upstream, timeouts, &mut self.shutdown).await;
-        stats.bytes_up.fetch_add(transfer.up, Ordering::Relaxed);
-        stats.bytes_down.fetch_add(transfer.down, Ordering::Relaxed);
+        let totals = Totals {
+            up: &stats.bytes_up,
+            down: &stats.bytes_down,
+        };
+        let transfer = relay::relay(
+            &self.engine,
+            self.client,
+            upstream,
+            timeouts,
+            totals,
+            &mut self.shutdown,
+        )
+        .await;
         stats.record(transfer.outcome);
         tracing::info!(
             route = %route.name,
@@ -253,50 +264,5 @@ impl Connection {
             error = transfer.detail.as_deref(),
             "connection closed"
         );
-    }
-}
-
-/// Accept failures that last until descriptors or memory are freed elsewhere: pause and retry,
-/// logging once when it starts and once when it ends.
-#[derive(Debug, Default)]
-struct AcceptBackoff {
-    failures: u64,
-    since: Option<Instant>,
-    pause: Duration,
-}
-
-impl AcceptBackoff {
-    /// How long to pause after `e` (zero for errors that concern one connection only).
-    fn failed(&mut self, route: &str, e: &io::Error) -> Duration {
-        let per_connection = matches!(
-            e.kind(),
-            io::ErrorKind::ConnectionAborted
-                | io::ErrorKind::ConnectionReset
-                | io::ErrorKind::PermissionDenied
-        ) || e.raw_os_error() == Some(libc::EPROTO);
-        if per_connection {
-            tracing::debug!(route, error = %e, "accept failed for one connection");
-            return Duration::ZERO;
-        }
-        if self.failures == 0 {
-            self.since = Some(Instant::now());
-            tracing::warn!(route, error = %e, "accept failing; pausing accepts until it recovers (connections wait in the backlog)");
-        }
-        self.failures += 1;
-        self.pause = (self.pause * 2).clamp(ACCEPT_PAUSE_MIN, ACCEPT_PAUSE_MAX);
-        self.pause
-    }
-
-    fn recovered(&mut self, route: &str) {
-        if self.failures > 0 {
-            let lasted = self.since.map(|s| s.elapsed()).unwrap_or_default();
-            tracing::info!(
-                route,
-                failed_accepts = self.failures,
-                lasted_ms = lasted.as_millis() as u64,
-                "accepting again"
-            );
-            *self = AcceptBackoff::default();
-        }
     }
 }

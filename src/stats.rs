@@ -5,7 +5,11 @@
 //! and later the metrics endpoint, read them from here. Every counter is a relaxed atomic: they
 //! are statistics, never used to make a decision that needs ordering.
 
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::SystemTime;
+
+use prometheus_client::metrics::histogram::Histogram;
 
 /// How a connection ended, or why it never started. The names are the `end=` field of the log
 /// line each connection gets.
@@ -70,10 +74,16 @@ impl Outcome {
 }
 
 /// Counters of one listening route. They survive reloads that keep the listen address.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct RouteStats {
     /// Connections currently relayed or dialling.
     pub live: AtomicUsize,
+    /// Connections whose upstream dial succeeded.
+    pub relayed: AtomicU64,
+    /// Time to connect to the upstream, for successful dials (seconds).
+    pub connect_seconds: Histogram,
+    /// The most recent failed dial: when, and why.
+    pub last_upstream_error: Mutex<Option<(SystemTime, String)>>,
     outcomes: [AtomicU64; Outcome::ALL.len()],
     /// Bytes from clients to the upstream.
     pub bytes_up: AtomicU64,
@@ -84,6 +94,34 @@ pub struct RouteStats {
 }
 
 impl RouteStats {
+    /// Fresh counters; `connect_seconds` is the route's series of the shared histogram family.
+    pub fn new(connect_seconds: Histogram) -> Self {
+        RouteStats {
+            live: AtomicUsize::new(0),
+            relayed: AtomicU64::new(0),
+            connect_seconds,
+            last_upstream_error: Mutex::new(None),
+            outcomes: Default::default(),
+            bytes_up: AtomicU64::new(0),
+            bytes_down: AtomicU64::new(0),
+            accept_errors: AtomicU64::new(0),
+        }
+    }
+
+    /// Remembers a failed dial for /status.
+    pub fn upstream_failed(&self, reason: String) {
+        let mut last = self.last_upstream_error.lock().unwrap_or_else(|p| p.into_inner());
+        *last = Some((SystemTime::now(), reason));
+    }
+
+    /// The most recent failed dial, if any.
+    pub fn last_upstream_error(&self) -> Option<(SystemTime, String)> {
+        self.last_upstream_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     /// Counts one connection that ended with `outcome`.
     pub fn record(&self, outcome: Outcome) {
         self.outcomes[outcome.index()].fetch_add(1, Ordering::Relaxed);

@@ -59,6 +59,15 @@ pub struct Timeouts {
     pub fin: Duration,
 }
 
+/// Running byte totals the caller keeps across connections (a route's), updated at every burst.
+#[derive(Clone, Copy, Debug)]
+pub struct Totals<'a> {
+    /// Client → upstream.
+    pub up: &'a AtomicU64,
+    /// Upstream → client.
+    pub down: &'a AtomicU64,
+}
+
 /// How a relayed connection ended and what it carried.
 #[derive(Debug)]
 pub struct Transfer {
@@ -105,6 +114,7 @@ pub async fn relay(
     client: TcpStream,
     upstream: TcpStream,
     timeouts: Timeouts,
+    totals: Totals<'_>,
     shutdown: &mut Shutdown,
 ) -> Transfer {
     let activity = Activity::new();
@@ -112,14 +122,15 @@ pub async fn relay(
     let down = AtomicU64::new(0);
 
     let (outcome, detail) = {
-        let flow = |bytes| Flow {
+        let flow = |bytes, total| Flow {
             pipes: engine.pipes(),
             stats: &engine.stats,
             bytes,
+            total,
             activity: &activity,
         };
-        let upward = half(&client, &upstream, flow(&up), "client", "upstream");
-        let downward = half(&upstream, &client, flow(&down), "upstream", "client");
+        let upward = half(&client, &upstream, flow(&up, totals.up), "client", "upstream");
+        let downward = half(&upstream, &client, flow(&down, totals.down), "upstream", "client");
         tokio::pin!(upward, downward);
         let (mut up_done, mut down_done) = (false, false);
         loop {

@@ -36,8 +36,10 @@ pub struct Flow<'a> {
     pub pipes: Option<&'a PipePool>,
     /// Engine-wide counters.
     pub stats: &'a RelayStats,
-    /// Bytes moved in this direction.
+    /// Bytes moved in this direction on this connection.
     pub bytes: &'a AtomicU64,
+    /// Bytes moved in this direction on every connection of the route (kept current for metrics).
+    pub total: &'a AtomicU64,
     /// Stamped at every burst, for the idle timeout.
     pub activity: &'a super::Activity,
 }
@@ -165,6 +167,7 @@ async fn copy_burst(src: &TcpStream, dst: &TcpStream, flow: &Flow<'_>) -> Result
 impl Flow<'_> {
     fn account(&self, n: usize) {
         self.bytes.fetch_add(n as u64, Ordering::Relaxed);
+        self.total.fetch_add(n as u64, Ordering::Relaxed);
         self.activity.touch();
     }
 }

@@ -49,6 +49,8 @@ impl Drop for TempDir {
 pub struct Daemon {
     child: Child,
     pub config: PathBuf,
+    /// The health endpoint's port (added on loopback when the configuration has no `[health]`).
+    pub health_port: Option<u16>,
     lines: Arc<Mutex<Vec<String>>>,
     _dir: TempDir,
 }
@@ -75,7 +77,14 @@ impl Daemon {
     pub fn spawn_with(config: &str, adjust: impl FnOnce(&mut Command)) -> Daemon {
         let dir = TempDir::new("daemon");
         let path = dir.path().join("ferryd.toml");
-        std::fs::write(&path, config).expect("write config");
+        // Tests run in parallel: give each daemon its own health port instead of the default.
+        let (config, health_port) = if config.contains("[health]") {
+            (config.to_string(), None)
+        } else {
+            let port = free_port();
+            (with_health(config, port), Some(port))
+        };
+        std::fs::write(&path, &config).expect("write config");
         let mut command = Command::new(BIN);
         command
             .args(["run", "--config"])
@@ -100,6 +109,7 @@ impl Daemon {
         Daemon {
             child,
             config: path,
+            health_port,
             lines,
             _dir: dir,
         }
@@ -113,9 +123,24 @@ impl Daemon {
         kill(Pid::from_raw(self.pid()), signal).expect("signal ferryd");
     }
 
-    /// Replaces the configuration file (for a reload).
+    /// Replaces the configuration file (for a reload), keeping the health port.
     pub fn rewrite_config(&self, config: &str) {
+        let config = match self.health_port {
+            Some(port) if !config.contains("[health]") => with_health(config, port),
+            _ => config.to_string(),
+        };
         std::fs::write(&self.config, config).expect("rewrite config");
+    }
+
+    /// Sends an HTTP/1.0 GET (or any raw request) to the health endpoint; returns the response.
+    pub fn health_request(&self, request: &str) -> io::Result<String> {
+        let port = self.health_port.expect("health port");
+        let mut stream = TcpStream::connect(local(port))?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        stream.write_all(request.as_bytes())?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response)?;
+        Ok(String::from_utf8_lossy(&response).into_owned())
     }
 
     /// Everything logged so far.
@@ -202,6 +227,11 @@ impl Drop for Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `config` with a `[health]` table on 127.0.0.1:`port` appended (tables go last in TOML).
+pub fn with_health(config: &str, port: u16) -> String {
+    format!("{config}\n[health]\nlisten = \"127.0.0.1:{port}\"\n")
 }
 
 /// A value of `key=value` in a log line, as the stderr formatter writes it.

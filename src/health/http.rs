@@ -1,0 +1,175 @@
+//! One HTTP/1 connection on the health endpoint, served by hyper: routing, access checks, and
+//! the bodies of `/healthz`, `/metrics` and `/status`.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+
+use super::state::State;
+use crate::stats::Outcome;
+
+/// Request line and headers together may not exceed this (hyper's smallest buffer). A probe's
+/// request is well under 200 bytes; anything larger is refused with 431 or 400.
+const MAX_REQUEST_BYTES: usize = 8192;
+/// A client has this long to send its whole request head (slowloris). Azure's prober sends it at
+/// once and gives up after min(interval, 30 s) anyway.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Upper bound on a whole connection, response included, for clients that stop reading.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// What a client may ask for, decided from its source address at accept.
+#[derive(Clone, Copy, Debug)]
+pub struct Access {
+    /// The health path.
+    pub probe: bool,
+    /// /metrics and /status.
+    pub metrics: bool,
+}
+
+/// Serves one request on `stream` and closes it.
+pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, access: Access, state: Arc<State>) {
+    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+        let response = respond(&request, access, &state);
+        async move { Ok::<_, Infallible>(response) }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .keep_alive(false)
+        .max_buf_size(MAX_REQUEST_BYTES)
+        .timer(TokioTimer::new())
+        .header_read_timeout(REQUEST_TIMEOUT);
+    let connection = builder.serve_connection(TokioIo::new(stream), service);
+    match tokio::time::timeout(CONNECTION_TIMEOUT, connection).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::debug!(client = %peer, error = %e, "health endpoint: request failed"),
+        Err(_) => tracing::debug!(client = %peer, "health endpoint: connection timed out"),
+    }
+}
+
+fn respond(request: &Request<Incoming>, access: Access, state: &State) -> Response<Full<Bytes>> {
+    let health = state.health();
+    let path = request.uri().path();
+    let known = path == health.path || path == "/metrics" || path == "/status";
+    if !known {
+        return text(StatusCode::NOT_FOUND, "not found\n".into());
+    }
+    if request.method() != Method::GET && request.method() != Method::HEAD {
+        let mut response = text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n".into());
+        response
+            .headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return response;
+    }
+    let allowed = if path == health.path {
+        access.probe
+    } else {
+        access.metrics
+    };
+    if !allowed {
+        return text(StatusCode::FORBIDDEN, "forbidden for this source\n".into());
+    }
+    if path == health.path {
+        match state.verdict() {
+            Ok(()) => text(StatusCode::OK, "ok\n".into()),
+            Err(reason) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")),
+        }
+    } else if path == "/metrics" {
+        let mut response = text(StatusCode::OK, crate::metrics::render(state));
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+        );
+        response
+    } else {
+        let mut response = text(StatusCode::OK, status_json(state).to_string() + "\n");
+        response
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        response
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+fn unix_seconds(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// The document behind `/status` and `ferryd status`.
+pub fn status_json(state: &State) -> serde_json::Value {
+    let verdict = state.verdict();
+    let now = SystemTime::now();
+    let routes: Vec<serde_json::Value> = state
+        .routes()
+        .iter()
+        .map(|view| {
+            let route = &view.settings.route;
+            let stats = &view.stats;
+            let outcomes: serde_json::Map<String, serde_json::Value> = Outcome::ALL
+                .iter()
+                .map(|o| (o.as_str().to_string(), stats.count(*o).into()))
+                .collect();
+            let last_error = stats.last_upstream_error().map(|(at, reason)| {
+                serde_json::json!({
+                    "at": unix_seconds(at),
+                    "seconds_ago": now.duration_since(at).map_or(0, |d| d.as_secs()),
+                    "reason": reason,
+                })
+            });
+            serde_json::json!({
+                "name": route.name,
+                "listen": route.listen.to_string(),
+                "upstream": route.upstream.to_string(),
+                "live": stats.live.load(Ordering::Relaxed),
+                "relayed": stats.relayed.load(Ordering::Relaxed),
+                "outcomes": outcomes,
+                "bytes_up": stats.bytes_up.load(Ordering::Relaxed),
+                "bytes_down": stats.bytes_down.load(Ordering::Relaxed),
+                "last_upstream_error": last_error,
+            })
+        })
+        .collect();
+    let relay = &state.engine.stats;
+    let (pipes_alive, pipes_pooled) = state.engine.pipes().map_or((0, 0), |p| (p.alive(), p.idle()));
+    serde_json::json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "started_at": unix_seconds(state.started_at()),
+        "uptime_seconds": state.uptime().as_secs(),
+        "ready": verdict.is_ok(),
+        "reason": verdict.err(),
+        "routes": routes,
+        "relay": {
+            "spliced_bytes": relay.spliced_bytes.load(Ordering::Relaxed),
+            "copied_bytes": relay.copied_bytes.load(Ordering::Relaxed),
+            "fallback_no_pipe": relay.fallback_no_pipe.load(Ordering::Relaxed),
+            "fallback_refused": relay.fallback_refused.load(Ordering::Relaxed),
+            "pipes_in_use": pipes_alive.saturating_sub(pipes_pooled),
+            "pipes_pooled": pipes_pooled,
+        },
+        "reloads": {
+            "ok": state.reloads_ok.load(Ordering::Relaxed),
+            "rejected": state.reloads_rejected.load(Ordering::Relaxed),
+        },
+    })
+}

@@ -1,0 +1,106 @@
+//! The health endpoint: the load balancer's HTTP probe (`GET /healthz` → 200 or 503 with a
+//! reason), `/metrics` and `/status` for people, on its own port.
+//!
+//! This module owns the listener, who may ask what, and the bounds that keep a hostile or broken
+//! client from hurting a probe: per-source access lists, a cap on concurrent connections with
+//! slots reserved for the probe sources, a header size limit and a deadline to receive a request
+//! (slowloris). It runs on its own thread with its own single-threaded runtime, so relay load can
+//! never delay a probe answer. It must not change the daemon's state, only read it.
+
+mod http;
+pub mod state;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use crate::logging::RateLimit;
+use crate::net::AcceptBackoff;
+use state::State;
+
+/// Concurrent connections from the probe sources. Azure probes one at a time every few seconds;
+/// 16 covers several balancer instances and retries.
+const PROBE_SLOTS: usize = 16;
+/// Concurrent connections from everyone else allowed (loopback, monitoring). A client past this is
+/// reset; the probe sources' slots are untouched.
+const OTHER_SLOTS: usize = 64;
+
+/// Starts the endpoint on its own thread. The thread lives as long as the process: during a
+/// drain it keeps answering, with 503.
+pub fn spawn(listener: std::net::TcpListener, state: Arc<State>) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("ferryd-health".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start the health endpoint's runtime");
+                    state.set_problem("health endpoint", Some(format!("cannot start: {e}")));
+                    return;
+                }
+            };
+            runtime.block_on(serve(listener, state));
+        })?;
+    Ok(())
+}
+
+async fn serve(listener: std::net::TcpListener, state: Arc<State>) {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(listener) => listener,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot register the health listener");
+            state.set_problem("health endpoint", Some(format!("cannot listen: {e}")));
+            return;
+        }
+    };
+    let probe_slots = Arc::new(Semaphore::new(PROBE_SLOTS));
+    let other_slots = Arc::new(Semaphore::new(OTHER_SLOTS));
+    let refused_log = RateLimit::new();
+    let busy_log = RateLimit::new();
+    let mut backoff = AcceptBackoff::default();
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => {
+                backoff.recovered("health");
+                accepted
+            }
+            Err(e) => {
+                let pause = backoff.failed("health", &e);
+                tokio::time::sleep(pause.max(Duration::from_millis(1))).await;
+                continue;
+            }
+        };
+        let health = state.health();
+        let source = peer.ip().to_canonical();
+        let access = http::Access {
+            probe: health.allow.contains(source),
+            metrics: health.metrics_allow.contains(source),
+        };
+        if !access.probe && !access.metrics {
+            crate::net::reset(stream);
+            if let Some(suppressed) = refused_log.admit() {
+                tracing::warn!(client = %peer, suppressed, "health endpoint: source not allowed; connection reset");
+            }
+            continue;
+        }
+        let slots = if health.probe_sources.contains(source) {
+            &probe_slots
+        } else {
+            &other_slots
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            crate::net::reset(stream);
+            if let Some(suppressed) = busy_log.admit() {
+                tracing::warn!(client = %peer, suppressed, "health endpoint: too many connections from this kind of source; reset");
+            }
+            continue;
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            http::serve_connection(stream, peer, access, state).await;
+            drop(permit);
+        });
+    }
+}

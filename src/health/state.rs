@@ -1,0 +1,173 @@
+//! What the daemon knows about itself, in one place the health endpoint, /status, /metrics and
+//! the systemd watchdog can read: the phase (starting, ready, draining), named problems, the
+//! heartbeat of the relay runtime, and the running routes.
+//!
+//! The daemon writes it; readers only read. It must not decide anything about connections.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::config::Health;
+use crate::relay::Engine;
+use crate::route::RouteSettings;
+use crate::stats::RouteStats;
+
+/// A relay runtime whose heartbeat is older than this is reported as stalled by the health
+/// endpoint. The heartbeat ticks every second; ten missed ticks are not scheduling noise.
+pub const STALL_LIMIT: Duration = Duration::from_secs(10);
+
+/// Where the daemon is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Phase {
+    /// Binding listeners.
+    Starting = 0,
+    /// Every listener is up.
+    Ready = 1,
+    /// SIGTERM received: listeners closing or closed, live connections finishing.
+    Draining = 2,
+}
+
+/// A running route as the readers see it.
+#[derive(Clone, Debug)]
+pub struct RouteView {
+    /// The settings new connections get.
+    pub settings: Arc<RouteSettings>,
+    /// Its counters.
+    pub stats: Arc<RouteStats>,
+}
+
+/// Shared, read-mostly state of the daemon.
+#[derive(Debug)]
+pub struct State {
+    started_at: SystemTime,
+    started: Instant,
+    phase: AtomicU8,
+    heartbeat_ms: AtomicU64,
+    problems: Mutex<BTreeMap<String, String>>,
+    routes: RwLock<Vec<RouteView>>,
+    health: RwLock<Arc<Health>>,
+    /// The relay engine, for its counters and pipe pool.
+    pub engine: Arc<Engine>,
+    /// SIGHUP reloads applied.
+    pub reloads_ok: AtomicU64,
+    /// SIGHUP reloads rejected (invalid file, unbindable address).
+    pub reloads_rejected: AtomicU64,
+    /// The histogram family of upstream connect times, shared with the routes' counters.
+    pub metrics: crate::metrics::Families,
+}
+
+impl State {
+    /// State of a daemon that has just started.
+    pub fn new(engine: Arc<Engine>, health: Health) -> Arc<State> {
+        Arc::new(State {
+            started_at: SystemTime::now(),
+            started: Instant::now(),
+            phase: AtomicU8::new(Phase::Starting as u8),
+            heartbeat_ms: AtomicU64::new(0),
+            problems: Mutex::new(BTreeMap::new()),
+            routes: RwLock::new(Vec::new()),
+            health: RwLock::new(Arc::new(health)),
+            engine,
+            reloads_ok: AtomicU64::new(0),
+            reloads_rejected: AtomicU64::new(0),
+            metrics: crate::metrics::Families::default(),
+        })
+    }
+
+    /// The current phase.
+    pub fn phase(&self) -> Phase {
+        match self.phase.load(Ordering::Acquire) {
+            0 => Phase::Starting,
+            1 => Phase::Ready,
+            _ => Phase::Draining,
+        }
+    }
+
+    /// Moves to `phase`.
+    pub fn set_phase(&self, phase: Phase) {
+        self.phase.store(phase as u8, Ordering::Release);
+    }
+
+    /// Records that the relay runtime is making progress.
+    pub fn beat(&self) {
+        let ms = self.started.elapsed().as_millis() as u64;
+        self.heartbeat_ms.store(ms.max(1), Ordering::Release);
+    }
+
+    /// How long since the last heartbeat (zero before the first one).
+    pub fn heartbeat_age(&self) -> Duration {
+        let last = self.heartbeat_ms.load(Ordering::Acquire);
+        if last == 0 {
+            return Duration::ZERO;
+        }
+        self.started.elapsed().saturating_sub(Duration::from_millis(last))
+    }
+
+    /// Sets or clears a named problem ("route ssh", "nat", ...). A problem makes the health
+    /// endpoint answer 503 with its reason.
+    pub fn set_problem(&self, key: &str, problem: Option<String>) {
+        let mut problems = self.problems.lock().unwrap_or_else(|p| p.into_inner());
+        match problem {
+            Some(reason) => {
+                problems.insert(key.to_string(), reason);
+            }
+            None => {
+                problems.remove(key);
+            }
+        }
+    }
+
+    /// `Ok` when the proxy VM should receive traffic; otherwise the one-line reason why not.
+    pub fn verdict(&self) -> Result<(), String> {
+        match self.phase() {
+            Phase::Starting => return Err("starting: listeners are not all bound yet".into()),
+            Phase::Draining => return Err("draining: ferryd is shutting down".into()),
+            Phase::Ready => {}
+        }
+        let age = self.heartbeat_age();
+        if age > STALL_LIMIT {
+            return Err(format!(
+                "relay runtime stalled: no progress for {}s",
+                age.as_secs()
+            ));
+        }
+        let problems = self.problems.lock().unwrap_or_else(|p| p.into_inner());
+        match problems.iter().next() {
+            Some((key, reason)) => Err(format!("{key}: {reason}")),
+            None => Ok(()),
+        }
+    }
+
+    /// Replaces the list of running routes.
+    pub fn set_routes(&self, routes: Vec<RouteView>) {
+        *self.routes.write().unwrap_or_else(|p| p.into_inner()) = routes;
+    }
+
+    /// The running routes.
+    pub fn routes(&self) -> Vec<RouteView> {
+        self.routes.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The health endpoint's current settings.
+    pub fn health(&self) -> Arc<Health> {
+        self.health.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Applies reloaded health settings (all but the listen address, which needs a restart).
+    pub fn set_health(&self, health: Health) {
+        *self.health.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(health);
+    }
+
+    /// When the daemon started, for /status.
+    pub fn started_at(&self) -> SystemTime {
+        self.started_at
+    }
+
+    /// How long the daemon has run.
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+}

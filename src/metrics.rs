@@ -1,0 +1,240 @@
+//! `/metrics`: the daemon's counters in the Prometheus/OpenMetrics text format, names prefixed
+//! `ferryd_`.
+//!
+//! This module owns the metric names, labels and help texts. The numbers themselves live in
+//! [`crate::stats`] as plain atomics, so the hot path never touches a registry; a scrape builds
+//! a fresh registry from them. The one exception is the upstream connect-time histogram, whose
+//! family is long-lived ([`Families`]) and whose per-route series the routes observe into. It
+//! must not change any counter.
+
+use std::sync::atomic::Ordering;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::Registry;
+
+use crate::health::state::State;
+use crate::stats::Outcome;
+
+/// Upstream connect times from 0.5 ms (same host) doubling to about 4 s (connect_timeout's
+/// neighbourhood); a dial on the same VNET lands in the first few buckets.
+fn connect_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 14))
+}
+
+/// A route label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabel {
+    /// The route's name.
+    pub route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    route: String,
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EndLabels {
+    route: String,
+    end: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabels {
+    route: String,
+    direction: String,
+}
+
+/// A single label whose name varies by metric (path, reason, state, result).
+type OneLabel = Vec<(&'static str, String)>;
+
+fn one(key: &'static str, value: &str) -> OneLabel {
+    vec![(key, value.to_string())]
+}
+
+/// Metric families that outlive a scrape.
+#[derive(Debug, Clone)]
+pub struct Families {
+    /// `ferryd_upstream_connect_seconds{route}`.
+    pub connect_seconds: Family<RouteLabel, Histogram, fn() -> Histogram>,
+}
+
+impl Default for Families {
+    fn default() -> Self {
+        Families {
+            connect_seconds: Family::new_with_constructor(connect_buckets as fn() -> Histogram),
+        }
+    }
+}
+
+impl Families {
+    /// The connect-time series of `route`, for its counters to observe into.
+    pub fn connect_histogram(&self, route: &str) -> Histogram {
+        self.connect_seconds
+            .get_or_create(&RouteLabel {
+                route: route.to_string(),
+            })
+            .clone()
+    }
+}
+
+/// Renders every metric as OpenMetrics text.
+pub fn render(state: &State) -> String {
+    let mut registry = Registry::with_prefix("ferryd");
+
+    let connections = Family::<OutcomeLabels, Counter>::default();
+    let ends = Family::<EndLabels, Counter>::default();
+    let live = Family::<RouteLabel, Gauge>::default();
+    let bytes = Family::<DirectionLabels, Counter>::default();
+    let accept_errors = Family::<RouteLabel, Counter>::default();
+    for view in state.routes() {
+        let route = view.settings.route.name.clone();
+        let stats = &view.stats;
+        let outcome = |name: &str, value: u64| {
+            connections
+                .get_or_create(&OutcomeLabels {
+                    route: route.clone(),
+                    outcome: name.to_string(),
+                })
+                .inc_by(value);
+        };
+        outcome("relayed", stats.relayed.load(Ordering::Relaxed));
+        for o in [
+            Outcome::Denied,
+            Outcome::Probe,
+            Outcome::Limit,
+            Outcome::UpstreamRefused,
+            Outcome::UpstreamTimeout,
+            Outcome::UpstreamUnreachable,
+        ] {
+            outcome(&o.as_str().replace('-', "_"), stats.count(o));
+        }
+        for o in [Outcome::Eof, Outcome::Reset, Outcome::Idle, Outcome::Drain] {
+            ends.get_or_create(&EndLabels {
+                route: route.clone(),
+                end: o.as_str().to_string(),
+            })
+            .inc_by(stats.count(o));
+        }
+        live.get_or_create(&RouteLabel { route: route.clone() })
+            .set(stats.live.load(Ordering::Relaxed) as i64);
+        for (direction, counter) in [("up", &stats.bytes_up), ("down", &stats.bytes_down)] {
+            bytes
+                .get_or_create(&DirectionLabels {
+                    route: route.clone(),
+                    direction: direction.to_string(),
+                })
+                .inc_by(counter.load(Ordering::Relaxed));
+        }
+        accept_errors
+            .get_or_create(&RouteLabel { route: route.clone() })
+            .inc_by(stats.accept_errors.load(Ordering::Relaxed));
+    }
+    registry.register(
+        "connections",
+        "Connections accepted, by route and what became of them (relayed, or why not)",
+        connections,
+    );
+    registry.register(
+        "connection_ends",
+        "Relayed connections that ended, by route and how (eof, reset, idle, drain)",
+        ends,
+    );
+    registry.register(
+        "connections_live",
+        "Connections relayed or dialling now, by route",
+        live,
+    );
+    registry.register(
+        "bytes",
+        "Bytes relayed, by route and direction (up: client to build VM, down: back)",
+        bytes,
+    );
+    registry.register(
+        "upstream_connect_seconds",
+        "Time to connect to the upstream, successful dials only",
+        state.metrics.connect_seconds.clone(),
+    );
+    registry.register(
+        "accept_errors",
+        "Accepts that failed for lack of descriptors or memory, by route",
+        accept_errors,
+    );
+
+    let relay = &state.engine.stats;
+    let relay_bytes = Family::<OneLabel, Counter>::default();
+    for (kind, counter) in [("splice", &relay.spliced_bytes), ("copy", &relay.copied_bytes)] {
+        relay_bytes
+            .get_or_create(&one("path", kind))
+            .inc_by(counter.load(Ordering::Relaxed));
+    }
+    registry.register(
+        "relay_bytes",
+        "Bytes relayed, by path: splice (zero-copy) or copy (through a buffer)",
+        relay_bytes,
+    );
+    let fallbacks = Family::<OneLabel, Counter>::default();
+    for (kind, counter) in [
+        ("no_pipe", &relay.fallback_no_pipe),
+        ("refused", &relay.fallback_refused),
+    ] {
+        fallbacks
+            .get_or_create(&one("reason", kind))
+            .inc_by(counter.load(Ordering::Relaxed));
+    }
+    registry.register(
+        "splice_fallbacks",
+        "Times the relay copied instead of splicing: no_pipe (every pipe busy) or refused (kernel said no)",
+        fallbacks,
+    );
+    let pipes = Family::<OneLabel, Gauge>::default();
+    if let Some(pool) = state.engine.pipes() {
+        let pooled = pool.idle();
+        let alive = pool.alive();
+        pipes.get_or_create(&one("state", "pooled")).set(pooled as i64);
+        pipes
+            .get_or_create(&one("state", "in_use"))
+            .set(alive.saturating_sub(pooled) as i64);
+    }
+    registry.register(
+        "pipes",
+        "Pipes in the pool (pooled) and lent to connections (in_use)",
+        pipes,
+    );
+
+    let reloads = Family::<OneLabel, Counter>::default();
+    reloads
+        .get_or_create(&one("result", "ok"))
+        .inc_by(state.reloads_ok.load(Ordering::Relaxed));
+    reloads
+        .get_or_create(&one("result", "rejected"))
+        .inc_by(state.reloads_rejected.load(Ordering::Relaxed));
+    registry.register("reloads", "SIGHUP reloads, by result", reloads);
+
+    let healthy = Gauge::<i64>::default();
+    healthy.set(i64::from(state.verdict().is_ok()));
+    registry.register(
+        "healthy",
+        "1 when the health endpoint answers 200, else 0",
+        healthy,
+    );
+    registry.register(
+        "build",
+        "ferryd's version",
+        Info::new(vec![(
+            "version".to_string(),
+            env!("CARGO_PKG_VERSION").to_string(),
+        )]),
+    );
+
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+    out
+}

@@ -1,0 +1,136 @@
+//! `ferryd status`: a person's summary of the running daemon, from its /status document and from
+//! systemd's view of the unit over D-Bus.
+//!
+//! This module owns asking and printing. It must not change anything, and it says plainly which
+//! source could not be reached.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use crate::config::Config;
+
+/// How long to wait for the daemon's answer.
+const ASK_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Prints the summary; exit 0 when both the daemon and systemd answered, 1 when the daemon did
+/// not, 2 when only systemd could not be asked.
+pub fn run(config_path: &Path, unit: &str) -> ExitCode {
+    let config = match Config::load(config_path) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("ferryd: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let mut code = 0u8;
+    let target = local_target(config.health.listen);
+    match fetch_status(target) {
+        Ok(doc) => print!("{}", summarize(&doc)),
+        Err(e) => {
+            println!("daemon:   not answering on http://{target}/status: {e}");
+            code = 1;
+        }
+    }
+    let unit_state = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())
+        .and_then(|rt| rt.block_on(crate::systemd::unit::query(unit)));
+    match unit_state {
+        Ok(u) => println!(
+            "systemd:  {unit} {} ({}), main PID {}, {} automatic restarts",
+            u.active_state, u.sub_state, u.main_pid, u.restarts
+        ),
+        Err(e) => {
+            println!("systemd:  cannot read the state of {unit}: {e}");
+            if code == 0 {
+                code = 2;
+            }
+        }
+    }
+    ExitCode::from(code)
+}
+
+/// The address to ask: a wildcard listen address is reached on loopback.
+fn local_target(listen: SocketAddr) -> SocketAddr {
+    let ip = match listen.ip() {
+        IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    SocketAddr::new(ip, listen.port())
+}
+
+fn fetch_status(target: SocketAddr) -> Result<serde_json::Value, String> {
+    let mut stream = TcpStream::connect_timeout(&target, ASK_TIMEOUT).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(ASK_TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    stream
+        .write_all(b"GET /status HTTP/1.0\r\n\r\n")
+        .map_err(|e| e.to_string())?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&response);
+    let (head, body) = text.split_once("\r\n\r\n").ok_or("malformed HTTP response")?;
+    let status_line = head.lines().next().unwrap_or_default();
+    if !status_line.contains(" 200 ") {
+        return Err(format!(
+            "answered {status_line:?} (is this source in [health] metrics_allow?)"
+        ));
+    }
+    serde_json::from_str(body).map_err(|e| format!("unreadable /status document: {e}"))
+}
+
+fn summarize(doc: &serde_json::Value) -> String {
+    let mut out = String::new();
+    let ready = doc["ready"].as_bool().unwrap_or(false);
+    let uptime = Duration::from_secs(doc["uptime_seconds"].as_u64().unwrap_or(0));
+    out.push_str(&format!(
+        "daemon:   ferryd {} up {}, {}\n",
+        doc["version"].as_str().unwrap_or("?"),
+        humantime::format_duration(uptime),
+        if ready {
+            "ready".to_string()
+        } else {
+            format!(
+                "NOT READY: {}",
+                doc["reason"].as_str().unwrap_or("unknown reason")
+            )
+        }
+    ));
+    for route in doc["routes"].as_array().into_iter().flatten() {
+        out.push_str(&format!(
+            "route:    {} {} -> {}: {} live, {} relayed, {} denied, {} probes, {} B up, {} B down\n",
+            route["name"].as_str().unwrap_or("?"),
+            route["listen"].as_str().unwrap_or("?"),
+            route["upstream"].as_str().unwrap_or("?"),
+            route["live"],
+            route["relayed"],
+            route["outcomes"]["denied"],
+            route["outcomes"]["probe"],
+            route["bytes_up"],
+            route["bytes_down"],
+        ));
+        if let Some(reason) = route["last_upstream_error"]["reason"].as_str() {
+            out.push_str(&format!(
+                "          last upstream error {}s ago: {reason}\n",
+                route["last_upstream_error"]["seconds_ago"]
+            ));
+        }
+    }
+    let relay = &doc["relay"];
+    out.push_str(&format!(
+        "relay:    {} B spliced, {} B copied, fallbacks {} (no pipe) / {} (refused), pipes {} in use / {} pooled\n",
+        relay["spliced_bytes"],
+        relay["copied_bytes"],
+        relay["fallback_no_pipe"],
+        relay["fallback_refused"],
+        relay["pipes_in_use"],
+        relay["pipes_pooled"]
+    ));
+    out
+}

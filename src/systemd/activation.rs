@@ -1,0 +1,80 @@
+//! Socket activation (sd_listen_fds(3)): listening sockets passed by systemd in fds 3.., named by
+//! LISTEN_FDNAMES, taken for the routes and the health endpoint instead of binding, so a restart
+//! never refuses a connection.
+
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+
+use socket2::Socket;
+
+/// The first passed descriptor, by the protocol.
+const FIRST_FD: RawFd = 3;
+
+/// Sockets systemd passed and nobody has claimed yet.
+#[derive(Debug, Default)]
+pub struct Passed {
+    sockets: Vec<(String, TcpListener)>,
+}
+
+impl Passed {
+    /// Takes the passed sockets from the environment (and removes the variables, so no child
+    /// process inherits them). Nothing is passed when LISTEN_PID is not this process.
+    pub fn from_env() -> Passed {
+        let mine = std::env::var("LISTEN_PID")
+            .ok()
+            .map(|p| p.trim() == std::process::id().to_string());
+        let count: Option<RawFd> = std::env::var("LISTEN_FDS")
+            .ok()
+            .and_then(|n| n.trim().parse().ok());
+        let names = std::env::var("LISTEN_FDNAMES").unwrap_or_default();
+        // SAFETY: called at start-up before any other thread exists.
+        unsafe {
+            std::env::remove_var("LISTEN_PID");
+            std::env::remove_var("LISTEN_FDS");
+            std::env::remove_var("LISTEN_FDNAMES");
+        }
+        let (Some(true), Some(count)) = (mine, count) else {
+            return Passed::default();
+        };
+        let names: Vec<&str> = names.split(':').collect();
+        let mut sockets = Vec::new();
+        for i in 0..count.max(0) {
+            let fd = FIRST_FD + i;
+            // SAFETY: systemd passes fds 3..3+LISTEN_FDS to this process and nothing else owns them.
+            let socket = Socket::from(unsafe { OwnedFd::from_raw_fd(fd) });
+            let name = names.get(i as usize).copied().unwrap_or("").to_string();
+            let usable = socket.set_cloexec(true).is_ok()
+                && socket.set_nonblocking(true).is_ok()
+                && socket.is_listener().unwrap_or(false);
+            if !usable {
+                tracing::warn!(
+                    fd,
+                    name,
+                    "passed descriptor is not a listening socket; ignoring it"
+                );
+                continue;
+            }
+            sockets.push((name, TcpListener::from(socket)));
+        }
+        Passed { sockets }
+    }
+
+    /// Takes the socket passed under `name`, or failing that one bound to `addr`.
+    pub fn claim(&mut self, name: &str, addr: SocketAddr) -> Option<TcpListener> {
+        let index = self.sockets.iter().position(|(n, _)| n == name).or_else(|| {
+            self.sockets
+                .iter()
+                .position(|(_, l)| l.local_addr().is_ok_and(|local| local == addr))
+        })?;
+        let (passed_name, listener) = self.sockets.remove(index);
+        tracing::info!(name, passed_name, listen = %addr, "using the socket passed by systemd");
+        Some(listener)
+    }
+
+    /// Closes sockets nobody claimed, saying so.
+    pub fn close_unclaimed(&mut self) {
+        for (name, listener) in self.sockets.drain(..) {
+            tracing::warn!(name, local = ?listener.local_addr().ok(), "a passed socket matches no route; closing it");
+        }
+    }
+}

@@ -1,0 +1,124 @@
+//! sd_notify(3) over $NOTIFY_SOCKET, and the watchdog thread that pings only while the relay
+//! runtime is making progress.
+
+use std::io;
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixDatagram};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::health::state::State;
+
+/// A connection to the service manager's notification socket, or nothing outside systemd.
+#[derive(Debug)]
+pub struct Notifier {
+    target: Option<(UnixDatagram, SocketAddr)>,
+}
+
+impl Notifier {
+    /// Reads and removes NOTIFY_SOCKET (so no child process inherits it). A path, or an
+    /// abstract socket written with a leading '@'.
+    pub fn from_env() -> Notifier {
+        let Some(name) = std::env::var_os("NOTIFY_SOCKET") else {
+            return Notifier { target: None };
+        };
+        // SAFETY: called at start-up before any other thread exists, as the daemon does.
+        unsafe { std::env::remove_var("NOTIFY_SOCKET") };
+        let name = name.to_string_lossy().into_owned();
+        let addr = match name.strip_prefix('@') {
+            Some(abstract_name) => SocketAddr::from_abstract_name(abstract_name.as_bytes()),
+            None => SocketAddr::from_pathname(&name),
+        };
+        let target = match (addr, UnixDatagram::unbound()) {
+            (Ok(addr), Ok(socket)) => Some((socket, addr)),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::warn!(socket = %name, error = %e, "NOTIFY_SOCKET is unusable; systemd will not hear from ferryd");
+                None
+            }
+        };
+        Notifier { target }
+    }
+
+    /// Whether a service manager is listening.
+    pub fn enabled(&self) -> bool {
+        self.target.is_some()
+    }
+
+    /// Sends one notification (newline-separated assignments). Failures are logged, never fatal.
+    pub fn send(&self, message: &str) {
+        if let Some((socket, addr)) = &self.target
+            && let Err(e) = socket.send_to_addr(message.as_bytes(), addr)
+        {
+            tracing::warn!(error = %e, message, "cannot notify systemd");
+        }
+    }
+
+    /// Every listener is bound.
+    pub fn ready(&self, status: &str) {
+        self.send(&format!("READY=1\nSTATUS={status}"));
+    }
+
+    /// A one-line summary for `systemctl status`.
+    pub fn status(&self, status: &str) {
+        self.send(&format!("STATUS={status}"));
+    }
+
+    /// A reload begins. systemd 253+ wants the monotonic time with it; older versions ignore it.
+    pub fn reloading(&self) {
+        self.send(&format!("RELOADING=1\nMONOTONIC_USEC={}", monotonic_usec()));
+    }
+
+    /// The drain begins.
+    pub fn stopping(&self) {
+        self.send("STOPPING=1\nSTATUS=draining");
+    }
+
+    /// Keep-alive for WatchdogSec=.
+    pub fn watchdog(&self) {
+        self.send("WATCHDOG=1");
+    }
+}
+
+fn monotonic_usec() -> u128 {
+    match nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC) {
+        Ok(ts) => Duration::from(ts).as_micros(),
+        Err(_) => 0,
+    }
+}
+
+/// The watchdog interval systemd asked for (WATCHDOG_USEC, when WATCHDOG_PID is absent or ours).
+pub fn watchdog_interval() -> Option<Duration> {
+    if std::env::var("WATCHDOG_PID").is_ok_and(|pid| pid.trim() != std::process::id().to_string()) {
+        return None;
+    }
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.trim().parse().ok()?;
+    (usec > 0).then(|| Duration::from_micros(usec))
+}
+
+/// Pings WATCHDOG=1 every half interval, but only while the relay runtime's heartbeat is fresh.
+/// It runs on a plain thread, outside the runtime it watches: a stalled runtime or an accept
+/// loop that died stops the heartbeat, the pings stop, and systemd restarts the daemon.
+pub fn spawn_watchdog(notifier: Arc<Notifier>, state: Arc<State>, interval: Duration) -> io::Result<()> {
+    let every = interval / 2;
+    std::thread::Builder::new().name("ferryd-watchdog".into()).spawn(move || {
+        let mut withholding = false;
+        loop {
+            std::thread::sleep(every);
+            let age = state.heartbeat_age();
+            if age < every {
+                if withholding {
+                    tracing::info!("relay runtime is making progress again; watchdog pings resume");
+                    withholding = false;
+                }
+                notifier.watchdog();
+            } else if !withholding {
+                tracing::error!(
+                    heartbeat_age_ms = age.as_millis() as u64,
+                    "relay runtime made no progress; withholding watchdog pings so systemd restarts ferryd"
+                );
+                withholding = true;
+            }
+        }
+    })?;
+    Ok(())
+}
