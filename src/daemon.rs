@@ -33,7 +33,7 @@ use crate::systemd::notify::{self, Notifier};
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 
 /// How often the daemon task proves it is alive (heartbeat for the watchdog and the health
-/// endpoint) and refreshes systemd's STATUS line.
+/// endpoint) and refreshes systemd's STATUS line; more often when the watchdog interval is short.
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
 
 /// Environment switch for test-only faults. `stall-on-sigusr2` makes SIGUSR2 block every worker
@@ -83,6 +83,7 @@ struct Daemon {
     state: Arc<State>,
     notifier: Arc<Notifier>,
     last_status: String,
+    heartbeat_every: Duration,
 }
 
 impl Daemon {
@@ -107,6 +108,7 @@ impl Daemon {
             state,
             notifier,
             last_status: String::new(),
+            heartbeat_every: HEARTBEAT_EVERY,
             config,
         };
         let routes = daemon.config.routes.clone();
@@ -132,6 +134,8 @@ impl Daemon {
         daemon.notifier.ready(&status);
         daemon.last_status = status;
         if let Some(interval) = notify::watchdog_interval() {
+            // Beat several times per ping period so one late tick never costs a ping.
+            daemon.heartbeat_every = (interval / 4).min(HEARTBEAT_EVERY);
             notify::spawn_watchdog(daemon.notifier.clone(), daemon.state.clone(), interval)
                 .context("cannot start the watchdog thread")?;
             tracing::info!(
@@ -205,7 +209,7 @@ impl Daemon {
         let mut interrupt = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
         let mut user2 = signal(SignalKind::user_defined2()).context("cannot install the SIGUSR2 handler")?;
         let stall_on_usr2 = std::env::var(FAULTS_ENV).is_ok_and(|f| f.contains("stall-on-sigusr2"));
-        let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
+        let mut heartbeat = tokio::time::interval(self.heartbeat_every);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {

@@ -75,6 +75,28 @@ impl Daemon {
 
     /// Starts `ferryd run` without waiting for anything.
     pub fn spawn_with(config: &str, adjust: impl FnOnce(&mut Command)) -> Daemon {
+        Self::spawn_command(config, |path| {
+            let mut command = Command::new(BIN);
+            command.args(["run", "--config"]).arg(path);
+            // The test's own environment must not leak systemd variables into the daemon;
+            // `adjust` may set them on purpose.
+            for var in [
+                "JOURNAL_STREAM",
+                "NOTIFY_SOCKET",
+                "WATCHDOG_USEC",
+                "LISTEN_FDS",
+                "LISTEN_PID",
+            ] {
+                command.env_remove(var);
+            }
+            adjust(&mut command);
+            command
+        })
+    }
+
+    /// Starts whatever `make` builds from the configuration path (for example a shell that
+    /// sets up socket activation and then execs ferryd), collecting its stderr.
+    pub fn spawn_command(config: &str, make: impl FnOnce(&Path) -> Command) -> Daemon {
         let dir = TempDir::new("daemon");
         let path = dir.path().join("ferryd.toml");
         // Tests run in parallel: give each daemon its own health port instead of the default.
@@ -85,17 +107,12 @@ impl Daemon {
             (with_health(config, port), Some(port))
         };
         std::fs::write(&path, &config).expect("write config");
-        let mut command = Command::new(BIN);
+        let mut command = make(&path);
         command
-            .args(["run", "--config"])
-            .arg(&path)
-            .env_remove("JOURNAL_STREAM")
-            .env_remove("NOTIFY_SOCKET")
             .env("FERRYD_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        adjust(&mut command);
         let mut child = command.spawn().expect("spawn ferryd");
         let stderr = child.stderr.take().expect("stderr piped");
         let lines = Arc::new(Mutex::new(Vec::new()));
@@ -227,6 +244,17 @@ impl Drop for Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Sends `request` to 127.0.0.1:`port` from source `from` and returns the whole response, or the
+/// error (a reset shows as ConnectionReset).
+pub fn http_from(from: Ipv4Addr, port: u16, request: &str) -> io::Result<String> {
+    let mut stream = connect_from(from, local(port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(request.as_bytes())?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response)?;
+    Ok(String::from_utf8_lossy(&response).into_owned())
 }
 
 /// `config` with a `[health]` table on 127.0.0.1:`port` appended (tables go last in TOML).

@@ -1,0 +1,204 @@
+//! The systemd protocols against a real ferryd: notify messages and their order, the watchdog
+//! stopping when the runtime stalls, and socket activation.
+
+mod common;
+
+use std::net::TcpListener;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixDatagram;
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use nix::sys::signal::Signal;
+
+/// A fake service manager: a datagram socket collecting every notification.
+struct Manager {
+    path: std::path::PathBuf,
+    messages: Arc<Mutex<Vec<(Instant, String)>>>,
+    _dir: TempDir,
+}
+
+impl Manager {
+    fn new() -> Manager {
+        let dir = TempDir::new("notify");
+        let path = dir.path().join("notify.sock");
+        let socket = UnixDatagram::bind(&path).unwrap();
+        let messages = Arc::new(Mutex::new(Vec::new()));
+        let sink = messages.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 4096];
+            while let Ok(n) = socket.recv(&mut buf) {
+                sink.lock()
+                    .unwrap()
+                    .push((Instant::now(), String::from_utf8_lossy(&buf[..n]).into_owned()));
+            }
+        });
+        Manager {
+            path,
+            messages,
+            _dir: dir,
+        }
+    }
+
+    fn all(&self) -> Vec<String> {
+        self.messages
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, m)| m.clone())
+            .collect()
+    }
+
+    /// Index of the first message at or after `from` containing `needle`, waiting for it.
+    fn find(&self, needle: &str, from: usize) -> Option<usize> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let all = self.all();
+            if let Some(i) = all.iter().skip(from).position(|m| m.contains(needle)) {
+                return Some(from + i);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn watchdogs_since(&self, since: Instant) -> usize {
+        let messages = self.messages.lock().unwrap();
+        messages
+            .iter()
+            .filter(|(at, m)| *at >= since && m == "WATCHDOG=1")
+            .count()
+    }
+}
+
+#[test]
+fn notify_ready_status_reload_and_stopping_in_order() {
+    let manager = Manager::new();
+    let upstream = Upstream::echo();
+    let config = config_one_route(free_port(), upstream.addr, "", "");
+    let socket = manager.path.clone();
+    let mut daemon = Daemon::start_with(&config, |c| {
+        c.env("NOTIFY_SOCKET", &socket).env("WATCHDOG_USEC", "400000");
+    });
+
+    let ready = manager.find("READY=1", 0).expect("READY=1");
+    let all = manager.all();
+    assert!(
+        all[ready].contains("STATUS=1 routes, 0 live connections"),
+        "{all:?}"
+    );
+    assert!(
+        manager.find("WATCHDOG=1", ready).is_some(),
+        "watchdog pings after READY: {all:?}"
+    );
+
+    daemon.signal(Signal::SIGHUP);
+    let reloading = manager.find("RELOADING=1", ready).expect("RELOADING=1");
+    assert!(
+        manager.all()[reloading].contains("MONOTONIC_USEC="),
+        "{:?}",
+        manager.all()
+    );
+    let ready_again = manager
+        .find("READY=1", reloading + 1)
+        .expect("READY=1 after the reload");
+
+    assert!(daemon.stop().success());
+    let stopping = manager.find("STOPPING=1", ready_again).expect("STOPPING=1");
+    assert!(ready < reloading && reloading < ready_again && ready_again < stopping);
+    // No READY before the listeners were bound: the daemon logs "listening" before "ready".
+    let log = daemon.log();
+    assert!(log.find("listening route=").unwrap() < log.find(" ready config=").unwrap());
+}
+
+#[test]
+fn watchdog_pings_stop_when_the_runtime_stalls() {
+    let manager = Manager::new();
+    let upstream = Upstream::echo();
+    let config = config_one_route(free_port(), upstream.addr, "workers = 1", "");
+    let socket = manager.path.clone();
+    let daemon = Daemon::start_with(&config, |c| {
+        c.env("NOTIFY_SOCKET", &socket)
+            .env("WATCHDOG_USEC", "400000")
+            .env("FERRYD_TEST_FAULTS", "stall-on-sigusr2");
+    });
+    manager.find("READY=1", 0).expect("ready");
+    let healthy_window = Instant::now();
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        manager.watchdogs_since(healthy_window) >= 3,
+        "pings while healthy: {:?}",
+        manager.all()
+    );
+
+    daemon.signal(Signal::SIGUSR2);
+    daemon
+        .wait_for_log("test fault: stalling", Duration::from_secs(2))
+        .expect("fault armed");
+    std::thread::sleep(Duration::from_millis(1500));
+    let stalled_window = Instant::now();
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        manager.watchdogs_since(stalled_window),
+        0,
+        "pings went on while stalled"
+    );
+    assert!(
+        daemon
+            .wait_for_log("withholding watchdog pings", Duration::from_secs(2))
+            .is_some()
+    );
+}
+
+#[test]
+fn socket_activation_relays_on_the_passed_socket() {
+    let upstream = Upstream::echo();
+    let passed = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = passed.local_addr().unwrap().port();
+    // A client that connects before ferryd even runs waits in the passed socket's backlog.
+    let mut early = std::net::TcpStream::connect(local(port)).unwrap();
+    early.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+
+    let config = config_one_route(port, upstream.addr, "", "");
+    let fd = passed.as_raw_fd();
+    let daemon = Daemon::spawn_command(&config, |path| {
+        // systemd's contract: fds from 3, LISTEN_PID is the service's own pid. `exec` keeps
+        // the shell's pid, so $$ is ferryd's pid.
+        let mut command = Command::new("sh");
+        command
+            .arg("-c")
+            .arg("LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=test exec \"$0\" run --config \"$1\"")
+            .arg(BIN)
+            .arg(path);
+        // SAFETY: dup2 is async-signal-safe; the new fd 3 is not close-on-exec.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::dup2(fd, 3) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        command
+    });
+    assert!(
+        daemon
+            .wait_for_log(" ready config=", Duration::from_secs(5))
+            .is_some(),
+        "{}",
+        daemon.log()
+    );
+    assert!(
+        daemon
+            .wait_for_log("using the socket passed by systemd", Duration::from_secs(1))
+            .is_some()
+    );
+    echo_roundtrip(&mut early, b"queued before start").unwrap();
+    let mut later = std::net::TcpStream::connect(local(port)).unwrap();
+    echo_roundtrip(&mut later, b"after start").unwrap();
+}
