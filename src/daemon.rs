@@ -36,8 +36,9 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// endpoint) and refreshes systemd's STATUS line; more often when the watchdog interval is short.
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
 
-/// Environment switch for test-only faults. `stall-on-sigusr2` makes SIGUSR2 block every worker
-/// thread, so tests can show that a stalled runtime stops the watchdog pings. Never set it in
+/// Environment switch for test-only faults, so tests can show that the watchdog and the health
+/// endpoint notice what they are meant to notice. `stall-on-sigusr2`: SIGUSR2 blocks every worker
+/// thread. `kill-accept-on-sigusr1`: SIGUSR1 aborts the first route's accept loop. Never set it in
 /// production.
 const FAULTS_ENV: &str = "FERRYD_TEST_FAULTS";
 
@@ -208,7 +209,10 @@ impl Daemon {
         let mut terminate = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
         let mut interrupt = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
         let mut user2 = signal(SignalKind::user_defined2()).context("cannot install the SIGUSR2 handler")?;
-        let stall_on_usr2 = std::env::var(FAULTS_ENV).is_ok_and(|f| f.contains("stall-on-sigusr2"));
+        let mut user1 = signal(SignalKind::user_defined1()).context("cannot install the SIGUSR1 handler")?;
+        let faults = std::env::var(FAULTS_ENV).unwrap_or_default();
+        let stall_on_usr2 = faults.contains("stall-on-sigusr2");
+        let kill_accept_on_usr1 = faults.contains("kill-accept-on-sigusr1");
         let mut heartbeat = tokio::time::interval(self.heartbeat_every);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -217,6 +221,12 @@ impl Daemon {
                 _ = terminate.recv() => { tracing::info!("SIGTERM received"); break; }
                 _ = interrupt.recv() => { tracing::info!("SIGINT received"); break; }
                 _ = heartbeat.tick() => self.beat(),
+                _ = user1.recv() => {
+                    if let (true, Some(first)) = (kill_accept_on_usr1, self.routes.first()) {
+                        tracing::warn!("test fault: aborting the first route's accept loop");
+                        first.task.abort();
+                    }
+                }
                 _ = user2.recv() => {
                     if stall_on_usr2 {
                         tracing::warn!("test fault: stalling every worker thread");

@@ -202,3 +202,37 @@ fn socket_activation_relays_on_the_passed_socket() {
     let mut later = std::net::TcpStream::connect(local(port)).unwrap();
     echo_roundtrip(&mut later, b"after start").unwrap();
 }
+
+/// An accept loop that dies stops the watchdog pings and turns the health probe to 503 with the
+/// route named.
+#[test]
+fn dead_accept_loop_stops_pings_and_fails_the_probe() {
+    let manager = Manager::new();
+    let upstream = Upstream::echo();
+    let config = config_one_route(free_port(), upstream.addr, "", "");
+    let socket = manager.path.clone();
+    let daemon = Daemon::start_with(&config, |c| {
+        c.env("NOTIFY_SOCKET", &socket)
+            .env("WATCHDOG_USEC", "400000")
+            .env("FERRYD_TEST_FAULTS", "kill-accept-on-sigusr1");
+    });
+    manager.find("WATCHDOG=1", 0).expect("pings while healthy");
+    daemon.signal(Signal::SIGUSR1);
+    daemon
+        .wait_for_log("test fault: aborting", Duration::from_secs(2))
+        .expect("fault armed");
+    std::thread::sleep(Duration::from_millis(500));
+    let window = Instant::now();
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        manager.watchdogs_since(window),
+        0,
+        "pings went on with a dead accept loop"
+    );
+    let answer = daemon.health_request("GET /healthz HTTP/1.0\r\n\r\n").unwrap();
+    assert!(answer.contains(" 503 "), "{answer}");
+    assert!(
+        answer.contains("route test: accept loop on 127.0.0.1:"),
+        "{answer}"
+    );
+}
