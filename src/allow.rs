@@ -24,6 +24,11 @@ impl Cidr {
         self.0.contains(&addr.to_canonical())
     }
 
+    /// Whether this is an IPv4 block.
+    pub fn is_ipv4(&self) -> bool {
+        matches!(self.0, IpNet::V4(_))
+    }
+
     /// True for 0.0.0.0/0 and ::/0: blocks that open a route to everyone.
     pub fn is_everything(&self) -> bool {
         self.0.prefix_len() == 0

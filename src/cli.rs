@@ -37,6 +37,12 @@ pub enum Command {
         #[arg(short, long, value_name = "PATH", default_value = DEFAULT_PATH)]
         config: PathBuf,
     },
+    /// Manage the build VM's egress NAT (needs CAP_NET_ADMIN and CAP_NET_RAW).
+    Nat {
+        /// What to do.
+        #[command(subcommand)]
+        action: NatAction,
+    },
     /// Summarize the running daemon (from its /status) and its systemd unit (over D-Bus).
     ///
     /// Exits 0 when both answered, 1 when the daemon did not, 2 when only systemd could not be
@@ -48,5 +54,26 @@ pub enum Command {
         /// The systemd unit to ask about.
         #[arg(long, default_value = "ferryd.service")]
         unit: String,
+    },
+}
+
+/// `ferryd nat` actions.
+#[derive(Debug, Subcommand)]
+pub enum NatAction {
+    /// Turn on IP forwarding and install ferryd's NAT chains as configured; a second run changes
+    /// nothing.
+    Up {
+        /// The configuration file.
+        #[arg(short, long, value_name = "PATH", default_value = DEFAULT_PATH)]
+        config: PathBuf,
+    },
+    /// Remove every ferryd rule and chain, and restore ip_forward if ferryd changed it.
+    Down,
+    /// Show the rules with their counters, ip_forward, the uplink, and whether the live state
+    /// matches the configuration (exit 0 when it does, 1 when not).
+    Status {
+        /// The configuration file.
+        #[arg(short, long, value_name = "PATH", default_value = DEFAULT_PATH)]
+        config: PathBuf,
     },
 }

@@ -79,6 +79,11 @@ const LOOPBACK: [&str; 2] = ["127.0.0.0/8", "::1/128"];
 /// The name a socket-activated health listener is passed under; no route may take it.
 pub const HEALTH_SOCKET_NAME: &str = "health";
 
+/// How often the NAT rules are compared with the live tables. Other tools (ufw reloads, a
+/// hand-typed flush) change them rarely; 30 s repairs drift well before a build notices failed
+/// downloads, at the cost of two iptables-save runs.
+pub const DEFAULT_RECONCILE_INTERVAL: Duration = Duration::from_secs(30);
+
 /// Linux caps TCP_KEEPIDLE and TCP_KEEPINTVL at 32767 s and TCP_KEEPCNT at 127.
 const MAX_KEEPALIVE_SECS: u64 = 32767;
 const MAX_KEEPALIVE_PROBES: u32 = 127;
@@ -104,6 +109,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// The health, metrics and status endpoint.
     pub health: Health,
+    /// Egress NAT for the build VM.
+    pub nat: Nat,
     /// The routes, in file order.
     pub routes: Vec<Route>,
 }
@@ -123,6 +130,87 @@ pub struct Health {
     /// The top-level `probe_sources`, copied here: their requests get connection slots of their
     /// own, so a flood from elsewhere can never crowd out the load balancer's probe.
     pub probe_sources: Allowlist,
+}
+
+/// The build VM's way out: forwarding and masquerading on the proxy VM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Nat {
+    /// Whether ferryd manages NAT at all.
+    pub enabled: bool,
+    /// The build VM's addresses (IPv4).
+    pub sources: Vec<Cidr>,
+    /// The uplink; `None` means the interface of the IPv4 default route, found at apply time.
+    pub out_interface: Option<String>,
+    /// Where the sources may go; `None` means anywhere.
+    pub allow_destinations: Option<Vec<Destination>>,
+    /// How often live rules are compared with the wanted ones.
+    pub reconcile_interval: Duration,
+}
+
+/// An egress destination: a block, optionally limited to a port or port range (TCP and UDP).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Destination {
+    /// The IPv4 block.
+    pub net: Cidr,
+    /// Inclusive port range; `None` is every port and protocol.
+    pub ports: Option<(u16, u16)>,
+}
+
+impl fmt::Display for Destination {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.ports {
+            None => write!(f, "{}", self.net),
+            Some((lo, hi)) if lo == hi => write!(f, "{}:{lo}", self.net),
+            Some((lo, hi)) => write!(f, "{}:{lo}-{hi}", self.net),
+        }
+    }
+}
+
+impl FromStr for Destination {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let (net, ports) = match text.split_once(':') {
+            None => (text, None),
+            Some((net, ports)) => (net, Some(ports)),
+        };
+        let net: Cidr = net.parse()?;
+        if !net.is_ipv4() {
+            return Err(format!("destination {text:?}: NAT is IPv4 only"));
+        }
+        let port = |p: &str| -> Result<u16, String> {
+            match p.parse::<u16>() {
+                Ok(0) | Err(_) => Err(format!(
+                    "destination {text:?}: {p:?} is not a port from 1 to 65535"
+                )),
+                Ok(n) => Ok(n),
+            }
+        };
+        let ports = match ports {
+            None => None,
+            Some(range) => match range.split_once('-') {
+                Some((lo, hi)) => {
+                    let (lo, hi) = (port(lo)?, port(hi)?);
+                    if lo > hi {
+                        return Err(format!("destination {text:?}: port range {lo}-{hi} is backwards"));
+                    }
+                    Some((lo, hi))
+                }
+                None => {
+                    let p = port(range)?;
+                    Some((p, p))
+                }
+            },
+        };
+        Ok(Destination { net, ports })
+    }
+}
+
+impl<'de> Deserialize<'de> for Destination {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 /// One listening address and where its connections go.
@@ -320,7 +408,18 @@ struct FileHealth {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct FileNat {
+    enabled: Option<bool>,
+    sources: Option<Spanned<Vec<Cidr>>>,
+    out_interface: Option<Spanned<String>>,
+    allow_destinations: Option<Vec<Destination>>,
+    reconcile_interval: Option<Spanned<HumanDuration>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct FileConfig {
+    nat: Option<Spanned<FileNat>>,
     probe_sources: Option<Vec<Cidr>>,
     drain_timeout: Option<HumanDuration>,
     shutdown_grace: Option<HumanDuration>,
@@ -437,6 +536,7 @@ impl Config {
         let drain_timeout = file.drain_timeout.map_or(DEFAULT_DRAIN_TIMEOUT, |d| d.0);
         let shutdown_grace = file.shutdown_grace.map_or(Duration::ZERO, |d| d.0);
         let health = resolve_health(&loc, file.health, &probe_sources)?;
+        let nat = resolve_nat(&loc, file.nat)?;
         let splice = file.splice.unwrap_or(true);
         let file_routes = file.route;
         let defaults = gather_tunables!(file);
@@ -515,6 +615,7 @@ impl Config {
             max_pipes,
             shutdown_grace,
             health,
+            nat,
             routes: routes.into_iter().map(|(r, _)| r).collect(),
         })
     }
@@ -534,6 +635,24 @@ impl Config {
         let _ = writeln!(out, "path = {}", quoted(&self.health.path));
         let _ = writeln!(out, "allow = {}", cidr_list(&self.health.allow));
         let _ = writeln!(out, "metrics_allow = {}", cidr_list(&self.health.metrics_allow));
+        let nat = &self.nat;
+        let _ = writeln!(out, "\n[nat]");
+        let _ = writeln!(out, "enabled = {}", nat.enabled);
+        let sources: Vec<String> = nat.sources.iter().map(|c| quoted(&c.to_string())).collect();
+        let _ = writeln!(out, "sources = [{}]", sources.join(", "));
+        match &nat.out_interface {
+            Some(name) => {
+                let _ = writeln!(out, "out_interface = {}", quoted(name));
+            }
+            None => {
+                let _ = writeln!(out, "# out_interface: the interface of the IPv4 default route");
+            }
+        }
+        if let Some(list) = &nat.allow_destinations {
+            let items: Vec<String> = list.iter().map(|d| quoted(&d.to_string())).collect();
+            let _ = writeln!(out, "allow_destinations = [{}]", items.join(", "));
+        }
+        let _ = writeln!(out, "reconcile_interval = {}", duration(nat.reconcile_interval));
         for route in &self.routes {
             let _ = writeln!(out, "\n[[route]]");
             let _ = writeln!(out, "name = {}", quoted(&route.name));
@@ -628,6 +747,80 @@ fn resolve_health(
         allow,
         metrics_allow,
         probe_sources: probe_sources.clone(),
+    })
+}
+
+fn resolve_nat(loc: &Locator<'_>, file: Option<Spanned<FileNat>>) -> Result<Nat, ConfigError> {
+    let Some(file) = file else {
+        return Ok(Nat {
+            enabled: false,
+            sources: Vec::new(),
+            out_interface: None,
+            allow_destinations: None,
+            reconcile_interval: DEFAULT_RECONCILE_INTERVAL,
+        });
+    };
+    let span = file.span();
+    let file = file.into_inner();
+    let enabled = file.enabled.unwrap_or(true);
+    let sources = match file.sources {
+        Some(list) => {
+            if let Some(v6) = list.get_ref().iter().find(|c| !c.is_ipv4()) {
+                return Err(loc.at(
+                    Some(list.span()),
+                    format!("[nat] sources: {v6} is IPv6; NAT is IPv4 only"),
+                ));
+            }
+            if enabled && list.get_ref().is_empty() {
+                return Err(loc.at(
+                    Some(list.span()),
+                    "[nat] sources is empty: name the build VM's address",
+                ));
+            }
+            list.into_inner()
+        }
+        None if enabled => {
+            return Err(loc.at(
+                Some(span),
+                "[nat] needs sources: the build VM's address or subnet, such as [\"10.0.1.4/32\"]",
+            ));
+        }
+        None => Vec::new(),
+    };
+    let out_interface = match file.out_interface {
+        Some(name) => {
+            let ok = !name.get_ref().is_empty()
+                && name.get_ref().len() < 16
+                && name
+                    .get_ref()
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@'));
+            if !ok {
+                return Err(loc.at(
+                    Some(name.span()),
+                    format!(
+                        "[nat] out_interface {:?} is not an interface name",
+                        name.get_ref()
+                    ),
+                ));
+            }
+            Some(name.into_inner())
+        }
+        None => None,
+    };
+    let reconcile_interval = match file.reconcile_interval {
+        Some(d) if d.get_ref().0 < Duration::from_secs(1) => {
+            return Err(loc.at(Some(d.span()), "[nat] reconcile_interval must be at least 1s"));
+        }
+        Some(d) => d.into_inner().0,
+        None => DEFAULT_RECONCILE_INTERVAL,
+    };
+    Ok(Nat {
+        enabled,
+        sources,
+        out_interface,
+        allow_destinations: file.allow_destinations,
+        reconcile_interval,
     })
 }
 
@@ -884,6 +1077,38 @@ upstream = "buildvm.internal:5986"
         );
         let clash = error_of(&MINIMAL.replace("0.0.0.0:60001", "127.0.0.1:60080"));
         assert!(clash.contains("collides with the health endpoint"), "{clash}");
+    }
+
+    #[test]
+    fn nat_table_is_validated() {
+        let nat = |body: &str| parse(&format!("{MINIMAL}\n[nat]\n{body}\n"));
+        let config = nat("sources = [\"10.0.1.4/32\"]\nallow_destinations = [\"0.0.0.0/0:443\", \"192.0.2.0/24:8000-8100\", \"198.51.100.7\"]").unwrap();
+        assert!(config.nat.enabled);
+        let dests = config.nat.allow_destinations.clone().unwrap();
+        assert_eq!(dests[0].ports, Some((443, 443)));
+        assert_eq!(dests[1].ports, Some((8000, 8100)));
+        assert_eq!(dests[2].ports, None);
+        assert_eq!(parse(&config.to_toml()).unwrap(), config);
+        assert!(!parse(MINIMAL).unwrap().nat.enabled);
+        for (body, want) in [
+            ("enabled = true", "needs sources"),
+            ("sources = [\"2001:db8::1\"]", "IPv4 only"),
+            (
+                "sources = [\"10.0.1.4\"]\nallow_destinations = [\"0.0.0.0/0:0\"]",
+                "not a port",
+            ),
+            (
+                "sources = [\"10.0.1.4\"]\nallow_destinations = [\"0.0.0.0/0:90-80\"]",
+                "backwards",
+            ),
+            (
+                "sources = [\"10.0.1.4\"]\nout_interface = \"eth0; rm -rf\"",
+                "not an interface name",
+            ),
+        ] {
+            let e = nat(body).unwrap_err().to_string();
+            assert!(e.contains(want), "{body}: {e}");
+        }
     }
 
     #[test]

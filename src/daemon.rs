@@ -85,6 +85,7 @@ struct Daemon {
     notifier: Arc<Notifier>,
     last_status: String,
     heartbeat_every: Duration,
+    nat: watch::Sender<crate::config::Nat>,
 }
 
 impl Daemon {
@@ -102,7 +103,16 @@ impl Daemon {
         crate::health::spawn(listener, state.clone()).context("cannot start the health endpoint")?;
         tracing::info!(listen = %health.listen, path = %health.path, "health endpoint listening");
 
+        // NAT: applied once before READY (it is quick), then kept in place by its own task.
+        if config.nat.enabled {
+            state.set_problem(crate::nat::reconciler::PROBLEM, Some("not applied yet".into()));
+        }
+        crate::nat::reconciler::reconcile_once(&config.nat, &state).await;
+        let (nat, nat_rx) = watch::channel(config.nat.clone());
+        tokio::spawn(crate::nat::reconciler::run(nat_rx, state.clone()));
+
         let mut daemon = Daemon {
+            nat,
             engine,
             drain: Drain::new(),
             routes: Vec::new(),
@@ -339,6 +349,13 @@ impl Daemon {
         new.health.listen = self.config.health.listen;
         self.config = new;
         self.state.set_health(self.config.health.clone());
+        self.nat.send_if_modified(|current| {
+            let changed = *current != self.config.nat;
+            if changed {
+                *current = self.config.nat.clone();
+            }
+            changed
+        });
         self.routes = kept;
         for running in &self.routes {
             if let Some(route) = self

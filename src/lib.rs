@@ -12,6 +12,7 @@
 //! - [`daemon`]: start-up, signals, reload and drain;
 //! - [`shutdown`]: the drain signal passed to each connection;
 //! - [`health`], [`metrics`]: the probe endpoint, /status and /metrics;
+//! - [`nat`]: the build VM's egress through IP forwarding and MASQUERADE;
 //! - [`systemd`]: notify, watchdog, socket activation, unit state over D-Bus;
 //! - [`net`], [`logging`], [`stats`]: socket options, log sinks and rate limits, counters.
 
@@ -22,6 +23,7 @@ pub mod daemon;
 pub mod health;
 pub mod logging;
 pub mod metrics;
+pub mod nat;
 pub mod net;
 pub mod relay;
 pub mod route;

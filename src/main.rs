@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use ferryd::cli::{Cli, Command};
+use ferryd::cli::{Cli, Command, NatAction};
 use ferryd::config::Config;
 
 fn main() -> ExitCode {
@@ -20,6 +20,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Nat { action } => nat(action),
         Command::Status { config, unit } => ferryd::status::run(&config, &unit),
         Command::Check { config } => match Config::load(&config) {
             Ok(effective) => {
@@ -32,5 +33,48 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+    }
+}
+
+fn nat(action: NatAction) -> ExitCode {
+    let load = |path: &std::path::Path| Config::load(path).map_err(|e| e.to_string());
+    let result = match action {
+        NatAction::Up { config } => load(&config).and_then(|c| {
+            if !c.nat.enabled {
+                println!(
+                    "{}: NAT is not enabled ([nat] enabled = true); nothing to do",
+                    config.display()
+                );
+                return Ok(true);
+            }
+            ferryd::nat::reconcile(&c.nat)
+                .map(|applied| {
+                    println!("{applied}");
+                    true
+                })
+                .map_err(|e| e.to_string())
+        }),
+        NatAction::Down => ferryd::nat::down()
+            .map(|()| {
+                println!("ferryd's NAT rules and chains are removed");
+                true
+            })
+            .map_err(|e| e.to_string()),
+        NatAction::Status { config } => load(&config).and_then(|c| {
+            ferryd::nat::status(&c.nat)
+                .map(|(report, in_sync)| {
+                    print!("{report}");
+                    in_sync
+                })
+                .map_err(|e| e.to_string())
+        }),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("ferryd: {e}");
+            ExitCode::FAILURE
+        }
     }
 }

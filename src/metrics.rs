@@ -217,6 +217,17 @@ pub fn render(state: &State) -> String {
         .inc_by(state.reloads_rejected.load(Ordering::Relaxed));
     registry.register("reloads", "SIGHUP reloads, by result", reloads);
 
+    let nat = Family::<OneLabel, Counter>::default();
+    nat.get_or_create(&one("event", "repaired"))
+        .inc_by(state.nat_repairs.load(Ordering::Relaxed));
+    nat.get_or_create(&one("event", "failed"))
+        .inc_by(state.nat_failures.load(Ordering::Relaxed));
+    registry.register(
+        "nat_reconciles",
+        "NAT reconciles that found drift and repaired it, or failed",
+        nat,
+    );
+
     let healthy = Gauge::<i64>::default();
     healthy.set(i64::from(state.verdict().is_ok()));
     registry.register(

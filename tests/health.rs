@@ -339,3 +339,29 @@ fn status_command_without_a_daemon_says_so() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("daemon:   not answering"), "{stdout}");
 }
+
+/// NAT that cannot be put in place (here: iptables is not on PATH) is loud and contained: the
+/// log and the probe name the command, and the relay keeps working.
+#[test]
+fn nat_failure_is_reported_and_the_relay_keeps_working() {
+    let upstream = Upstream::echo();
+    let relay_port = free_port();
+    let config = format!(
+        "{}\n[nat]\nsources = [\"10.0.1.4/32\"]\nout_interface = \"eth0\"\n",
+        config_one_route(relay_port, upstream.addr, "", "")
+    );
+    let daemon = Daemon::start_with(&config, |c| {
+        c.env("PATH", "/nonexistent");
+    });
+    let logged = daemon
+        .wait_for_log("cannot put the NAT rules in place", Duration::from_secs(5))
+        .unwrap();
+    assert!(logged.contains("iptables is not installed"), "{logged}");
+    let answer = daemon.health_request("GET /healthz HTTP/1.0\r\n\r\n").unwrap();
+    assert_eq!(status_code(&answer), Some(503), "{answer}");
+    assert!(body(&answer).starts_with("nat: `iptables --version`"), "{answer}");
+    let mut client = TcpStream::connect(local(relay_port)).unwrap();
+    echo_roundtrip(&mut client, b"relay unaffected").unwrap();
+    let scrape = scrape(daemon.health_port.unwrap());
+    assert!(metric(&scrape, "ferryd_nat_reconciles_total", &[("event", "failed")]).unwrap() >= 1.0);
+}

@@ -55,6 +55,10 @@ pub struct State {
     pub reloads_ok: AtomicU64,
     /// SIGHUP reloads rejected (invalid file, unbindable address).
     pub reloads_rejected: AtomicU64,
+    /// NAT drift repaired by the reconcile loop.
+    pub nat_repairs: AtomicU64,
+    /// NAT reconciles that failed (iptables missing or refusing).
+    pub nat_failures: AtomicU64,
     /// The histogram family of upstream connect times, shared with the routes' counters.
     pub metrics: crate::metrics::Families,
 }
@@ -73,6 +77,8 @@ impl State {
             engine,
             reloads_ok: AtomicU64::new(0),
             reloads_rejected: AtomicU64::new(0),
+            nat_repairs: AtomicU64::new(0),
+            nat_failures: AtomicU64::new(0),
             metrics: crate::metrics::Families::default(),
         })
     }

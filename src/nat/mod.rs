@@ -1,0 +1,265 @@
+//! Egress NAT for the build VM: IP forwarding, a MASQUERADE rule and forwarding accepts, in
+//! chains ferryd owns, kept in place by reconciling.
+//!
+//! This module owns the kernel side of the proxy VM as a NAT gateway: `net.ipv4.ip_forward`
+//! (remembering the value it replaced) and ferryd's two chains, FERRYD-POSTROUTING (nat) and
+//! FERRYD-FORWARD (filter), each reached by one jump at the top of the built-in chain. Changes
+//! go through `iptables-restore --noflush`, atomically per table. It must never flush, delete or
+//! reorder a rule it does not own, and it needs CAP_NET_ADMIN (and CAP_NET_RAW for iptables);
+//! the relay needs neither.
+
+mod iptables;
+pub mod reconciler;
+pub mod rules;
+
+use std::fmt;
+use std::path::PathBuf;
+
+use crate::config::Nat;
+use iptables::Iptables;
+use rules::{FILTER, Live, NAT, Wanted};
+
+/// A NAT operation that failed, with the command, its stderr, or the file involved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NatError(pub String);
+
+impl fmt::Display for NatError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for NatError {}
+
+const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
+/// Where ferryd keeps the ip_forward value it replaced, so `nat down` can restore it. systemd's
+/// StateDirectory= sets STATE_DIRECTORY; elsewhere /var/lib/ferryd.
+const SAVED_FORWARD_FILE: &str = "ip_forward.before-ferryd";
+
+fn state_dir() -> PathBuf {
+    std::env::var_os("STATE_DIRECTORY")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/lib/ferryd"))
+}
+
+/// What a reconcile did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Applied {
+    /// Everything was already as wanted; nothing was changed.
+    InSync,
+    /// Nothing of ferryd's was there; it was installed.
+    Installed,
+    /// Something had drifted (the reason); it was repaired.
+    Repaired(String),
+}
+
+impl fmt::Display for Applied {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Applied::InSync => f.write_str("NAT already in place; nothing changed"),
+            Applied::Installed => f.write_str("NAT installed"),
+            Applied::Repaired(why) => write!(f, "NAT repaired ({why})"),
+        }
+    }
+}
+
+/// The uplink: the configured interface, or the one of the IPv4 default route.
+pub fn out_interface(nat: &Nat) -> Result<String, NatError> {
+    if let Some(name) = &nat.out_interface {
+        return Ok(name.clone());
+    }
+    let table = std::fs::read_to_string("/proc/net/route").map_err(|e| {
+        NatError(format!(
+            "cannot read /proc/net/route to find the default route: {e}"
+        ))
+    })?;
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            (cols.len() > 7 && cols[1] == "00000000" && cols[7] == "00000000").then(|| cols[0].to_string())
+        })
+        .next()
+        .ok_or_else(|| {
+            NatError(
+                "no IPv4 default route, so no uplink to masquerade through: set [nat] out_interface".into(),
+            )
+        })
+}
+
+/// The live tables as far as ferryd is concerned.
+struct LiveTables {
+    nat: Live,
+    filter: Live,
+}
+
+fn read_live(ipt: &Iptables) -> Result<LiveTables, NatError> {
+    Ok(LiveTables {
+        nat: rules::parse_live(&ipt.save("nat", false)?, NAT),
+        filter: rules::parse_live(&ipt.save("filter", false)?, FILTER),
+    })
+}
+
+fn drift_of(wanted: &Wanted, live: &LiveTables) -> Option<String> {
+    rules::drift(wanted, NAT, &live.nat).or_else(|| rules::drift(wanted, FILTER, &live.filter))
+}
+
+/// Makes the live state match `nat`: IP forwarding on, ferryd's chains and jumps as wanted.
+/// Changes nothing when everything is already in place, so it is both `nat up` and the
+/// reconcile step.
+pub fn reconcile(nat: &Nat) -> Result<Applied, NatError> {
+    let ipt = Iptables::detect()?;
+    let wanted = rules::wanted(nat, &out_interface(nat)?);
+    let forward_was_off = enable_forwarding()?;
+    let live = read_live(&ipt)?;
+    let drift = drift_of(&wanted, &live);
+    let Some(reason) = drift else {
+        return Ok(if forward_was_off {
+            Applied::Repaired("net.ipv4.ip_forward was 0".into())
+        } else {
+            Applied::InSync
+        });
+    };
+    let fresh = !live.nat.chain_exists && !live.filter.chain_exists;
+    let mut input = String::new();
+    rules::apply_input(&wanted, NAT, &live.nat, &mut input);
+    rules::apply_input(&wanted, FILTER, &live.filter, &mut input);
+    ipt.restore(&input)?;
+    if let Some(still) = drift_of(&wanted, &read_live(&ipt)?) {
+        return Err(NatError(format!(
+            "applied the NAT rules with iptables {}, but they still differ: {still}",
+            ipt.version
+        )));
+    }
+    Ok(if fresh {
+        Applied::Installed
+    } else {
+        Applied::Repaired(reason)
+    })
+}
+
+/// Whether the live state matches `nat`; `Some(reason)` when it does not.
+pub fn check(nat: &Nat) -> Result<Option<String>, NatError> {
+    let ipt = Iptables::detect()?;
+    let wanted = rules::wanted(nat, &out_interface(nat)?);
+    if read_forwarding()? != "1" {
+        return Ok(Some("net.ipv4.ip_forward is 0".into()));
+    }
+    Ok(drift_of(&wanted, &read_live(&ipt)?))
+}
+
+/// Removes every ferryd rule and chain, and restores ip_forward if ferryd changed it.
+pub fn down() -> Result<(), NatError> {
+    let ipt = Iptables::detect()?;
+    let live = read_live(&ipt)?;
+    let mut input = String::new();
+    rules::remove_input(NAT, &live.nat, &mut input);
+    rules::remove_input(FILTER, &live.filter, &mut input);
+    if !input.is_empty() {
+        ipt.restore(&input)?;
+    }
+    restore_forwarding()
+}
+
+/// A report for `ferryd nat status`: the rules with their counters, ip_forward, the uplink, and
+/// whether the live state matches the configuration. Returns the text and whether it matches.
+pub fn status(nat: &Nat) -> Result<(String, bool), NatError> {
+    let ipt = Iptables::detect()?;
+    let mut out = String::new();
+    let forwarding = read_forwarding()?;
+    let saved = std::fs::read_to_string(state_dir().join(SAVED_FORWARD_FILE)).ok();
+    out.push_str(&format!(
+        "ip_forward:    {forwarding}{}\n",
+        saved.map_or(String::new(), |v| format!(
+            " (ferryd changed it from {}; `nat down` restores that)",
+            v.trim()
+        ))
+    ));
+    let uplink = out_interface(nat);
+    out.push_str(&format!(
+        "out interface: {}\n",
+        match (&uplink, &nat.out_interface) {
+            (Ok(name), Some(_)) => format!("{name} (configured)"),
+            (Ok(name), None) => format!("{name} (IPv4 default route)"),
+            (Err(e), _) => format!("unknown: {e}"),
+        }
+    ));
+    out.push_str(&format!("iptables:      {}\n", ipt.version));
+    for table in [NAT, FILTER] {
+        let saved = ipt.save(table.name, true)?;
+        let live = rules::parse_live(&saved, table);
+        out.push_str(&format!("{}/{}:\n", table.name, table.chain));
+        for line in saved
+            .lines()
+            .filter(|l| l.contains(&format!("-A {} ", table.chain)))
+        {
+            out.push_str(&format!("  {line}\n"));
+        }
+        if !live.chain_exists {
+            out.push_str("  (chain absent)\n");
+        }
+        let positions: Vec<String> = live.jumps.iter().map(|(p, _)| p.to_string()).collect();
+        out.push_str(&format!(
+            "  reached from {} at rule {}\n",
+            table.builtin,
+            if positions.is_empty() {
+                "-".to_string()
+            } else {
+                positions.join(", ")
+            }
+        ));
+    }
+    let verdict = match &uplink {
+        Ok(_) if !nat.enabled => Some("NAT is not enabled in the configuration".to_string()),
+        Ok(_) => check(nat)?,
+        Err(e) => Some(e.to_string()),
+    };
+    let in_sync = verdict.is_none();
+    out.push_str(&format!(
+        "in sync:       {}\n",
+        verdict.map_or("yes".to_string(), |why| format!("no: {why}"))
+    ));
+    Ok((out, in_sync))
+}
+
+fn read_forwarding() -> Result<String, NatError> {
+    std::fs::read_to_string(IP_FORWARD)
+        .map(|v| v.trim().to_string())
+        .map_err(|e| NatError(format!("cannot read {IP_FORWARD}: {e}")))
+}
+
+/// Turns forwarding on; returns whether it was off. The first time ferryd turns it on, the old
+/// value is saved so `nat down` can put it back.
+fn enable_forwarding() -> Result<bool, NatError> {
+    let before = read_forwarding()?;
+    if before == "1" {
+        return Ok(false);
+    }
+    let saved = state_dir().join(SAVED_FORWARD_FILE);
+    if !saved.exists() {
+        if let Some(dir) = saved.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| NatError(format!("cannot create {}: {e}", dir.display())))?;
+        }
+        std::fs::write(&saved, format!("{before}\n")).map_err(|e| {
+            NatError(format!(
+                "cannot save the old ip_forward value in {}: {e}",
+                saved.display()
+            ))
+        })?;
+    }
+    std::fs::write(IP_FORWARD, "1\n")
+        .map_err(|e| NatError(format!("cannot write {IP_FORWARD} (needs CAP_NET_ADMIN): {e}")))?;
+    Ok(true)
+}
+
+fn restore_forwarding() -> Result<(), NatError> {
+    let saved = state_dir().join(SAVED_FORWARD_FILE);
+    let Ok(value) = std::fs::read_to_string(&saved) else {
+        return Ok(());
+    };
+    std::fs::write(IP_FORWARD, format!("{}\n", value.trim()))
+        .map_err(|e| NatError(format!("cannot restore {IP_FORWARD}: {e}")))?;
+    std::fs::remove_file(&saved).map_err(|e| NatError(format!("cannot remove {}: {e}", saved.display())))
+}

@@ -1,0 +1,562 @@
+//! NAT egress in network namespaces the test builds and always removes (root only):
+//!
+//! ```text
+//!   lb (10.0.0.10) ── proxy (10.0.0.5 | 10.0.1.5 | 192.0.2.2 uplink) ── internet (192.0.2.1)
+//!                            │
+//!                      buildvm (10.0.1.4, default via 10.0.1.5)
+//! ```
+//! `internet` has no route back to 10.0.1.0/24: only masquerading makes replies return.
+
+mod common;
+
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Answers every GET with the client's address.
+const WHOAMI: &str = r#"
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = self.client_address[0].encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("0.0.0.0", int(sys.argv[1])), H).serve_forever()
+"#;
+
+/// Echoes bytes back (the build VM's port 22 when sshd is not installed).
+const ECHO: &str = r#"
+import socket, threading
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 22))
+s.listen(16)
+def serve(c):
+    c.sendall(b"SSH-2.0-echo\r\n")
+    while True:
+        d = c.recv(65536)
+        if not d:
+            break
+        c.sendall(d)
+    c.close()
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+const GET: &str = r#"
+import sys, urllib.request
+try:
+    print(urllib.request.urlopen(sys.argv[1], timeout=2).read().decode())
+except Exception as e:
+    print("FAIL", e)
+    sys.exit(1)
+"#;
+
+fn can_run() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: NAT tests need root (network namespaces and iptables); CI runs them as root");
+        return false;
+    }
+    for tool in [["ip", "-V"], ["iptables", "--version"], ["python3", "--version"]] {
+        if Command::new(tool[0])
+            .arg(tool[1])
+            .output()
+            .map(|o| !o.status.success())
+            .unwrap_or(true)
+        {
+            eprintln!("SKIPPED: NAT tests need `{}`", tool[0]);
+            return false;
+        }
+    }
+    true
+}
+
+/// The four namespaces, removed (with every process in them) when dropped.
+struct Topology {
+    prefix: String,
+    children: Vec<Child>,
+    state: TempDir,
+}
+
+fn run(args: &[&str]) -> Output {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+impl Topology {
+    fn new() -> Topology {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let prefix = format!("fd{}x{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
+        let topo = Topology {
+            prefix,
+            children: Vec::new(),
+            state: TempDir::new("nat-state"),
+        };
+        for ns in ["lb", "proxy", "buildvm", "internet"] {
+            run(&["ip", "netns", "add", &topo.ns(ns)]);
+            topo.sh(ns, "ip link set lo up");
+        }
+        let (lb, proxy, buildvm, internet) = (
+            topo.ns("lb"),
+            topo.ns("proxy"),
+            topo.ns("buildvm"),
+            topo.ns("internet"),
+        );
+        run(&[
+            "ip", "-n", &proxy, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns",
+            &internet,
+        ]);
+        run(&[
+            "ip", "-n", &proxy, "link", "add", "eth1", "type", "veth", "peer", "name", "eth0", "netns",
+            &buildvm,
+        ]);
+        run(&[
+            "ip", "-n", &proxy, "link", "add", "eth2", "type", "veth", "peer", "name", "eth0", "netns", &lb,
+        ]);
+        topo.sh("proxy", "ip addr add 192.0.2.2/24 dev eth0 && ip addr add 10.0.1.5/24 dev eth1 && ip addr add 10.0.0.5/24 dev eth2 && ip link set eth0 up && ip link set eth1 up && ip link set eth2 up && ip route add default via 192.0.2.1");
+        topo.sh(
+            "internet",
+            "ip addr add 192.0.2.1/24 dev eth0 && ip link set eth0 up",
+        );
+        topo.sh(
+            "buildvm",
+            "ip addr add 10.0.1.4/24 dev eth0 && ip link set eth0 up && ip route add default via 10.0.1.5",
+        );
+        topo.sh("lb", "ip addr add 10.0.0.10/24 dev eth0 && ip link set eth0 up");
+        topo.sh("proxy", "echo 0 > /proc/sys/net/ipv4/ip_forward");
+        topo
+    }
+
+    fn ns(&self, name: &str) -> String {
+        format!("{}-{name}", self.prefix)
+    }
+
+    /// Runs a shell command in a namespace; panics on failure.
+    fn sh(&self, ns: &str, script: &str) -> String {
+        let out = self.try_sh(ns, script);
+        assert!(
+            out.status.success(),
+            "in {ns}: {script}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn try_sh(&self, ns: &str, script: &str) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.ns(ns), "sh", "-c", script])
+            .env("STATE_DIRECTORY", self.state.path())
+            .output()
+            .unwrap()
+    }
+
+    /// Starts a long-running process in a namespace.
+    fn spawn(&mut self, ns: &str, args: &[&str]) {
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.ns(ns)])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.children.push(child);
+    }
+
+    /// Runs `ferryd ARGS` in the proxy namespace.
+    fn ferryd(&self, args: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.ns("proxy"), BIN])
+            .args(args)
+            .env("STATE_DIRECTORY", self.state.path())
+            .output()
+            .unwrap()
+    }
+
+    /// GET from the build VM; Ok(body) or Err(reason).
+    fn get_from_buildvm(&self, url: &str) -> Result<String, String> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.ns("buildvm"), "python3", "-c", GET, url])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if out.status.success() { Ok(text) } else { Err(text) }
+    }
+
+    fn start_web(&mut self, port: u16) {
+        self.spawn("internet", &["python3", "-c", WHOAMI, &port.to_string()]);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.sh("internet", "ss -ltnH").contains(&format!(":{port} ")) {
+            assert!(Instant::now() < deadline, "web server on {port} did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn save(&self, table: &str) -> String {
+        self.sh("proxy", &format!("iptables-save -t {table}"))
+    }
+
+    fn rules_of(&self, table: &str, chain: &str) -> Vec<String> {
+        self.save(table)
+            .lines()
+            .filter(|l| l.starts_with(&format!("-A {chain} ")))
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for ns in ["lb", "proxy", "buildvm", "internet"] {
+            let name = self.ns(ns);
+            if let Ok(out) = Command::new("ip").args(["netns", "pids", &name]).output() {
+                for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                    let _ = Command::new("kill").args(["-9", pid]).status();
+                }
+            }
+            let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        }
+    }
+}
+
+fn nat_config(extra_nat: &str) -> String {
+    format!(
+        r#"allow = ["10.0.0.0/24"]
+probe_sources = ["10.0.0.99/32"]
+drain_timeout = "1s"
+
+[[route]]
+name = "ssh"
+listen = "0.0.0.0:60001"
+upstream = "10.0.1.4:22"
+
+[health]
+listen = "127.0.0.1:60080"
+
+[nat]
+sources = ["10.0.1.4/32"]
+{extra_nat}
+"#
+    )
+}
+
+fn write_config(dir: &TempDir, text: &str) -> String {
+    let path = dir.path().join("ferryd.toml");
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
+#[test]
+fn nat_up_is_idempotent_keeps_foreign_rules_and_down_restores() {
+    if !can_run() {
+        return;
+    }
+    let mut topo = Topology::new();
+    topo.start_web(80);
+    let dir = TempDir::new("nat-config");
+    let config = write_config(&dir, &nat_config(""));
+
+    assert!(
+        topo.get_from_buildvm("http://192.0.2.1/").is_err(),
+        "egress works before NAT?"
+    );
+
+    // Foreign rules, two per chain so their order can be checked.
+    topo.sh("proxy", "iptables -A FORWARD -s 203.0.113.1/32 -m comment --comment foreign-1 -j ACCEPT && iptables -A FORWARD -s 203.0.113.2/32 -m comment --comment foreign-2 -j ACCEPT");
+    topo.sh("proxy", "iptables -t nat -A POSTROUTING -d 203.0.113.1/32 -m comment --comment foreign-3 -j RETURN && iptables -t nat -A POSTROUTING -d 203.0.113.2/32 -m comment --comment foreign-4 -j RETURN");
+    let foreign = |topo: &Topology| -> Vec<String> {
+        let mut rules = topo.rules_of("filter", "FORWARD");
+        rules.extend(topo.rules_of("nat", "POSTROUTING"));
+        rules.into_iter().filter(|r| r.contains("foreign")).collect()
+    };
+    let foreign_before = foreign(&topo);
+    assert_eq!(foreign_before.len(), 4);
+
+    let up = topo.ferryd(&["nat", "up", "--config", &config]);
+    assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
+    assert_eq!(topo.sh("proxy", "cat /proc/sys/net/ipv4/ip_forward").trim(), "1");
+    assert_eq!(
+        topo.get_from_buildvm("http://192.0.2.1/"),
+        Ok("192.0.2.2".to_string()),
+        "server sees the proxy's uplink address"
+    );
+
+    // The jumps come first in the built-in chains; foreign rules keep their order.
+    assert!(topo.rules_of("filter", "FORWARD")[0].contains("-j FERRYD-FORWARD"));
+    assert!(topo.rules_of("nat", "POSTROUTING")[0].contains("-j FERRYD-POSTROUTING"));
+    assert_eq!(foreign(&topo), foreign_before);
+
+    // A second `up` changes nothing: same rules, one copy each, counters not reset.
+    let masq_counter = |topo: &Topology| -> u64 {
+        let saved = topo.sh("proxy", "iptables-save -c -t nat");
+        let line = saved
+            .lines()
+            .find(|l| l.contains("-j MASQUERADE"))
+            .unwrap()
+            .to_string();
+        line[1..line.find(':').unwrap()].parse().unwrap()
+    };
+    let before = (topo.save("filter"), topo.save("nat"));
+    let packets = masq_counter(&topo);
+    assert!(packets >= 1, "the GET went through the masquerade rule");
+    let again = topo.ferryd(&["nat", "up", "--config", &config]);
+    assert!(again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stdout).contains("nothing changed"),
+        "{}",
+        String::from_utf8_lossy(&again.stdout)
+    );
+    let strip = |s: &str| {
+        s.lines()
+            .filter(|l| !l.starts_with('#'))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert_eq!(strip(&topo.save("filter")), strip(&before.0));
+    assert_eq!(strip(&topo.save("nat")), strip(&before.1));
+    assert_eq!(masq_counter(&topo), packets, "counters survive a second up");
+    assert_eq!(
+        topo.rules_of("filter", "FORWARD")
+            .iter()
+            .filter(|r| r.contains("FERRYD"))
+            .count(),
+        1
+    );
+
+    let status = topo.ferryd(&["nat", "status", "--config", &config]);
+    let report = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success(), "{report}");
+    assert!(report.contains("in sync:       yes"), "{report}");
+    assert!(
+        report.contains("out interface: eth0 (IPv4 default route)"),
+        "{report}"
+    );
+    assert!(report.contains("MASQUERADE"), "{report}");
+
+    let down = topo.ferryd(&["nat", "down"]);
+    assert!(down.status.success(), "{}", String::from_utf8_lossy(&down.stderr));
+    assert!(!topo.save("filter").contains("FERRYD"));
+    assert!(!topo.save("nat").contains("FERRYD"));
+    assert_eq!(
+        topo.sh("proxy", "cat /proc/sys/net/ipv4/ip_forward").trim(),
+        "0",
+        "ip_forward restored"
+    );
+    assert_eq!(foreign(&topo), foreign_before, "foreign rules untouched by down");
+    assert!(topo.get_from_buildvm("http://192.0.2.1/").is_err());
+}
+
+#[test]
+fn allow_destinations_restricts_egress() {
+    if !can_run() {
+        return;
+    }
+    let mut topo = Topology::new();
+    topo.start_web(80);
+    topo.start_web(8080);
+    let dir = TempDir::new("nat-config");
+    let config = write_config(&dir, &nat_config("allow_destinations = [\"192.0.2.1/32:80\"]"));
+    let up = topo.ferryd(&["nat", "up", "--config", &config]);
+    assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
+    assert_eq!(
+        topo.get_from_buildvm("http://192.0.2.1:80/"),
+        Ok("192.0.2.2".to_string())
+    );
+    assert!(
+        topo.get_from_buildvm("http://192.0.2.1:8080/").is_err(),
+        "8080 is not allowed"
+    );
+}
+
+#[test]
+fn daemon_repairs_drift_and_relays_while_the_build_vm_downloads() {
+    if !can_run() {
+        return;
+    }
+    let mut topo = Topology::new();
+    topo.start_web(80);
+    let keys = TempDir::new("sshd");
+    let sshd = std::path::Path::new("/usr/sbin/sshd").exists()
+        && Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(keys.path().join("host_key"))
+            .status()
+            .is_ok_and(|s| s.success());
+    if sshd {
+        std::fs::create_dir_all("/run/sshd").unwrap();
+        let key = keys.path().join("host_key").display().to_string();
+        topo.spawn(
+            "buildvm",
+            &[
+                "/usr/sbin/sshd",
+                "-D",
+                "-e",
+                "-f",
+                "/dev/null",
+                "-h",
+                &key,
+                "-o",
+                "ListenAddress=10.0.1.4:22",
+                "-o",
+                "PidFile=none",
+            ],
+        );
+    } else {
+        eprintln!("sshd not installed: the build VM runs a TCP echo on port 22 instead");
+        topo.spawn("buildvm", &["python3", "-c", ECHO]);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !topo.sh("buildvm", "ss -ltnH").contains(":22 ") {
+        assert!(Instant::now() < deadline, "port 22 did not open in the build VM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let config = nat_config("reconcile_interval = \"1s\"");
+    let ns = topo.ns("proxy");
+    let state = topo.state.path().to_path_buf();
+    let daemon = Daemon::spawn_command(&config, |path| {
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", &ns, BIN, "run", "--config"])
+            .arg(path)
+            .env("STATE_DIRECTORY", &state);
+        command
+    });
+    assert!(
+        daemon
+            .wait_for_log(" ready config=", Duration::from_secs(10))
+            .is_some(),
+        "{}",
+        daemon.log()
+    );
+    assert!(
+        daemon
+            .wait_for_log("NAT rules installed", Duration::from_secs(5))
+            .is_some(),
+        "{}",
+        daemon.log()
+    );
+
+    // The load balancer reaches the build VM's port 22 through the relay while the build VM
+    // downloads through NAT.
+    let lb = topo.ns("lb");
+    let banner = Command::new("ip")
+        .args(["netns", "exec", &lb, "python3", "-c"])
+        .arg("import socket; s = socket.create_connection(('10.0.0.5', 60001), timeout=5); print(s.recv(64).decode().strip())")
+        .output()
+        .unwrap();
+    let banner = String::from_utf8_lossy(&banner.stdout);
+    assert!(
+        banner.starts_with("SSH-2.0-"),
+        "banner through the relay: {banner:?}; log:\n{}",
+        daemon.log()
+    );
+    if sshd {
+        assert!(banner.contains("OpenSSH"), "{banner}");
+    }
+    assert_eq!(
+        topo.get_from_buildvm("http://192.0.2.1/"),
+        Ok("192.0.2.2".to_string())
+    );
+
+    // Someone flushes ferryd's chains and removes a jump: repaired within a reconcile interval.
+    topo.sh("proxy", "iptables -F FERRYD-FORWARD && iptables -t nat -F FERRYD-POSTROUTING && iptables -D FORWARD -m comment --comment ferryd -j FERRYD-FORWARD");
+    assert!(
+        daemon
+            .wait_for_log("NAT state had drifted; repaired", Duration::from_secs(5))
+            .is_some(),
+        "{}",
+        daemon.log()
+    );
+    assert_eq!(
+        topo.get_from_buildvm("http://192.0.2.1/"),
+        Ok("192.0.2.2".to_string())
+    );
+}
+
+/// On iptables 1.6.1 (Ubuntu 18.04) iptables-restore has no `--wait` and takes no lock, so ferryd
+/// must hold /run/xtables.lock itself. Stand-in tools report 1.6.1, refuse `--wait` as 1.6.1
+/// does, and fail unless the lock is held while they run.
+#[test]
+fn nat_up_with_iptables_1_6_1_holds_the_xtables_lock() {
+    if !can_run() {
+        return;
+    }
+    let Some(real_restore) = ["/usr/sbin/iptables-nft-restore", "/usr/sbin/iptables-restore"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+    else {
+        eprintln!("SKIPPED: no iptables-restore to stand behind the 1.6.1 shims");
+        return;
+    };
+    let real_save = real_restore.replace("-restore", "-save");
+    let real_iptables = real_restore.replace("-restore", "");
+    let shims = TempDir::new("ipt161");
+    let write = |name: &str, body: String| {
+        use std::os::unix::fs::PermissionsExt;
+        let path = shims.path().join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    };
+    write(
+        "iptables",
+        format!(
+            "[ \"$1\" = --version ] && {{ echo 'iptables v1.6.1'; exit 0; }}\nexec {real_iptables} \"$@\"\n"
+        ),
+    );
+    write("iptables-save", format!("exec {real_save} \"$@\"\n"));
+    write(
+        "iptables-restore",
+        format!(
+            "for a in \"$@\"; do [ \"$a\" = --wait ] && {{ echo \"iptables-restore: unrecognized option '--wait'\" >&2; exit 2; }}; done\n\
+             if flock -n /run/xtables.lock true; then echo 'xtables lock not held by the caller' >&2; exit 3; fi\n\
+             exec {real_restore} \"$@\"\n"
+        ),
+    );
+
+    let mut topo = Topology::new();
+    topo.start_web(80);
+    let dir = TempDir::new("nat-config");
+    let config = write_config(&dir, &nat_config(""));
+    let path = format!(
+        "{}:{}",
+        shims.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let up = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &topo.ns("proxy"),
+            BIN,
+            "nat",
+            "up",
+            "--config",
+            &config,
+        ])
+        .env("STATE_DIRECTORY", topo.state.path())
+        .env("PATH", &path)
+        .output()
+        .unwrap();
+    assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
+    assert_eq!(
+        topo.get_from_buildvm("http://192.0.2.1/"),
+        Ok("192.0.2.2".to_string())
+    );
+}
