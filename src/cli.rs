@@ -36,6 +36,9 @@ pub enum Command {
         /// The configuration file.
         #[arg(short, long, value_name = "PATH", default_value = DEFAULT_PATH)]
         config: PathBuf,
+        /// Only validate: print nothing when the file is valid (for ExecReload=).
+        #[arg(short, long)]
+        quiet: bool,
     },
     /// Manage the build VM's egress NAT (needs CAP_NET_ADMIN and CAP_NET_RAW).
     Nat {

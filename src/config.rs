@@ -65,8 +65,9 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// connections, not open ones; beyond it data is copied through a buffer instead.
 pub const DEFAULT_MAX_PIPES: usize = 512;
 
-/// The health endpoint's port when `[health]` is absent: outside the relay ports and outside the
-/// default ephemeral range (32768-60999), so no outgoing connection can hold it at boot.
+/// The health endpoint's port when `[health]` is absent: next to the relay ports. Like them it
+/// lies in Linux's default ephemeral range (32768-60999); the package reserves all three with
+/// net.ipv4.ip_local_reserved_ports, and a busy bind is retried at start.
 pub const DEFAULT_HEALTH_LISTEN: &str = "0.0.0.0:60080";
 
 /// The path the load balancer's HTTP probe asks for.

@@ -22,10 +22,12 @@ fn main() -> ExitCode {
         }
         Command::Nat { action } => nat(action),
         Command::Status { config, unit } => ferryd::status::run(&config, &unit),
-        Command::Check { config } => match Config::load(&config) {
+        Command::Check { config, quiet } => match Config::load(&config) {
             Ok(effective) => {
-                print!("{}", effective.to_toml());
-                eprintln!("{}: valid, {} route(s)", config.display(), effective.routes.len());
+                if !quiet {
+                    print!("{}", effective.to_toml());
+                    eprintln!("{}: valid, {} route(s)", config.display(), effective.routes.len());
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => {

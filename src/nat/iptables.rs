@@ -72,11 +72,18 @@ impl Iptables {
 
 fn xtables_lock() -> Result<Flock<std::fs::File>, NatError> {
     let deadline = Instant::now() + LOCK_WAIT;
+    // flock needs only an open descriptor: open read-only when the file exists, so the
+    // sandboxed daemon (not root, /run read-only but this file) can take it too.
     let mut file = OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
+        .read(true)
         .open(XTABLES_LOCK)
+        .or_else(|_| {
+            OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(XTABLES_LOCK)
+        })
         .map_err(|e| NatError(format!("cannot open {XTABLES_LOCK}: {e}")))?;
     loop {
         match Flock::lock(file, FlockArg::LockExclusiveNonblock) {

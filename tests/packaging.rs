@@ -1,0 +1,313 @@
+//! The systemd unit and the Debian package: directives systemd 237 really applies, a static
+//! binary, lintian, and `systemd-analyze verify` where systemd is installed.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Directives the unit may use, with the systemd version that introduced each (from systemd's
+/// NEWS). Anything not listed, or newer than 237 (Ubuntu 18.04), fails the test: systemd ignores
+/// unknown directives with a warning, so hardening would silently disappear there.
+const DIRECTIVES: &[(&str, u32)] = &[
+    ("Description", 1),
+    ("Documentation", 1),
+    ("Wants", 1),
+    ("After", 1),
+    ("Type", 1),
+    ("NotifyAccess", 1),
+    ("ExecStartPre", 1),
+    ("ExecStart", 1),
+    ("ExecReload", 1),
+    ("Restart", 1),
+    ("RestartSec", 1),
+    ("WatchdogSec", 1),
+    ("TimeoutStopSec", 1),
+    ("LimitNOFILE", 1),
+    ("User", 1),
+    ("Group", 1),
+    ("WantedBy", 1),
+    ("CapabilityBoundingSet", 1),
+    ("NoNewPrivileges", 187),
+    ("SystemCallFilter", 187),
+    ("SystemCallErrorNumber", 209),
+    ("SystemCallArchitectures", 209),
+    ("PrivateTmp", 1),
+    ("PrivateDevices", 1),
+    ("ProtectSystem", 214),
+    ("ProtectHome", 214),
+    ("RestrictAddressFamilies", 211),
+    ("AmbientCapabilities", 229),
+    ("MemoryDenyWriteExecute", 231),
+    ("RestrictRealtime", 231),
+    ("ReadWritePaths", 231),
+    ("ProtectKernelTunables", 232),
+    ("ProtectKernelModules", 232),
+    ("ProtectControlGroups", 232),
+    ("RestrictNamespaces", 233),
+    ("StateDirectory", 235),
+    ("LockPersonality", 235),
+    // Known to be newer than 237: listed so the message says why, not just "unknown".
+    ("PrivateMounts", 239),
+    ("ProtectHostname", 242),
+    ("RestrictSUIDSGID", 242),
+    ("ProtectKernelLogs", 244),
+    ("ProtectClock", 245),
+    ("ProtectProc", 247),
+    ("ProcSubset", 247),
+    ("SystemCallLog", 247),
+    ("RestrictFileSystems", 249),
+];
+
+/// System call groups systemd 237 knows. `@system-service`, `@pkey`, `@known`, `@sandbox` and
+/// the like came later; an unknown group is dropped there, which can leave a filter that kills
+/// the daemon with SIGSYS.
+const GROUPS_237: &[&str] = &[
+    "@basic-io",
+    "@clock",
+    "@cpu-emulation",
+    "@debug",
+    "@default",
+    "@file-system",
+    "@io-event",
+    "@ipc",
+    "@keyring",
+    "@module",
+    "@mount",
+    "@network-io",
+    "@obsolete",
+    "@privileged",
+    "@process",
+    "@raw-io",
+    "@reboot",
+    "@resources",
+    "@swap",
+];
+
+fn unit_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/ferryd.service")
+}
+
+/// (directive, value) pairs of a unit file.
+fn directives(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with('['))
+        .filter_map(|l| {
+            l.split_once('=')
+                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        })
+        .collect()
+}
+
+fn problems_for_237(text: &str) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (key, value) in directives(text) {
+        match DIRECTIVES.iter().find(|(name, _)| *name == key) {
+            None => problems.push(format!(
+                "{key}= is not in the list of directives known to systemd 237"
+            )),
+            Some((_, version)) if *version > 237 => problems.push(format!(
+                "{key}= arrived in systemd {version}; Ubuntu 18.04 has 237"
+            )),
+            Some(_) => {}
+        }
+        if key == "Type" && value == "notify-reload" {
+            problems.push("Type=notify-reload arrived in systemd 253".into());
+        }
+        if key == "SystemCallFilter" {
+            for word in value.trim_start_matches('~').split_whitespace() {
+                if word.starts_with('@') && !GROUPS_237.contains(&word) {
+                    problems.push(format!("SystemCallFilter group {word} is unknown to systemd 237"));
+                }
+            }
+        }
+    }
+    problems
+}
+
+#[test]
+fn unit_uses_only_what_systemd_237_applies() {
+    let text = std::fs::read_to_string(unit_path()).unwrap();
+    let problems = problems_for_237(&text);
+    assert!(problems.is_empty(), "{problems:#?}");
+    // The checker itself catches what it is meant to catch.
+    let bad = format!(
+        "{text}\nProtectClock=yes\nSystemCallFilter=@system-service\nType=notify-reload\nFrobnicate=1\n"
+    );
+    let found = problems_for_237(&bad);
+    assert_eq!(found.len(), 4, "{found:#?}");
+}
+
+#[test]
+fn unit_has_the_required_settings() {
+    let text = std::fs::read_to_string(unit_path()).unwrap();
+    let d = directives(&text);
+    let get = |k: &str| {
+        d.iter()
+            .filter(|(key, _)| key == k)
+            .map(|(_, v)| v.as_str())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(get("Type"), ["notify"]);
+    assert_eq!(get("NotifyAccess"), ["main"]);
+    assert_eq!(get("User"), ["ferryd"]);
+    assert!(
+        get("ExecReload")[0].contains("ferryd check"),
+        "reload validates first"
+    );
+    assert!(get("ExecReload")[1].contains("kill -HUP"));
+    let stop: u64 = get("TimeoutStopSec")[0].trim_end_matches('s').parse().unwrap();
+    let drain = ferryd::config::DEFAULT_DRAIN_TIMEOUT.as_secs();
+    assert!(
+        stop > drain + 2,
+        "TimeoutStopSec {stop}s must exceed drain_timeout {drain}s"
+    );
+    for hardening in [
+        "NoNewPrivileges",
+        "ProtectSystem",
+        "ProtectHome",
+        "PrivateTmp",
+        "PrivateDevices",
+        "ProtectKernelTunables",
+        "ProtectKernelModules",
+        "ProtectControlGroups",
+        "RestrictAddressFamilies",
+        "RestrictNamespaces",
+        "RestrictRealtime",
+        "LockPersonality",
+        "MemoryDenyWriteExecute",
+        "SystemCallArchitectures",
+        "SystemCallFilter",
+        "WatchdogSec",
+    ] {
+        assert_eq!(get(hardening).len(), 1, "{hardening}= missing");
+    }
+}
+
+/// The built package (packaging/build-deb; .ci/run builds it before the tests).
+fn built_deb() -> Option<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/debian");
+    let version = env!("CARGO_PKG_VERSION");
+    let deb = dir.join(format!("ferryd_{version}_amd64.deb"));
+    if deb.exists() {
+        Some(deb)
+    } else {
+        eprintln!(
+            "SKIPPED: {} not built; run packaging/build-deb first (.ci/run does)",
+            deb.display()
+        );
+        None
+    }
+}
+
+#[test]
+fn packaged_binary_is_static_and_package_is_complete() {
+    let Some(deb) = built_deb() else { return };
+    let dir = common::TempDir::new("deb");
+    let ok = Command::new("dpkg-deb")
+        .arg("-x")
+        .arg(&deb)
+        .arg(dir.path())
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let bin = dir.path().join("usr/bin/ferryd");
+    let headers = Command::new("readelf").arg("-lW").arg(&bin).output().unwrap();
+    let headers = String::from_utf8_lossy(&headers.stdout);
+    assert!(
+        !headers.contains("INTERP"),
+        "the packaged binary has an ELF interpreter"
+    );
+    let dynamic = Command::new("readelf").arg("-dW").arg(&bin).output().unwrap();
+    assert!(
+        !String::from_utf8_lossy(&dynamic.stdout).contains("libc.so"),
+        "needs libc.so"
+    );
+    for path in [
+        "lib/systemd/system/ferryd.service",
+        "etc/ferryd/ferryd.toml",
+        "usr/lib/sysctl.d/60-ferryd.conf",
+        "usr/share/doc/ferryd/README.md",
+        "usr/share/doc/ferryd/copyright",
+        "usr/share/man/man8/ferryd.8.gz",
+    ] {
+        assert!(dir.path().join(path).exists(), "{path} missing from the package");
+    }
+    let version = Command::new(&bin).arg("--version").output().unwrap();
+    assert!(String::from_utf8_lossy(&version.stdout).contains(env!("CARGO_PKG_VERSION")));
+    // The shipped configuration is valid, and open to nobody by accident.
+    let check = Command::new(&bin)
+        .args(["check", "--config"])
+        .arg(dir.path().join("etc/ferryd/ferryd.toml"))
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert!(!String::from_utf8_lossy(&check.stdout).contains("0.0.0.0/0"));
+    let fields = Command::new("dpkg-deb").arg("-f").arg(&deb).output().unwrap();
+    let fields = String::from_utf8_lossy(&fields.stdout);
+    for field in [
+        "Depends:",
+        "Recommends: iptables",
+        "Section: net",
+        "Priority: optional",
+        "Description:",
+    ] {
+        assert!(fields.contains(field), "control lacks {field}:\n{fields}");
+    }
+    let conffiles = Command::new("dpkg-deb")
+        .args(["--ctrl-tarfile"])
+        .arg(&deb)
+        .output()
+        .unwrap();
+    assert!(conffiles.status.success());
+}
+
+#[test]
+fn lintian_reports_no_errors() {
+    let Some(deb) = built_deb() else { return };
+    let Ok(out) = Command::new("lintian")
+        .args(["--tag-display-limit", "0"])
+        .arg(&deb)
+        .output()
+    else {
+        eprintln!("SKIPPED lintian_reports_no_errors: lintian is not installed");
+        return;
+    };
+    let report = String::from_utf8_lossy(&out.stdout);
+    let errors: Vec<&str> = report.lines().filter(|l| l.starts_with("E:")).collect();
+    assert!(errors.is_empty(), "lintian errors:\n{report}");
+}
+
+#[test]
+fn systemd_analyze_verify_passes() {
+    let Ok(probe) = Command::new("systemd-analyze").arg("--version").output() else {
+        eprintln!("SKIPPED systemd_analyze_verify_passes: systemd-analyze is not installed");
+        return;
+    };
+    assert!(probe.status.success());
+    // verify wants the executables to exist: point the unit at this build's binary.
+    let dir = common::TempDir::new("verify");
+    let unit = std::fs::read_to_string(unit_path())
+        .unwrap()
+        .replace("/usr/bin/ferryd", common::BIN);
+    let path = dir.path().join("ferryd.service");
+    std::fs::write(&path, unit).unwrap();
+    // The man page is installed by the package, not on this host.
+    let out = Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // Lines about other units on this host are not ours to judge.
+    let ours: Vec<&str> = stderr.lines().filter(|l| l.contains("ferryd.service")).collect();
+    assert!(
+        out.status.success() && ours.is_empty(),
+        "systemd-analyze verify:\n{stderr}"
+    );
+}
