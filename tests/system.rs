@@ -1,0 +1,395 @@
+//! The Debian package on a real systemd (root only): a minimal Debian bullseye root made with
+//! debootstrap (the oldest release reachable here; cached between runs), booted with
+//! systemd-nspawn in a network namespace of its own, the package installed and purged inside.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::TempDir;
+
+/// Where the pristine root is kept between runs (FERRYD_TEST_CACHE overrides).
+fn cache_dir() -> PathBuf {
+    std::env::var_os("FERRYD_TEST_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/ferryd-tests"))
+}
+
+/// Packages the container needs besides minbase: systemd to boot, dbus for `ferryd status`,
+/// iptables for NAT, openssh-server as the build VM's sshd, python3 for a test client.
+const INCLUDE: &str = "systemd,systemd-sysv,dbus,iptables,iproute2,openssh-server,python3-minimal";
+
+fn skip(why: &str) -> bool {
+    eprintln!("SKIPPED system test: {why}");
+    false
+}
+
+fn can_run() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return skip("needs root (debootstrap, systemd-nspawn); CI runs it as root");
+    }
+    for tool in ["debootstrap", "systemd-nspawn", "nsenter"] {
+        if Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .map_or(true, |o| !o.status.success())
+        {
+            return skip(&format!("`{tool}` is not installed"));
+        }
+    }
+    true
+}
+
+fn deb() -> Option<PathBuf> {
+    let deb = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target/debian")
+        .join(format!("ferryd_{}_amd64.deb", env!("CARGO_PKG_VERSION")));
+    deb.exists().then_some(deb)
+}
+
+/// The cached bullseye root, made on first use.
+fn bullseye_root() -> PathBuf {
+    let root = cache_dir().join("bullseye-v1");
+    if root.join("usr/bin/systemctl").exists() {
+        return root;
+    }
+    std::fs::create_dir_all(cache_dir()).unwrap();
+    let tmp = cache_dir().join(format!("bullseye-v1.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let out = Command::new("debootstrap")
+        .args(["--variant=minbase", &format!("--include={INCLUDE}"), "bullseye"])
+        .arg(&tmp)
+        .arg("http://deb.debian.org/debian")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "debootstrap failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::rename(&tmp, &root).unwrap();
+    root
+}
+
+/// A booted container; powered off and removed when dropped.
+struct Container {
+    nspawn: Child,
+    leader: i32,
+}
+
+impl Container {
+    fn boot(root: &Path, share: &Path) -> Container {
+        let nspawn = Command::new("systemd-nspawn")
+            .arg("-D")
+            .arg(root)
+            .args([
+                "--ephemeral",
+                "--boot",
+                "--register=no",
+                "--keep-unit",
+                "--private-network",
+                "--quiet",
+            ])
+            .args(["--console=passive", "--capability=CAP_NET_ADMIN,CAP_NET_RAW"])
+            .arg(format!("--bind-ro={}:/mnt/ferryd", share.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let nspawn_pid = nspawn.id() as i32;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let leader = loop {
+            if let Some(pid) = find_init(nspawn_pid) {
+                break pid;
+            }
+            assert!(Instant::now() < deadline, "the container's systemd did not start");
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let container = Container { nspawn, leader };
+        loop {
+            let state = container.sh("systemctl is-system-running 2>/dev/null || true");
+            let state = String::from_utf8_lossy(&state.stdout).trim().to_string();
+            if state == "running" || state == "degraded" {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the container did not finish booting: {state}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        container
+    }
+
+    /// Runs a shell script inside the container.
+    fn sh(&self, script: &str) -> Output {
+        Command::new("nsenter")
+            .args([
+                "-t",
+                &self.leader.to_string(),
+                "-a",
+                "-r",
+                "-w",
+                "--",
+                "/bin/bash",
+                "-c",
+                script,
+            ])
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    /// Runs a script that must succeed; returns its stdout.
+    fn ok(&self, script: &str) -> String {
+        let out = self.sh(script);
+        assert!(
+            out.status.success(),
+            "in the container: {script}\nstdout: {}\nstderr: {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn wait_for(&self, script: &str, want: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let out = String::from_utf8_lossy(&self.sh(script).stdout).into_owned();
+            if out.contains(want) {
+                return out;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "waited for {want:?} from `{script}`; last: {out}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        // SIGTERM to nspawn asks the container to power off; then make sure it is gone.
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.nspawn.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.nspawn.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.nspawn.kill();
+        let _ = self.nspawn.wait();
+    }
+}
+
+/// The container's systemd: a descendant of nspawn named "systemd".
+fn find_init(nspawn: i32) -> Option<i32> {
+    let mut frontier = vec![nspawn];
+    for _ in 0..3 {
+        let mut next = Vec::new();
+        for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            let Some(close) = stat.rfind(')') else { continue };
+            let comm = &stat[stat.find('(').unwrap_or(0) + 1..close];
+            let ppid: i32 = stat[close + 2..]
+                .split_whitespace()
+                .nth(1)
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(0);
+            if frontier.contains(&ppid) {
+                if comm == "systemd" {
+                    return Some(pid);
+                }
+                next.push(pid);
+            }
+        }
+        frontier = next;
+    }
+    None
+}
+
+const TEST_CONFIG: &str = r#"allow = ["127.0.0.0/8"]
+probe_sources = ["168.63.129.16/32"]
+drain_timeout = "3s"
+
+[[route]]
+name = "ssh"
+listen = "0.0.0.0:60001"
+upstream = "127.0.0.1:22"
+
+[nat]
+sources = ["10.9.9.9/32"]
+out_interface = "lo"
+reconcile_interval = "2s"
+"#;
+
+/// Holds one connection through the relay: reads sshd's banner, waits for /tmp/go, then sends a
+/// client banner and records what sshd answers (its key exchange), proving the connection
+/// outlived whatever happened in between.
+const HOLDER: &str = r#"
+import os, socket, time
+s = socket.create_connection(("127.0.0.1", 60001), timeout=30)
+open("/tmp/banner", "wb").write(s.recv(256))
+while not os.path.exists("/tmp/go"):
+    time.sleep(0.1)
+s.sendall(b"SSH-2.0-ferryd-test\r\n")
+open("/tmp/after", "wb").write(s.recv(64))
+"#;
+
+#[test]
+fn package_installs_runs_reloads_stops_and_purges_under_systemd() {
+    if !can_run() {
+        return;
+    }
+    let Some(deb) = deb() else {
+        eprintln!("SKIPPED system test: the package is not built (run packaging/build-deb; .ci/run does)");
+        return;
+    };
+    let root = bullseye_root();
+    let share = TempDir::new("system");
+    std::fs::copy(&deb, share.path().join("ferryd.deb")).unwrap();
+    std::fs::write(share.path().join("ferryd.toml"), TEST_CONFIG).unwrap();
+    std::fs::write(share.path().join("holder.py"), HOLDER).unwrap();
+    let c = Container::boot(&root, share.path());
+
+    // Install: the service is enabled, started, and became ready through notify.
+    c.ok("dpkg -i /mnt/ferryd/ferryd.deb");
+    c.wait_for("systemctl is-active ferryd", "active", Duration::from_secs(20));
+    assert_eq!(c.ok("systemctl is-enabled ferryd").trim(), "enabled");
+    assert!(c.ok("systemctl show -p Type ferryd").contains("Type=notify"));
+    let status_text = c.ok("systemctl show -p StatusText ferryd");
+    assert!(
+        status_text.contains("2 routes"),
+        "STATUS= from sd_notify: {status_text}"
+    );
+    assert_eq!(
+        c.ok("cat /proc/sys/net/ipv4/ip_local_reserved_ports").trim(),
+        "60000-60001,60080"
+    );
+    assert!(c.ok("getent passwd ferryd").starts_with("ferryd:"));
+    assert!(
+        c.ok("ps -o user= -C ferryd").trim() == "ferryd",
+        "runs as the ferryd user"
+    );
+
+    // The health endpoint answers the probe path from loopback.
+    let health =
+        c.ok("exec 3<>/dev/tcp/127.0.0.1/60080; printf 'GET /healthz HTTP/1.0\\r\\n\\r\\n' >&3; cat <&3");
+    assert!(health.starts_with("HTTP/1.0 200"), "{health}");
+    // `ferryd status` reads /status and the unit over the container's system bus.
+    let status = c.ok("ferryd status");
+    assert!(
+        status.contains("systemd:  ferryd.service active (running)"),
+        "{status}"
+    );
+
+    // Our configuration (relay to the container's sshd, NAT on): a restart applies NAT.
+    c.ok("cp /mnt/ferryd/ferryd.toml /etc/ferryd/ferryd.toml && systemctl restart ferryd");
+    c.wait_for("systemctl is-active ferryd", "active", Duration::from_secs(20));
+    c.wait_for("iptables-save", "FERRYD-POSTROUTING", Duration::from_secs(10));
+    assert_eq!(c.ok("cat /proc/sys/net/ipv4/ip_forward").trim(), "1");
+    // The sandboxed daemon (user ferryd, CAP_NET_ADMIN/CAP_NET_RAW only) can read and repair
+    // the rules: its health stays 200, and a flush is repaired.
+    let probe = "exec 3<>/dev/tcp/127.0.0.1/60080; printf 'GET /healthz HTTP/1.0\\r\\n\\r\\n' >&3; cat <&3";
+    c.wait_for(probe, "HTTP/1.0 200", Duration::from_secs(10));
+    c.ok("iptables -F FERRYD-FORWARD");
+    c.wait_for(
+        "journalctl -u ferryd --no-pager",
+        "NAT state had drifted; repaired",
+        Duration::from_secs(10),
+    );
+
+    // A live SSH connection through 60001 survives a reload that changes the allowlist.
+    c.ok(
+        "rm -f /tmp/go /tmp/banner /tmp/after; setsid python3 /mnt/ferryd/holder.py >/tmp/holder.log 2>&1 &",
+    );
+    c.wait_for(
+        "cat /tmp/banner 2>/dev/null",
+        "SSH-2.0-OpenSSH",
+        Duration::from_secs(10),
+    );
+    c.ok("sed -i 's|^allow = .*|allow = [\"127.0.0.2/32\"]|' /etc/ferryd/ferryd.toml && systemctl reload ferryd");
+    c.wait_for(
+        "journalctl -u ferryd --no-pager",
+        "configuration reloaded",
+        Duration::from_secs(10),
+    );
+    let refused = c.sh("exec 3<>/dev/tcp/127.0.0.1/60001 && head -c 1 <&3");
+    assert!(refused.stdout.is_empty(), "127.0.0.1 is no longer allowed");
+    c.ok("touch /tmp/go");
+    let after = c.wait_for(
+        "cat /tmp/after 2>/dev/null | od -An -c | head -n 1",
+        " ",
+        Duration::from_secs(10),
+    );
+    assert!(
+        !after.trim().is_empty(),
+        "the live connection was dropped by the reload"
+    );
+
+    // journald holds ferryd's structured fields.
+    let denied = c.ok("journalctl -u ferryd -o verbose --no-pager FERRYD_END=denied");
+    assert!(denied.contains("FERRYD_ROUTE=ssh"), "{denied}");
+    assert!(denied.contains("FERRYD_CLIENT=127.0.0.1:"), "{denied}");
+
+    // An upgrade (the same package again) keeps the locally modified conffile and restarts.
+    let pid_before = c.ok("systemctl show -p MainPID --value ferryd");
+    c.ok("dpkg -i /mnt/ferryd/ferryd.deb");
+    assert!(
+        c.ok("cat /etc/ferryd/ferryd.toml").contains("127.0.0.2/32"),
+        "local edits kept"
+    );
+    c.wait_for("systemctl is-active ferryd", "active", Duration::from_secs(20));
+    assert_ne!(
+        c.ok("systemctl show -p MainPID --value ferryd"),
+        pid_before,
+        "restarted on upgrade"
+    );
+
+    // Stop finishes within TimeoutStopSec and leaves NAT in place.
+    let started = Instant::now();
+    c.ok("systemctl stop ferryd");
+    assert!(
+        started.elapsed() < Duration::from_secs(45),
+        "stop took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(c.ok("systemctl is-active ferryd || true").trim(), "inactive");
+    assert!(
+        c.ok("iptables-save").contains("FERRYD-FORWARD"),
+        "NAT survives a stop"
+    );
+
+    // Purge leaves no user, configuration, unit or NAT rule behind.
+    c.ok("apt-get purge -y -q ferryd");
+    assert!(!c.sh("getent passwd ferryd").status.success(), "user left behind");
+    assert!(
+        !c.sh("test -e /etc/ferryd").status.success(),
+        "/etc/ferryd left behind"
+    );
+    assert!(
+        !c.sh("test -e /lib/systemd/system/ferryd.service")
+            .status
+            .success(),
+        "unit left behind"
+    );
+    assert!(!c.ok("iptables-save").contains("FERRYD"), "NAT rules left behind");
+    assert_eq!(
+        c.ok("cat /proc/sys/net/ipv4/ip_forward").trim(),
+        "0",
+        "ip_forward restored"
+    );
+}
