@@ -68,23 +68,16 @@ pub async fn listen_with_retry(addr: SocketAddr, window: Duration) -> io::Result
 }
 
 /// TCP_NODELAY (SSH keystrokes and WinRM requests are small and latency-bound) and keepalive
-/// (Azure silently drops flows idle for about 4 minutes) on one leg. A failure only means the
-/// peer is already gone, which the relay finds out by itself, so it is logged and not fatal.
-pub fn tune_stream(stream: &TcpStream, keepalive: &Keepalive) {
-    let sock = SockRef::from(stream);
-    let params = TcpKeepalive::new()
-        .with_time(keepalive.time)
-        .with_interval(keepalive.interval)
-        .with_retries(keepalive.probes);
-    if let Err(e) = sock
-        .set_tcp_nodelay(true)
-        .and_then(|_| sock.set_tcp_keepalive(&params))
-    {
-        tracing::debug!(error = %e, "cannot set socket options (peer already gone?)");
+/// (Azure silently drops flows idle for about 4 minutes) on a listening socket; Linux copies
+/// them into every socket it accepts. A failure is logged: the relay still works, only quiet
+/// sessions become exposed to the idle cut.
+pub fn tune_listener(listener: &tokio::net::TcpListener, keepalive: &Keepalive) {
+    if let Err(e) = tune_socket(SockRef::from(listener), keepalive) {
+        tracing::warn!(error = %e, "cannot set TCP_NODELAY and keepalive on the listening socket");
     }
 }
 
-/// Sets the options of [`tune_stream`] on a socket before it connects.
+/// TCP_NODELAY and keepalive on one socket (the upstream leg, before it connects).
 pub fn tune_socket(sock: SockRef<'_>, keepalive: &Keepalive) -> io::Result<()> {
     let params = TcpKeepalive::new()
         .with_time(keepalive.time)
@@ -130,6 +123,11 @@ impl AcceptBackoff {
         self.failures += 1;
         self.pause = (self.pause * 2).clamp(ACCEPT_PAUSE_MIN, ACCEPT_PAUSE_MAX);
         self.pause
+    }
+
+    /// Whether a failure episode is under way.
+    pub fn failing(&self) -> bool {
+        self.failures > 0
     }
 
     /// Notes a successful accept; logs the end of a failure episode.

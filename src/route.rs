@@ -58,7 +58,8 @@ pub struct RouteListener {
 
 impl RouteListener {
     /// Prepares the accept loop of one route. The listener stops when every sender of
-    /// `settings` is gone.
+    /// `settings` is gone. Accepted sockets inherit TCP_NODELAY and the keepalive settings from
+    /// the listening socket, so they are set here once instead of on every accepted socket.
     pub fn new(
         listener: TcpListener,
         settings: watch::Receiver<Arc<RouteSettings>>,
@@ -66,6 +67,7 @@ impl RouteListener {
         engine: Arc<Engine>,
         shutdown: Shutdown,
     ) -> Self {
+        crate::net::tune_listener(&listener, &settings.borrow().route.keepalive);
         RouteListener {
             listener,
             settings,
@@ -87,10 +89,15 @@ impl RouteListener {
         let mut backoff = AcceptBackoff::default();
         loop {
             tokio::select! {
-                changed = self.settings.changed() => if changed.is_err() { break },
+                changed = self.settings.changed() => match changed {
+                    Ok(()) => crate::net::tune_listener(&self.listener, &self.settings.borrow().route.keepalive),
+                    Err(_) => break,
+                },
                 accepted = self.listener.accept() => match accepted {
                     Ok((stream, peer)) => {
-                        backoff.recovered(&self.name());
+                        if backoff.failing() {
+                            backoff.recovered(&self.name());
+                        }
                         self.admit(stream, peer);
                     }
                     Err(e) => {
@@ -192,7 +199,6 @@ impl Connection {
         let started = Instant::now();
         let route = &self.settings.route;
         let stats = &self.live.0;
-        crate::net::tune_stream(&self.client, &route.keepalive);
 
         let dial_started = Instant::now();
         let dialled = tokio::select! {
