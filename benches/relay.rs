@@ -126,7 +126,10 @@ impl Drop for TempDir {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("port")
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("port")
 }
 
 fn installed(program: &str, arg: &str) -> bool {
@@ -139,9 +142,12 @@ fn installed(program: &str, arg: &str) -> bool {
 }
 
 fn nginx_stream_module() -> Option<&'static str> {
-    ["/usr/lib/nginx/modules/ngx_stream_module.so", "/usr/share/nginx/modules/ngx_stream_module.so"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
+    [
+        "/usr/lib/nginx/modules/ngx_stream_module.so",
+        "/usr/share/nginx/modules/ngx_stream_module.so",
+    ]
+    .into_iter()
+    .find(|p| Path::new(p).exists())
 }
 
 /// Starts `kind` relaying to `upstream`; `None` when its program is not installed.
@@ -175,7 +181,11 @@ fn start(kind: Kind, upstream: SocketAddr) -> Option<Proxy> {
             if !installed("haproxy", "-v") {
                 return None;
             }
-            let splice = if kind == Kind::HaproxySplice { "    option splice-auto\n" } else { "" };
+            let splice = if kind == Kind::HaproxySplice {
+                "    option splice-auto\n"
+            } else {
+                ""
+            };
             let config = format!(
                 "global\n    maxconn 6000\n    nbthread 1\n\ndefaults\n    mode tcp\n    timeout connect 5s\n    timeout client 1h\n    timeout server 1h\n{splice}\nfrontend f\n    bind {listen}\n    default_backend b\n\nbackend b\n    server s {upstream}\n"
             );
@@ -205,8 +215,10 @@ fn start(kind: Kind, upstream: SocketAddr) -> Option<Proxy> {
                 return None;
             }
             let mut c = Command::new("socat");
-            c.arg(format!("TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,backlog=1024"))
-                .arg(format!("TCP:{upstream}"));
+            c.arg(format!(
+                "TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,backlog=1024"
+            ))
+            .arg(format!("TCP:{upstream}"));
             c
         }
     };
@@ -252,12 +264,17 @@ fn start_upstream(held: Arc<AtomicUsize>) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind upstream");
     let addr = listener.local_addr().expect("addr");
     std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
         runtime.block_on(async move {
             listener.set_nonblocking(true).expect("nonblocking");
             let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
                 let held = held.clone();
                 tokio::spawn(async move {
                     let _ = serve(stream, held).await;
@@ -329,9 +346,14 @@ fn cpu_seconds(proxy: &Proxy) -> f64 {
     let Some(child) = &proxy.child else { return 0.0 };
     let mut ticks = 0u64;
     for pid in tree(child.id()) {
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
         let Some(close) = stat.rfind(')') else { continue };
-        let fields: Vec<u64> = stat[close + 2..].split_whitespace().filter_map(|f| f.parse().ok()).collect();
+        let fields: Vec<u64> = stat[close + 2..]
+            .split_whitespace()
+            .filter_map(|f| f.parse().ok())
+            .collect();
         // After the state field: utime, stime, cutime, cstime are fields 14-17 of stat.
         if fields.len() > 14 {
             ticks += fields[10] + fields[11] + fields[12] + fields[13];
@@ -359,7 +381,9 @@ fn fds(proxy: &Proxy) -> (usize, usize) {
     let mut all = 0;
     let mut pipes = 0;
     for pid in tree(child.id()) {
-        let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { continue };
+        let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
         for entry in entries.flatten() {
             all += 1;
             if std::fs::read_link(entry.path()).is_ok_and(|t| t.to_string_lossy().starts_with("pipe:")) {
@@ -389,7 +413,8 @@ fn bulk(target: SocketAddr, total: u64, streams: usize) -> f64 {
                 }
                 s.shutdown(Shutdown::Write).expect("shutdown");
                 let mut done = [0u8; 4];
-                s.read_exact(&mut done).expect("the sink confirms it read everything");
+                s.read_exact(&mut done)
+                    .expect("the sink confirms it read everything");
             });
         }
     });
@@ -446,7 +471,10 @@ fn connection_rate(target: SocketAddr, total: usize) -> (f64, f64) {
                 })
             })
             .collect();
-        handles.into_iter().flat_map(|h| h.join().expect("client")).collect()
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("client"))
+            .collect()
     });
     let rate = samples.len() as f64 / started.elapsed().as_secs_f64();
     samples.sort_by(|a, b| a.total_cmp(b));
@@ -469,7 +497,11 @@ fn footprint(proxy: &Proxy, count: usize, held: &AtomicUsize) -> Option<(f64, f6
     let deadline = Instant::now() + Duration::from_secs(30);
     while held.load(Ordering::SeqCst) < base_held + count {
         if Instant::now() > deadline {
-            eprintln!("{}: only {} of {count} connections reached the upstream", proxy.kind.name(), held.load(Ordering::SeqCst) - base_held);
+            eprintln!(
+                "{}: only {} of {count} connections reached the upstream",
+                proxy.kind.name(),
+                held.load(Ordering::SeqCst) - base_held
+            );
             return None;
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -519,27 +551,90 @@ struct Figure {
 }
 
 const FIGURES: &[Figure] = &[
-    Figure { key: "gbps1", title: "Throughput, 1 stream", unit: "Gbit/s", higher_is_better: true },
-    Figure { key: "gbps8", title: "Throughput, 8 streams", unit: "Gbit/s", higher_is_better: true },
-    Figure { key: "cpu", title: "Proxy CPU per GiB relayed", unit: "CPU s/GiB", higher_is_better: false },
-    Figure { key: "p50", title: "Ping-pong p50 added over direct", unit: "µs", higher_is_better: false },
-    Figure { key: "p99", title: "Ping-pong p99 added over direct", unit: "µs", higher_is_better: false },
-    Figure { key: "cps", title: "Connections per second", unit: "conn/s", higher_is_better: true },
-    Figure { key: "setup99", title: "Connection setup p99", unit: "µs", higher_is_better: false },
-    Figure { key: "idle_rss", title: "Idle RSS", unit: "KiB", higher_is_better: false },
-    Figure { key: "conn_kib", title: "RSS per idle connection", unit: "KiB", higher_is_better: false },
-    Figure { key: "conn_fds", title: "fds per idle connection", unit: "fds", higher_is_better: false },
-    Figure { key: "pipe_fds", title: "Pipe fds held with idle connections", unit: "fds", higher_is_better: false },
+    Figure {
+        key: "gbps1",
+        title: "Throughput, 1 stream",
+        unit: "Gbit/s",
+        higher_is_better: true,
+    },
+    Figure {
+        key: "gbps8",
+        title: "Throughput, 8 streams",
+        unit: "Gbit/s",
+        higher_is_better: true,
+    },
+    Figure {
+        key: "cpu",
+        title: "Proxy CPU per GiB relayed",
+        unit: "CPU s/GiB",
+        higher_is_better: false,
+    },
+    Figure {
+        key: "p50",
+        title: "Ping-pong p50 added over direct",
+        unit: "µs",
+        higher_is_better: false,
+    },
+    Figure {
+        key: "p99",
+        title: "Ping-pong p99 added over direct",
+        unit: "µs",
+        higher_is_better: false,
+    },
+    Figure {
+        key: "cps",
+        title: "Connections per second",
+        unit: "conn/s",
+        higher_is_better: true,
+    },
+    Figure {
+        key: "setup99",
+        title: "Connection setup p99",
+        unit: "µs",
+        higher_is_better: false,
+    },
+    Figure {
+        key: "idle_rss",
+        title: "Idle RSS",
+        unit: "KiB",
+        higher_is_better: false,
+    },
+    Figure {
+        key: "conn_kib",
+        title: "RSS per idle connection",
+        unit: "KiB",
+        higher_is_better: false,
+    },
+    Figure {
+        key: "conn_fds",
+        title: "fds per idle connection",
+        unit: "fds",
+        higher_is_better: false,
+    },
+    Figure {
+        key: "pipe_fds",
+        title: "Pipe fds held with idle connections",
+        unit: "fds",
+        higher_is_better: false,
+    },
 ];
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let smoke = args.iter().any(|a| a == "--smoke");
     // `--only ferryd` (or another contender's name, spaces as '-') runs one contender, for profiling.
-    let only: Option<String> = args.iter().position(|a| a == "--only").and_then(|i| args.get(i + 1)).cloned();
+    let only: Option<String> = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
     let mut plan = if smoke { SMOKE } else { FULL };
     // `--connections N` overrides the connection-rate count (for profiling that figure).
-    if let Some(n) = args.iter().position(|a| a == "--connections").and_then(|i| args.get(i + 1)?.parse().ok()) {
+    if let Some(n) = args
+        .iter()
+        .position(|a| a == "--connections")
+        .and_then(|i| args.get(i + 1)?.parse().ok())
+    {
         plan.connections = n;
     }
     let held = Arc::new(AtomicUsize::new(0));
@@ -618,7 +713,11 @@ fn main() {
         if proxy.kind == Kind::Direct {
             continue;
         }
-        let count = if proxy.kind == Kind::Socat { plan.idle_connections.min(200) } else { plan.idle_connections };
+        let count = if proxy.kind == Kind::Socat {
+            plan.idle_connections.min(200)
+        } else {
+            plan.idle_connections
+        };
         if let Some((idle, per_conn, per_fds, pipes)) = footprint(proxy, count, &held) {
             let s = results.entry(proxy.kind).or_default();
             s.add("idle_rss", idle);
@@ -667,7 +766,12 @@ fn command_output(program: &str, args: &[&str]) -> String {
         .output()
         .map(|o| {
             let text = if o.stdout.is_empty() { o.stderr } else { o.stdout };
-            String::from_utf8_lossy(&text).lines().next().unwrap_or("").trim().to_string()
+            String::from_utf8_lossy(&text)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_string()
         })
         .unwrap_or_else(|_| "not installed".into())
 }
@@ -676,9 +780,17 @@ fn report(results: &BTreeMap<Kind, Samples>, kinds: &[Kind], missing: &[&str], p
     let mut out = String::new();
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_default();
-    let _ = writeln!(out, "Run: `cargo bench --bench relay` on {}", command_output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]));
+    let _ = writeln!(
+        out,
+        "Run: `cargo bench --bench relay` on {}",
+        command_output("date", &["-u", "+%Y-%m-%d %H:%M UTC"])
+    );
     let _ = writeln!(out);
     let _ = writeln!(
         out,
@@ -693,7 +805,10 @@ fn report(results: &BTreeMap<Kind, Samples>, kinds: &[Kind], missing: &[&str], p
         ferryd_bin().rsplit("/target/").next().unwrap_or_default(),
         command_output("haproxy", &["-v"]),
         command_output("nginx", &["-v"]),
-        command_output("socat", &["-V"]).replace("socat by Gerhard Rieger and contributors - see www.dest-unreach.org", "socat")
+        command_output("socat", &["-V"]).replace(
+            "socat by Gerhard Rieger and contributors - see www.dest-unreach.org",
+            "socat"
+        )
     );
     let _ = writeln!(
         out,
@@ -708,28 +823,47 @@ fn report(results: &BTreeMap<Kind, Samples>, kinds: &[Kind], missing: &[&str], p
         let _ = writeln!(out, "- left out (not installed): {}", missing.join(", "));
     }
     let _ = writeln!(out);
-    let _ = writeln!(out, "Median of the rounds, with the spread (min-max) in brackets.");
+    let _ = writeln!(
+        out,
+        "Median of the rounds, with the spread (min-max) in brackets."
+    );
     for figure in FIGURES {
         let _ = writeln!(out);
         let _ = writeln!(out, "### {} ({})", figure.title, figure.unit);
         let _ = writeln!(out);
         let _ = writeln!(out, "| contender | median | spread | vs haproxy splice |");
         let _ = writeln!(out, "| --- | ---: | ---: | ---: |");
-        let reference = results.get(&Kind::HaproxySplice).and_then(|s| s.stats(figure.key)).map(|s| s.0);
+        let reference = results
+            .get(&Kind::HaproxySplice)
+            .and_then(|s| s.stats(figure.key))
+            .map(|s| s.0);
         for kind in kinds {
-            let Some((median, lo, hi)) = results.get(kind).and_then(|s| s.stats(figure.key)) else { continue };
+            let Some((median, lo, hi)) = results.get(kind).and_then(|s| s.stats(figure.key)) else {
+                continue;
+            };
             let ratio = match reference {
                 Some(r) if r.abs() > f64::EPSILON => format!("{:.2}×", median / r),
                 _ => "-".into(),
             };
-            let _ = writeln!(out, "| {} | {} | {}-{} | {ratio} |", kind.name(), num(median), num(lo), num(hi));
+            let _ = writeln!(
+                out,
+                "| {} | {} | {}-{} | {ratio} |",
+                kind.name(),
+                num(median),
+                num(lo),
+                num(hi)
+            );
         }
     }
     let _ = writeln!(out);
-    let _ = writeln!(out, "Direct, for reference: {:.2} Gbit/s (1 stream), {:.2} Gbit/s (8 streams); ferryd reaches {:.0}% and {:.0}% of it.",
-        med(results, Kind::Direct, "gbps1"), med(results, Kind::Direct, "gbps8"),
+    let _ = writeln!(
+        out,
+        "Direct, for reference: {:.2} Gbit/s (1 stream), {:.2} Gbit/s (8 streams); ferryd reaches {:.0}% and {:.0}% of it.",
+        med(results, Kind::Direct, "gbps1"),
+        med(results, Kind::Direct, "gbps8"),
         100.0 * med(results, Kind::Ferryd, "gbps1") / med(results, Kind::Direct, "gbps1").max(1e-9),
-        100.0 * med(results, Kind::Ferryd, "gbps8") / med(results, Kind::Direct, "gbps8").max(1e-9));
+        100.0 * med(results, Kind::Ferryd, "gbps8") / med(results, Kind::Direct, "gbps8").max(1e-9)
+    );
     out
 }
 
@@ -774,12 +908,19 @@ fn chart(results: &BTreeMap<Kind, Samples>, kinds: &[Kind]) -> String {
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"11\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
     );
     for (i, key) in panels.iter().enumerate() {
-        let Some(figure) = FIGURES.iter().find(|f| f.key == *key) else { continue };
+        let Some(figure) = FIGURES.iter().find(|f| f.key == *key) else {
+            continue;
+        };
         let x0 = (i as f64 % cols) * pw;
         let y0 = (i as f64 / cols).floor() * ph;
         let values: Vec<(Kind, f64)> = kinds
             .iter()
-            .filter_map(|k| results.get(k).and_then(|s| s.stats(key)).map(|s| (*k, s.0.max(0.0))))
+            .filter_map(|k| {
+                results
+                    .get(k)
+                    .and_then(|s| s.stats(key))
+                    .map(|s| (*k, s.0.max(0.0)))
+            })
             .collect();
         let max = values.iter().map(|v| v.1).fold(0.0f64, f64::max).max(1e-9);
         let _ = writeln!(
@@ -789,7 +930,11 @@ fn chart(results: &BTreeMap<Kind, Samples>, kinds: &[Kind]) -> String {
             y0 + 18.0,
             figure.title,
             figure.unit,
-            if figure.higher_is_better { ", higher is better" } else { ", lower is better" }
+            if figure.higher_is_better {
+                ", higher is better"
+            } else {
+                ", lower is better"
+            }
         );
         let bar_h = 20.0;
         for (j, (kind, v)) in values.iter().enumerate() {
@@ -800,13 +945,25 @@ fn chart(results: &BTreeMap<Kind, Samples>, kinds: &[Kind]) -> String {
                 Kind::Direct => "#999999",
                 _ => "#e0a040",
             };
-            let _ = writeln!(svg, "<text x=\"{}\" y=\"{}\">{}</text>", x0 + 10.0, y + 14.0, kind.name());
+            let _ = writeln!(
+                svg,
+                "<text x=\"{}\" y=\"{}\">{}</text>",
+                x0 + 10.0,
+                y + 14.0,
+                kind.name()
+            );
             let _ = writeln!(
                 svg,
                 "<rect x=\"{}\" y=\"{y}\" width=\"{w:.1}\" height=\"{bar_h}\" fill=\"{colour}\"/>",
                 x0 + 100.0
             );
-            let _ = writeln!(svg, "<text x=\"{:.1}\" y=\"{}\">{}</text>", x0 + 104.0 + w, y + 14.0, num(*v));
+            let _ = writeln!(
+                svg,
+                "<text x=\"{:.1}\" y=\"{}\">{}</text>",
+                x0 + 104.0 + w,
+                y + 14.0,
+                num(*v)
+            );
         }
     }
     svg.push_str("</svg>\n");
