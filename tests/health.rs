@@ -265,9 +265,14 @@ fn metrics_count_relayed_denied_and_probe_connections() {
         Some(5.0)
     );
     assert_eq!(metric(&after, "ferryd_connections_live", &route), Some(0.0));
+    // Small messages go through the copy path; splice is for bulk reads.
+    assert_eq!(
+        metric(&after, "ferryd_relay_bytes_total", &[("path", "copy")]),
+        Some(10.0)
+    );
     assert_eq!(
         metric(&after, "ferryd_relay_bytes_total", &[("path", "splice")]),
-        Some(10.0)
+        Some(0.0)
     );
     assert!(
         after.samples.iter().any(|s| s.metric == "ferryd_upstream_connect_seconds"

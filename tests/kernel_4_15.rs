@@ -56,11 +56,8 @@ fn relays_reloads_and_drains_on_the_4_15_syscall_surface() {
     let summary = daemon
         .wait_for_log(" stopped relayed=", Duration::from_secs(1))
         .unwrap();
-    assert_eq!(
-        field(&summary, "spliced_bytes"),
-        Some((2 * TOTAL).to_string().as_str()),
-        "{summary}"
-    );
+    let spliced: u64 = field(&summary, "spliced_bytes").unwrap().parse().unwrap();
+    assert!(spliced >= 2 * TOTAL - 2 * 64 * 1024, "{summary}");
     assert_eq!(field(&summary, "fallback_refused"), Some("0"));
     let log = daemon.log();
     assert!(!log.contains("ERROR"), "{log}");

@@ -24,7 +24,7 @@ fn read_error_kind(stream: &mut TcpStream) -> Result<usize, ErrorKind> {
 }
 
 /// 256 MiB each way at the same time, checked byte for byte, and the exit summary shows the
-/// bytes went through splice, not the copy path.
+/// bytes went through splice: only the first read of each direction is copied.
 #[test]
 fn bulk_both_directions_byte_exact_and_spliced() {
     const TOTAL: u64 = 256 * MIB;
@@ -68,8 +68,9 @@ fn bulk_both_directions_byte_exact_and_spliced() {
         .expect("summary");
     let spliced: u64 = field(&summary, "spliced_bytes").unwrap().parse().unwrap();
     let copied: u64 = field(&summary, "copied_bytes").unwrap().parse().unwrap();
-    assert_eq!(spliced, 2 * TOTAL, "{summary}");
-    assert_eq!(copied, 0, "{summary}");
+    assert_eq!(spliced + copied, 2 * TOTAL, "{summary}");
+    // Each direction copies until its first bulk-sized read, then splices everything else.
+    assert!(copied <= 2 * 64 * 1024, "{summary}");
     assert_eq!(field(&summary, "fallback_no_pipe"), Some("0"), "{summary}");
     let pipes: u64 = field(&summary, "pipes_created").unwrap().parse().unwrap();
     assert!(

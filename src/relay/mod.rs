@@ -7,6 +7,7 @@
 //! deadline closes what is left. It must not admit, dial or log connections: the route does
 //! that around it.
 
+mod buffers;
 mod pipe;
 mod pump;
 
@@ -20,16 +21,18 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 pub use pipe::PipePool;
+pub use pump::STREAMING_READ;
 use pump::{Flow, PumpError};
 
 use crate::shutdown::Shutdown;
 use crate::stats::{Outcome, RelayStats};
 
-/// What every relayed connection shares: the pipe pool (absent when splice is turned off) and the
-/// engine counters.
+/// What every relayed connection shares: the pipe pool (absent when splice is turned off), the
+/// copy buffers, and the engine counters.
 #[derive(Debug)]
 pub struct Engine {
     pipes: Option<PipePool>,
+    buffers: buffers::BufferPool,
     /// Engine-wide counters, read for the exit summary and metrics.
     pub stats: RelayStats,
 }
@@ -40,6 +43,7 @@ impl Engine {
     pub fn new(splice: bool, max_pipes: usize) -> Arc<Engine> {
         Arc::new(Engine {
             pipes: splice.then(|| PipePool::new(max_pipes)),
+            buffers: buffers::BufferPool::default(),
             stats: RelayStats::default(),
         })
     }
@@ -124,6 +128,7 @@ pub async fn relay(
     let (outcome, detail) = {
         let flow = |bytes, total| Flow {
             pipes: engine.pipes(),
+            buffers: &engine.buffers,
             stats: &engine.stats,
             bytes,
             total,

@@ -3,9 +3,11 @@
 //! This module owns the readiness discipline of the hot path. Every syscall runs inside tokio's
 //! `try_io`, so a WouldBlock clears the cached readiness instead of spinning; data is spliced
 //! into an empty pipe and the pipe drained completely before the next read, so EAGAIN always has
-//! one meaning; and when no pipe is available, or the kernel refuses splice, the same loop copies
-//! through a buffer, counted and logged. It must not close sockets or decide how a connection
-//! ends: it reports end of stream or an error, and the connection decides.
+//! one meaning. A direction starts by copying through a pooled buffer, which is cheapest for the
+//! small writes of an interactive session; the first read that brings [`STREAMING_READ`] bytes or
+//! more marks it as a bulk stream, and from then on it splices. When no pipe is available, or the
+//! kernel refuses splice, it copies, counted and logged. It must not close sockets or decide how
+//! a connection ends: it reports end of stream or an error, and the connection decides.
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,13 +15,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
+use super::buffers::BufferPool;
 use super::pipe::{Lease, PipePool};
 use crate::logging::RateLimit;
 use crate::stats::RelayStats;
 
-/// Size of the buffer used when copying instead of splicing: one pipe's worth, allocated only
-/// for the duration of a burst so an idle connection holds no buffer.
-const COPY_CHUNK: usize = 64 * 1024;
+/// A single read this large means bulk data (an scp upload, a file copy over WinRM): splicing
+/// it saves a copy per byte. Smaller reads (keystrokes, command output, requests) cost fewer
+/// cycles through recv/send than through a pipe, the way HAProxy's `splice-auto` decides.
+pub const STREAMING_READ: usize = 16 * 1024;
 
 /// Which side an error came from, so the log can say who broke the connection.
 #[derive(Debug)]
@@ -34,6 +38,8 @@ pub enum PumpError {
 pub struct Flow<'a> {
     /// Where pipes come from; `None` relays by copying only.
     pub pipes: Option<&'a PipePool>,
+    /// Where copy buffers come from.
+    pub buffers: &'a BufferPool,
     /// Engine-wide counters.
     pub stats: &'a RelayStats,
     /// Bytes moved in this direction on this connection.
@@ -47,6 +53,8 @@ pub struct Flow<'a> {
 enum Burst {
     /// `src` has nothing more for now; wait for readiness again.
     Drained,
+    /// A copy burst read a bulk-sized chunk: switch to splicing (readiness is still set).
+    Streaming,
     /// `src` sent its FIN and every byte before it was written to `dst`.
     Eof,
 }
@@ -57,10 +65,11 @@ static NO_PIPE_LOG: RateLimit = RateLimit::new();
 /// written; the caller then shuts down `dst`'s write side.
 pub async fn pump(src: &TcpStream, dst: &TcpStream, flow: Flow<'_>) -> Result<(), PumpError> {
     let mut pipes = flow.pipes;
+    let mut streaming = false;
     loop {
         src.readable().await.map_err(PumpError::Read)?;
-        let lease = match pipes {
-            Some(pool) => match pool.take() {
+        let lease = match (streaming, pipes) {
+            (true, Some(pool)) => match pool.take() {
                 Ok(Some(lease)) => Some(lease),
                 Ok(None) => {
                     no_pipe(&flow, pool, None);
@@ -71,7 +80,7 @@ pub async fn pump(src: &TcpStream, dst: &TcpStream, flow: Flow<'_>) -> Result<()
                     None
                 }
             },
-            None => None,
+            _ => None,
         };
         let burst = match lease {
             Some(lease) => match splice_burst(src, dst, lease, &flow).await {
@@ -85,8 +94,10 @@ pub async fn pump(src: &TcpStream, dst: &TcpStream, flow: Flow<'_>) -> Result<()
             },
             None => copy_burst(src, dst, &flow).await?,
         };
-        if let Burst::Eof = burst {
-            return Ok(());
+        match burst {
+            Burst::Eof => return Ok(()),
+            Burst::Streaming => streaming = true,
+            Burst::Drained => {}
         }
     }
 }
@@ -141,7 +152,7 @@ async fn splice_burst(
 }
 
 async fn copy_burst(src: &TcpStream, dst: &TcpStream, flow: &Flow<'_>) -> Result<Burst, PumpError> {
-    let mut buf = vec![0u8; COPY_CHUNK];
+    let mut buf = flow.buffers.take();
     loop {
         let n = match src.try_read(&mut buf) {
             Ok(0) => return Ok(Burst::Eof),
@@ -161,6 +172,9 @@ async fn copy_burst(src: &TcpStream, dst: &TcpStream, flow: &Flow<'_>) -> Result
         }
         flow.stats.copied_bytes.fetch_add(n as u64, Ordering::Relaxed);
         flow.account(n);
+        if n >= STREAMING_READ && flow.pipes.is_some() {
+            return Ok(Burst::Streaming);
+        }
     }
 }
 
