@@ -1,0 +1,185 @@
+//! Property tests: the configuration parser never panics and every configuration it accepts
+//! survives a round trip through `ferryd check`'s output; the allowlist matcher agrees with a
+//! naive reference; and the health endpoint answers arbitrary bytes without falling over.
+
+mod common;
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::Path;
+
+use ferryd::allow::{Allowlist, Cidr};
+use ferryd::config::Config;
+use proptest::prelude::*;
+
+fn parse(text: &str) -> Result<Config, ferryd::config::ConfigError> {
+    Config::parse(text, Path::new("prop.toml"))
+}
+
+/// Lines that are almost a configuration: real keys with plausible and implausible values.
+fn config_line() -> impl Strategy<Value = String> {
+    let key = prop::sample::select(vec![
+        "allow",
+        "probe_sources",
+        "drain_timeout",
+        "workers",
+        "splice",
+        "max_pipes",
+        "connect_timeout",
+        "idle_timeout",
+        "fin_timeout",
+        "max_connections",
+        "keepalive_time",
+        "keepalive_interval",
+        "keepalive_probes",
+        "name",
+        "listen",
+        "upstream",
+        "shutdown_grace",
+        "path",
+        "sources",
+        "enabled",
+        "bogus",
+    ]);
+    let value = prop::sample::select(vec![
+        "[\"10.0.0.0/24\"]",
+        "[\"0.0.0.0/0\", \"::/0\"]",
+        "[\"10.0.0.1/33\"]",
+        "[]",
+        "\"30s\"",
+        "\"0s\"",
+        "\"1x\"",
+        "0",
+        "1",
+        "65536",
+        "-1",
+        "true",
+        "\"ssh\"",
+        "\"\"",
+        "\"0.0.0.0:60001\"",
+        "\"127.0.0.1:0\"",
+        "\"10.0.1.4:22\"",
+        "\"buildvm:5986\"",
+        "\"[::1]:22\"",
+        "\"/healthz\"",
+        "{ a = 1 }",
+    ]);
+    let table = prop::sample::select(vec!["", "[[route]]\n", "[health]\n", "[nat]\n"]);
+    (table, key, value).prop_map(|(t, k, v)| format!("{t}{k} = {v}\n"))
+}
+
+fn route_block() -> impl Strategy<Value = String> {
+    (1u16..=65535, 1u16..=65535, 0usize..4, prop::option::of(1usize..5000)).prop_map(|(listen, up, name, max)| {
+        let mut block = format!(
+            "\n[[route]]\nname = \"r{name}\"\nlisten = \"127.0.0.1:{listen}\"\nupstream = \"10.0.1.4:{up}\"\n"
+        );
+        if let Some(max) = max {
+            block.push_str(&format!("max_connections = {max}\n"));
+        }
+        block
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// Arbitrary text never panics the parser.
+    #[test]
+    fn parser_never_panics_on_arbitrary_text(text in "\\PC{0,400}") {
+        let _ = parse(&text);
+    }
+
+    /// Near-configurations: accepted ones round-trip through the effective configuration.
+    #[test]
+    fn accepted_configurations_round_trip(
+        top in prop::collection::vec(config_line(), 0..6),
+        routes in prop::collection::vec(route_block(), 0..4),
+        tail in prop::collection::vec(config_line(), 0..3),
+    ) {
+        let text = format!("allow = [\"10.0.0.0/8\"]\n{}{}{}", top.concat(), routes.concat(), tail.concat());
+        if let Ok(config) = parse(&text) {
+            let printed = config.to_toml();
+            let again = parse(&printed).map_err(|e| TestCaseError::fail(format!("{e}\n{printed}")))?;
+            prop_assert_eq!(&again, &config);
+            prop_assert_eq!(again.to_toml(), printed);
+        }
+    }
+
+    /// The matcher agrees with a bit-by-bit reference, for IPv4, IPv6 and IPv4-mapped sources.
+    #[test]
+    fn allowlist_matches_the_reference(
+        v4 in prop::collection::vec((any::<u32>(), 0u8..=32), 0..5),
+        v6 in prop::collection::vec((any::<u128>(), 0u8..=128), 0..3),
+        probe4 in any::<u32>(),
+        probe6 in any::<u128>(),
+        near in any::<bool>(),
+    ) {
+        let mut blocks = Vec::new();
+        let mut text = Vec::new();
+        for (addr, len) in &v4 {
+            let net = if *len == 0 { 0 } else { addr & (u32::MAX << (32 - len)) };
+            text.push(format!("{}/{len}", Ipv4Addr::from(net)));
+            blocks.push((IpAddr::V4(Ipv4Addr::from(net)), *len));
+        }
+        for (addr, len) in &v6 {
+            let net = if *len == 0 { 0 } else { addr & (u128::MAX << (128 - len)) };
+            text.push(format!("{}/{len}", Ipv6Addr::from(net)));
+            blocks.push((IpAddr::V6(Ipv6Addr::from(net)), *len));
+        }
+        let list = Allowlist::new(text.iter().map(|t| t.parse::<Cidr>().unwrap()).collect());
+        // Probe near the first block half the time, so matches are not all misses.
+        let p4 = match (near, v4.first()) {
+            (true, Some((a, _))) => a ^ (probe4 & 0xff),
+            _ => probe4,
+        };
+        let sources = [
+            IpAddr::V4(Ipv4Addr::from(p4)),
+            IpAddr::V6(Ipv4Addr::from(p4).to_ipv6_mapped()),
+            IpAddr::V6(Ipv6Addr::from(probe6)),
+        ];
+        for source in sources {
+            let canonical = source.to_canonical();
+            let reference = blocks.iter().any(|(net, len)| match (net, canonical) {
+                (IpAddr::V4(n), IpAddr::V4(s)) => *len == 0 || (u32::from(*n) ^ u32::from(s)) >> (32 - len) == 0,
+                (IpAddr::V6(n), IpAddr::V6(s)) => *len == 0 || (u128::from(*n) ^ u128::from(s)) >> (128 - len) == 0,
+                _ => false,
+            });
+            prop_assert_eq!(list.contains(source), reference, "{} in {:?}", source, text);
+        }
+    }
+}
+
+/// Arbitrary bytes to the health endpoint get an HTTP answer or a closed connection, never a
+/// crash; and the endpoint still answers a real probe afterwards.
+#[test]
+fn health_endpoint_survives_arbitrary_requests() {
+    let upstream = common::Upstream::echo();
+    let daemon = common::Daemon::start(&common::config_one_route(
+        common::free_port(),
+        upstream.addr,
+        "",
+        "",
+    ));
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(200));
+    let junk = prop_oneof![
+        prop::collection::vec(any::<u8>(), 0..600).prop_map(|v| String::from_utf8_lossy(&v).into_owned()),
+        ("(GET|HEAD|POST|PUT|get|GeT) (/healthz|/metrics|/status|/|/x|\\*|[a-z/]{0,20}) (HTTP/1\\.0|HTTP/1\\.1|HTTP/2\\.0|HTTP/9|)",
+            prop::collection::vec("[A-Za-z-]{1,12}: [ -~]{0,40}", 0..4))
+            .prop_map(|(line, headers)| format!("{line}\r\n{}\r\n\r\n", headers.join("\r\n"))),
+    ];
+    runner
+        .run(&junk, |request| {
+            let answer = daemon.health_request(&request).unwrap_or_default();
+            if let Some(code) = answer.split_whitespace().nth(1) {
+                prop_assert!(
+                    ["200", "400", "403", "404", "405", "431", "501", "505"].contains(&code),
+                    "{:?} -> {}",
+                    request,
+                    answer
+                );
+            }
+            Ok(())
+        })
+        .unwrap();
+    let answer = daemon.health_request("GET /healthz HTTP/1.0\r\n\r\n").unwrap();
+    assert!(answer.starts_with("HTTP/1.0 200"), "{answer}");
+}
