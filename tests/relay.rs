@@ -89,6 +89,10 @@ fn copy_path_and_pool_exhaustion_are_counted() {
         let mut daemon = Daemon::start(&config_one_route(port, upstream.addr, extra, ""));
         // Two connections echoing at once: with one pipe, one direction must copy.
         let mut clients: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(local(port)).unwrap()).collect();
+        for c in &clients {
+            // A stalled or spinning relay fails the test instead of hanging it.
+            c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        }
         let pattern = Pattern::new(7);
         let threads: Vec<_> = clients
             .iter_mut()

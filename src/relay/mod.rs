@@ -13,11 +13,12 @@ mod pump;
 
 use std::net::Shutdown as Direction;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::Duration;
 
 use socket2::SockRef;
 use tokio::net::TcpStream;
+use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::time::Instant;
 
 pub use pipe::PipePool;
@@ -115,8 +116,8 @@ impl Activity {
 /// the way the ending requires (FIN for an orderly end, reset for a broken one).
 pub async fn relay(
     engine: &Engine,
-    client: TcpStream,
-    upstream: TcpStream,
+    mut client: TcpStream,
+    mut upstream: TcpStream,
     timeouts: Timeouts,
     totals: Totals<'_>,
     shutdown: &mut Shutdown,
@@ -134,8 +135,25 @@ pub async fn relay(
             total,
             activity: &activity,
         };
-        let upward = half(&client, &upstream, flow(&up, totals.up), "client", "upstream");
-        let downward = half(&upstream, &client, flow(&down, totals.down), "upstream", "client");
+        let finished = AtomicU8::new(0);
+        let (mut client_r, mut client_w) = client.split();
+        let (mut upstream_r, mut upstream_w) = upstream.split();
+        let upward = half(
+            &mut client_r,
+            &mut upstream_w,
+            flow(&up, totals.up),
+            &finished,
+            "client",
+            "upstream",
+        );
+        let downward = half(
+            &mut upstream_r,
+            &mut client_w,
+            flow(&down, totals.down),
+            &finished,
+            "upstream",
+            "client",
+        );
         tokio::pin!(upward, downward);
         let (mut up_done, mut down_done) = (false, false);
         loop {
@@ -179,18 +197,22 @@ pub async fn relay(
     }
 }
 
-/// One direction, then the half-close that passes its end of stream on.
+/// One direction, then the half-close that passes its end of stream on. The direction that
+/// finishes second skips the shutdown: both sockets are closed right after, and close sends the
+/// FIN anyway.
 async fn half(
-    src: &TcpStream,
-    dst: &TcpStream,
+    src: &mut ReadHalf<'_>,
+    dst: &mut WriteHalf<'_>,
     flow: Flow<'_>,
+    finished: &AtomicU8,
     src_name: &str,
     dst_name: &str,
 ) -> Result<(), String> {
     match pump::pump(src, dst, flow).await {
-        Ok(()) => SockRef::from(dst)
+        Ok(()) if finished.fetch_add(1, Ordering::Relaxed) == 0 => SockRef::from(dst.as_ref())
             .shutdown(Direction::Write)
             .map_err(|e| format!("{dst_name}: shutdown after {src_name}'s FIN failed: {e}")),
+        Ok(()) => Ok(()),
         Err(PumpError::Read(e)) => Err(format!("{src_name}: {e}")),
         Err(PumpError::Write(e)) => Err(format!("{dst_name}: {e}")),
     }

@@ -10,10 +10,12 @@
 //! a connection ends: it reports end of stream or an error, and the connection decides.
 
 use std::io;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::Poll;
 
-use tokio::io::Interest;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWriteExt, Interest, ReadBuf};
+use tokio::net::tcp::{ReadHalf, WriteHalf};
 
 use super::buffers::BufferPool;
 use super::pipe::{Lease, PipePool};
@@ -63,11 +65,16 @@ static NO_PIPE_LOG: RateLimit = RateLimit::new();
 
 /// Relays `src` → `dst` until end of stream on `src`. Returns once every byte read has been
 /// written; the caller then shuts down `dst`'s write side.
-pub async fn pump(src: &TcpStream, dst: &TcpStream, flow: Flow<'_>) -> Result<(), PumpError> {
+pub async fn pump(src: &mut ReadHalf<'_>, dst: &mut WriteHalf<'_>, flow: Flow<'_>) -> Result<(), PumpError> {
     let mut pipes = flow.pipes;
     let mut streaming = false;
     loop {
-        src.readable().await.map_err(PumpError::Read)?;
+        // Every burst spends a unit of tokio's cooperative budget, so one busy connection yields
+        // to the others on its worker. It also matters for correctness: a read refused for lack
+        // of budget looks like "drained" to `copy_burst`, and without this yield the loop would
+        // find the socket still readable and spin.
+        tokio::task::consume_budget().await;
+        src.as_ref().readable().await.map_err(PumpError::Read)?;
         let lease = match (streaming, pipes) {
             (true, Some(pool)) => match pool.take() {
                 Ok(Some(lease)) => Some(lease),
@@ -125,11 +132,12 @@ fn splice_refused(e: &io::Error) -> bool {
 }
 
 async fn splice_burst(
-    src: &TcpStream,
-    dst: &TcpStream,
+    src: &mut ReadHalf<'_>,
+    dst: &mut WriteHalf<'_>,
     mut lease: Lease<'_>,
     flow: &Flow<'_>,
 ) -> Result<Burst, PumpError> {
+    let (src, dst) = (src.as_ref(), dst.as_ref());
     loop {
         let n = match src.try_io(Interest::READABLE, || lease.fill_from(src)) {
             Ok(0) => return Ok(Burst::Eof),
@@ -148,32 +156,45 @@ async fn splice_burst(
         }
         flow.stats.spliced_bytes.fetch_add(n as u64, Ordering::Relaxed);
         flow.account(n);
+        tokio::task::consume_budget().await;
     }
 }
 
-async fn copy_burst(src: &TcpStream, dst: &TcpStream, flow: &Flow<'_>) -> Result<Burst, PumpError> {
+/// Copies through a pooled buffer while `src` has data. Reads go through tokio's `AsyncRead`,
+/// which takes a short read as proof that the socket is drained (edge-triggered epoll), so an
+/// interactive burst costs one read and one write, without a read that only returns EAGAIN.
+async fn copy_burst(
+    src: &mut ReadHalf<'_>,
+    dst: &mut WriteHalf<'_>,
+    flow: &Flow<'_>,
+) -> Result<Burst, PumpError> {
     let mut buf = flow.buffers.take();
     loop {
-        let n = match src.try_read(&mut buf) {
-            Ok(0) => return Ok(Burst::Eof),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Burst::Drained),
-            Err(e) => return Err(PumpError::Read(e)),
-        };
-        let mut written = 0;
-        while written < n {
-            match dst.try_write(&buf[written..n]) {
-                Ok(m) => written += m,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    dst.writable().await.map_err(PumpError::Write)?
-                }
-                Err(e) => return Err(PumpError::Write(e)),
+        // One attempt, never a wait: waiting happens in `pump`, without a buffer held.
+        let attempt = std::future::poll_fn(|cx| {
+            let mut read = ReadBuf::new(&mut buf);
+            match Pin::new(&mut *src).poll_read(cx, &mut read) {
+                Poll::Ready(Ok(())) => Poll::Ready(Some(Ok(read.filled().len()))),
+                Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e))),
+                Poll::Pending => Poll::Ready(None),
             }
-        }
+        })
+        .await;
+        let n = match attempt {
+            None => return Ok(Burst::Drained),
+            Some(Ok(0)) => return Ok(Burst::Eof),
+            Some(Ok(n)) => n,
+            Some(Err(e)) => return Err(PumpError::Read(e)),
+        };
+        dst.write_all(&buf[..n]).await.map_err(PumpError::Write)?;
         flow.stats.copied_bytes.fetch_add(n as u64, Ordering::Relaxed);
         flow.account(n);
         if n >= STREAMING_READ && flow.pipes.is_some() {
             return Ok(Burst::Streaming);
+        }
+        if n < buf.len() {
+            // A short read drained the socket (tokio cleared its readiness).
+            return Ok(Burst::Drained);
         }
     }
 }
