@@ -53,10 +53,16 @@ async fn dial_inner(
     upstream: &Upstream,
     keepalive: &Keepalive,
 ) -> Result<(TcpStream, SocketAddr), DialError> {
-    let addrs: Vec<SocketAddr> = match upstream {
-        Upstream::Addr(addr) => vec![*addr],
+    let addrs = match upstream {
+        // The common case, allocation-free: it runs once per relayed connection.
+        Upstream::Addr(addr) => {
+            return match connect(*addr, keepalive).await {
+                Ok(stream) => Ok((stream, *addr)),
+                Err(e) => Err(failed(*addr, e)),
+            };
+        }
         Upstream::Host { host, port } => match tokio::net::lookup_host((host.as_str(), *port)).await {
-            Ok(addrs) => addrs.collect(),
+            Ok(addrs) => addrs,
             Err(e) => {
                 return Err(DialError {
                     outcome: Outcome::UpstreamUnreachable,
@@ -66,29 +72,31 @@ async fn dial_inner(
             }
         },
     };
-    let mut last = DialError {
-        outcome: Outcome::UpstreamUnreachable,
-        addr: None,
-        reason: format!("{upstream} resolved to no address"),
-    };
+    let mut last = None;
     for addr in addrs {
         match connect(addr, keepalive).await {
             Ok(stream) => return Ok((stream, addr)),
-            Err(e) => {
-                let outcome = if e.kind() == io::ErrorKind::ConnectionRefused {
-                    Outcome::UpstreamRefused
-                } else {
-                    Outcome::UpstreamUnreachable
-                };
-                last = DialError {
-                    outcome,
-                    addr: Some(addr),
-                    reason: e.to_string(),
-                };
-            }
+            Err(e) => last = Some(failed(addr, e)),
         }
     }
-    Err(last)
+    Err(last.unwrap_or_else(|| DialError {
+        outcome: Outcome::UpstreamUnreachable,
+        addr: None,
+        reason: format!("{upstream} resolved to no address"),
+    }))
+}
+
+fn failed(addr: SocketAddr, e: io::Error) -> DialError {
+    let outcome = if e.kind() == io::ErrorKind::ConnectionRefused {
+        Outcome::UpstreamRefused
+    } else {
+        Outcome::UpstreamUnreachable
+    };
+    DialError {
+        outcome,
+        addr: Some(addr),
+        reason: e.to_string(),
+    }
 }
 
 async fn connect(addr: SocketAddr, keepalive: &Keepalive) -> io::Result<TcpStream> {
