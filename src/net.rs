@@ -144,3 +144,31 @@ impl AcceptBackoff {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// ferryd relies on Linux copying TCP_NODELAY and the keepalive settings from a listening
+    /// socket into each socket it accepts; this checks it on the running kernel.
+    #[tokio::test]
+    async fn accepted_sockets_inherit_nodelay_and_keepalive() {
+        let listener =
+            tokio::net::TcpListener::from_std(listen("127.0.0.1:0".parse().unwrap()).unwrap()).unwrap();
+        let keepalive = Keepalive {
+            time: Duration::from_secs(45),
+            interval: Duration::from_secs(7),
+            probes: 3,
+        };
+        tune_listener(&listener, &keepalive);
+        let addr = listener.local_addr().unwrap();
+        let _client = std::net::TcpStream::connect(addr).unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        let sock = SockRef::from(&accepted);
+        assert!(sock.tcp_nodelay().unwrap());
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), Duration::from_secs(45));
+        assert_eq!(sock.tcp_keepalive_interval().unwrap(), Duration::from_secs(7));
+        assert_eq!(sock.tcp_keepalive_retries().unwrap(), 3);
+    }
+}

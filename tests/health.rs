@@ -370,3 +370,31 @@ fn nat_failure_is_reported_and_the_relay_keeps_working() {
     let scrape = scrape(daemon.health_port.unwrap());
     assert!(metric(&scrape, "ferryd_nat_reconciles_total", &[("event", "failed")]).unwrap() >= 1.0);
 }
+
+/// With shutdown_grace, SIGTERM turns the probe to 503 at once while the relay keeps accepting
+/// for the grace period, then closes its listeners and drains.
+#[test]
+fn shutdown_grace_keeps_listeners_open_while_the_probe_fails() {
+    let upstream = Upstream::echo();
+    let relay_port = free_port();
+    let config = config_one_route(relay_port, upstream.addr, "shutdown_grace = \"1500ms\"", "");
+    let mut daemon = Daemon::start(&config);
+    daemon.signal(Signal::SIGTERM);
+    daemon
+        .wait_for_log("listeners stay open for the grace period", Duration::from_secs(2))
+        .unwrap();
+    let answer = daemon.health_request("GET /healthz HTTP/1.0\r\n\r\n").unwrap();
+    assert_eq!(status_code(&answer), Some(503), "{answer}");
+    let mut during_grace = TcpStream::connect(local(relay_port)).unwrap();
+    echo_roundtrip(&mut during_grace, b"accepted during the grace period").unwrap();
+    drop(during_grace);
+    assert!(
+        daemon
+            .wait_exit(Duration::from_secs(10))
+            .expect("exits after the grace and drain")
+            .success()
+    );
+    assert!(
+        daemon.log().find("grace period").unwrap() < daemon.log().find("draining: listeners closed").unwrap()
+    );
+}

@@ -488,6 +488,19 @@ fn daemon_repairs_drift_and_relays_while_the_build_vm_downloads() {
         topo.get_from_buildvm("http://192.0.2.1/"),
         Ok("192.0.2.2".to_string())
     );
+
+    // SIGKILL leaves NAT in place: the build VM keeps its way out while ferryd is down.
+    let mut daemon = daemon;
+    daemon.signal(nix::sys::signal::Signal::SIGKILL);
+    daemon.wait_exit(Duration::from_secs(5)).expect("killed");
+    assert!(
+        topo.save("nat").contains("-j FERRYD-POSTROUTING"),
+        "NAT removed by a kill"
+    );
+    assert_eq!(
+        topo.get_from_buildvm("http://192.0.2.1/"),
+        Ok("192.0.2.2".to_string())
+    );
 }
 
 /// On iptables 1.6.1 (Ubuntu 18.04) iptables-restore has no `--wait` and takes no lock, so ferryd

@@ -266,6 +266,14 @@ fn exhaust_descriptors(fd_limit: u64) -> bool {
             daemon.log()
         );
     }
+    // The failed accepts are in the metrics too.
+    let metrics = daemon.health_request("GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("ferryd_accept_errors_total{route=\"test\"}"))
+        .unwrap_or_else(|| panic!("no accept_errors metric:\n{metrics}"));
+    let count: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(count >= 1.0, "{line}");
     waiting
 }
 
