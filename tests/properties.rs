@@ -104,6 +104,53 @@ proptest! {
         }
     }
 
+    /// Well-formed configurations with random valid values: every one is accepted and comes back
+    /// identical through the effective configuration.
+    #[test]
+    fn valid_configurations_are_accepted_and_round_trip(
+        durations in prop::collection::vec(prop::sample::select(vec!["1s", "500ms", "30s", "2m", "1h 30m", "0s"]), 4),
+        numbers in prop::collection::vec(1usize..100_000, 2),
+        probes in 1u32..=127,
+        route_count in 1usize..4,
+        base_port in 1024u16..60000,
+        v6_listen in any::<bool>(),
+        health_path in "/[a-z]{1,12}",
+        nat in prop::option::of((any::<u8>(), prop::option::of(1u16..=65535))),
+    ) {
+        let mut text = format!(
+            "allow = [\"10.0.0.0/24\", \"2001:db8::/32\"]\nconnect_timeout = \"{}\"\nidle_timeout = \"{}\"\nmax_connections = {}\nkeepalive_probes = {probes}\nmax_pipes = {}\nshutdown_grace = \"{}\"\n",
+            if durations[0] == "0s" { "5s" } else { durations[0] },
+            durations[1],
+            numbers[0],
+            numbers[1],
+            durations[2],
+        );
+        for i in 0..route_count {
+            let port = base_port + i as u16;
+            let listen = if v6_listen { format!("[::1]:{port}") } else { format!("127.0.0.1:{port}") };
+            text.push_str(&format!(
+                "\n[[route]]\nname = \"route-{i}\"\nlisten = \"{listen}\"\nupstream = \"buildvm{i}.internal:{}\"\nfin_timeout = \"{}\"\n",
+                22 + i,
+                if durations[3] == "0s" { "1m" } else { durations[3] },
+            ));
+        }
+        text.push_str(&format!("\n[health]\nlisten = \"127.0.0.1:65000\"\npath = \"{health_path}\"\n"));
+        if let Some((octet, port)) = nat {
+            let dest = match port {
+                Some(p) => format!("192.0.2.0/24:{p}"),
+                None => "0.0.0.0/0".to_string(),
+            };
+            text.push_str(&format!("\n[nat]\nsources = [\"10.0.1.{octet}/32\"]\nallow_destinations = [\"{dest}\"]\n"));
+        }
+        if ["/metrics", "/status"].contains(&health_path.as_str()) {
+            return Ok(());
+        }
+        let config = parse(&text).map_err(|e| TestCaseError::fail(format!("{e}\n{text}")))?;
+        let printed = config.to_toml();
+        let again = parse(&printed).map_err(|e| TestCaseError::fail(format!("{e}\n{printed}")))?;
+        prop_assert_eq!(&again, &config);
+    }
+
     /// The matcher agrees with a bit-by-bit reference, for IPv4, IPv6 and IPv4-mapped sources.
     #[test]
     fn allowlist_matches_the_reference(
