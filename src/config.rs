@@ -342,6 +342,10 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// The longest duration accepted anywhere: far beyond any useful timeout, and far inside what a
+/// monotonic clock can add without overflowing.
+const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 60 * 60);
+
 /// A duration written for people: "500ms", "30s", "2h", "1h 30m".
 #[derive(Clone, Copy, Debug)]
 struct HumanDuration(Duration);
@@ -349,11 +353,17 @@ struct HumanDuration(Duration);
 impl<'de> Deserialize<'de> for HumanDuration {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let text = String::deserialize(deserializer)?;
-        humantime::parse_duration(&text).map(HumanDuration).map_err(|e| {
+        let duration = humantime::parse_duration(&text).map_err(|e| {
             serde::de::Error::custom(format!(
                 "invalid duration {text:?} ({e}): write a number and a unit, such as \"500ms\", \"30s\" or \"2h\""
             ))
-        })
+        })?;
+        if duration > MAX_DURATION {
+            return Err(serde::de::Error::custom(format!(
+                "duration {text:?} is longer than ten years (for idle_timeout, \"0s\" means never)"
+            )));
+        }
+        Ok(HumanDuration(duration))
     }
 }
 
@@ -1048,6 +1058,9 @@ upstream = "buildvm.internal:5986"
 
         let no_allow = error_of(&MINIMAL.replace("allow = [\"10.0.0.0/24\"]", ""));
         assert!(no_allow.contains("has no allow list"), "{no_allow}");
+
+        let huge = error_of(&format!("{MINIMAL}idle_timeout = \"300000000000y\"\n"));
+        assert!(huge.contains("longer than ten years"), "{huge}");
 
         let bad_duration = error_of(&format!("{MINIMAL}connect_timeout = \"5 parsecs\"\n"));
         assert!(

@@ -105,7 +105,10 @@ impl RouteListener {
                         if !pause.is_zero() {
                             self.stats.accept_errors.fetch_add(1, Ordering::Relaxed);
                             tokio::select! {
-                                changed = self.settings.changed() => if changed.is_err() { break },
+                                changed = self.settings.changed() => match changed {
+                                    Ok(()) => crate::net::tune_listener(&self.listener, &self.settings.borrow().route.keepalive),
+                                    Err(_) => break,
+                                },
                                 _ = tokio::time::sleep(pause) => {}
                             }
                         }

@@ -442,3 +442,31 @@ fn ipv4_mapped_source_matches_ipv4_allowlist() {
     echo_roundtrip(&mut client, b"mapped").unwrap();
     expect_reset(Ipv4Addr::new(127, 0, 0, 2), local(port));
 }
+
+/// The FIN itself is activity: after a long quiet spell, a client that half-closes still gets
+/// an answer that comes within fin_timeout of its FIN.
+#[test]
+fn fin_timeout_counts_from_the_fin_not_from_the_last_byte() {
+    let upstream = Upstream::start(|mut stream| {
+        let mut request = Vec::new();
+        stream.read_to_end(&mut request).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        stream.write_all(b"answer after a pause").unwrap();
+    });
+    let port = free_port();
+    let _daemon = Daemon::start(&config_one_route(
+        port,
+        upstream.addr,
+        "",
+        "fin_timeout = \"600ms\"",
+    ));
+    let mut client = TcpStream::connect(local(port)).unwrap();
+    client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    client.write_all(b"question").unwrap();
+    // Quiet for longer than fin_timeout (idle_timeout is hours away).
+    std::thread::sleep(Duration::from_millis(1000));
+    client.shutdown(Shutdown::Write).unwrap();
+    let mut answer = Vec::new();
+    client.read_to_end(&mut answer).unwrap();
+    assert_eq!(answer, b"answer after a pause");
+}

@@ -92,6 +92,9 @@ pub struct Transfer {
 pub struct Activity {
     start: Instant,
     last_ms: AtomicU64,
+    /// Bursts that have read bytes not yet written out. If a timer ends the connection while
+    /// one is open, those bytes are lost, so the peers get a reset rather than a clean FIN.
+    in_flight: AtomicU8,
 }
 
 impl Activity {
@@ -99,6 +102,7 @@ impl Activity {
         Activity {
             start: Instant::now(),
             last_ms: AtomicU64::new(0),
+            in_flight: AtomicU8::new(0),
         }
     }
 
@@ -109,6 +113,20 @@ impl Activity {
 
     fn last(&self) -> Instant {
         self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+
+    /// A burst read bytes it has not written yet.
+    fn carrying(&self) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The burst wrote everything it read.
+    fn delivered(&self) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    fn bytes_in_flight(&self) -> bool {
+        self.in_flight.load(Ordering::Relaxed) > 0
     }
 }
 
@@ -162,7 +180,8 @@ pub async fn relay(
             } else {
                 timeouts.idle
             };
-            let deadline = quiet_limit.map(|limit| activity.last() + limit);
+            // A limit too far away to represent is no limit.
+            let deadline = quiet_limit.and_then(|limit| activity.last().checked_add(limit));
             tokio::select! {
                 result = &mut upward, if !up_done => match result {
                     Ok(()) => up_done = true,
@@ -185,7 +204,9 @@ pub async fn relay(
         }
     };
 
-    if outcome == Outcome::Reset {
+    // A connection ended by a timer while bytes were in flight has lost them: tell both peers
+    // with a reset, so neither mistakes a truncated stream for an orderly end.
+    if outcome == Outcome::Reset || activity.bytes_in_flight() {
         crate::net::reset(client);
         crate::net::reset(upstream);
     }

@@ -102,7 +102,11 @@ pub async fn pump(src: &mut ReadHalf<'_>, dst: &mut WriteHalf<'_>, flow: Flow<'_
             None => copy_burst(src, dst, &flow).await?,
         };
         match burst {
-            Burst::Eof => return Ok(()),
+            Burst::Eof => {
+                // The FIN is activity: fin_timeout counts from here, not from the last byte.
+                flow.activity.touch();
+                return Ok(());
+            }
             Burst::Streaming => streaming = true,
             Burst::Drained => {}
         }
@@ -145,15 +149,18 @@ async fn splice_burst(
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Burst::Drained),
             Err(e) => return Err(PumpError::Read(e)),
         };
+        flow.activity.carrying();
         while lease.pending() > 0 {
             match dst.try_io(Interest::WRITABLE, || lease.drain_to(dst)) {
-                Ok(_) => {}
+                // Partial progress counts: a slow reader is not an idle connection.
+                Ok(_) => flow.activity.touch(),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     dst.writable().await.map_err(PumpError::Write)?
                 }
                 Err(e) => return Err(PumpError::Write(e)),
             }
         }
+        flow.activity.delivered();
         flow.stats.spliced_bytes.fetch_add(n as u64, Ordering::Relaxed);
         flow.account(n);
         tokio::task::consume_budget().await;
@@ -186,7 +193,18 @@ async fn copy_burst(
             Some(Ok(n)) => n,
             Some(Err(e)) => return Err(PumpError::Read(e)),
         };
-        dst.write_all(&buf[..n]).await.map_err(PumpError::Write)?;
+        flow.activity.carrying();
+        let mut written = 0;
+        while written < n {
+            // Partial progress counts: a slow reader is not an idle connection.
+            match dst.write(&buf[written..n]).await {
+                Ok(0) => return Err(PumpError::Write(io::ErrorKind::WriteZero.into())),
+                Ok(m) => written += m,
+                Err(e) => return Err(PumpError::Write(e)),
+            }
+            flow.activity.touch();
+        }
+        flow.activity.delivered();
         flow.stats.copied_bytes.fetch_add(n as u64, Ordering::Relaxed);
         flow.account(n);
         if n >= STREAMING_READ && flow.pipes.is_some() {
