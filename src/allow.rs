@@ -28,11 +28,6 @@ impl Cidr {
     pub fn is_ipv4(&self) -> bool {
         matches!(self.0, IpNet::V4(_))
     }
-
-    /// True for 0.0.0.0/0 and ::/0: blocks that open a route to everyone.
-    pub fn is_everything(&self) -> bool {
-        self.0.prefix_len() == 0
-    }
 }
 
 impl FromStr for Cidr {
@@ -97,11 +92,6 @@ impl Allowlist {
     /// The blocks, for printing the effective configuration.
     pub fn blocks(&self) -> &[Cidr] {
         &self.blocks
-    }
-
-    /// True when no block is present.
-    pub fn is_empty(&self) -> bool {
-        self.blocks.is_empty()
     }
 }
 

@@ -7,7 +7,7 @@
 //! family is long-lived ([`Families`]) and whose per-route series the routes observe into. It
 //! must not change any counter.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -56,6 +56,17 @@ type OneLabel = Vec<(&'static str, String)>;
 
 fn one(key: &'static str, value: &str) -> OneLabel {
     vec![(key, value.to_string())]
+}
+
+/// A counter family with one label, filled from the daemon's atomics at scrape time.
+fn counters(label: &'static str, values: &[(&str, &AtomicU64)]) -> Family<OneLabel, Counter> {
+    let family = Family::<OneLabel, Counter>::default();
+    for (value, counter) in values {
+        family
+            .get_or_create(&one(label, value))
+            .inc_by(counter.load(Ordering::Relaxed));
+    }
+    family
 }
 
 /// Metric families that outlive a scrape.
@@ -168,30 +179,24 @@ pub fn render(state: &State) -> String {
     );
 
     let relay = &state.engine.stats;
-    let relay_bytes = Family::<OneLabel, Counter>::default();
-    for (kind, counter) in [("splice", &relay.spliced_bytes), ("copy", &relay.copied_bytes)] {
-        relay_bytes
-            .get_or_create(&one("path", kind))
-            .inc_by(counter.load(Ordering::Relaxed));
-    }
     registry.register(
         "relay_bytes",
         "Bytes relayed, by path: splice (zero-copy) or copy (through a buffer)",
-        relay_bytes,
+        counters(
+            "path",
+            &[("splice", &relay.spliced_bytes), ("copy", &relay.copied_bytes)],
+        ),
     );
-    let fallbacks = Family::<OneLabel, Counter>::default();
-    for (kind, counter) in [
-        ("no_pipe", &relay.fallback_no_pipe),
-        ("refused", &relay.fallback_refused),
-    ] {
-        fallbacks
-            .get_or_create(&one("reason", kind))
-            .inc_by(counter.load(Ordering::Relaxed));
-    }
     registry.register(
         "splice_fallbacks",
         "Times the relay copied instead of splicing: no_pipe (every pipe busy) or refused (kernel said no)",
-        fallbacks,
+        counters(
+            "reason",
+            &[
+                ("no_pipe", &relay.fallback_no_pipe),
+                ("refused", &relay.fallback_refused),
+            ],
+        ),
     );
     let pipes = Family::<OneLabel, Gauge>::default();
     if let Some(pool) = state.engine.pipes() {
@@ -208,24 +213,21 @@ pub fn render(state: &State) -> String {
         pipes,
     );
 
-    let reloads = Family::<OneLabel, Counter>::default();
-    reloads
-        .get_or_create(&one("result", "ok"))
-        .inc_by(state.reloads_ok.load(Ordering::Relaxed));
-    reloads
-        .get_or_create(&one("result", "rejected"))
-        .inc_by(state.reloads_rejected.load(Ordering::Relaxed));
-    registry.register("reloads", "SIGHUP reloads, by result", reloads);
-
-    let nat = Family::<OneLabel, Counter>::default();
-    nat.get_or_create(&one("event", "repaired"))
-        .inc_by(state.nat_repairs.load(Ordering::Relaxed));
-    nat.get_or_create(&one("event", "failed"))
-        .inc_by(state.nat_failures.load(Ordering::Relaxed));
+    registry.register(
+        "reloads",
+        "SIGHUP reloads, by result",
+        counters(
+            "result",
+            &[("ok", &state.reloads_ok), ("rejected", &state.reloads_rejected)],
+        ),
+    );
     registry.register(
         "nat_reconciles",
         "NAT reconciles that found drift and repaired it, or failed",
-        nat,
+        counters(
+            "event",
+            &[("repaired", &state.nat_repairs), ("failed", &state.nat_failures)],
+        ),
     );
 
     let healthy = Gauge::<i64>::default();

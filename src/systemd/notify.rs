@@ -39,11 +39,6 @@ impl Notifier {
         Notifier { target }
     }
 
-    /// Whether a service manager is listening.
-    pub fn enabled(&self) -> bool {
-        self.target.is_some()
-    }
-
     /// Sends one notification (newline-separated assignments). Failures are logged, never fatal.
     pub fn send(&self, message: &str) {
         if let Some((socket, addr)) = &self.target
