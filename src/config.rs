@@ -132,6 +132,10 @@ pub struct Health {
     /// The top-level `probe_sources`, copied here: their requests get connection slots of their
     /// own, so a flood from elsewhere can never crowd out the load balancer's probe.
     pub probe_sources: Allowlist,
+    /// Whether a NAT failure makes the probe fail too. Off by default: with one proxy VM behind
+    /// the balancer, a failing probe stops every new SSH/WinRM flow, which costs more than a
+    /// build VM without egress (that fails at once, with an error the builder shows).
+    pub require_nat: bool,
 }
 
 /// The build VM's way out: forwarding and masquerading on the proxy VM.
@@ -416,6 +420,7 @@ struct FileHealth {
     path: Option<Spanned<String>>,
     allow: Option<Vec<Cidr>>,
     metrics_allow: Option<Vec<Cidr>>,
+    require_nat: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -647,6 +652,7 @@ impl Config {
         let _ = writeln!(out, "path = {}", quoted(&self.health.path));
         let _ = writeln!(out, "allow = {}", cidr_list(&self.health.allow));
         let _ = writeln!(out, "metrics_allow = {}", cidr_list(&self.health.metrics_allow));
+        let _ = writeln!(out, "require_nat = {}", self.health.require_nat);
         let nat = &self.nat;
         let _ = writeln!(out, "\n[nat]");
         let _ = writeln!(out, "enabled = {}", nat.enabled);
@@ -720,6 +726,7 @@ fn resolve_health(
                 path: None,
                 allow: None,
                 metrics_allow: None,
+                require_nat: None,
             },
         ),
     };
@@ -759,6 +766,7 @@ fn resolve_health(
         allow,
         metrics_allow,
         probe_sources: probe_sources.clone(),
+        require_nat: file.require_nat.unwrap_or(false),
     })
 }
 

@@ -15,12 +15,12 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::{Config, HEALTH_SOCKET_NAME, Route};
-use crate::health::state::{Phase, RouteView, State};
+use crate::health::state::{NatStatus, Phase, RouteView, State};
 use crate::relay::Engine;
 use crate::route::{RouteListener, RouteSettings};
 use crate::shutdown::Drain;
@@ -66,8 +66,20 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
     // heartbeat, and the watchdog notices.
     let result = runtime.block_on(async move {
         tokio::spawn(async move {
-            let daemon = Daemon::start(config, notifier, passed).await?;
-            daemon.serve().await
+            // Signal handlers come first: start-up can last (a bind is retried for up to 30 s),
+            // and a SIGHUP's default action would kill the daemon. A SIGHUP now is applied as a
+            // reload once ready; a SIGTERM stops start-up cleanly.
+            let mut signals = Signals::install()?;
+            let stopper = notifier.clone();
+            let daemon = tokio::select! {
+                started = Daemon::start(config, notifier, passed) => started?,
+                name = signals.stop_requested() => {
+                    stopper.stopping();
+                    tracing::info!(signal = name, "stop requested during start-up; exiting");
+                    return Ok(());
+                }
+            };
+            daemon.serve(signals).await
         })
         .await
         .context("the daemon task failed")?
@@ -76,12 +88,57 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
     result
 }
 
-/// A listening route as the daemon tracks it. Dropping `settings` stops its listener.
+/// The signals the daemon acts on, installed before anything else so none arrives unhandled.
+struct Signals {
+    hangup: Signal,
+    terminate: Signal,
+    interrupt: Signal,
+    user1: Signal,
+    user2: Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        let install = |kind: SignalKind, name: &str| {
+            signal(kind).with_context(|| format!("cannot install the {name} handler"))
+        };
+        Ok(Signals {
+            hangup: install(SignalKind::hangup(), "SIGHUP")?,
+            terminate: install(SignalKind::terminate(), "SIGTERM")?,
+            interrupt: install(SignalKind::interrupt(), "SIGINT")?,
+            user1: install(SignalKind::user_defined1(), "SIGUSR1")?,
+            user2: install(SignalKind::user_defined2(), "SIGUSR2")?,
+        })
+    }
+
+    /// Completes at SIGTERM or SIGINT, with the signal's name.
+    async fn stop_requested(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.terminate.recv() => "SIGTERM",
+            _ = self.interrupt.recv() => "SIGINT",
+        }
+    }
+}
+
+/// A listening route as the daemon tracks it, by name: a reload that moves a route to another
+/// address keeps its counters and live connections. Dropping `settings` stops its accept loop.
 struct Running {
+    name: String,
     listen: SocketAddr,
+    /// A second descriptor of the listening socket. A reload that gives this address to another
+    /// route (renamed, or moved here) hands that route the same socket, so the port is never
+    /// closed and never needs binding twice.
+    socket: std::net::TcpListener,
     settings: watch::Sender<Arc<RouteSettings>>,
     stats: Arc<RouteStats>,
     task: JoinHandle<()>,
+}
+
+/// A listener made ready for a route during a reload, before anything changes.
+struct Prepared {
+    route: Route,
+    socket: std::net::TcpListener,
+    listener: tokio::net::TcpListener,
 }
 
 struct Daemon {
@@ -111,11 +168,7 @@ impl Daemon {
         crate::health::spawn(listener, state.clone()).context("cannot start the health endpoint")?;
         tracing::info!(listen = %health.listen, path = %health.path, "health endpoint listening");
 
-        // NAT: applied once before READY (it is quick), then kept in place by its own task.
-        if config.nat.enabled {
-            state.set_problem(crate::nat::reconciler::PROBLEM, Some("not applied yet".into()));
-        }
-        crate::nat::reconciler::reconcile_once(&config.nat, &state).await;
+        // NAT converges beside the relay on its own task; READY=1 never waits for it.
         let (nat, nat_rx) = watch::channel(config.nat.clone());
         tokio::spawn(crate::nat::reconciler::run(nat_rx, state.clone()));
 
@@ -143,7 +196,20 @@ impl Daemon {
                         )
                     })?,
             };
-            daemon.spawn(route, listener)?;
+            let socket = listener
+                .try_clone()
+                .with_context(|| format!("route {:?}: cannot duplicate the listening socket", route.name))?;
+            let listener = tokio::net::TcpListener::from_std(listener)
+                .with_context(|| format!("route {:?}: cannot register the listener", route.name))?;
+            let stats = daemon.new_stats(&route.name);
+            daemon.spawn(
+                Prepared {
+                    route: route.clone(),
+                    socket,
+                    listener,
+                },
+                stats,
+            );
         }
         passed.close_unclaimed();
         daemon.publish_routes();
@@ -179,12 +245,20 @@ impl Daemon {
         })
     }
 
-    fn spawn(&mut self, route: &Route, listener: std::net::TcpListener) -> anyhow::Result<()> {
-        let listener = tokio::net::TcpListener::from_std(listener)
-            .with_context(|| format!("route {:?}: cannot register the listener", route.name))?;
+    fn new_stats(&self, name: &str) -> Arc<RouteStats> {
+        Arc::new(RouteStats::new(self.state.metrics.connect_histogram(name)))
+    }
+
+    /// Starts the accept loop of `prepared` with `stats` (fresh, or carried over from the route
+    /// of the same name).
+    fn spawn(&mut self, prepared: Prepared, stats: Arc<RouteStats>) {
+        let Prepared {
+            route,
+            socket,
+            listener,
+        } = prepared;
         tracing::info!(route = %route.name, listen = %route.listen, upstream = %route.upstream, "listening");
-        let (tx, rx) = watch::channel(self.settings_for(route));
-        let stats = Arc::new(RouteStats::new(self.state.metrics.connect_histogram(&route.name)));
+        let (tx, rx) = watch::channel(self.settings_for(&route));
         let task = RouteListener::new(
             listener,
             rx,
@@ -193,12 +267,13 @@ impl Daemon {
             self.drain.handle(),
         );
         self.routes.push(Running {
+            name: route.name.clone(),
             listen: route.listen,
+            socket,
             settings: tx,
             stats,
             task: tokio::spawn(task.run()),
         });
-        Ok(())
     }
 
     fn publish_routes(&self) {
@@ -219,15 +294,16 @@ impl Daemon {
             .iter()
             .map(|r| r.stats.live.load(Ordering::Relaxed))
             .sum();
-        format!("{} routes, {live} live connections", self.routes.len())
+        let nat = match self.state.nat() {
+            NatStatus::Disabled => String::new(),
+            NatStatus::Pending => "; NAT not applied yet".into(),
+            NatStatus::Ok => "; NAT in place".into(),
+            NatStatus::Failed(reason) => format!("; NAT FAILED: {reason}"),
+        };
+        format!("{} routes, {live} live connections{nat}", self.routes.len())
     }
 
-    async fn serve(mut self) -> anyhow::Result<()> {
-        let mut hangup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
-        let mut terminate = signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
-        let mut interrupt = signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
-        let mut user2 = signal(SignalKind::user_defined2()).context("cannot install the SIGUSR2 handler")?;
-        let mut user1 = signal(SignalKind::user_defined1()).context("cannot install the SIGUSR1 handler")?;
+    async fn serve(mut self, mut signals: Signals) -> anyhow::Result<()> {
         let faults = std::env::var(FAULTS_ENV).unwrap_or_default();
         let stall_on_usr2 = faults.contains("stall-on-sigusr2");
         let kill_accept_on_usr1 = faults.contains("kill-accept-on-sigusr1");
@@ -235,17 +311,17 @@ impl Daemon {
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = hangup.recv() => self.reload().await,
-                _ = terminate.recv() => { tracing::info!("SIGTERM received"); break; }
-                _ = interrupt.recv() => { tracing::info!("SIGINT received"); break; }
+                _ = signals.hangup.recv() => self.reload().await,
+                _ = signals.terminate.recv() => { tracing::info!("SIGTERM received"); break; }
+                _ = signals.interrupt.recv() => { tracing::info!("SIGINT received"); break; }
                 _ = heartbeat.tick() => self.beat(),
-                _ = user1.recv() => {
+                _ = signals.user1.recv() => {
                     if let (true, Some(first)) = (kill_accept_on_usr1, self.routes.first()) {
                         tracing::warn!("test fault: aborting the first route's accept loop");
                         first.task.abort();
                     }
                 }
-                _ = user2.recv() => {
+                _ = signals.user2.recv() => {
                     if stall_on_usr2 {
                         tracing::warn!("test fault: stalling every worker thread");
                         for _ in 0..self.config.workers + 1 {
@@ -266,9 +342,8 @@ impl Daemon {
         for running in &self.routes {
             if running.task.is_finished() {
                 all_alive = false;
-                let name = running.settings.borrow().route.name.clone();
                 self.state.set_problem(
-                    &format!("route {name}"),
+                    &format!("route {}", running.name),
                     Some(format!("accept loop on {} ended unexpectedly", running.listen)),
                 );
             }
@@ -319,35 +394,32 @@ impl Daemon {
             }
         }
 
+        // Everything that can fail comes first, so a reload applies whole or not at all: a
+        // listener for every route that is new or moves. An address another route holds now is
+        // handed over as the same socket; any other is bound.
         let mut fresh = Vec::new();
         for route in &new.routes {
-            if self.routes.iter().any(|r| r.listen == route.listen) {
+            if self
+                .routes
+                .iter()
+                .any(|r| r.name == route.name && r.listen == route.listen)
+            {
                 continue;
             }
-            match crate::net::listen(route.listen) {
-                Ok(listener) => fresh.push((route.clone(), listener)),
+            match self.prepare(route) {
+                Ok(prepared) => fresh.push(prepared),
                 Err(e) => {
                     tracing::error!(
                         route = %route.name,
                         listen = %route.listen,
-                        error = %e,
-                        "reload rejected: cannot listen on the new address (if a route being removed holds an overlapping address, restart ferryd instead); the running configuration stays in force"
+                        error = %format!("{e:#}"),
+                        "reload rejected: cannot listen on the route's address (if a route being removed holds an overlapping address, restart ferryd instead); the running configuration stays in force"
                     );
                     return Err(());
                 }
             }
         }
 
-        let (kept, removed): (Vec<Running>, Vec<Running>) = std::mem::take(&mut self.routes)
-            .into_iter()
-            .partition(|r| new.routes.iter().any(|route| route.listen == r.listen));
-        for gone in removed {
-            let name = gone.settings.borrow().route.name.clone();
-            drop(gone.settings);
-            let _ = gone.task.await;
-            self.state.set_problem(&format!("route {name}"), None);
-            tracing::info!(route = %name, listen = %gone.listen, "route removed; its live connections continue");
-        }
         // Settings that need a restart keep their running values, so the effective
         // configuration stays the one really in force.
         let mut new = new;
@@ -364,32 +436,83 @@ impl Daemon {
             }
             changed
         });
-        self.routes = kept;
-        for running in &self.routes {
-            if let Some(route) = self
-                .config
-                .routes
-                .iter()
-                .find(|route| route.listen == running.listen)
-            {
-                let settings = self.settings_for(route);
-                running.settings.send_if_modified(|current| {
-                    let changed = **current != *settings;
-                    if changed {
-                        *current = settings;
+
+        // Routes keep their identity by name: counters and live connections (and so the
+        // max_connections accounting) follow a route to its new address.
+        let mut carried = Vec::new();
+        for running in std::mem::take(&mut self.routes) {
+            match self.config.routes.iter().find(|r| r.name == running.name) {
+                Some(route) if route.listen == running.listen => {
+                    let settings = self.settings_for(route);
+                    running.settings.send_if_modified(|current| {
+                        let changed = **current != *settings;
+                        if changed {
+                            *current = settings;
+                        }
+                        changed
+                    });
+                    self.routes.push(running);
+                }
+                moved_or_gone => {
+                    let Running {
+                        name,
+                        listen,
+                        settings,
+                        stats,
+                        task,
+                        ..
+                    } = running;
+                    drop(settings);
+                    let _ = task.await;
+                    match moved_or_gone {
+                        Some(route) => {
+                            tracing::info!(route = %name, from = %listen, to = %route.listen, "route moved; its live connections continue and keep counting");
+                            carried.push((name, stats));
+                        }
+                        None => {
+                            self.state.set_problem(&format!("route {name}"), None);
+                            tracing::info!(route = %name, %listen, "route removed; its live connections continue");
+                        }
                     }
-                    changed
-                });
+                }
             }
         }
-        for (route, listener) in fresh {
-            if let Err(e) = self.spawn(&route, listener) {
-                tracing::error!(route = %route.name, error = %format!("{e:#}"), "cannot start the new route");
-            }
+        for prepared in fresh {
+            let stats = match carried.iter().position(|(name, _)| *name == prepared.route.name) {
+                Some(i) => carried.swap_remove(i).1,
+                None => self.new_stats(&prepared.route.name),
+            };
+            self.spawn(prepared, stats);
         }
+        let order = |name: &str| self.config.routes.iter().position(|r| r.name == name);
+        let mut routes = std::mem::take(&mut self.routes);
+        routes.sort_by_key(|r| order(&r.name));
+        self.routes = routes;
         self.publish_routes();
         tracing::info!(config = %path.display(), routes = self.routes.len(), "configuration reloaded");
         Ok(())
+    }
+
+    /// A listener for `route`: the socket a running route holds on that address, or a new one.
+    fn prepare(&self, route: &Route) -> anyhow::Result<Prepared> {
+        let socket = match self.routes.iter().find(|r| r.listen == route.listen) {
+            Some(holder) => holder
+                .socket
+                .try_clone()
+                .context("cannot duplicate the listening socket")?,
+            None => crate::net::listen(route.listen)?,
+        };
+        let listener = tokio::net::TcpListener::from_std(
+            socket
+                .try_clone()
+                .context("cannot duplicate the listening socket")?,
+        )
+        .context("cannot register the listener")?;
+        Ok(Prepared {
+            route: route.clone(),
+            socket,
+            listener,
+        })
     }
 
     async fn stop(self) {

@@ -43,9 +43,17 @@ fn nat(action: NatAction) -> ExitCode {
     let result = match action {
         NatAction::Up { config } => load(&config).and_then(|c| {
             if !c.nat.enabled {
+                // Off in the configuration: undo what an earlier configuration left, as the
+                // daemon does at start and reload.
+                let undone = ferryd::nat::clear().map_err(|e| e.to_string())?;
                 println!(
-                    "{}: NAT is not enabled ([nat] enabled = true); nothing to do",
-                    config.display()
+                    "{}: NAT is not enabled ([nat] enabled = true); {}",
+                    config.display(),
+                    if undone {
+                        "removed ferryd's earlier rules and restored ip_forward"
+                    } else {
+                        "nothing to do"
+                    }
                 );
                 return Ok(true);
             }

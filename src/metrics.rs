@@ -230,6 +230,19 @@ pub fn render(state: &State) -> String {
         ),
     );
 
+    let nat_state = Family::<OneLabel, Gauge>::default();
+    let nat = state.nat().name();
+    for name in crate::health::state::NatStatus::NAMES {
+        nat_state
+            .get_or_create(&one("state", name))
+            .set(i64::from(name == nat));
+    }
+    registry.register(
+        "nat_state",
+        "NAT as the reconcile loop last found it: 1 for the current state (disabled, pending, ok, failed), 0 for the others",
+        nat_state,
+    );
+
     let healthy = Gauge::<i64>::default();
     healthy.set(i64::from(state.verdict().is_ok()));
     registry.register(

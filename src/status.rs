@@ -122,6 +122,12 @@ fn summarize(doc: &serde_json::Value) -> String {
             ));
         }
     }
+    let nat = &doc["nat"];
+    match (nat["state"].as_str(), nat["reason"].as_str()) {
+        (Some(state), Some(reason)) => out.push_str(&format!("nat:      {state}: {reason}\n")),
+        (Some(state), None) => out.push_str(&format!("nat:      {state}\n")),
+        _ => {}
+    }
     let relay = &doc["relay"];
     out.push_str(&format!(
         "relay:    {} B spliced, {} B copied, fallbacks {} (no pipe) / {} (refused), pipes {} in use / {} pooled\n",

@@ -346,9 +346,10 @@ fn status_command_without_a_daemon_says_so() {
 }
 
 /// NAT that cannot be put in place (here: iptables is not on PATH) is loud and contained: the
-/// log and the probe name the command, and the relay keeps working.
+/// log, /status, STATUS= material and metrics name it, the probe stays 200 (the relay is what the
+/// balancer needs), and the relay keeps working. READY does not wait for NAT.
 #[test]
-fn nat_failure_is_reported_and_the_relay_keeps_working() {
+fn nat_failure_is_reported_beside_health_and_the_relay_keeps_working() {
     let upstream = Upstream::echo();
     let relay_port = free_port();
     let config = format!(
@@ -363,12 +364,61 @@ fn nat_failure_is_reported_and_the_relay_keeps_working() {
         .unwrap();
     assert!(logged.contains("iptables is not installed"), "{logged}");
     let answer = daemon.health_request("GET /healthz HTTP/1.0\r\n\r\n").unwrap();
-    assert_eq!(status_code(&answer), Some(503), "{answer}");
-    assert!(body(&answer).starts_with("nat: `iptables --version`"), "{answer}");
+    assert_eq!(
+        status_code(&answer),
+        Some(200),
+        "NAT must not fail the probe: {answer}"
+    );
+    let status = daemon.health_request("GET /status HTTP/1.0\r\n\r\n").unwrap();
+    let doc: serde_json::Value = serde_json::from_str(body(&status)).unwrap();
+    assert_eq!(doc["ready"], true, "{doc}");
+    assert_eq!(doc["nat"]["state"], "failed", "{doc}");
+    assert!(
+        doc["nat"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("iptables is not installed"),
+        "{doc}"
+    );
     let mut client = TcpStream::connect(local(relay_port)).unwrap();
     echo_roundtrip(&mut client, b"relay unaffected").unwrap();
     let scrape = scrape(daemon.health_port.unwrap());
     assert!(metric(&scrape, "ferryd_nat_reconciles_total", &[("event", "failed")]).unwrap() >= 1.0);
+    assert_eq!(
+        metric(&scrape, "ferryd_nat_state", &[("state", "failed")]),
+        Some(1.0)
+    );
+    assert_eq!(metric(&scrape, "ferryd_nat_state", &[("state", "ok")]), Some(0.0));
+    assert_eq!(metric(&scrape, "ferryd_healthy", &[]), Some(1.0));
+}
+
+/// `[health] require_nat = true` (pools of several proxy VMs): a NAT failure takes this VM out
+/// of the pool, with NAT's reason as the probe's body.
+#[test]
+fn require_nat_makes_a_nat_failure_fail_the_probe() {
+    let upstream = Upstream::echo();
+    let relay_port = free_port();
+    let health_port = free_port();
+    let config = format!(
+        "{}\n[health]\nlisten = \"127.0.0.1:{health_port}\"\nrequire_nat = true\n\n[nat]\nsources = [\"10.0.1.4/32\"]\nout_interface = \"eth0\"\n",
+        config_one_route(relay_port, upstream.addr, "", "")
+    );
+    let daemon = Daemon::start_with(&config, |c| {
+        c.env("PATH", "/nonexistent");
+    });
+    daemon
+        .wait_for_log("cannot put the NAT rules in place", Duration::from_secs(5))
+        .unwrap();
+    let answer = http_from(
+        std::net::Ipv4Addr::LOCALHOST,
+        health_port,
+        "GET /healthz HTTP/1.0\r\n\r\n",
+    )
+    .unwrap();
+    assert_eq!(status_code(&answer), Some(503), "{answer}");
+    assert!(body(&answer).starts_with("nat: `iptables --version`"), "{answer}");
+    let mut client = TcpStream::connect(local(relay_port)).unwrap();
+    echo_roundtrip(&mut client, b"relay unaffected").unwrap();
 }
 
 /// With shutdown_grace, SIGTERM turns the probe to 503 at once while the relay keeps accepting

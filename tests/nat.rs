@@ -573,3 +573,297 @@ fn nat_up_with_iptables_1_6_1_holds_the_xtables_lock() {
         Ok("192.0.2.2".to_string())
     );
 }
+
+/// The real iptables tools behind the stand-ins: (iptables, iptables-save, iptables-restore).
+fn real_tools() -> Option<(String, String, String)> {
+    let restore = ["/usr/sbin/iptables-nft-restore", "/usr/sbin/iptables-restore"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())?;
+    Some((
+        restore.replace("-restore", ""),
+        restore.replace("-restore", "-save"),
+        restore.to_string(),
+    ))
+}
+
+/// A directory of stand-in tools to put first on PATH.
+fn stand_ins(tools: &[(&str, String)]) -> TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("stand-ins");
+    for (name, body) in tools {
+        let path = dir.path().join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    dir
+}
+
+fn path_with(dir: &TempDir) -> String {
+    format!(
+        "{}:{}",
+        dir.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    )
+}
+
+/// GET on the proxy's health endpoint from inside its namespace: "STATUS BODY".
+fn health_in_proxy(topo: &Topology, path: &str) -> String {
+    let script = format!(
+        "import http.client; c = http.client.HTTPConnection('127.0.0.1', 60080, timeout=5); c.request('GET', '{path}'); r = c.getresponse(); print(r.status, r.read().decode().strip())"
+    );
+    let out = Command::new("ip")
+        .args(["netns", "exec", &topo.ns("proxy"), "python3", "-c", &script])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// The banner of the build VM's port 22 read through the relay from the load balancer's side.
+fn banner_through_relay(topo: &Topology) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &topo.ns("lb"), "python3", "-c"])
+        .arg("import socket; s = socket.create_connection(('10.0.0.5', 60001), timeout=5); print(s.recv(64).decode().strip())")
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn start_echo_sshd(topo: &mut Topology) {
+    topo.spawn("buildvm", &["python3", "-c", ECHO]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !topo.sh("buildvm", "ss -ltnH").contains(":22 ") {
+        assert!(Instant::now() < deadline, "port 22 did not open in the build VM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Runs the daemon in the proxy namespace with `path` as its PATH.
+fn daemon_in_proxy(topo: &Topology, config: &str, path: &str) -> Daemon {
+    let ns = topo.ns("proxy");
+    let state = topo.state.path().to_path_buf();
+    let path = path.to_string();
+    Daemon::spawn_command(config, |file| {
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", &ns, BIN, "run", "--config"])
+            .arg(file)
+            .env("STATE_DIRECTORY", &state)
+            .env("PATH", &path);
+        command
+    })
+}
+
+/// NAT fails closed: an iptables-restore that rejects the nat table's input (after the filter
+/// table went in) leaves ip_forward as it was, no ferryd rule behind, and the build VM without a
+/// way out.
+#[test]
+fn failed_nat_up_leaves_forwarding_off_and_no_rule_behind() {
+    if !can_run() {
+        return;
+    }
+    let Some((_, _, real_restore)) = real_tools() else {
+        eprintln!("SKIPPED: no iptables-restore to stand behind");
+        return;
+    };
+    let tools = stand_ins(&[(
+        "iptables-restore",
+        format!(
+            "input=$(cat)\n\
+             case \"$input\" in *MASQUERADE*) echo 'iptables-restore: line 4 failed' >&2; exit 1;; esac\n\
+             printf '%s\\n' \"$input\" | exec {real_restore} \"$@\"\n"
+        ),
+    )]);
+    let mut topo = Topology::new();
+    topo.start_web(80);
+    let dir = TempDir::new("nat-config");
+    let config = write_config(&dir, &nat_config(""));
+    let up = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &topo.ns("proxy"),
+            BIN,
+            "nat",
+            "up",
+            "--config",
+            &config,
+        ])
+        .env("STATE_DIRECTORY", topo.state.path())
+        .env("PATH", path_with(&tools))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&up.stderr);
+    assert!(!up.status.success(), "nat up must fail: {stderr}");
+    assert!(stderr.contains("line 4 failed"), "{stderr}");
+    assert!(stderr.contains("removed again"), "{stderr}");
+    assert_eq!(
+        topo.sh("proxy", "cat /proc/sys/net/ipv4/ip_forward").trim(),
+        "0",
+        "ip_forward unchanged"
+    );
+    assert!(!topo.save("filter").contains("FERRYD"), "{}", topo.save("filter"));
+    assert!(!topo.save("nat").contains("FERRYD"), "{}", topo.save("nat"));
+    assert!(
+        topo.get_from_buildvm("http://192.0.2.1/").is_err(),
+        "nothing is forwarded"
+    );
+}
+
+/// A hung iptables never holds the relay: READY comes at once, the relay and the probe work,
+/// the stuck command is killed after its bound and reported, and NAT converges once iptables
+/// answers again.
+#[test]
+fn hung_iptables_is_killed_after_its_bound_and_never_delays_the_relay() {
+    if !can_run() {
+        return;
+    }
+    let Some((_, _, real_restore)) = real_tools() else {
+        eprintln!("SKIPPED: no iptables-restore to stand behind");
+        return;
+    };
+    let hang = TempDir::new("hang-flag");
+    let flag = hang.path().join("hang");
+    std::fs::write(&flag, "").unwrap();
+    // `exec -a` gives the sleeping process a name this test can look for afterwards.
+    let tools = stand_ins(&[(
+        "iptables-restore",
+        format!(
+            "if [ -e {flag} ]; then bash -c 'exec -a ferryd-test-hung-restore sleep 600'; fi\nexec {real_restore} \"$@\"\n",
+            flag = flag.display()
+        ),
+    )]);
+    let mut topo = Topology::new();
+    start_echo_sshd(&mut topo);
+    let started = Instant::now();
+    let daemon = daemon_in_proxy(
+        &topo,
+        &nat_config("reconcile_interval = \"1s\""),
+        &path_with(&tools),
+    );
+    assert!(
+        daemon
+            .wait_for_log(" ready config=", Duration::from_secs(5))
+            .is_some(),
+        "{}",
+        daemon.log()
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(
+        banner_through_relay(&topo).starts_with("SSH-2.0-"),
+        "{}",
+        daemon.log()
+    );
+    assert!(
+        health_in_proxy(&topo, "/healthz").starts_with("200"),
+        "{}",
+        daemon.log()
+    );
+    assert!(
+        health_in_proxy(&topo, "/status").contains("\"state\":\"pending\""),
+        "{}",
+        health_in_proxy(&topo, "/status")
+    );
+
+    let killed = daemon
+        .wait_for_log(
+            "did not finish within 20s and was killed",
+            Duration::from_secs(30),
+        )
+        .unwrap_or_else(|| panic!("{}", daemon.log()));
+    assert!(killed.contains("cannot put the NAT rules in place"), "{killed}");
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_secs(19), "killed after {waited:?}");
+    let leftovers = Command::new("pgrep")
+        .args(["-f", "ferryd-test-hung-restore"])
+        .output()
+        .unwrap();
+    assert!(
+        leftovers.stdout.is_empty(),
+        "the hung command's processes were left: {}",
+        String::from_utf8_lossy(&leftovers.stdout)
+    );
+    assert!(health_in_proxy(&topo, "/status").contains("\"state\":\"failed\""));
+    assert!(health_in_proxy(&topo, "/healthz").starts_with("200"));
+
+    std::fs::remove_file(&flag).unwrap();
+    assert!(
+        daemon
+            .wait_for_log("NAT rules installed", Duration::from_secs(10))
+            .is_some(),
+        "{}",
+        daemon.log()
+    );
+    assert!(health_in_proxy(&topo, "/status").contains("\"state\":\"ok\""));
+    assert_eq!(topo.sh("proxy", "cat /proc/sys/net/ipv4/ip_forward").trim(), "1");
+}
+
+/// `[nat]` removed: at the reload, and at a start, ferryd's rules and chains go and ip_forward
+/// is restored, as `ferryd nat down` does; the relay is untouched.
+#[test]
+fn turning_nat_off_removes_the_rules_at_reload_and_at_start() {
+    if !can_run() {
+        return;
+    }
+    let mut topo = Topology::new();
+    topo.start_web(80);
+    start_echo_sshd(&mut topo);
+    let path = std::env::var("PATH").unwrap_or_default();
+    let config = nat_config("reconcile_interval = \"1s\"");
+    let without_nat = config[..config.find("[nat]").unwrap()].to_string();
+
+    // Reload.
+    let mut daemon = daemon_in_proxy(&topo, &config, &path);
+    assert!(
+        daemon
+            .wait_for_log("NAT rules installed", Duration::from_secs(10))
+            .is_some(),
+        "{}",
+        daemon.log()
+    );
+    assert_eq!(
+        topo.get_from_buildvm("http://192.0.2.1/"),
+        Ok("192.0.2.2".to_string())
+    );
+    daemon.rewrite_config(&without_nat);
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    assert!(
+        daemon
+            .wait_for_log(
+                "NAT is off in the configuration: ferryd's rules",
+                Duration::from_secs(10)
+            )
+            .is_some(),
+        "{}",
+        daemon.log()
+    );
+    assert!(!topo.save("filter").contains("FERRYD"));
+    assert!(!topo.save("nat").contains("FERRYD"));
+    assert_eq!(topo.sh("proxy", "cat /proc/sys/net/ipv4/ip_forward").trim(), "0");
+    assert!(topo.get_from_buildvm("http://192.0.2.1/").is_err());
+    assert!(health_in_proxy(&topo, "/status").contains("\"state\":\"disabled\""));
+    assert!(banner_through_relay(&topo).starts_with("SSH-2.0-"));
+    daemon.stop();
+
+    // Start: NAT left in place by a stopped daemon, then a start without [nat].
+    let up = topo.ferryd(&[
+        "nat",
+        "up",
+        "--config",
+        &write_config(&TempDir::new("c"), &config),
+    ]);
+    assert!(up.status.success());
+    assert!(topo.save("nat").contains("FERRYD"));
+    let daemon = daemon_in_proxy(&topo, &without_nat, &path);
+    assert!(
+        daemon
+            .wait_for_log(
+                "NAT is off in the configuration: ferryd's rules",
+                Duration::from_secs(10)
+            )
+            .is_some(),
+        "{}",
+        daemon.log()
+    );
+    assert!(!topo.save("nat").contains("FERRYD"));
+    assert_eq!(topo.sh("proxy", "cat /proc/sys/net/ipv4/ip_forward").trim(), "0");
+}

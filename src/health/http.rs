@@ -151,6 +151,7 @@ pub fn status_json(state: &State) -> serde_json::Value {
         })
         .collect();
     let relay = &state.engine.stats;
+    let nat = state.nat();
     let (pipes_alive, pipes_pooled) = state.engine.pipes().map_or((0, 0), |p| (p.alive(), p.idle()));
     serde_json::json!({
         "version": env!("CARGO_PKG_VERSION"),
@@ -166,6 +167,12 @@ pub fn status_json(state: &State) -> serde_json::Value {
             "fallback_refused": relay.fallback_refused.load(Ordering::Relaxed),
             "pipes_in_use": pipes_alive.saturating_sub(pipes_pooled),
             "pipes_pooled": pipes_pooled,
+        },
+        "nat": {
+            "state": nat.name(),
+            "reason": nat.problem(),
+            "repairs": state.nat_repairs.load(Ordering::Relaxed),
+            "failures": state.nat_failures.load(Ordering::Relaxed),
         },
         "reloads": {
             "ok": state.reloads_ok.load(Ordering::Relaxed),

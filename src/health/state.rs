@@ -30,6 +30,44 @@ pub enum Phase {
     Draining = 2,
 }
 
+/// NAT as the reconcile loop last found it. It is reported beside the relay's health, not in it:
+/// by default a NAT failure never makes the probe fail (`[health] require_nat` changes that).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NatStatus {
+    /// `[nat]` is off in the configuration.
+    Disabled,
+    /// Enabled, and the first reconcile has not finished yet.
+    Pending,
+    /// The rules and ip_forward are in place.
+    Ok,
+    /// The last reconcile failed; the reason, one line.
+    Failed(String),
+}
+
+impl NatStatus {
+    /// Every state's name, for the `ferryd_nat_state{state}` gauge.
+    pub const NAMES: [&'static str; 4] = ["disabled", "pending", "ok", "failed"];
+
+    /// The state's name in /status, metrics and STATUS=.
+    pub fn name(&self) -> &'static str {
+        match self {
+            NatStatus::Disabled => "disabled",
+            NatStatus::Pending => "pending",
+            NatStatus::Ok => "ok",
+            NatStatus::Failed(_) => "failed",
+        }
+    }
+
+    /// Why NAT is not in place, when it should be.
+    pub fn problem(&self) -> Option<String> {
+        match self {
+            NatStatus::Disabled | NatStatus::Ok => None,
+            NatStatus::Pending => Some("not applied yet".into()),
+            NatStatus::Failed(reason) => Some(reason.clone()),
+        }
+    }
+}
+
 /// A running route as the readers see it.
 #[derive(Clone, Debug)]
 pub struct RouteView {
@@ -49,6 +87,7 @@ pub struct State {
     problems: Mutex<BTreeMap<String, String>>,
     routes: RwLock<Vec<RouteView>>,
     health: RwLock<Arc<Health>>,
+    nat: Mutex<NatStatus>,
     /// The relay engine, for its counters and pipe pool.
     pub engine: Arc<Engine>,
     /// SIGHUP reloads applied.
@@ -74,6 +113,7 @@ impl State {
             problems: Mutex::new(BTreeMap::new()),
             routes: RwLock::new(Vec::new()),
             health: RwLock::new(Arc::new(health)),
+            nat: Mutex::new(NatStatus::Disabled),
             engine,
             reloads_ok: AtomicU64::new(0),
             reloads_rejected: AtomicU64::new(0),
@@ -112,8 +152,8 @@ impl State {
         self.started.elapsed().saturating_sub(Duration::from_millis(last))
     }
 
-    /// Sets or clears a named problem ("route ssh", "nat", ...). A problem makes the health
-    /// endpoint answer 503 with its reason.
+    /// Sets or clears a named problem ("route ssh", ...). A problem makes the health endpoint
+    /// answer 503 with its reason, so only the relay's own problems belong here.
     pub fn set_problem(&self, key: &str, problem: Option<String>) {
         let mut problems = self.problems.lock().unwrap_or_else(|p| p.into_inner());
         match problem {
@@ -141,10 +181,25 @@ impl State {
             ));
         }
         let problems = self.problems.lock().unwrap_or_else(|p| p.into_inner());
-        match problems.iter().next() {
-            Some((key, reason)) => Err(format!("{key}: {reason}")),
-            None => Ok(()),
+        if let Some((key, reason)) = problems.iter().next() {
+            return Err(format!("{key}: {reason}"));
         }
+        if self.health().require_nat
+            && let Some(reason) = self.nat().problem()
+        {
+            return Err(format!("nat: {reason}"));
+        }
+        Ok(())
+    }
+
+    /// NAT's state, as the reconcile loop last set it.
+    pub fn nat(&self) -> NatStatus {
+        self.nat.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Records NAT's state; returns the one it replaces.
+    pub fn set_nat(&self, status: NatStatus) -> NatStatus {
+        std::mem::replace(&mut *self.nat.lock().unwrap_or_else(|p| p.into_inner()), status)
     }
 
     /// Replaces the list of running routes.

@@ -1,8 +1,9 @@
-//! Running iptables-save and iptables-restore: version detection, the xtables lock, and errors
-//! that name the command and repeat its stderr.
+//! Running iptables-save and iptables-restore: version detection, the xtables lock, a bound on
+//! every run, and errors that name the command and repeat its stderr.
 
 use std::fs::OpenOptions;
-use std::io::Write;
+use std::io::{Read, Write};
+use std::os::unix::process::CommandExt as _;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -15,6 +16,13 @@ const XTABLES_LOCK: &str = "/run/xtables.lock";
 /// How long to wait for another tool to release it (iptables' own `--wait` default is forever;
 /// a bounded wait turns a stuck holder into an error that names the lock).
 const LOCK_WAIT: Duration = Duration::from_secs(10);
+/// The longest any one iptables command may run before it is killed: the lock wait plus ample
+/// time for the work itself (a restore of ferryd's few rules takes milliseconds). A hung
+/// iptables, or a lock holder that never lets go, then costs one failed reconcile, retried at
+/// the next interval, instead of a NAT task stuck for ever.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(20);
+/// How often a running command is checked for having finished.
+const POLL_EVERY: Duration = Duration::from_millis(10);
 
 /// The iptables tools found on this host.
 #[derive(Debug, Clone)]
@@ -61,13 +69,26 @@ impl Iptables {
     /// `iptables-restore --noflush` with `input`, under the xtables lock.
     pub fn restore(&self, input: &str) -> Result<(), NatError> {
         if self.restore_waits {
-            run("iptables-restore", &["--noflush", "--wait"], Some(input)).map(|_| ())
+            // 1.6.2+ takes the lock itself; bound its wait, never `--wait` alone (for ever).
+            let seconds = LOCK_WAIT.as_secs().to_string();
+            run(
+                "iptables-restore",
+                &["--noflush", "--wait", &seconds],
+                Some(input),
+            )
+            .map(|_| ())
         } else {
             // iptables 1.6.1 (Ubuntu 18.04): restore neither waits for nor takes the lock.
             let _lock = xtables_lock()?;
             run("iptables-restore", &["--noflush"], Some(input)).map(|_| ())
         }
     }
+}
+
+/// Whether an `iptables` program is on PATH, without running it.
+pub fn installed() -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join("iptables").is_file()))
 }
 
 fn xtables_lock() -> Result<Flock<std::fs::File>, NatError> {
@@ -103,8 +124,19 @@ fn xtables_lock() -> Result<Flock<std::fs::File>, NatError> {
 }
 
 /// Runs `program args`, feeding `stdin`; returns stdout, or an error naming the command with its
-/// exit status and stderr.
+/// exit status and stderr. The command runs in a process group of its own and is killed, group
+/// and all, when it outlives [`COMMAND_TIMEOUT`]: a wrapper script's children go too, so no pipe
+/// is left open behind it.
 fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, NatError> {
+    run_bounded(program, args, stdin, COMMAND_TIMEOUT)
+}
+
+fn run_bounded(
+    program: &str,
+    args: &[&str],
+    stdin: Option<&str>,
+    limit: Duration,
+) -> Result<String, NatError> {
     let shown = format!("{program} {}", args.join(" "));
     let mut child = Command::new(program)
         .args(args)
@@ -115,6 +147,7 @@ fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, NatE
         })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        .process_group(0)
         .spawn()
         .map_err(|e| match e.kind() {
             std::io::ErrorKind::NotFound => NatError(format!(
@@ -122,20 +155,90 @@ fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, NatE
             )),
             _ => NatError(format!("`{shown}` could not start: {e}")),
         })?;
-    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(input.as_bytes())
-            .map_err(|e| NatError(format!("`{shown}`: cannot write its input: {e}")))?;
-    }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| NatError(format!("`{shown}` failed: {e}")))?;
-    if !out.status.success() {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let mut message = format!("`{shown}` failed ({}): {}", out.status, stderr.trim());
+    let deadline = Instant::now() + limit;
+    // Input and output move on threads of their own, so a command that neither reads nor exits
+    // cannot hold this one past the deadline.
+    let feeder = match (stdin, child.stdin.take()) {
+        (Some(input), Some(mut pipe)) => {
+            let input = input.to_string();
+            Some(std::thread::spawn(move || pipe.write_all(input.as_bytes())))
+        }
+        _ => None,
+    };
+    let stdout = child.stdout.take().map(collect);
+    let stderr = child.stderr.take().map(collect);
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(POLL_EVERY),
+            Ok(None) => {
+                // SAFETY: signalling the process group this function created; the child has not
+                // been reaped, so its id cannot have been reused.
+                unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+                let _ = child.wait();
+                return Err(NatError(format!(
+                    "`{shown}` did not finish within {} and was killed (a hung iptables, or the xtables lock held by another program)",
+                    humantime::format_duration(limit)
+                )));
+            }
+            Err(e) => return Err(NatError(format!("`{shown}` failed: {e}"))),
+        }
+    };
+    let fed = feeder.map(|f| f.join());
+    let out = stdout.map(|h| h.join().unwrap_or_default()).unwrap_or_default();
+    let err = stderr.map(|h| h.join().unwrap_or_default()).unwrap_or_default();
+    if !status.success() {
+        let stderr = String::from_utf8_lossy(&err);
+        let mut message = format!("`{shown}` failed ({status}): {}", stderr.trim());
         if let Some(input) = stdin {
             message.push_str(&format!("\ninput was:\n{input}"));
         }
         return Err(NatError(message));
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    if let Some(Ok(Err(e))) = fed {
+        return Err(NatError(format!("`{shown}`: cannot write its input: {e}")));
+    }
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// Reads a child's output to the end on a thread of its own.
+fn collect(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let _ = pipe.read_to_end(&mut bytes);
+        bytes
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hung_command_and_its_children_are_killed_at_the_bound() {
+        let started = Instant::now();
+        // The shell's child keeps stdout open: only killing the group lets the readers finish.
+        let e = run_bounded(
+            "sh",
+            &["-c", "sleep 30 & sleep 30"],
+            None,
+            Duration::from_millis(300),
+        )
+        .unwrap_err();
+        assert!(e.0.contains("did not finish within 300ms and was killed"), "{e}");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[test]
+    fn output_and_failures_are_reported() {
+        assert_eq!(run("sh", &["-c", "cat"], Some("in\n")).unwrap(), "in\n");
+        let e = run("sh", &["-c", "echo nope >&2; exit 3"], None).unwrap_err();
+        assert!(e.0.contains("exit status: 3") && e.0.contains("nope"), "{e}");
+        let e = run("ferryd-no-such-program", &[], None).unwrap_err();
+        assert!(e.0.contains("is not installed"), "{e}");
+    }
 }

@@ -105,38 +105,93 @@ fn drift_of(wanted: &Wanted, live: &LiveTables) -> Option<String> {
     rules::drift(wanted, NAT, &live.nat).or_else(|| rules::drift(wanted, FILTER, &live.filter))
 }
 
-/// Makes the live state match `nat`: IP forwarding on, ferryd's chains and jumps as wanted.
+/// Makes the live state match `nat`: ferryd's chains and jumps as wanted, then IP forwarding on.
 /// Changes nothing when everything is already in place, so it is both `nat up` and the
 /// reconcile step.
+///
+/// It fails closed. The filter table (the forwarding accepts and, with `allow_destinations`, the
+/// DROP that limits egress) is applied before the nat table's MASQUERADE, and ip_forward is
+/// turned on last, so no step can leave masquerading without its filter or forwarding without
+/// its rules. When a first install fails part-way, what it applied is removed again.
 pub fn reconcile(nat: &Nat) -> Result<Applied, NatError> {
     let ipt = Iptables::detect()?;
     let wanted = rules::wanted(nat, &out_interface(nat)?);
-    let forward_was_off = enable_forwarding()?;
     let live = read_live(&ipt)?;
-    let drift = drift_of(&wanted, &live);
-    let Some(reason) = drift else {
-        return Ok(if forward_was_off {
-            Applied::Repaired("net.ipv4.ip_forward was 0".into())
-        } else {
-            Applied::InSync
-        });
-    };
     let fresh = !live.nat.chain_exists && !live.filter.chain_exists;
-    let mut input = String::new();
-    rules::apply_input(&wanted, NAT, &live.nat, &mut input);
-    rules::apply_input(&wanted, FILTER, &live.filter, &mut input);
-    ipt.restore(&input)?;
-    if let Some(still) = drift_of(&wanted, &read_live(&ipt)?) {
+    let drift = drift_of(&wanted, &live);
+    let forwarding = read_forwarding()? == "1";
+    if drift.is_none() && forwarding {
+        return Ok(Applied::InSync);
+    }
+    match apply(&ipt, &wanted, &live) {
+        Ok(()) if fresh => Ok(Applied::Installed),
+        Ok(()) => Ok(Applied::Repaired(
+            drift.unwrap_or_else(|| "net.ipv4.ip_forward was 0".into()),
+        )),
+        Err(e) if fresh => Err(match remove_chains(&ipt) {
+            Ok(()) => NatError(format!(
+                "{e}\n(the rules applied before the failure were removed again)"
+            )),
+            Err(undo) => NatError(format!("{e}\nand removing what was applied failed too: {undo}")),
+        }),
+        Err(e) => Err(e),
+    }
+}
+
+/// The steps of [`reconcile`], in their fail-closed order: filter, nat, a check, forwarding.
+fn apply(ipt: &Iptables, wanted: &Wanted, live: &LiveTables) -> Result<(), NatError> {
+    let mut changed = false;
+    for (table, live) in [(FILTER, &live.filter), (NAT, &live.nat)] {
+        if rules::drift(wanted, table, live).is_some() {
+            let mut input = String::new();
+            rules::apply_input(wanted, table, live, &mut input);
+            ipt.restore(&input)?;
+            changed = true;
+        }
+    }
+    if changed && let Some(still) = drift_of(wanted, &read_live(ipt)?) {
         return Err(NatError(format!(
             "applied the NAT rules with iptables {}, but they still differ: {still}",
             ipt.version
         )));
     }
-    Ok(if fresh {
-        Applied::Installed
-    } else {
-        Applied::Repaired(reason)
-    })
+    enable_forwarding()?;
+    Ok(())
+}
+
+/// Removes every jump to ferryd's chains and the chains, nat table first so masquerading never
+/// outlives the filter rules.
+fn remove_chains(ipt: &Iptables) -> Result<(), NatError> {
+    let live = read_live(ipt)?;
+    let mut input = String::new();
+    rules::remove_input(NAT, &live.nat, &mut input);
+    rules::remove_input(FILTER, &live.filter, &mut input);
+    if !input.is_empty() {
+        ipt.restore(&input)?;
+    }
+    Ok(())
+}
+
+/// What a configuration without NAT needs: ferryd's rules and chains removed if any are left
+/// from an earlier configuration, and ip_forward restored if ferryd changed it. Returns whether
+/// anything was there to undo. Without iptables on PATH there can be no rules to remove.
+pub fn clear() -> Result<bool, NatError> {
+    let mut undone = false;
+    if iptables::installed() {
+        let ipt = Iptables::detect()?;
+        let live = read_live(&ipt)?;
+        let present = live.nat.chain_exists
+            || live.filter.chain_exists
+            || !live.nat.jumps.is_empty()
+            || !live.filter.jumps.is_empty();
+        if present {
+            remove_chains(&ipt)?;
+            undone = true;
+        }
+    }
+    undone |= state_dir().join(SAVED_FORWARD_FILE).exists();
+    restore_forwarding()?;
+    Ok(undone)
 }
 
 /// Whether the live state matches `nat`; `Some(reason)` when it does not.
@@ -151,14 +206,7 @@ pub fn check(nat: &Nat) -> Result<Option<String>, NatError> {
 
 /// Removes every ferryd rule and chain, and restores ip_forward if ferryd changed it.
 pub fn down() -> Result<(), NatError> {
-    let ipt = Iptables::detect()?;
-    let live = read_live(&ipt)?;
-    let mut input = String::new();
-    rules::remove_input(NAT, &live.nat, &mut input);
-    rules::remove_input(FILTER, &live.filter, &mut input);
-    if !input.is_empty() {
-        ipt.restore(&input)?;
-    }
+    remove_chains(&Iptables::detect()?)?;
     restore_forwarding()
 }
 
@@ -249,8 +297,11 @@ fn enable_forwarding() -> Result<bool, NatError> {
             ))
         })?;
     }
-    std::fs::write(IP_FORWARD, "1\n")
-        .map_err(|e| NatError(format!("cannot write {IP_FORWARD} (needs CAP_NET_ADMIN): {e}")))?;
+    std::fs::write(IP_FORWARD, "1\n").map_err(|e| {
+        NatError(format!(
+            "cannot write {IP_FORWARD}: {e} (it needs CAP_NET_ADMIN, and under systemd a unit that leaves the file writable: ReadWritePaths={IP_FORWARD})"
+        ))
+    })?;
     Ok(true)
 }
 
