@@ -12,13 +12,16 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run { config } => {
             ferryd::logging::init();
-            match ferryd::daemon::run(&config) {
+            let code = match ferryd::daemon::run(&config) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");
                     ExitCode::FAILURE
                 }
-            }
+            };
+            // Lines are written by a thread of their own: let it finish before the process ends.
+            ferryd::logging::flush(std::time::Duration::from_secs(2));
+            code
         }
         Command::Nat { action } => nat(action),
         Command::Status { config, unit } => ferryd::status::run(&config, &unit),

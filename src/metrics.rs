@@ -213,6 +213,14 @@ pub fn render(state: &State) -> String {
         pipes,
     );
 
+    let buffers = Gauge::<i64>::default();
+    buffers.set(state.engine.buffers_lent() as i64);
+    registry.register(
+        "copy_buffers_in_use",
+        "Copy buffers lent to connections now; at most 1024 (16 KiB each), past which a direction waits",
+        buffers,
+    );
+
     registry.register(
         "reloads",
         "SIGHUP reloads, by result",
@@ -241,6 +249,14 @@ pub fn render(state: &State) -> String {
         "nat_state",
         "NAT as the reconcile loop last found it: 1 for the current state (disabled, pending, ok, failed), 0 for the others",
         nat_state,
+    );
+
+    let dropped = Counter::<u64>::default();
+    dropped.inc_by(crate::logging::dropped());
+    registry.register(
+        "log_lines_dropped",
+        "Log lines dropped because the journal or stderr did not keep up (the relay never waits for logging)",
+        dropped,
     );
 
     let healthy = Gauge::<i64>::default();

@@ -6,6 +6,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
@@ -67,9 +68,9 @@ pub async fn listen_with_retry(addr: SocketAddr, window: Duration) -> io::Result
     }
 }
 
-/// TCP_NODELAY (SSH keystrokes and WinRM requests are small and latency-bound) and keepalive
-/// (Azure silently drops flows idle for about 4 minutes) on a listening socket; Linux copies
-/// them into every socket it accepts. A failure is logged: the relay still works, only quiet
+/// TCP_NODELAY (SSH keystrokes and WinRM requests are small and latency-bound), keepalive
+/// (Azure silently drops flows idle for about 4 minutes) and SO_OOBINLINE on a listening socket;
+/// Linux copies them into every socket it accepts. A failure is logged: the relay still works, only quiet
 /// sessions become exposed to the idle cut.
 pub fn tune_listener(listener: &tokio::net::TcpListener, keepalive: &Keepalive) {
     if let Err(e) = tune_socket(SockRef::from(listener), keepalive) {
@@ -77,14 +78,39 @@ pub fn tune_listener(listener: &tokio::net::TcpListener, keepalive: &Keepalive) 
     }
 }
 
-/// TCP_NODELAY and keepalive on one socket (the upstream leg, before it connects).
+/// TCP_NODELAY, keepalive and SO_OOBINLINE on one socket (the upstream leg, before it
+/// connects). SO_OOBINLINE keeps TCP urgent data in the stream, so the relay passes it on in
+/// order instead of the kernel setting the byte aside, where a plain read never sees it.
 pub fn tune_socket(sock: SockRef<'_>, keepalive: &Keepalive) -> io::Result<()> {
     let params = TcpKeepalive::new()
         .with_time(keepalive.time)
         .with_interval(keepalive.interval)
         .with_retries(keepalive.probes);
     sock.set_tcp_nodelay(true)?;
+    sock.set_out_of_band_inline(true)?;
     sock.set_tcp_keepalive(&params)
+}
+
+/// Bytes waiting in `socket`'s receive queue (FIONREAD); zero when it cannot be read.
+pub fn unread_bytes(socket: &impl AsRawFd) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int through the pointer, which points at a live c_int.
+    let rc = unsafe { libc::ioctl(socket.as_raw_fd(), libc::FIONREAD as _, &mut n) };
+    if rc == 0 { n.max(0) as usize } else { 0 }
+}
+
+/// The ioctl that asks whether a socket's read position is at the urgent mark
+/// (asm-generic/sockios.h); the libc crate does not name it.
+const SIOCATMARK: u32 = 0x8905;
+
+/// Whether the next byte to read from `socket` is TCP's urgent mark (SIOCATMARK). The kernel
+/// stops every read and splice there: a read that ends short at the mark has not drained the
+/// socket, and a splice there returns EAGAIN (or 0, when a FIN follows) though bytes remain.
+pub fn at_urgent_mark(socket: &impl AsRawFd) -> bool {
+    let mut at: libc::c_int = 0;
+    // SAFETY: SIOCATMARK writes one int through the pointer, which points at a live c_int.
+    let rc = unsafe { libc::ioctl(socket.as_raw_fd(), SIOCATMARK as _, &mut at) };
+    rc == 0 && at != 0
 }
 
 /// Closes `stream` with a reset (SO_LINGER 0) instead of a FIN: the peer learns at once that the
@@ -166,6 +192,7 @@ mod tests {
         let (accepted, _) = listener.accept().await.unwrap();
         let sock = SockRef::from(&accepted);
         assert!(sock.tcp_nodelay().unwrap());
+        assert!(sock.out_of_band_inline().unwrap());
         assert!(sock.keepalive().unwrap());
         assert_eq!(sock.tcp_keepalive_time().unwrap(), Duration::from_secs(45));
         assert_eq!(sock.tcp_keepalive_interval().unwrap(), Duration::from_secs(7));

@@ -209,3 +209,153 @@ fn restart_after_sigkill_relays_within_a_second() {
     writer.join().unwrap();
     drain.join().unwrap();
 }
+
+fn rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// A guard on memory under slow readers: 1,000 connections whose upstream sends 1 MiB each while
+/// the clients read nothing grow ferryd's RSS by at most 32 MiB, and once the clients read,
+/// every byte arrives, byte-exact.
+#[test]
+fn slow_readers_keep_memory_bounded_and_lose_nothing() {
+    const CONNECTIONS: usize = 1000;
+    const EACH: u64 = 1024 * 1024;
+    let pattern = Arc::new(Pattern::new(7));
+    let sender = pattern.clone();
+    let upstream = Upstream::start(move |mut stream| {
+        let _ = sender.send(&mut stream, EACH);
+    });
+    let port = free_port();
+    let daemon = Daemon::start(&config_one_route(
+        port,
+        upstream.addr,
+        "",
+        // The upstream's accept backlog is small: under load some SYNs are retried.
+        "max_connections = 2000\nconnect_timeout = \"30s\"",
+    ));
+    let before = rss_kib(daemon.pid());
+    let clients: Vec<TcpStream> = (0..CONNECTIONS)
+        .map(|_| TcpStream::connect(local(port)).unwrap())
+        .collect();
+    // Wait until the upstream has pushed what it can and ferryd's memory has settled.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while upstream.accepted() < CONNECTIONS {
+        assert!(Instant::now() < deadline, "{}", daemon.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut peak = 0;
+    let mut last = 0;
+    loop {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = rss_kib(daemon.pid());
+        peak = peak.max(now);
+        if now == last || Instant::now() > deadline {
+            break;
+        }
+        last = now;
+    }
+    let grown_mib = peak.saturating_sub(before) as f64 / 1024.0;
+    assert!(
+        grown_mib <= 32.0,
+        "RSS grew by {grown_mib:.1} MiB ({before} KiB before, {peak} KiB at the peak)"
+    );
+    for (i, mut client) in clients.into_iter().enumerate() {
+        client.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let got = pattern
+            .verify(&mut client)
+            .unwrap_or_else(|e| panic!("connection {i}: {e}"));
+        assert_eq!(got, EACH, "connection {i}");
+    }
+    eprintln!("slow readers: RSS grew by {grown_mib:.1} MiB");
+}
+
+/// Logging never blocks the relay: with ferryd's stderr a pipe that nobody reads, 10,000
+/// connections are relayed and each completes; the lines that did not fit are dropped and
+/// counted, in metrics and in the next line that gets through.
+#[test]
+fn a_stalled_log_sink_never_blocks_the_relay() {
+    const CONNECTIONS: usize = 10_000;
+    let upstream = Upstream::echo();
+    let port = free_port();
+    let health_port = free_port();
+    let dir = TempDir::new("stalled-log");
+    let config = dir.path().join("ferryd.toml");
+    std::fs::write(
+        &config,
+        with_health(&config_one_route(port, upstream.addr, "", ""), health_port),
+    )
+    .unwrap();
+    let (read_end, write_end) = nix::unistd::pipe().unwrap();
+    let mut child = std::process::Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("FERRYD_LOG", "debug")
+        .env_remove("JOURNAL_STREAM")
+        .env_remove("NOTIFY_SOCKET")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::from(write_end))
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while http_from(Ipv4Addr::LOCALHOST, health_port, "GET /healthz HTTP/1.0\r\n\r\n")
+        .map_or(true, |r| !r.contains(" 200 "))
+    {
+        assert!(Instant::now() < deadline, "ferryd did not become ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for i in 0..CONNECTIONS {
+        let mut client = TcpStream::connect(local(port)).unwrap();
+        client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        echo_roundtrip(&mut client, b"ping").unwrap_or_else(|e| {
+            let _ = child.kill();
+            panic!("connection {i} stalled: {e}")
+        });
+    }
+    let scrape = http_from(Ipv4Addr::LOCALHOST, health_port, "GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let dropped: f64 = scrape
+        .lines()
+        .find_map(|l| l.strip_prefix("ferryd_log_lines_dropped_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no drop counter in {scrape}"));
+    assert!(dropped > 0.0, "nothing was dropped, so the pipe never filled");
+
+    // Now read the pipe: once a line gets through again it carries the count.
+    let reader = std::fs::File::from(read_end);
+    let lines = Arc::new(std::sync::Mutex::new(String::new()));
+    let sink = lines.clone();
+    std::thread::spawn(move || {
+        let mut reader = std::io::BufReader::new(reader);
+        let mut line = String::new();
+        while std::io::BufRead::read_line(&mut reader, &mut line).unwrap_or(0) > 0 {
+            sink.lock().unwrap().push_str(&line);
+            line.clear();
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let report = loop {
+        let mut client = TcpStream::connect(local(port)).unwrap();
+        let _ = echo_roundtrip(&mut client, b"after");
+        drop(client);
+        std::thread::sleep(Duration::from_millis(100));
+        if let Some(line) = lines
+            .lock()
+            .unwrap()
+            .lines()
+            .find(|l| l.contains("log_lines_dropped="))
+        {
+            break line.to_string();
+        }
+        assert!(Instant::now() < deadline, "no line reported the dropped lines");
+    };
+    let reported: u64 = field(&report, "log_lines_dropped").unwrap().parse().unwrap();
+    assert!(reported > 0, "{report}");
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -300,3 +300,209 @@ impl<W: Write> Write for SkipWriter<'_, W> {
         self.inner.flush()
     }
 }
+
+/// A stream still flowing when the drain timeout cuts it did not end on its own: both sides get
+/// a reset, never a clean end of stream that the upstream could take for a finished upload.
+#[test]
+fn drain_timeout_resets_streams_still_flowing_never_a_clean_fin() {
+    const CLIENTS: usize = 8;
+    for round in 0..3 {
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        let tx = std::sync::Mutex::new(tx);
+        let upstream = Upstream::start(move |mut stream| {
+            let mut buf = [0u8; 4096];
+            let end = loop {
+                match stream.read(&mut buf) {
+                    Ok(0) => break "eof".to_string(),
+                    Ok(_) => {}
+                    Err(e) if e.kind() == ErrorKind::ConnectionReset => break "reset".to_string(),
+                    Err(e) => break format!("error {e}"),
+                }
+            };
+            let _ = tx.lock().unwrap().send(end);
+        });
+        let port = free_port();
+        let config = config_one_route(port, upstream.addr, "", "")
+            .replace("drain_timeout = \"10s\"", "drain_timeout = \"300ms\"");
+        let mut daemon = Daemon::start(&config);
+        let writers: Vec<_> = (0..CLIENTS)
+            .map(|_| {
+                let mut client = TcpStream::connect(local(port)).unwrap();
+                client.set_nodelay(true).unwrap();
+                std::thread::spawn(move || {
+                    let chunk = [b'u'; 100];
+                    while client.write_all(&chunk).is_ok() {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                })
+            })
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while upstream.accepted() < CLIENTS {
+            assert!(Instant::now() < deadline, "the upstream did not see every client");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(daemon.stop().success());
+        let ends: Vec<String> = (0..CLIENTS)
+            .map(|_| {
+                rx.recv_timeout(Duration::from_secs(5))
+                    .expect("the upstream saw an end")
+            })
+            .collect();
+        assert!(
+            ends.iter().all(|e| e == "reset"),
+            "round {round}: the upstream saw {ends:?}; log:\n{}",
+            daemon.log()
+        );
+        for writer in writers {
+            writer.join().unwrap();
+        }
+    }
+}
+
+/// Signal handlers are in place from the first moment: a SIGHUP while a bind is still being
+/// retried is applied as a reload once ready, instead of killing the daemon.
+#[test]
+fn sighup_during_start_up_is_a_reload_once_ready() {
+    let upstream = Upstream::echo();
+    let port = free_port();
+    // Another socket holds the port, so start-up waits in the bind retry.
+    let holder = std::net::TcpListener::bind(local(port)).unwrap();
+    let daemon = Daemon::spawn_with(&config_one_route(port, upstream.addr, "", ""), |_| {});
+    assert!(
+        daemon
+            .wait_for_log("cannot listen yet", Duration::from_secs(5))
+            .is_some(),
+        "{}",
+        daemon.log()
+    );
+    daemon.signal(Signal::SIGHUP);
+    std::thread::sleep(Duration::from_millis(200));
+    drop(holder);
+    assert!(
+        daemon
+            .wait_for_log(" ready config=", Duration::from_secs(5))
+            .is_some(),
+        "a SIGHUP during start-up killed the daemon: {}",
+        daemon.log()
+    );
+    assert!(
+        daemon
+            .wait_for_log("configuration reloaded", Duration::from_secs(5))
+            .is_some(),
+        "the SIGHUP was not applied once ready: {}",
+        daemon.log()
+    );
+    let mut client = TcpStream::connect(local(port)).unwrap();
+    echo_roundtrip(&mut client, b"served").unwrap();
+}
+
+/// SIGTERM during start-up stops cleanly and at once, without waiting out the bind retry.
+#[test]
+fn sigterm_during_start_up_stops_cleanly() {
+    let upstream = Upstream::echo();
+    let port = free_port();
+    let _holder = std::net::TcpListener::bind(local(port)).unwrap();
+    let mut daemon = Daemon::spawn_with(&config_one_route(port, upstream.addr, "", ""), |_| {});
+    assert!(
+        daemon
+            .wait_for_log("cannot listen yet", Duration::from_secs(5))
+            .is_some(),
+        "{}",
+        daemon.log()
+    );
+    let started = Instant::now();
+    daemon.signal(Signal::SIGTERM);
+    let status = daemon
+        .wait_exit(Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("still running after SIGTERM: {}", daemon.log()));
+    assert!(status.success(), "{status:?}; {}", daemon.log());
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert!(
+        daemon
+            .wait_for_log("stop requested during start-up", Duration::from_secs(1))
+            .is_some(),
+        "{}",
+        daemon.log()
+    );
+}
+
+/// A route keeps its identity by name: moved to another address by a reload, it keeps its live
+/// connections in its count, so max_connections still holds, and its counters go on. A new
+/// address that cannot be bound rejects the whole reload.
+#[test]
+fn a_route_moved_by_reload_keeps_its_count_and_limit() {
+    let upstream = Upstream::echo();
+    let (old_port, new_port) = (free_port(), free_port());
+    let config = |port: u16, allow: &str| {
+        config_one_route(port, upstream.addr, "", "max_connections = 1")
+            .replace("allow = [\"127.0.0.1/32\"]", allow)
+    };
+    let daemon = Daemon::start(&config(old_port, "allow = [\"127.0.0.1/32\"]"));
+    let mut live = TcpStream::connect(local(old_port)).unwrap();
+    echo_roundtrip(&mut live, b"held across the move").unwrap();
+
+    daemon.rewrite_config(&config(new_port, "allow = [\"127.0.0.1/32\"]"));
+    daemon.signal(Signal::SIGHUP);
+    assert!(
+        daemon
+            .wait_for_log("route moved", Duration::from_secs(5))
+            .is_some(),
+        "{}",
+        daemon.log()
+    );
+    daemon
+        .wait_for_log("configuration reloaded", Duration::from_secs(5))
+        .unwrap();
+    assert_eq!(
+        TcpStream::connect(local(old_port)).map_err(|e| e.kind()).err(),
+        Some(ErrorKind::ConnectionRefused),
+        "the old address is released"
+    );
+    // The live connection still counts against max_connections = 1.
+    expect_reset(Ipv4Addr::LOCALHOST, local(new_port));
+    let status = daemon.health_request("GET /status HTTP/1.0\r\n\r\n").unwrap();
+    let doc: serde_json::Value = serde_json::from_str(status.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    let route = &doc["routes"][0];
+    assert_eq!(route["listen"], format!("127.0.0.1:{new_port}"), "{doc}");
+    assert_eq!(route["live"], 1, "{doc}");
+    assert_eq!(route["relayed"], 1, "{doc}");
+    assert_eq!(route["outcomes"]["limit"], 1, "{doc}");
+    echo_roundtrip(&mut live, b"still relayed").unwrap();
+    drop(live);
+    // The one slot is free again once the old connection's end is noticed.
+    let when_free = || {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let attempt = TcpStream::connect(local(new_port))
+                .and_then(|mut s| echo_roundtrip(&mut s, b"x").map(|()| s));
+            match attempt {
+                Ok(s) => break s,
+                Err(_) => {
+                    assert!(Instant::now() < deadline, "the slot was not freed");
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+    };
+    let mut next = when_free();
+    echo_roundtrip(&mut next, b"after the old one ended").unwrap();
+
+    // A reload whose new address is taken is rejected whole: the allowlist change with it is
+    // not applied either.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_port = taken.local_addr().unwrap().port();
+    daemon.rewrite_config(&config(taken_port, "allow = [\"127.0.0.2/32\"]"));
+    daemon.signal(Signal::SIGHUP);
+    assert!(
+        daemon
+            .wait_for_log("reload rejected", Duration::from_secs(5))
+            .is_some(),
+        "{}",
+        daemon.log()
+    );
+    drop(next);
+    let mut again = when_free();
+    echo_roundtrip(&mut again, b"old configuration in force").unwrap();
+}

@@ -311,6 +311,36 @@ fn package_installs_runs_reloads_stops_and_purges_under_systemd() {
         "NAT state had drifted; repaired",
         Duration::from_secs(10),
     );
+    // ip_forward turned off behind its back is repaired by the sandboxed daemon itself (the unit
+    // leaves that one file of the read-only /proc/sys writable).
+    c.ok("echo 0 > /proc/sys/net/ipv4/ip_forward");
+    c.wait_for("cat /proc/sys/net/ipv4/ip_forward", "1", Duration::from_secs(10));
+    c.wait_for(
+        "journalctl -u ferryd -o verbose --no-pager",
+        "FERRYD_DRIFT=net.ipv4.ip_forward was 0",
+        Duration::from_secs(10),
+    );
+
+    // NAT cannot be set up at all (iptables missing): the unit still starts, relays and answers
+    // the probe with 200, and /status names the failure. Once iptables is back, NAT converges.
+    c.ok("mkdir -p /root/ipt && mv /usr/sbin/iptables /usr/sbin/iptables-save /usr/sbin/iptables-restore /root/ipt/ && systemctl restart ferryd");
+    c.wait_for("systemctl is-active ferryd", "active", Duration::from_secs(20));
+    c.wait_for(
+        "exec 3<>/dev/tcp/127.0.0.1/60001; head -c 7 <&3",
+        "SSH-2.0",
+        Duration::from_secs(10),
+    );
+    c.wait_for(probe, "HTTP/1.0 200", Duration::from_secs(10));
+    let status_doc =
+        "exec 3<>/dev/tcp/127.0.0.1/60080; printf 'GET /status HTTP/1.0\\r\\n\\r\\n' >&3; cat <&3";
+    let failed = c.wait_for(status_doc, "\"state\":\"failed\"", Duration::from_secs(10));
+    assert!(failed.contains("iptables is not installed"), "{failed}");
+    assert!(
+        c.ok("systemctl show -p StatusText ferryd").contains("NAT FAILED"),
+        "STATUS= names the NAT failure"
+    );
+    c.ok("mv /root/ipt/* /usr/sbin/");
+    c.wait_for(status_doc, "\"state\":\"ok\"", Duration::from_secs(10));
 
     // A live SSH connection through 60001 survives a reload that changes the allowlist.
     c.ok(

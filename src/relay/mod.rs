@@ -21,6 +21,7 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::time::Instant;
 
+pub use buffers::MAX_BUFFERS;
 pub use pipe::PipePool;
 pub use pump::STREAMING_READ;
 use pump::{Flow, PumpError};
@@ -52,6 +53,11 @@ impl Engine {
     /// The pool, when splicing.
     pub fn pipes(&self) -> Option<&PipePool> {
         self.pipes.as_ref()
+    }
+
+    /// Copy buffers lent to connections now (at most [`MAX_BUFFERS`]).
+    pub fn buffers_lent(&self) -> usize {
+        self.buffers.lent()
     }
 }
 
@@ -204,9 +210,18 @@ pub async fn relay(
         }
     };
 
-    // A connection ended by a timer while bytes were in flight has lost them: tell both peers
-    // with a reset, so neither mistakes a truncated stream for an orderly end.
-    if outcome == Outcome::Reset || activity.bytes_in_flight() {
+    // A connection that did not end on its own, or that a timer ends with bytes still on their
+    // way (in a burst, or unread in a receive queue), is reset on both sides: neither peer may
+    // mistake a truncated stream for an orderly end. The drain always cuts a stream short.
+    let cut_short = match outcome {
+        Outcome::Reset | Outcome::Drain => true,
+        _ => {
+            activity.bytes_in_flight()
+                || crate::net::unread_bytes(&client) > 0
+                || crate::net::unread_bytes(&upstream) > 0
+        }
+    };
+    if cut_short {
         crate::net::reset(client);
         crate::net::reset(upstream);
     }

@@ -10,6 +10,7 @@
 //! a connection ends: it reports end of stream or an error, and the connection decides.
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::Poll;
@@ -20,6 +21,7 @@ use tokio::net::tcp::{ReadHalf, WriteHalf};
 use super::buffers::BufferPool;
 use super::pipe::{Lease, PipePool};
 use crate::logging::RateLimit;
+use crate::net::at_urgent_mark;
 use crate::stats::RelayStats;
 
 /// A single read this large means bulk data (an scp upload, a file copy over WinRM): splicing
@@ -62,6 +64,7 @@ enum Burst {
 }
 
 static NO_PIPE_LOG: RateLimit = RateLimit::new();
+static REFUSED_LOG: RateLimit = RateLimit::new();
 
 /// Relays `src` → `dst` until end of stream on `src`. Returns once every byte read has been
 /// written; the caller then shuts down `dst`'s write side.
@@ -93,7 +96,9 @@ pub async fn pump(src: &mut ReadHalf<'_>, dst: &mut WriteHalf<'_>, flow: Flow<'_
             Some(lease) => match splice_burst(src, dst, lease, &flow).await {
                 Err(PumpError::Read(e)) if splice_refused(&e) => {
                     flow.stats.fallback_refused.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(error = %e, "kernel refused splice on this connection; copying through a buffer instead");
+                    if let Some(suppressed) = REFUSED_LOG.admit() {
+                        tracing::warn!(error = %e, suppressed, "kernel refused splice on this connection; copying through a buffer instead");
+                    }
                     pipes = None;
                     copy_burst(src, dst, &flow).await?
                 }
@@ -141,21 +146,25 @@ async fn splice_burst(
     mut lease: Lease<'_>,
     flow: &Flow<'_>,
 ) -> Result<Burst, PumpError> {
-    let (src, dst) = (src.as_ref(), dst.as_ref());
+    let src = src.as_ref();
     loop {
         let n = match src.try_io(Interest::READABLE, || lease.fill_from(src)) {
+            // splice stops at TCP's urgent mark, answering EAGAIN there (or 0 when a FIN
+            // follows) with bytes still queued: read past the mark by copying.
+            Ok(0) | Err(_) if at_urgent_mark(src) => return copy_past_mark(src, dst, flow).await,
             Ok(0) => return Ok(Burst::Eof),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Burst::Drained),
             Err(e) => return Err(PumpError::Read(e)),
         };
         flow.activity.carrying();
+        let out = dst.as_ref();
         while lease.pending() > 0 {
-            match dst.try_io(Interest::WRITABLE, || lease.drain_to(dst)) {
+            match out.try_io(Interest::WRITABLE, || lease.drain_to(out)) {
                 // Partial progress counts: a slow reader is not an idle connection.
                 Ok(_) => flow.activity.touch(),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    dst.writable().await.map_err(PumpError::Write)?
+                    out.writable().await.map_err(PumpError::Write)?
                 }
                 Err(e) => return Err(PumpError::Write(e)),
             }
@@ -170,50 +179,104 @@ async fn splice_burst(
 /// Copies through a pooled buffer while `src` has data. Reads go through tokio's `AsyncRead`,
 /// which takes a short read as proof that the socket is drained (edge-triggered epoll), so an
 /// interactive burst costs one read and one write, without a read that only returns EAGAIN.
+/// The one short read that proves nothing is one that stopped at TCP's urgent mark; then the
+/// burst reads on past it directly.
 async fn copy_burst(
     src: &mut ReadHalf<'_>,
     dst: &mut WriteHalf<'_>,
     flow: &Flow<'_>,
 ) -> Result<Burst, PumpError> {
-    let mut buf = flow.buffers.take();
+    let mut buf = flow.buffers.take().await;
+    let mut past_mark = false;
     loop {
-        // One attempt, never a wait: waiting happens in `pump`, without a buffer held.
-        let attempt = std::future::poll_fn(|cx| {
-            let mut read = ReadBuf::new(&mut buf);
-            match Pin::new(&mut *src).poll_read(cx, &mut read) {
-                Poll::Ready(Ok(())) => Poll::Ready(Some(Ok(read.filled().len()))),
-                Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e))),
-                Poll::Pending => Poll::Ready(None),
-            }
-        })
-        .await;
+        let attempt = if past_mark {
+            Some(recv_now(src.as_ref(), &mut buf))
+        } else {
+            // One attempt, never a wait: waiting happens in `pump`, without a buffer held.
+            std::future::poll_fn(|cx| {
+                let mut read = ReadBuf::new(&mut buf);
+                match Pin::new(&mut *src).poll_read(cx, &mut read) {
+                    Poll::Ready(Ok(())) => Poll::Ready(Some(Ok(read.filled().len()))),
+                    Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e))),
+                    Poll::Pending => Poll::Ready(None),
+                }
+            })
+            .await
+        };
         let n = match attempt {
             None => return Ok(Burst::Drained),
+            Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Burst::Drained),
             Some(Ok(0)) => return Ok(Burst::Eof),
             Some(Ok(n)) => n,
             Some(Err(e)) => return Err(PumpError::Read(e)),
         };
-        flow.activity.carrying();
-        let mut written = 0;
-        while written < n {
-            // Partial progress counts: a slow reader is not an idle connection.
-            match dst.write(&buf[written..n]).await {
-                Ok(0) => return Err(PumpError::Write(io::ErrorKind::WriteZero.into())),
-                Ok(m) => written += m,
-                Err(e) => return Err(PumpError::Write(e)),
-            }
-            flow.activity.touch();
-        }
-        flow.activity.delivered();
+        write_all(dst, &buf[..n], flow).await?;
         flow.stats.copied_bytes.fetch_add(n as u64, Ordering::Relaxed);
         flow.account(n);
         if n >= STREAMING_READ && flow.pipes.is_some() {
             return Ok(Burst::Streaming);
         }
         if n < buf.len() {
-            // A short read drained the socket (tokio cleared its readiness).
+            past_mark = at_urgent_mark(src.as_ref());
+            if !past_mark {
+                // A short read drained the socket (tokio cleared its readiness).
+                return Ok(Burst::Drained);
+            }
+        }
+    }
+}
+
+/// Reads past TCP's urgent mark, where splice stops: with SO_OOBINLINE a read there returns the
+/// urgent byte in line and what follows. Reads until the socket is drained (tokio's readiness
+/// was cleared by the splice that stopped, so nothing may be left behind), then the direction
+/// goes back to waiting and splicing.
+async fn copy_past_mark(
+    src: &tokio::net::TcpStream,
+    dst: &mut WriteHalf<'_>,
+    flow: &Flow<'_>,
+) -> Result<Burst, PumpError> {
+    let mut buf = flow.buffers.take().await;
+    loop {
+        let n = match recv_now(src, &mut buf) {
+            Ok(0) => return Ok(Burst::Eof),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Burst::Drained),
+            Err(e) => return Err(PumpError::Read(e)),
+        };
+        write_all(dst, &buf[..n], flow).await?;
+        flow.stats.copied_bytes.fetch_add(n as u64, Ordering::Relaxed);
+        flow.account(n);
+        if n < buf.len() && !at_urgent_mark(src) {
             return Ok(Burst::Drained);
         }
+    }
+}
+
+/// Writes all of `bytes` to `dst`, marking them in flight until they are out.
+async fn write_all(dst: &mut WriteHalf<'_>, bytes: &[u8], flow: &Flow<'_>) -> Result<(), PumpError> {
+    flow.activity.carrying();
+    let mut written = 0;
+    while written < bytes.len() {
+        // Partial progress counts: a slow reader is not an idle connection.
+        match dst.write(&bytes[written..]).await {
+            Ok(0) => return Err(PumpError::Write(io::ErrorKind::WriteZero.into())),
+            Ok(m) => written += m,
+            Err(e) => return Err(PumpError::Write(e)),
+        }
+        flow.activity.touch();
+    }
+    flow.activity.delivered();
+    Ok(())
+}
+
+/// One non-blocking read on `src` outside tokio's readiness tracking.
+fn recv_now(src: &tokio::net::TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buf` is valid for writes of `buf.len()` bytes; the socket is non-blocking.
+    let n = unsafe { libc::recv(src.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
     }
 }
 

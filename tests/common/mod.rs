@@ -497,3 +497,40 @@ static PROGRAM: [libc::sock_filter; 9] = [
     bpf(RET_K, 0, 0, RET_ALLOW),         // 7
     bpf(RET_K, 0, 0, RET_ENOSYS),        // 8
 ];
+
+/// Makes every splice(2) in the child fail with EINVAL, as a kernel or socket type that cannot
+/// splice answers: the relay must fall back to copying. Installed like [`as_linux_4_15`].
+pub fn without_splice(command: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: only async-signal-safe prctl calls between fork and exec; the program is static.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let prog = libc::sock_fprog {
+                len: NO_SPLICE.len() as u16,
+                filter: NO_SPLICE.as_ptr() as *mut libc::sock_filter,
+            };
+            if libc::prctl(
+                libc::PR_SET_SECCOMP,
+                libc::SECCOMP_MODE_FILTER,
+                &prog as *const libc::sock_fprog,
+            ) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+const RET_EINVAL: u32 = 0x0005_0000 | libc::EINVAL as u32;
+static NO_SPLICE: [libc::sock_filter; 6] = [
+    bpf(LD_W_ABS, 0, 0, 4),              // 0: arch
+    bpf(JEQ_K, 0, 3, AUDIT_ARCH_X86_64), // 1: other arch -> allow
+    bpf(LD_W_ABS, 0, 0, 0),              // 2: syscall number
+    bpf(JEQ_K, 0, 1, 275),               // 3: splice -> EINVAL, else allow
+    bpf(RET_K, 0, 0, RET_EINVAL),        // 4
+    bpf(RET_K, 0, 0, RET_ALLOW),         // 5
+];

@@ -1,14 +1,24 @@
-//! Where log lines go, and how a flood of them is held back.
+//! Where log lines go, how they get there without ever holding up the relay, and how a flood of
+//! them is held back.
 //!
-//! This module owns choosing the sink (journald with structured fields when systemd started us,
-//! stderr otherwise) and [`RateLimit`], which keeps a port scan or a misbehaving client from
-//! filling the journal. It must not decide what is worth logging: callers do that.
+//! This module owns choosing the sink (journald's native protocol with structured fields when
+//! systemd started us, stderr otherwise), the bounded queue and writer thread between the
+//! threads that log and that sink ([`queue`]), and [`RateLimit`], which keeps a port scan or a
+//! misbehaving client from filling the journal. It must not decide what is worth logging:
+//! callers do that.
 
+mod journal;
+pub mod queue;
+
+use std::io;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use tracing::level_filters::LevelFilter;
+use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::prelude::*;
+
+pub use queue::{dropped, flush};
 
 /// The environment variable that sets the log level (error, warn, info, debug, trace).
 pub const LEVEL_ENV: &str = "FERRYD_LOG";
@@ -18,37 +28,91 @@ pub const LEVEL_ENV: &str = "FERRYD_LOG";
 /// journald's own fields.
 pub const JOURNAL_FIELD_PREFIX: &str = "FERRYD";
 
-/// Installs the global subscriber. Under systemd (JOURNAL_STREAM is set) lines go to journald
-/// with their fields as journal fields (FERRYD_ROUTE=, ...); if the journal socket cannot be
-/// opened, or outside systemd, they go to stderr.
+/// The field that reports, on the first line to get through, how many lines before it were
+/// dropped because the sink did not keep up.
+pub const DROPPED_FIELD: &str = "log_lines_dropped";
+
+/// Installs the global subscriber and starts the writer thread. Under systemd (JOURNAL_STREAM is
+/// set and the journal's socket exists) lines go to journald with their fields as journal fields
+/// (FERRYD_ROUTE=, ...); otherwise to stderr, one text line each.
 pub fn init() {
     let level = std::env::var(LEVEL_ENV)
         .ok()
         .and_then(|v| v.parse::<LevelFilter>().ok())
         .unwrap_or(LevelFilter::INFO);
-    let journald = if std::env::var_os("JOURNAL_STREAM").is_some() {
-        tracing_journald::layer().ok().map(|layer| {
-            layer
-                .with_syslog_identifier("ferryd".to_string())
-                .with_field_prefix(Some(JOURNAL_FIELD_PREFIX.to_string()))
-        })
-    } else {
-        None
-    };
-    let stderr = match journald {
-        Some(_) => None,
-        None => Some(
-            tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
-                .with_target(false)
-                .with_ansi(false),
+    let journal = std::env::var_os("JOURNAL_STREAM")
+        .is_some()
+        .then(|| std::os::unix::net::UnixDatagram::unbound().ok())
+        .flatten()
+        .filter(|_| std::path::Path::new(queue::JOURNAL_SOCKET).exists());
+    let (sink, journald, stderr) = match journal {
+        Some(socket) => (
+            queue::Sink::Journal(socket),
+            Some(journal::JournalLayer::new("ferryd")),
+            None,
+        ),
+        None => (
+            queue::Sink::Stderr,
+            None,
+            Some(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(QueuedLines)
+                    .with_target(false)
+                    .with_ansi(false),
+            ),
         ),
     };
+    if let Err(e) = queue::start(sink) {
+        // Without the writer thread, lines are written directly (and may block): say so.
+        eprintln!("ferryd: cannot start the log writer thread: {e}");
+    }
     let _ = tracing_subscriber::registry()
         .with(level)
         .with(journald)
         .with(stderr)
         .try_init();
+}
+
+/// Gives the text formatter a buffer per line; the line is queued when the buffer is dropped.
+struct QueuedLines;
+
+impl<'a> MakeWriter<'a> for QueuedLines {
+    type Writer = Line;
+
+    fn make_writer(&'a self) -> Line {
+        Line(Vec::with_capacity(256))
+    }
+}
+
+/// One formatted line on its way to the queue.
+struct Line(Vec<u8>);
+
+impl io::Write for Line {
+    fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+        self.0.extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for Line {
+    fn drop(&mut self) {
+        let mut line = std::mem::take(&mut self.0);
+        if line.is_empty() {
+            return;
+        }
+        queue::submit(|dropped| {
+            if dropped > 0 {
+                let end = line.len() - usize::from(line.ends_with(b"\n"));
+                let note = format!(" {DROPPED_FIELD}={dropped}");
+                line.splice(end..end, note.bytes());
+            }
+            line
+        });
+    }
 }
 
 /// Lines let through per window before the rest are counted instead of written.
