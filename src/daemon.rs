@@ -20,11 +20,10 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::{Config, HEALTH_SOCKET_NAME, Route};
-use crate::health::state::{NatStatus, Phase, RouteView, State};
 use crate::relay::Engine;
 use crate::route::{RouteListener, RouteSettings};
 use crate::shutdown::Drain;
-use crate::stats::{Outcome, RouteStats};
+use crate::state::{EngineView, NatStatus, Phase, RouteStats, RouteView, State};
 use crate::systemd::activation::Passed;
 use crate::systemd::notify::{self, Notifier};
 
@@ -35,12 +34,6 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// How often the daemon task proves it is alive (heartbeat for the watchdog and the health
 /// endpoint) and refreshes systemd's STATUS line; more often when the watchdog interval is short.
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
-
-/// Environment switch for test-only faults, so tests can show that the watchdog and the health
-/// endpoint notice what they are meant to notice. `stall-on-sigusr2`: SIGUSR2 blocks every worker
-/// thread. `kill-accept-on-sigusr1`: SIGUSR1 aborts the first route's accept loop. Never set it in
-/// production.
-const FAULTS_ENV: &str = "FERRYD_TEST_FAULTS";
 
 /// Runs the daemon on the configuration at `path` until SIGTERM or SIGINT.
 pub fn run(path: &Path) -> anyhow::Result<()> {
@@ -246,7 +239,7 @@ impl Daemon {
     }
 
     fn new_stats(&self, name: &str) -> Arc<RouteStats> {
-        Arc::new(RouteStats::new(self.state.metrics.connect_histogram(name)))
+        Arc::new(RouteStats::new(self.state.connect_times.of(name)))
     }
 
     /// Starts the accept loop of `prepared` with `stats` (fresh, or carried over from the route
@@ -281,7 +274,7 @@ impl Daemon {
             .routes
             .iter()
             .map(|r| RouteView {
-                settings: r.settings.borrow().clone(),
+                route: r.settings.borrow().route.clone(),
                 stats: r.stats.clone(),
             })
             .collect();
@@ -304,9 +297,6 @@ impl Daemon {
     }
 
     async fn serve(mut self, mut signals: Signals) -> anyhow::Result<()> {
-        let faults = std::env::var(FAULTS_ENV).unwrap_or_default();
-        let stall_on_usr2 = faults.contains("stall-on-sigusr2");
-        let kill_accept_on_usr1 = faults.contains("kill-accept-on-sigusr1");
         let mut heartbeat = tokio::time::interval(self.heartbeat_every);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -315,24 +305,40 @@ impl Daemon {
                 _ = signals.terminate.recv() => { tracing::info!("SIGTERM received"); break; }
                 _ = signals.interrupt.recv() => { tracing::info!("SIGINT received"); break; }
                 _ = heartbeat.tick() => self.beat(),
-                _ = signals.user1.recv() => {
-                    if let (true, Some(first)) = (kill_accept_on_usr1, self.routes.first()) {
-                        tracing::warn!("test fault: aborting the first route's accept loop");
-                        first.task.abort();
-                    }
-                }
+                _ = signals.user1.recv() => self.user1(),
                 _ = signals.user2.recv() => {
-                    if stall_on_usr2 {
-                        tracing::warn!("test fault: stalling every worker thread");
-                        for _ in 0..self.config.workers + 1 {
-                            tokio::spawn(async { std::thread::sleep(Duration::from_secs(3600)) });
-                        }
-                    }
+                    tracing::info!("SIGUSR2 received: live upgrade is not part of this version; ignored");
                 }
             }
         }
         self.stop().await;
         Ok(())
+    }
+
+    /// SIGUSR1: triggers the armed test fault in a test build; ignored otherwise.
+    #[cfg(feature = "test-faults")]
+    fn user1(&self) {
+        match crate::faults::armed() {
+            Some(crate::faults::Fault::KillAccept) => {
+                if let Some(first) = self.routes.first() {
+                    tracing::warn!("test fault: aborting the first route's accept loop");
+                    first.task.abort();
+                }
+            }
+            Some(crate::faults::Fault::Stall) => {
+                tracing::warn!("test fault: stalling every worker thread");
+                for _ in 0..self.config.workers + 1 {
+                    tokio::spawn(async { std::thread::sleep(Duration::from_secs(3600)) });
+                }
+            }
+            None => tracing::info!("SIGUSR1 received; ignored"),
+        }
+    }
+
+    /// SIGUSR1 means nothing to ferryd; it is caught so that a stray one cannot kill the relay.
+    #[cfg(not(feature = "test-faults"))]
+    fn user1(&self) {
+        tracing::info!("SIGUSR1 received; ignored");
     }
 
     /// Proves progress, unless an accept loop has died: then the heartbeat stops, the health
@@ -550,23 +556,15 @@ impl Daemon {
         if !finished {
             tracing::warn!("drain timeout reached; remaining connections were closed");
         }
-        let relayed: u64 = stats
-            .iter()
-            .map(|s| {
-                s.count(Outcome::Eof)
-                    + s.count(Outcome::Reset)
-                    + s.count(Outcome::Idle)
-                    + s.count(Outcome::Drain)
-            })
-            .sum();
-        let relay = &engine.stats;
+        let relayed: u64 = stats.iter().map(|s| s.relayed.load(Ordering::Relaxed)).sum();
+        let relay = engine.counters();
         tracing::info!(
             relayed,
             spliced_bytes = relay.spliced_bytes.load(Ordering::Relaxed),
             copied_bytes = relay.copied_bytes.load(Ordering::Relaxed),
             fallback_no_pipe = relay.fallback_no_pipe.load(Ordering::Relaxed),
             fallback_refused = relay.fallback_refused.load(Ordering::Relaxed),
-            pipes_created = engine.pipes().map_or(0, |p| p.created()),
+            pipes_created = engine.pipe_counts().map_or(0, |(_, _, created)| created),
             "stopped"
         );
     }

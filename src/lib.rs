@@ -11,15 +11,19 @@
 //! - [`relay`]: moving bytes both ways and ending a connection correctly;
 //! - [`daemon`]: start-up, signals, reload and drain;
 //! - [`shutdown`]: the drain signal passed to each connection;
-//! - [`health`], [`metrics`]: the probe endpoint, /status and /metrics;
+//! - [`state`]: the daemon's shared state and counters, which every part below reads;
+//! - [`health`], [`metrics`], [`status`]: the probe endpoint, /metrics, and the /status document
+//!   with `ferryd status`;
 //! - [`nat`]: the build VM's egress through IP forwarding and MASQUERADE;
 //! - [`systemd`]: notify, watchdog, socket activation, unit state over D-Bus;
-//! - [`net`], [`logging`], [`stats`]: socket options, log sinks and rate limits, counters.
+//! - [`net`], [`logging`]: socket options and the accept loop, log sinks and rate limits.
 
 pub mod allow;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+#[cfg(feature = "test-faults")]
+pub mod faults;
 pub mod health;
 pub mod logging;
 pub mod metrics;
@@ -28,7 +32,7 @@ pub mod net;
 pub mod relay;
 pub mod route;
 pub mod shutdown;
-pub mod stats;
+pub mod state;
 pub mod status;
 pub mod systemd;
 pub mod upstream;

@@ -1,11 +1,11 @@
 //! `/metrics`: the daemon's counters in the Prometheus/OpenMetrics text format, names prefixed
 //! `ferryd_`.
 //!
-//! This module owns the metric names, labels and help texts. The numbers themselves live in
-//! [`crate::stats`] as plain atomics, so the hot path never touches a registry; a scrape builds
-//! a fresh registry from them. The one exception is the upstream connect-time histogram, whose
-//! family is long-lived ([`Families`]) and whose per-route series the routes observe into. It
-//! must not change any counter.
+//! This module owns the metric names, labels and help texts. The numbers themselves live in the
+//! shared state ([`crate::state`]) as plain atomics, so the hot path never touches a registry; a
+//! scrape builds a fresh registry from them. The one exception is the upstream connect-time
+//! histogram, whose family the state keeps ([`crate::state::ConnectTimes`]). It must not change
+//! any counter.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -13,24 +13,15 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
-use crate::health::state::State;
-use crate::stats::Outcome;
-
-/// Upstream connect times from 0.5 ms (same host) doubling to about 4 s (connect_timeout's
-/// neighbourhood); a dial on the same VNET lands in the first few buckets.
-fn connect_buckets() -> Histogram {
-    Histogram::new(exponential_buckets(0.0005, 2.0, 14))
-}
+use crate::state::{NatStatus, Outcome, State};
 
 /// A route label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RouteLabel {
-    /// The route's name.
-    pub route: String,
+struct RouteLabel {
+    route: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -69,32 +60,6 @@ fn counters(label: &'static str, values: &[(&str, &AtomicU64)]) -> Family<OneLab
     family
 }
 
-/// Metric families that outlive a scrape.
-#[derive(Debug, Clone)]
-pub struct Families {
-    /// `ferryd_upstream_connect_seconds{route}`.
-    pub connect_seconds: Family<RouteLabel, Histogram, fn() -> Histogram>,
-}
-
-impl Default for Families {
-    fn default() -> Self {
-        Families {
-            connect_seconds: Family::new_with_constructor(connect_buckets as fn() -> Histogram),
-        }
-    }
-}
-
-impl Families {
-    /// The connect-time series of `route`, for its counters to observe into.
-    pub fn connect_histogram(&self, route: &str) -> Histogram {
-        self.connect_seconds
-            .get_or_create(&RouteLabel {
-                route: route.to_string(),
-            })
-            .clone()
-    }
-}
-
 /// Renders every metric as OpenMetrics text.
 pub fn render(state: &State) -> String {
     let mut registry = Registry::with_prefix("ferryd");
@@ -105,7 +70,7 @@ pub fn render(state: &State) -> String {
     let bytes = Family::<DirectionLabels, Counter>::default();
     let accept_errors = Family::<RouteLabel, Counter>::default();
     for view in state.routes() {
-        let route = view.settings.route.name.clone();
+        let route = view.route.name.clone();
         let stats = &view.stats;
         let outcome = |name: &str, value: u64| {
             connections
@@ -116,22 +81,16 @@ pub fn render(state: &State) -> String {
                 .inc_by(value);
         };
         outcome("relayed", stats.relayed.load(Ordering::Relaxed));
-        for o in [
-            Outcome::Denied,
-            Outcome::Probe,
-            Outcome::Limit,
-            Outcome::UpstreamRefused,
-            Outcome::UpstreamTimeout,
-            Outcome::UpstreamUnreachable,
-        ] {
-            outcome(&o.as_str().replace('-', "_"), stats.count(o));
-        }
-        for o in [Outcome::Eof, Outcome::Reset, Outcome::Idle, Outcome::Drain] {
-            ends.get_or_create(&EndLabels {
-                route: route.clone(),
-                end: o.as_str().to_string(),
-            })
-            .inc_by(stats.count(o));
+        for o in Outcome::ALL {
+            if o.is_end() {
+                ends.get_or_create(&EndLabels {
+                    route: route.clone(),
+                    end: o.name().to_string(),
+                })
+                .inc_by(stats.count(o));
+            } else {
+                outcome(o.name(), stats.count(o));
+            }
         }
         live.get_or_create(&RouteLabel { route: route.clone() })
             .set(stats.live.load(Ordering::Relaxed) as i64);
@@ -170,7 +129,7 @@ pub fn render(state: &State) -> String {
     registry.register(
         "upstream_connect_seconds",
         "Time to connect to the upstream, successful dials only",
-        state.metrics.connect_seconds.clone(),
+        state.connect_times.family().clone(),
     );
     registry.register(
         "accept_errors",
@@ -178,7 +137,7 @@ pub fn render(state: &State) -> String {
         accept_errors,
     );
 
-    let relay = &state.engine.stats;
+    let relay = state.engine.counters();
     registry.register(
         "relay_bytes",
         "Bytes relayed, by path: splice (zero-copy) or copy (through a buffer)",
@@ -199,9 +158,7 @@ pub fn render(state: &State) -> String {
         ),
     );
     let pipes = Family::<OneLabel, Gauge>::default();
-    if let Some(pool) = state.engine.pipes() {
-        let pooled = pool.idle();
-        let alive = pool.alive();
+    if let Some((alive, pooled, _)) = state.engine.pipe_counts() {
         pipes.get_or_create(&one("state", "pooled")).set(pooled as i64);
         pipes
             .get_or_create(&one("state", "in_use"))
@@ -240,7 +197,7 @@ pub fn render(state: &State) -> String {
 
     let nat_state = Family::<OneLabel, Gauge>::default();
     let nat = state.nat().name();
-    for name in crate::health::state::NatStatus::NAMES {
+    for name in NatStatus::NAMES {
         nat_state
             .get_or_create(&one("state", name))
             .set(i64::from(name == nat));

@@ -120,10 +120,83 @@ pub fn reset(stream: TcpStream) {
     drop(stream);
 }
 
+/// What [`AcceptLoop::next`] returns: a connection, or the control future's output (a reload, a
+/// stop) for the caller to act on.
+#[derive(Debug)]
+pub enum Next<T> {
+    /// A connection to admit, with its peer.
+    Connection(TcpStream, SocketAddr),
+    /// The control future completed.
+    Control(T),
+}
+
+/// The one accept loop of every listener (each route's and the health endpoint's): accepts, and
+/// after a failure that concerns the listener (EMFILE, ENFILE, ENOMEM) pauses with a growing
+/// back-off instead of spinning, while the caller's control future (settings changed, stop)
+/// stays live in the same select, pause or not.
+#[derive(Debug)]
+pub struct AcceptLoop {
+    listener: tokio::net::TcpListener,
+    name: String,
+    backoff: AcceptBackoff,
+    resume_at: Option<tokio::time::Instant>,
+    failures: u64,
+}
+
+impl AcceptLoop {
+    /// An accept loop on `listener`, named `name` in its log lines (a route's name, "health").
+    pub fn new(listener: tokio::net::TcpListener, name: &str) -> Self {
+        AcceptLoop {
+            listener,
+            name: name.to_string(),
+            backoff: AcceptBackoff::default(),
+            resume_at: None,
+            failures: 0,
+        }
+    }
+
+    /// The listening socket (for its address and options).
+    pub fn listener(&self) -> &tokio::net::TcpListener {
+        &self.listener
+    }
+
+    /// Accept failures that paused the loop since the last call, for the caller's counter.
+    pub fn take_failures(&mut self) -> u64 {
+        std::mem::take(&mut self.failures)
+    }
+
+    /// Waits for the next connection or for `control`, whichever comes first.
+    pub async fn next<T>(&mut self, control: impl Future<Output = T>) -> Next<T> {
+        tokio::pin!(control);
+        loop {
+            let paused = self.resume_at;
+            tokio::select! {
+                out = &mut control => return Next::Control(out),
+                accepted = self.listener.accept(), if paused.is_none() => match accepted {
+                    Ok((stream, peer)) => {
+                        self.backoff.recovered(&self.name);
+                        return Next::Connection(stream, peer);
+                    }
+                    Err(e) => {
+                        let pause = self.backoff.failed(&self.name, &e);
+                        if !pause.is_zero() {
+                            self.failures += 1;
+                            self.resume_at = Some(tokio::time::Instant::now() + pause);
+                        }
+                    }
+                },
+                _ = tokio::time::sleep_until(paused.unwrap_or_else(tokio::time::Instant::now)), if paused.is_some() => {
+                    self.resume_at = None;
+                }
+            }
+        }
+    }
+}
+
 /// Accept failures that last until descriptors or memory are freed elsewhere: pause and retry,
 /// logging once when it starts and once when it ends.
 #[derive(Debug, Default)]
-pub struct AcceptBackoff {
+struct AcceptBackoff {
     failures: u64,
     since: Option<Instant>,
     pause: Duration,
@@ -131,7 +204,7 @@ pub struct AcceptBackoff {
 
 impl AcceptBackoff {
     /// Notes a failed accept on `route`; returns how long to pause after `e` (zero for errors that concern one connection only).
-    pub fn failed(&mut self, route: &str, e: &io::Error) -> Duration {
+    fn failed(&mut self, route: &str, e: &io::Error) -> Duration {
         let per_connection = matches!(
             e.kind(),
             io::ErrorKind::ConnectionAborted
@@ -151,13 +224,8 @@ impl AcceptBackoff {
         self.pause
     }
 
-    /// Whether a failure episode is under way.
-    pub fn failing(&self) -> bool {
-        self.failures > 0
-    }
-
     /// Notes a successful accept; logs the end of a failure episode.
-    pub fn recovered(&mut self, route: &str) {
+    fn recovered(&mut self, route: &str) {
         if self.failures > 0 {
             let lasted = self.since.map(|s| s.elapsed()).unwrap_or_default();
             tracing::info!(

@@ -18,10 +18,10 @@ use tokio::sync::watch;
 use crate::allow::Allowlist;
 use crate::config::Route;
 use crate::logging::RateLimit;
-use crate::net::AcceptBackoff;
+use crate::net::{AcceptLoop, Next};
 use crate::relay::{self, Engine, Timeouts, Totals};
 use crate::shutdown::Shutdown;
-use crate::stats::{Outcome, RouteStats};
+use crate::state::{Outcome, RouteStats};
 
 /// Health probes arrive every few seconds for as long as the VM lives; one line a minute shows
 /// they are arriving, with a count of the rest.
@@ -48,7 +48,7 @@ struct Quiet {
 
 /// A bound listening socket and everything its accept loop needs.
 pub struct RouteListener {
-    listener: TcpListener,
+    accept: AcceptLoop,
     settings: watch::Receiver<Arc<RouteSettings>>,
     stats: Arc<RouteStats>,
     engine: Arc<Engine>,
@@ -68,8 +68,9 @@ impl RouteListener {
         shutdown: Shutdown,
     ) -> Self {
         crate::net::tune_listener(&listener, &settings.borrow().route.keepalive);
+        let name = settings.borrow().route.name.clone();
         RouteListener {
-            listener,
+            accept: AcceptLoop::new(listener, &name),
             settings,
             stats,
             engine,
@@ -86,37 +87,20 @@ impl RouteListener {
     /// Accepts until the route is removed or the daemon drains; then closes the listening socket
     /// (new connections are refused by the kernel) and returns. Running connections go on.
     pub async fn run(mut self) {
-        let mut backoff = AcceptBackoff::default();
         loop {
-            tokio::select! {
-                changed = self.settings.changed() => match changed {
-                    Ok(()) => crate::net::tune_listener(&self.listener, &self.settings.borrow().route.keepalive),
-                    Err(_) => break,
-                },
-                accepted = self.listener.accept() => match accepted {
-                    Ok((stream, peer)) => {
-                        if backoff.failing() {
-                            backoff.recovered(&self.name());
-                        }
-                        self.admit(stream, peer);
-                    }
-                    Err(e) => {
-                        let pause = backoff.failed(&self.name(), &e);
-                        if !pause.is_zero() {
-                            self.stats.accept_errors.fetch_add(1, Ordering::Relaxed);
-                            tokio::select! {
-                                changed = self.settings.changed() => match changed {
-                                    Ok(()) => crate::net::tune_listener(&self.listener, &self.settings.borrow().route.keepalive),
-                                    Err(_) => break,
-                                },
-                                _ = tokio::time::sleep(pause) => {}
-                            }
-                        }
-                    }
-                },
+            match self.accept.next(self.settings.changed()).await {
+                Next::Connection(stream, peer) => self.admit(stream, peer),
+                Next::Control(Ok(())) => {
+                    crate::net::tune_listener(self.accept.listener(), &self.settings.borrow().route.keepalive)
+                }
+                Next::Control(Err(_)) => break,
+            }
+            let failures = self.accept.take_failures();
+            if failures > 0 {
+                self.stats.accept_errors.fetch_add(failures, Ordering::Relaxed);
             }
         }
-        match self.listener.local_addr() {
+        match self.accept.listener().local_addr() {
             Ok(listen) => tracing::info!(route = %self.name(), %listen, "stopped listening"),
             Err(_) => tracing::info!(route = %self.name(), "stopped listening"),
         }
@@ -224,7 +208,7 @@ impl Connection {
             Err(e) => {
                 crate::net::reset(self.client);
                 stats.record(e.outcome);
-                stats.upstream_failed(format!("{}: {}", e.outcome.as_str(), e.reason));
+                stats.upstream_failed(format!("{}: {}", e.outcome.name(), e.reason));
                 if let Some(suppressed) = self.quiet.upstream.admit() {
                     let upstream = e
                         .addr
@@ -233,7 +217,7 @@ impl Connection {
                         route = %route.name,
                         client = %self.peer,
                         upstream,
-                        end = e.outcome.as_str(),
+                        end = e.outcome.name(),
                         error = %e.reason,
                         duration_ms = started.elapsed().as_millis() as u64,
                         suppressed,
@@ -269,7 +253,7 @@ impl Connection {
             bytes_up = transfer.up,
             bytes_down = transfer.down,
             duration_ms = started.elapsed().as_millis() as u64,
-            end = transfer.outcome.as_str(),
+            end = transfer.outcome.name(),
             error = transfer.detail.as_deref(),
             "connection closed"
         );

@@ -13,7 +13,7 @@ use socket2::SockRef;
 use tokio::net::{TcpSocket, TcpStream};
 
 use crate::config::{Keepalive, Upstream};
-use crate::stats::Outcome;
+use crate::state::Outcome;
 
 /// Why a dial failed, in the words the log and the counters use.
 #[derive(Debug)]

@@ -125,7 +125,7 @@ fn watchdog_pings_stop_when_the_runtime_stalls() {
     let daemon = Daemon::start_with(&config, |c| {
         c.env("NOTIFY_SOCKET", &socket)
             .env("WATCHDOG_USEC", "400000")
-            .env("FERRYD_TEST_FAULTS", "stall-on-sigusr2");
+            .env("FERRYD_TEST_FAULTS", "stall");
     });
     manager.find("READY=1", 0).expect("ready");
     let healthy_window = Instant::now();
@@ -136,7 +136,7 @@ fn watchdog_pings_stop_when_the_runtime_stalls() {
         manager.all()
     );
 
-    daemon.signal(Signal::SIGUSR2);
+    daemon.signal(Signal::SIGUSR1);
     daemon
         .wait_for_log("test fault: stalling", Duration::from_secs(2))
         .expect("fault armed");
@@ -214,7 +214,7 @@ fn dead_accept_loop_stops_pings_and_fails_the_probe() {
     let daemon = Daemon::start_with(&config, |c| {
         c.env("NOTIFY_SOCKET", &socket)
             .env("WATCHDOG_USEC", "400000")
-            .env("FERRYD_TEST_FAULTS", "kill-accept-on-sigusr1");
+            .env("FERRYD_TEST_FAULTS", "kill-accept");
     });
     manager.find("WATCHDOG=1", 0).expect("pings while healthy");
     daemon.signal(Signal::SIGUSR1);

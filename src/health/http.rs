@@ -4,8 +4,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -15,8 +14,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
-use super::state::State;
-use crate::stats::Outcome;
+use crate::state::State;
 
 /// Request line and headers together may not exceed this (hyper's smallest buffer). A probe's
 /// request is well under 200 bytes; anything larger is refused with 431 or 400.
@@ -91,7 +89,10 @@ fn respond(request: &Request<Incoming>, access: Access, state: &State) -> Respon
         );
         response
     } else {
-        let mut response = text(StatusCode::OK, status_json(state).to_string() + "\n");
+        let document = crate::status::StatusDocument::of(state);
+        // Serializing plain data into a String cannot fail; an empty object is the fallback.
+        let body = serde_json::to_string(&document).unwrap_or_else(|_| "{}".into());
+        let mut response = text(StatusCode::OK, body + "\n");
         response
             .headers_mut()
             .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -110,73 +111,4 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
-}
-
-fn unix_seconds(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
-
-/// The document behind `/status` and `ferryd status`.
-pub fn status_json(state: &State) -> serde_json::Value {
-    let verdict = state.verdict();
-    let now = SystemTime::now();
-    let routes: Vec<serde_json::Value> = state
-        .routes()
-        .iter()
-        .map(|view| {
-            let route = &view.settings.route;
-            let stats = &view.stats;
-            let outcomes: serde_json::Map<String, serde_json::Value> = Outcome::ALL
-                .iter()
-                .map(|o| (o.as_str().to_string(), stats.count(*o).into()))
-                .collect();
-            let last_error = stats.last_upstream_error().map(|(at, reason)| {
-                serde_json::json!({
-                    "at": unix_seconds(at),
-                    "seconds_ago": now.duration_since(at).map_or(0, |d| d.as_secs()),
-                    "reason": reason,
-                })
-            });
-            serde_json::json!({
-                "name": route.name,
-                "listen": route.listen.to_string(),
-                "upstream": route.upstream.to_string(),
-                "live": stats.live.load(Ordering::Relaxed),
-                "relayed": stats.relayed.load(Ordering::Relaxed),
-                "outcomes": outcomes,
-                "bytes_up": stats.bytes_up.load(Ordering::Relaxed),
-                "bytes_down": stats.bytes_down.load(Ordering::Relaxed),
-                "last_upstream_error": last_error,
-            })
-        })
-        .collect();
-    let relay = &state.engine.stats;
-    let nat = state.nat();
-    let (pipes_alive, pipes_pooled) = state.engine.pipes().map_or((0, 0), |p| (p.alive(), p.idle()));
-    serde_json::json!({
-        "version": env!("CARGO_PKG_VERSION"),
-        "started_at": unix_seconds(state.started_at()),
-        "uptime_seconds": state.uptime().as_secs(),
-        "ready": verdict.is_ok(),
-        "reason": verdict.err(),
-        "routes": routes,
-        "relay": {
-            "spliced_bytes": relay.spliced_bytes.load(Ordering::Relaxed),
-            "copied_bytes": relay.copied_bytes.load(Ordering::Relaxed),
-            "fallback_no_pipe": relay.fallback_no_pipe.load(Ordering::Relaxed),
-            "fallback_refused": relay.fallback_refused.load(Ordering::Relaxed),
-            "pipes_in_use": pipes_alive.saturating_sub(pipes_pooled),
-            "pipes_pooled": pipes_pooled,
-        },
-        "nat": {
-            "state": nat.name(),
-            "reason": nat.problem(),
-            "repairs": state.nat_repairs.load(Ordering::Relaxed),
-            "failures": state.nat_failures.load(Ordering::Relaxed),
-        },
-        "reloads": {
-            "ok": state.reloads_ok.load(Ordering::Relaxed),
-            "rejected": state.reloads_rejected.load(Ordering::Relaxed),
-        },
-    })
 }

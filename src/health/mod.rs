@@ -8,17 +8,16 @@
 //! never delay a probe answer. It must not change the daemon's state, only read it.
 
 mod http;
-pub mod state;
 
+use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::logging::RateLimit;
-use crate::net::AcceptBackoff;
-use state::State;
+use crate::net::{AcceptLoop, Next};
+use crate::state::State;
 
 /// Concurrent connections from the probe sources. Azure probes one at a time every few seconds;
 /// 16 covers several balancer instances and retries.
@@ -59,19 +58,10 @@ async fn serve(listener: std::net::TcpListener, state: Arc<State>) {
     let other_slots = Arc::new(Semaphore::new(OTHER_SLOTS));
     let refused_log = RateLimit::new();
     let busy_log = RateLimit::new();
-    let mut backoff = AcceptBackoff::default();
+    let mut accept = AcceptLoop::new(listener, "health");
     loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(accepted) => {
-                backoff.recovered("health");
-                accepted
-            }
-            Err(e) => {
-                let pause = backoff.failed("health", &e);
-                tokio::time::sleep(pause.max(Duration::from_millis(1))).await;
-                continue;
-            }
-        };
+        // Nothing controls this loop: it lives as long as the process.
+        let Next::Connection(stream, peer) = accept.next(std::future::pending::<Infallible>()).await;
         let health = state.health();
         let source = peer.ip().to_canonical();
         let access = http::Access {

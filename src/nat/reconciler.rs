@@ -14,7 +14,7 @@ use tokio::sync::watch;
 
 use super::Applied;
 use crate::config::Nat;
-use crate::health::state::{NatStatus, State};
+use crate::state::{NatStatus, State};
 
 /// Reconciles at once, then every `reconcile_interval` and whenever the configuration changes,
 /// until the sender is dropped. With NAT off it cleans up once per configuration (start or

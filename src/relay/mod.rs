@@ -27,7 +27,7 @@ pub use pump::STREAMING_READ;
 use pump::{Flow, PumpError};
 
 use crate::shutdown::Shutdown;
-use crate::stats::{Outcome, RelayStats};
+use crate::state::{EngineView, Outcome, RelayStats};
 
 /// What every relayed connection shares: the pipe pool (absent when splice is turned off), the
 /// copy buffers, and the engine counters.
@@ -54,9 +54,18 @@ impl Engine {
     pub fn pipes(&self) -> Option<&PipePool> {
         self.pipes.as_ref()
     }
+}
 
-    /// Copy buffers lent to connections now (at most [`MAX_BUFFERS`]).
-    pub fn buffers_lent(&self) -> usize {
+impl EngineView for Engine {
+    fn counters(&self) -> &RelayStats {
+        &self.stats
+    }
+
+    fn pipe_counts(&self) -> Option<(usize, usize, u64)> {
+        self.pipes.as_ref().map(|p| (p.alive(), p.idle(), p.created()))
+    }
+
+    fn buffers_lent(&self) -> usize {
         self.buffers.lent()
     }
 }

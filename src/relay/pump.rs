@@ -22,7 +22,7 @@ use super::buffers::BufferPool;
 use super::pipe::{Lease, PipePool};
 use crate::logging::RateLimit;
 use crate::net::at_urgent_mark;
-use crate::stats::RelayStats;
+use crate::state::RelayStats;
 
 /// A single read this large means bulk data (an scp upload, a file copy over WinRM): splicing
 /// it saves a copy per byte. Smaller reads (keystrokes, command output, requests) cost fewer

@@ -7,7 +7,7 @@ use std::os::unix::net::{SocketAddr, UnixDatagram};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::health::state::State;
+use crate::state::State;
 
 /// A connection to the service manager's notification socket, or nothing outside systemd.
 #[derive(Debug)]

@@ -279,14 +279,30 @@ pub struct Upstream {
 
 impl Upstream {
     pub fn start(handler: impl Fn(TcpStream) + Send + Sync + 'static) -> Upstream {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind upstream");
+        // A deep accept queue: with std's 128, a burst of dials overflows it, the kernel drops
+        // the handshake's last ACK, and a dial that sends nothing waits for SYN-ACK retries.
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("upstream socket");
+        socket.set_reuse_address(true).expect("SO_REUSEADDR");
+        socket
+            .bind(&SocketAddr::from((Ipv4Addr::LOCALHOST, 0)).into())
+            .expect("bind upstream");
+        socket.listen(4096).expect("listen upstream");
+        let listener: TcpListener = socket.into();
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
         let count = accepted.clone();
         let handler = Arc::new(handler);
         std::thread::spawn(move || {
             for stream in listener.incoming() {
-                let Ok(stream) = stream else { continue };
+                let stream = match stream {
+                    Ok(stream) => stream,
+                    Err(e) => {
+                        eprintln!("upstream accept failed: {e}");
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    }
+                };
                 count.fetch_add(1, Ordering::SeqCst);
                 let handler = handler.clone();
                 std::thread::spawn(move || handler(stream));

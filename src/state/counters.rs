@@ -1,18 +1,22 @@
 //! Counters the daemon keeps about itself: per route (connections by outcome, live connections,
-//! bytes) and for the relay engine as a whole (spliced and copied bytes, fallbacks, pipes).
+//! bytes, upstream connect times) and for the relay engine as a whole (spliced and copied bytes,
+//! fallbacks).
 //!
-//! This module owns the numbers only. It must not format, export or log them; the exit summary,
-//! and later the metrics endpoint, read them from here. Every counter is a relaxed atomic: they
-//! are statistics, never used to make a decision that needs ordering.
+//! This module owns the numbers and the one spelling of each connection outcome. It must not
+//! format, export or log them; the exit summary, `/status` and `/metrics` read them from here.
+//! Every counter is a relaxed atomic: they are statistics, never used to make a decision that
+//! needs ordering, except `live`, which admission compares with max_connections and where being
+//! off by a connection under a race is acceptable.
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::SystemTime;
 
-use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 
-/// How a connection ended, or why it never started. The names are the `end=` field of the log
-/// line each connection gets.
+/// How a connection ended, or why it never started. [`Outcome::name`] is the one spelling of it
+/// everywhere: the `end=` field of the log line, the keys of `/status`, the metric labels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
     /// Both sides closed in order; every byte was delivered.
@@ -52,8 +56,8 @@ impl Outcome {
         Outcome::UpstreamUnreachable,
     ];
 
-    /// The name used in logs.
-    pub fn as_str(self) -> &'static str {
+    /// The outcome's name in logs, `/status` and metrics.
+    pub fn name(self) -> &'static str {
         match self {
             Outcome::Eof => "eof",
             Outcome::Reset => "reset",
@@ -68,15 +72,25 @@ impl Outcome {
         }
     }
 
+    /// Whether this is how a relayed connection ended (eof, reset, idle, drain), as opposed to
+    /// why a connection was never relayed (admission or dial).
+    pub fn is_end(self) -> bool {
+        matches!(
+            self,
+            Outcome::Eof | Outcome::Reset | Outcome::Idle | Outcome::Drain
+        )
+    }
+
     fn index(self) -> usize {
         Outcome::ALL.iter().position(|o| *o == self).unwrap_or(0)
     }
 }
 
-/// Counters of one listening route. They survive reloads that keep the listen address.
+/// Counters of one route. They follow the route by name across reloads, a move to another
+/// listen address included.
 #[derive(Debug)]
 pub struct RouteStats {
-    /// Connections currently relayed or dialling.
+    /// Connections currently relayed or dialling; admission compares it with max_connections.
     pub live: AtomicUsize,
     /// Connections whose upstream dial succeeded.
     pub relayed: AtomicU64,
@@ -130,6 +144,45 @@ impl RouteStats {
     /// How many connections ended with `outcome`.
     pub fn count(&self, outcome: Outcome) -> u64 {
         self.outcomes[outcome.index()].load(Ordering::Relaxed)
+    }
+}
+
+/// Upstream connect times from 0.5 ms (same host) doubling to about 4 s (connect_timeout's
+/// neighbourhood); a dial on the same VNET lands in the first few buckets.
+fn connect_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 14))
+}
+
+/// Histograms by a `route` label, made with [`connect_buckets`].
+pub type ConnectFamily = Family<Vec<(&'static str, String)>, Histogram, fn() -> Histogram>;
+
+/// The histogram family of upstream connect times by route. It outlives scrapes (a histogram
+/// cannot be rebuilt from atomics at scrape time) and routes (a route re-created by name gets its
+/// series back).
+#[derive(Debug, Clone)]
+pub struct ConnectTimes {
+    family: ConnectFamily,
+}
+
+impl Default for ConnectTimes {
+    fn default() -> Self {
+        ConnectTimes {
+            family: Family::new_with_constructor(connect_buckets as fn() -> Histogram),
+        }
+    }
+}
+
+impl ConnectTimes {
+    /// The series of `route`, for its counters to observe into.
+    pub fn of(&self, route: &str) -> Histogram {
+        self.family
+            .get_or_create(&vec![("route", route.to_string())])
+            .clone()
+    }
+
+    /// The whole family, for `/metrics`.
+    pub fn family(&self) -> &ConnectFamily {
+        &self.family
     }
 }
 

@@ -11,6 +11,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use crate::config::Config;
+use crate::state::Outcome;
+
+pub mod document;
+
+pub use document::StatusDocument;
 
 /// How long to wait for the daemon's answer.
 const ASK_TIMEOUT: Duration = Duration::from_secs(3);
@@ -64,7 +69,7 @@ fn local_target(listen: SocketAddr) -> SocketAddr {
     SocketAddr::new(ip, listen.port())
 }
 
-fn fetch_status(target: SocketAddr) -> Result<serde_json::Value, String> {
+fn fetch_status(target: SocketAddr) -> Result<StatusDocument, String> {
     let mut stream = TcpStream::connect_timeout(&target, ASK_TIMEOUT).map_err(|e| e.to_string())?;
     stream
         .set_read_timeout(Some(ASK_TIMEOUT))
@@ -85,58 +90,53 @@ fn fetch_status(target: SocketAddr) -> Result<serde_json::Value, String> {
     serde_json::from_str(body).map_err(|e| format!("unreadable /status document: {e}"))
 }
 
-fn summarize(doc: &serde_json::Value) -> String {
+fn summarize(doc: &StatusDocument) -> String {
     let mut out = String::new();
-    let ready = doc["ready"].as_bool().unwrap_or(false);
-    let uptime = Duration::from_secs(doc["uptime_seconds"].as_u64().unwrap_or(0));
+    let uptime = Duration::from_secs(doc.uptime_seconds);
     out.push_str(&format!(
         "daemon:   ferryd {} up {}, {}\n",
-        doc["version"].as_str().unwrap_or("?"),
+        doc.version,
         humantime::format_duration(uptime),
-        if ready {
+        if doc.ready {
             "ready".to_string()
         } else {
-            format!(
-                "NOT READY: {}",
-                doc["reason"].as_str().unwrap_or("unknown reason")
-            )
+            format!("NOT READY: {}", doc.reason.as_deref().unwrap_or("unknown reason"))
         }
     ));
-    for route in doc["routes"].as_array().into_iter().flatten() {
+    for route in &doc.routes {
         out.push_str(&format!(
             "route:    {} {} -> {}: {} live, {} relayed, {} denied, {} probes, {} B up, {} B down\n",
-            route["name"].as_str().unwrap_or("?"),
-            route["listen"].as_str().unwrap_or("?"),
-            route["upstream"].as_str().unwrap_or("?"),
-            route["live"],
-            route["relayed"],
-            route["outcomes"]["denied"],
-            route["outcomes"]["probe"],
-            route["bytes_up"],
-            route["bytes_down"],
+            route.name,
+            route.listen,
+            route.upstream,
+            route.live,
+            route.relayed,
+            route.count(Outcome::Denied),
+            route.count(Outcome::Probe),
+            route.bytes_up,
+            route.bytes_down,
         ));
-        if let Some(reason) = route["last_upstream_error"]["reason"].as_str() {
+        if let Some(error) = &route.last_upstream_error {
             out.push_str(&format!(
-                "          last upstream error {}s ago: {reason}\n",
-                route["last_upstream_error"]["seconds_ago"]
+                "          last upstream error {}s ago: {}\n",
+                error.seconds_ago, error.reason
             ));
         }
     }
-    let nat = &doc["nat"];
-    match (nat["state"].as_str(), nat["reason"].as_str()) {
-        (Some(state), Some(reason)) => out.push_str(&format!("nat:      {state}: {reason}\n")),
-        (Some(state), None) => out.push_str(&format!("nat:      {state}\n")),
-        _ => {}
+    match &doc.nat.reason {
+        Some(reason) => out.push_str(&format!("nat:      {}: {reason}\n", doc.nat.state)),
+        None if !doc.nat.state.is_empty() => out.push_str(&format!("nat:      {}\n", doc.nat.state)),
+        None => {}
     }
-    let relay = &doc["relay"];
+    let relay = &doc.relay;
     out.push_str(&format!(
         "relay:    {} B spliced, {} B copied, fallbacks {} (no pipe) / {} (refused), pipes {} in use / {} pooled\n",
-        relay["spliced_bytes"],
-        relay["copied_bytes"],
-        relay["fallback_no_pipe"],
-        relay["fallback_refused"],
-        relay["pipes_in_use"],
-        relay["pipes_pooled"]
+        relay.spliced_bytes,
+        relay.copied_bytes,
+        relay.fallback_no_pipe,
+        relay.fallback_refused,
+        relay.pipes_in_use,
+        relay.pipes_pooled
     ));
     out
 }

@@ -1,18 +1,34 @@
-//! What the daemon knows about itself, in one place the health endpoint, /status, /metrics and
-//! the systemd watchdog can read: the phase (starting, ready, draining), named problems, the
-//! heartbeat of the relay runtime, and the running routes.
+//! The daemon's shared state: what it knows about itself, in one place that the health endpoint,
+//! `/status`, `/metrics`, the systemd glue and the NAT reconciler read and write: the phase
+//! (starting, ready, draining), named problems, the heartbeat of the relay runtime, the running
+//! routes with their counters, the engine's counters, NAT's state and the daemon's own counters.
 //!
-//! The daemon writes it; readers only read. It must not decide anything about connections.
+//! The daemon creates and owns it and hands an `Arc` to each part. It depends on no other part of
+//! the daemon (the relay engine shows itself through [`EngineView`]), so every reader depends on
+//! the state and never on another reader. It must not decide anything about connections.
+
+pub mod counters;
 
 use std::collections::BTreeMap;
+use std::fmt::Debug;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::config::Health;
-use crate::relay::Engine;
-use crate::route::RouteSettings;
-use crate::stats::RouteStats;
+pub use counters::{ConnectTimes, Outcome, RelayStats, RouteStats};
+
+use crate::config::{Health, Route};
+
+/// What the relay engine shows of itself: its counters and how many pipes and buffers it holds.
+/// The engine implements it, so the state needs nothing from the relay.
+pub trait EngineView: Send + Sync + Debug {
+    /// Engine-wide counters (spliced and copied bytes, fallbacks).
+    fn counters(&self) -> &RelayStats;
+    /// Pipes `(alive, pooled, created since start)`, or `None` when splice is off.
+    fn pipe_counts(&self) -> Option<(usize, usize, u64)>;
+    /// Copy buffers lent now.
+    fn buffers_lent(&self) -> usize;
+}
 
 /// A relay runtime whose heartbeat is older than this is reported as stalled by the health
 /// endpoint. The heartbeat ticks every second; ten missed ticks are not scheduling noise.
@@ -71,8 +87,8 @@ impl NatStatus {
 /// A running route as the readers see it.
 #[derive(Clone, Debug)]
 pub struct RouteView {
-    /// The settings new connections get.
-    pub settings: Arc<RouteSettings>,
+    /// The route as new connections get it.
+    pub route: Route,
     /// Its counters.
     pub stats: Arc<RouteStats>,
 }
@@ -88,8 +104,8 @@ pub struct State {
     routes: RwLock<Vec<RouteView>>,
     health: RwLock<Arc<Health>>,
     nat: Mutex<NatStatus>,
-    /// The relay engine, for its counters and pipe pool.
-    pub engine: Arc<Engine>,
+    /// The relay engine's counters and gauges.
+    pub engine: Arc<dyn EngineView>,
     /// SIGHUP reloads applied.
     pub reloads_ok: AtomicU64,
     /// SIGHUP reloads rejected (invalid file, unbindable address).
@@ -98,13 +114,13 @@ pub struct State {
     pub nat_repairs: AtomicU64,
     /// NAT reconciles that failed (iptables missing or refusing).
     pub nat_failures: AtomicU64,
-    /// The histogram family of upstream connect times, shared with the routes' counters.
-    pub metrics: crate::metrics::Families,
+    /// Upstream connect times by route, shared with the routes' counters.
+    pub connect_times: ConnectTimes,
 }
 
 impl State {
     /// State of a daemon that has just started.
-    pub fn new(engine: Arc<Engine>, health: Health) -> Arc<State> {
+    pub fn new(engine: Arc<dyn EngineView>, health: Health) -> Arc<State> {
         Arc::new(State {
             started_at: SystemTime::now(),
             started: Instant::now(),
@@ -119,7 +135,7 @@ impl State {
             reloads_rejected: AtomicU64::new(0),
             nat_repairs: AtomicU64::new(0),
             nat_failures: AtomicU64::new(0),
-            metrics: crate::metrics::Families::default(),
+            connect_times: ConnectTimes::default(),
         })
     }
 

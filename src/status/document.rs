@@ -1,0 +1,217 @@
+//! The `/status` document: one typed description of the running daemon, built from the shared
+//! state by the health endpoint and read back by `ferryd status`, so the two sides cannot
+//! disagree on a key.
+//!
+//! Every field has a default when absent, so `ferryd status` can still read the document of a
+//! daemon one version older or newer. It must not change the state it describes.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::state::{Outcome, State};
+
+/// Everything `/status` says.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct StatusDocument {
+    /// ferryd's version.
+    pub version: String,
+    /// When the daemon started, in seconds since the Unix epoch.
+    pub started_at: u64,
+    /// How long it has run.
+    pub uptime_seconds: u64,
+    /// Whether the probe answers 200.
+    pub ready: bool,
+    /// Why not, when it does not.
+    pub reason: Option<String>,
+    /// The running routes, in configuration order.
+    pub routes: Vec<RouteStatus>,
+    /// The relay engine's counters.
+    pub relay: RelayStatus,
+    /// NAT's state.
+    pub nat: NatReport,
+    /// SIGHUP reloads.
+    pub reloads: Reloads,
+}
+
+/// One route.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RouteStatus {
+    /// Its name.
+    pub name: String,
+    /// Where it listens.
+    pub listen: String,
+    /// Where it relays to.
+    pub upstream: String,
+    /// Connections relayed or dialling now.
+    pub live: usize,
+    /// Connections whose dial succeeded.
+    pub relayed: u64,
+    /// Connections by outcome, keyed by [`Outcome::name`].
+    pub outcomes: BTreeMap<String, u64>,
+    /// Bytes client → upstream.
+    pub bytes_up: u64,
+    /// Bytes upstream → client.
+    pub bytes_down: u64,
+    /// The most recent failed dial.
+    pub last_upstream_error: Option<UpstreamError>,
+}
+
+impl RouteStatus {
+    /// How many connections ended with `outcome`.
+    pub fn count(&self, outcome: Outcome) -> u64 {
+        self.outcomes.get(outcome.name()).copied().unwrap_or(0)
+    }
+}
+
+/// A failed dial.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct UpstreamError {
+    /// When, in seconds since the Unix epoch.
+    pub at: u64,
+    /// How long ago, when the document was made.
+    pub seconds_ago: u64,
+    /// The outcome and the error.
+    pub reason: String,
+}
+
+/// The relay engine.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RelayStatus {
+    /// Bytes moved with splice.
+    pub spliced_bytes: u64,
+    /// Bytes moved through a buffer.
+    pub copied_bytes: u64,
+    /// Bursts copied because no pipe was free.
+    pub fallback_no_pipe: u64,
+    /// Directions switched to copying because the kernel refused splice.
+    pub fallback_refused: u64,
+    /// Pipes lent to connections now.
+    pub pipes_in_use: usize,
+    /// Empty pipes waiting in the pool.
+    pub pipes_pooled: usize,
+    /// Copy buffers lent now.
+    pub buffers_in_use: usize,
+}
+
+/// NAT as the reconcile loop last found it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct NatReport {
+    /// `disabled`, `pending`, `ok` or `failed`.
+    pub state: String,
+    /// Why it is not in place, when it should be.
+    pub reason: Option<String>,
+    /// Drift repaired since start.
+    pub repairs: u64,
+    /// Reconciles that failed since start.
+    pub failures: u64,
+}
+
+/// SIGHUP reloads by result.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Reloads {
+    /// Applied.
+    pub ok: u64,
+    /// Rejected (invalid file, unbindable address).
+    pub rejected: u64,
+}
+
+fn unix_seconds(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+impl StatusDocument {
+    /// The document for `state` now.
+    pub fn of(state: &State) -> StatusDocument {
+        let verdict = state.verdict();
+        let now = SystemTime::now();
+        let routes = state
+            .routes()
+            .iter()
+            .map(|view| {
+                let stats = &view.stats;
+                RouteStatus {
+                    name: view.route.name.clone(),
+                    listen: view.route.listen.to_string(),
+                    upstream: view.route.upstream.to_string(),
+                    live: stats.live.load(Ordering::Relaxed),
+                    relayed: stats.relayed.load(Ordering::Relaxed),
+                    outcomes: Outcome::ALL
+                        .iter()
+                        .map(|o| (o.name().to_string(), stats.count(*o)))
+                        .collect(),
+                    bytes_up: stats.bytes_up.load(Ordering::Relaxed),
+                    bytes_down: stats.bytes_down.load(Ordering::Relaxed),
+                    last_upstream_error: stats.last_upstream_error().map(|(at, reason)| UpstreamError {
+                        at: unix_seconds(at),
+                        seconds_ago: now.duration_since(at).map_or(0, |d| d.as_secs()),
+                        reason,
+                    }),
+                }
+            })
+            .collect();
+        let counters = state.engine.counters();
+        let (alive, pooled, _) = state.engine.pipe_counts().unwrap_or_default();
+        let nat = state.nat();
+        StatusDocument {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            started_at: unix_seconds(state.started_at()),
+            uptime_seconds: state.uptime().as_secs(),
+            ready: verdict.is_ok(),
+            reason: verdict.err(),
+            routes,
+            relay: RelayStatus {
+                spliced_bytes: counters.spliced_bytes.load(Ordering::Relaxed),
+                copied_bytes: counters.copied_bytes.load(Ordering::Relaxed),
+                fallback_no_pipe: counters.fallback_no_pipe.load(Ordering::Relaxed),
+                fallback_refused: counters.fallback_refused.load(Ordering::Relaxed),
+                pipes_in_use: alive.saturating_sub(pooled),
+                pipes_pooled: pooled,
+                buffers_in_use: state.engine.buffers_lent(),
+            },
+            nat: NatReport {
+                state: nat.name().to_string(),
+                reason: nat.problem(),
+                repairs: state.nat_repairs.load(Ordering::Relaxed),
+                failures: state.nat_failures.load(Ordering::Relaxed),
+            },
+            reloads: Reloads {
+                ok: state.reloads_ok.load(Ordering::Relaxed),
+                rejected: state.reloads_rejected.load(Ordering::Relaxed),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_tolerates_missing_keys() {
+        let doc = StatusDocument {
+            version: "1.2.3".into(),
+            ready: true,
+            routes: vec![RouteStatus {
+                name: "ssh".into(),
+                outcomes: [("upstream-refused".to_string(), 2)].into_iter().collect(),
+                ..RouteStatus::default()
+            }],
+            ..StatusDocument::default()
+        };
+        let text = serde_json::to_string(&doc).unwrap();
+        assert_eq!(serde_json::from_str::<StatusDocument>(&text).unwrap(), doc);
+        assert_eq!(doc.routes[0].count(Outcome::UpstreamRefused), 2);
+        let older: StatusDocument = serde_json::from_str(r#"{"version":"0.1.0","ready":false}"#).unwrap();
+        assert_eq!(older.version, "0.1.0");
+        assert!(older.routes.is_empty());
+    }
+}
