@@ -17,6 +17,16 @@ use ipnet::IpNet;
 pub struct Cidr(IpNet);
 
 impl Cidr {
+    /// An IPv4 block, for constants; an invalid prefix length fails the build.
+    pub const fn v4(addr: std::net::Ipv4Addr, prefix: u8) -> Cidr {
+        Cidr(IpNet::V4(ipnet::Ipv4Net::new_assert(addr, prefix)))
+    }
+
+    /// An IPv6 block, for constants; an invalid prefix length fails the build.
+    pub const fn v6(addr: std::net::Ipv6Addr, prefix: u8) -> Cidr {
+        Cidr(IpNet::V6(ipnet::Ipv6Net::new_assert(addr, prefix)))
+    }
+
     /// Whether `addr` lies inside this block. IPv4-mapped IPv6 addresses (`::ffff:a.b.c.d`,
     /// which a dual-stack listener reports for IPv4 clients) are compared as the IPv4 address
     /// they carry, so an operator never has to write both forms.

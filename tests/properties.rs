@@ -17,20 +17,15 @@ fn parse(text: &str) -> Result<Config, ferryd::config::ConfigError> {
 
 /// Lines that are almost a configuration: real keys with plausible and implausible values.
 fn config_line() -> impl Strategy<Value = String> {
-    let key = prop::sample::select(vec![
-        "allow",
+    // The per-route keys come from the configuration's own list, so a new one is covered here
+    // without touching this file.
+    let mut keys = ferryd::config::ROUTE_TUNABLE_KEYS.to_vec();
+    keys.extend([
         "probe_sources",
         "drain_timeout",
         "workers",
         "splice",
         "max_pipes",
-        "connect_timeout",
-        "idle_timeout",
-        "fin_timeout",
-        "max_connections",
-        "keepalive_time",
-        "keepalive_interval",
-        "keepalive_probes",
         "name",
         "listen",
         "upstream",
@@ -38,8 +33,10 @@ fn config_line() -> impl Strategy<Value = String> {
         "path",
         "sources",
         "enabled",
+        "require_nat",
         "bogus",
     ]);
+    let key = prop::sample::select(keys);
     let value = prop::sample::select(vec![
         "[\"10.0.0.0/24\"]",
         "[\"0.0.0.0/0\", \"::/0\"]",
