@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, watch};
 
 /// Handed to each connection task: resolves [`Shutdown::closing`] when the daemon gives up
 /// waiting and live connections must close now. Holding one also keeps the daemon's
-/// [`Drain::wait`] from returning, so the task's lifetime is the connection's.
+/// [`Drain::finish`] from returning early, so the task's lifetime is the connection's.
 #[derive(Debug, Clone)]
 pub struct Shutdown {
     closing: watch::Receiver<bool>,

@@ -224,6 +224,15 @@ fn packaged_binary_is_static_and_package_is_complete() {
         !String::from_utf8_lossy(&dynamic.stdout).contains("libc.so"),
         "needs libc.so"
     );
+    // The test-only faults (the `test-faults` feature) never reach the package.
+    let image = std::fs::read(&bin).unwrap();
+    for marker in [&b"FERRYD_TEST_FAULTS"[..], b"test fault:"] {
+        assert!(
+            !image.windows(marker.len()).any(|w| w == marker),
+            "the packaged binary carries a test fault ({})",
+            String::from_utf8_lossy(marker)
+        );
+    }
     for path in [
         "lib/systemd/system/ferryd.service",
         "etc/ferryd/ferryd.toml",

@@ -5,8 +5,9 @@
 //! (remembering the value it replaced) and ferryd's two chains, FERRYD-POSTROUTING (nat) and
 //! FERRYD-FORWARD (filter), each reached by one jump at the top of the built-in chain. Changes
 //! go through `iptables-restore --noflush`, atomically per table. It must never flush, delete or
-//! reorder a rule it does not own, and it needs CAP_NET_ADMIN (and CAP_NET_RAW for iptables);
-//! the relay needs neither.
+//! reorder a rule it does not own. It needs CAP_NET_ADMIN (and CAP_NET_RAW for iptables) and,
+//! under the shipped unit's sandbox, /proc/sys/net/ipv4/ip_forward left writable; the relay
+//! needs none of that.
 
 mod iptables;
 pub mod reconciler;

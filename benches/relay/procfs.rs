@@ -1,0 +1,77 @@
+//! What /proc says about a contender: CPU time, resident memory and descriptors of its whole
+//! process tree.
+
+use crate::contenders::Proxy;
+
+/// Process tree of `pid` (the proxy and its workers).
+pub(crate) fn tree(pid: u32) -> Vec<u32> {
+    let mut all = vec![pid];
+    let mut i = 0;
+    while i < all.len() {
+        let parent = all[i];
+        if let Ok(children) = std::fs::read_to_string(format!("/proc/{parent}/task/{parent}/children")) {
+            all.extend(children.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+        }
+        i += 1;
+    }
+    all
+}
+
+pub(crate) fn clock_ticks() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks > 0 { ticks as f64 } else { 100.0 }
+}
+
+/// CPU seconds of the proxy's process tree, including waited-for children (socat's forks).
+pub(crate) fn cpu_seconds(proxy: &Proxy) -> f64 {
+    let Some(child) = &proxy.child else { return 0.0 };
+    let mut ticks = 0u64;
+    for pid in tree(child.id()) {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some(close) = stat.rfind(')') else { continue };
+        let fields: Vec<u64> = stat[close + 2..]
+            .split_whitespace()
+            .filter_map(|f| f.parse().ok())
+            .collect();
+        // After the state field: utime, stime, cutime, cstime are fields 14-17 of stat.
+        if fields.len() > 14 {
+            ticks += fields[10] + fields[11] + fields[12] + fields[13];
+        }
+    }
+    ticks as f64 / clock_ticks()
+}
+
+pub(crate) fn rss_kib(proxy: &Proxy) -> u64 {
+    let Some(child) = &proxy.child else { return 0 };
+    tree(child.id())
+        .iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
+        .filter_map(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+        })
+        .sum()
+}
+
+/// (all fds, pipe fds) of the proxy's process tree.
+pub(crate) fn fds(proxy: &Proxy) -> (usize, usize) {
+    let Some(child) = &proxy.child else { return (0, 0) };
+    let mut all = 0;
+    let mut pipes = 0;
+    for pid in tree(child.id()) {
+        let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            all += 1;
+            if std::fs::read_link(entry.path()).is_ok_and(|t| t.to_string_lossy().starts_with("pipe:")) {
+                pipes += 1;
+            }
+        }
+    }
+    (all, pipes)
+}

@@ -1,0 +1,283 @@
+//! Results: the samples of every round, the figures and their medians and spreads, and the
+//! markdown section of BENCHMARKS.md.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+use std::process::Command;
+
+use crate::contenders::{Kind, ferryd_bin};
+use crate::load::percentile;
+use crate::{GIB, Plan};
+
+/// What is measured: the keys of [`Samples`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Metric {
+    /// Throughput of one stream (Gbit/s).
+    Gbps1,
+    /// Throughput of eight streams (Gbit/s).
+    Gbps8,
+    /// CPU seconds per GiB relayed.
+    Cpu,
+    /// Ping-pong round trip p50 and p99 (µs), raw.
+    Rtt50,
+    /// See [`Metric::Rtt50`].
+    Rtt99,
+    /// Ping-pong p50 and p99 added over direct (µs).
+    P50,
+    /// See [`Metric::P50`].
+    P99,
+    /// Connections per second.
+    Cps,
+    /// Connection setup p99 (µs).
+    Setup99,
+    /// Idle RSS (KiB).
+    IdleRss,
+    /// RSS per idle connection (KiB).
+    ConnKib,
+    /// Descriptors per idle connection.
+    ConnFds,
+    /// Pipe descriptors held with idle connections.
+    PipeFds,
+}
+
+#[derive(Default, Clone)]
+pub(crate) struct Samples(pub(crate) BTreeMap<Metric, Vec<f64>>);
+
+impl Samples {
+    pub(crate) fn add(&mut self, metric: Metric, value: f64) {
+        self.0.entry(metric).or_default().push(value);
+    }
+
+    pub(crate) fn stats(&self, metric: Metric) -> Option<(f64, f64, f64)> {
+        let mut v = self.0.get(&metric)?.clone();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(|a, b| a.total_cmp(b));
+        Some((percentile(&v, 50.0), v[0], v[v.len() - 1]))
+    }
+}
+
+pub(crate) struct Figure {
+    pub(crate) metric: Metric,
+    pub(crate) title: &'static str,
+    pub(crate) unit: &'static str,
+    pub(crate) higher_is_better: bool,
+}
+
+pub(crate) const FIGURES: &[Figure] = &[
+    Figure {
+        metric: Metric::Gbps1,
+        title: "Throughput, 1 stream",
+        unit: "Gbit/s",
+        higher_is_better: true,
+    },
+    Figure {
+        metric: Metric::Gbps8,
+        title: "Throughput, 8 streams",
+        unit: "Gbit/s",
+        higher_is_better: true,
+    },
+    Figure {
+        metric: Metric::Cpu,
+        title: "Proxy CPU per GiB relayed",
+        unit: "CPU s/GiB",
+        higher_is_better: false,
+    },
+    Figure {
+        metric: Metric::P50,
+        title: "Ping-pong p50 added over direct",
+        unit: "µs",
+        higher_is_better: false,
+    },
+    Figure {
+        metric: Metric::P99,
+        title: "Ping-pong p99 added over direct",
+        unit: "µs",
+        higher_is_better: false,
+    },
+    Figure {
+        metric: Metric::Cps,
+        title: "Connections per second",
+        unit: "conn/s",
+        higher_is_better: true,
+    },
+    Figure {
+        metric: Metric::Setup99,
+        title: "Connection setup p99",
+        unit: "µs",
+        higher_is_better: false,
+    },
+    Figure {
+        metric: Metric::IdleRss,
+        title: "Idle RSS",
+        unit: "KiB",
+        higher_is_better: false,
+    },
+    Figure {
+        metric: Metric::ConnKib,
+        title: "RSS per idle connection",
+        unit: "KiB",
+        higher_is_better: false,
+    },
+    Figure {
+        metric: Metric::ConnFds,
+        title: "fds per idle connection",
+        unit: "fds",
+        higher_is_better: false,
+    },
+    Figure {
+        metric: Metric::PipeFds,
+        title: "Pipe fds held with idle connections",
+        unit: "fds",
+        higher_is_better: false,
+    },
+];
+
+pub(crate) fn command_output(program: &str, args: &[&str]) -> String {
+    Command::new(program)
+        .args(args)
+        .output()
+        .map(|o| {
+            let text = if o.stdout.is_empty() { o.stderr } else { o.stdout };
+            String::from_utf8_lossy(&text)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_string()
+        })
+        .unwrap_or_else(|_| "not installed".into())
+}
+
+pub(crate) fn report(
+    results: &BTreeMap<Kind, Samples>,
+    kinds: &[Kind],
+    missing: &[&str],
+    plan: Plan,
+) -> String {
+    let mut out = String::new();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    let _ = writeln!(
+        out,
+        "Run: `cargo bench --bench relay` on {}",
+        command_output("date", &["-u", "+%Y-%m-%d %H:%M UTC"])
+    );
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "- machine: {} CPUs ({cpu}), kernel {}",
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        command_output("uname", &["-r"])
+    );
+    let _ = writeln!(
+        out,
+        "- versions: ferryd {} (`{}`), {}, {}, {}",
+        env!("CARGO_PKG_VERSION"),
+        ferryd_bin().rsplit("/target/").next().unwrap_or_default(),
+        command_output("haproxy", &["-v"]),
+        command_output("nginx", &["-v"]),
+        command_output("socat", &["-V"]).replace(
+            "socat by Gerhard Rieger and contributors - see www.dest-unreach.org",
+            "socat"
+        )
+    );
+    let _ = writeln!(
+        out,
+        "- plan: {} interleaved rounds; bulk {} GiB per test; {} round trips; {} connections for the rate; {} idle connections (socat: 200); every proxy on one thread or worker",
+        plan.rounds,
+        plan.bulk_bytes as f64 / GIB,
+        plan.round_trips,
+        plan.connections,
+        plan.idle_connections
+    );
+    if !missing.is_empty() {
+        let _ = writeln!(out, "- left out (not installed): {}", missing.join(", "));
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "Median of the rounds, with the spread (min-max) in brackets."
+    );
+    for figure in FIGURES {
+        let _ = writeln!(out);
+        let _ = writeln!(out, "### {} ({})", figure.title, figure.unit);
+        let _ = writeln!(out);
+        let _ = writeln!(out, "| contender | median | spread | vs haproxy splice |");
+        let _ = writeln!(out, "| --- | ---: | ---: | ---: |");
+        let reference = results
+            .get(&Kind::HaproxySplice)
+            .and_then(|s| s.stats(figure.metric))
+            .map(|s| s.0);
+        for kind in kinds {
+            let Some((median, lo, hi)) = results.get(kind).and_then(|s| s.stats(figure.metric)) else {
+                continue;
+            };
+            let ratio = match reference {
+                Some(r) if r.abs() > f64::EPSILON => format!("{:.2}×", median / r),
+                _ => "-".into(),
+            };
+            let _ = writeln!(
+                out,
+                "| {} | {} | {}-{} | {ratio} |",
+                kind.name(),
+                num(median),
+                num(lo),
+                num(hi)
+            );
+        }
+    }
+    let _ = writeln!(out);
+    let _ = writeln!(
+        out,
+        "Direct, for reference: {:.2} Gbit/s (1 stream), {:.2} Gbit/s (8 streams); ferryd reaches {:.0}% and {:.0}% of it.",
+        med(results, Kind::Direct, Metric::Gbps1),
+        med(results, Kind::Direct, Metric::Gbps8),
+        100.0 * med(results, Kind::Ferryd, Metric::Gbps1)
+            / med(results, Kind::Direct, Metric::Gbps1).max(1e-9),
+        100.0 * med(results, Kind::Ferryd, Metric::Gbps8)
+            / med(results, Kind::Direct, Metric::Gbps8).max(1e-9)
+    );
+    out
+}
+
+pub(crate) fn med(results: &BTreeMap<Kind, Samples>, kind: Kind, metric: Metric) -> f64 {
+    results
+        .get(&kind)
+        .and_then(|s| s.stats(metric))
+        .map_or(0.0, |s| s.0)
+}
+
+pub(crate) fn num(v: f64) -> String {
+    if v.abs() >= 100.0 {
+        format!("{v:.0}")
+    } else if v.abs() >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+/// Replaces the text between the results markers of BENCHMARKS.md (or writes a new file), so the
+/// hand-written analysis around it stays.
+pub(crate) fn write_results(path: &Path, results: &str) {
+    const START: &str = "<!-- results:start -->";
+    const END: &str = "<!-- results:end -->";
+    let block = format!("{START}\n{results}\n{END}");
+    let text = match std::fs::read_to_string(path) {
+        Ok(old) => match (old.find(START), old.find(END)) {
+            (Some(a), Some(b)) if a < b => format!("{}{block}{}", &old[..a], &old[b + END.len()..]),
+            _ => format!("{old}\n{block}\n"),
+        },
+        Err(_) => format!("# Benchmarks\n\n{block}\n"),
+    };
+    std::fs::write(path, text).expect("write BENCHMARKS.md");
+}
