@@ -10,8 +10,8 @@
 //! needs none of that.
 
 mod iptables;
-pub mod reconciler;
-pub mod rules;
+pub(crate) mod reconciler;
+mod rules;
 
 use std::fmt;
 use std::path::PathBuf;

@@ -21,9 +21,7 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::time::Instant;
 
-pub use buffers::MAX_BUFFERS;
 pub use pipe::PipePool;
-pub use pump::STREAMING_READ;
 use pump::{Flow, PumpError};
 
 use crate::shutdown::Shutdown;
