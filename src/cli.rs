@@ -22,7 +22,8 @@ pub enum Command {
     /// Run the relay daemon in the foreground (as systemd starts it).
     ///
     /// Logs go to journald when started by systemd, to stderr otherwise; FERRYD_LOG sets the
-    /// level (error, warn, info, debug, trace). SIGHUP reloads the file; SIGTERM drains.
+    /// level (error, warn, info, debug, trace). SIGHUP reloads the file; SIGTERM drains. Exits 78
+    /// (EX_CONFIG) when the configuration is invalid, so systemd does not restart it in a loop.
     Run {
         /// The configuration file.
         #[arg(short, long, value_name = "PATH", default_value = DEFAULT_PATH)]
@@ -58,6 +59,12 @@ pub enum Command {
         #[arg(long, default_value = "ferryd.service")]
         unit: String,
     },
+    /// Print a shell completion script (the package installs them for bash and zsh).
+    #[command(hide = true)]
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
 }
 
 /// `ferryd nat` actions.
@@ -71,9 +78,15 @@ pub enum NatAction {
         config: PathBuf,
     },
     /// Remove every ferryd rule and chain, and restore ip_forward if ferryd changed it.
-    Down,
+    Down {
+        /// Accepted like the other commands' and not needed: everything ferryd owns is removed,
+        /// whatever the file says (so package removal can call it with a broken file).
+        #[arg(short, long, value_name = "PATH", default_value = DEFAULT_PATH)]
+        config: PathBuf,
+    },
     /// Show the rules with their counters, ip_forward, the uplink, and whether the live state
-    /// matches the configuration (exit 0 when it does, 1 when not).
+    /// matches the configuration: exit 0 when it does, 1 when it has drifted (or NAT is off in
+    /// the file), 2 when it cannot be checked (iptables missing, not privileged, a bad file).
     Status {
         /// The configuration file.
         #[arg(short, long, value_name = "PATH", default_value = DEFAULT_PATH)]

@@ -20,6 +20,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::{Config, HEALTH_SOCKET_NAME, Route};
+use crate::logging::ids;
 use crate::relay::Engine;
 use crate::route::{RouteListener, RouteSettings};
 use crate::shutdown::Drain;
@@ -222,6 +223,7 @@ impl Daemon {
             );
         }
         tracing::info!(
+            message_id = ids::READY,
             config = %daemon.config.path.display(),
             routes = daemon.routes.len(),
             workers = daemon.config.workers,
@@ -382,7 +384,7 @@ impl Daemon {
         let new = match Config::load(&path) {
             Ok(new) => new,
             Err(e) => {
-                tracing::error!(error = %e, "reload rejected; the running configuration stays in force");
+                tracing::error!(message_id = ids::RELOAD_REJECTED, error = %e, "reload rejected; the running configuration stays in force");
                 return Err(());
             }
         };
@@ -416,6 +418,7 @@ impl Daemon {
                 Ok(prepared) => fresh.push(prepared),
                 Err(e) => {
                     tracing::error!(
+                        message_id = ids::RELOAD_REJECTED,
                         route = %route.name,
                         listen = %route.listen,
                         error = %format!("{e:#}"),
@@ -495,7 +498,7 @@ impl Daemon {
         routes.sort_by_key(|r| order(&r.name));
         self.routes = routes;
         self.publish_routes();
-        tracing::info!(config = %path.display(), routes = self.routes.len(), "configuration reloaded");
+        tracing::info!(message_id = ids::RELOADED, config = %path.display(), routes = self.routes.len(), "configuration reloaded");
         Ok(())
     }
 
@@ -559,6 +562,7 @@ impl Daemon {
         let relayed: u64 = stats.iter().map(|s| s.relayed.load(Ordering::Relaxed)).sum();
         let relay = engine.counters();
         tracing::info!(
+            message_id = ids::STOPPED,
             relayed,
             spliced_bytes = relay.spliced_bytes.load(Ordering::Relaxed),
             copied_bytes = relay.copied_bytes.load(Ordering::Relaxed),

@@ -2,10 +2,15 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 
 use ferryd::cli::{Cli, Command, NatAction};
 use ferryd::config::Config;
+
+/// sysexits.h's EX_CONFIG: the configuration is invalid. The unit lists it in
+/// RestartPreventExitStatus=, so a bad file stops the service with its message instead of
+/// restarting it until the start limit.
+const EX_CONFIG: u8 = 78;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -16,7 +21,11 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");
-                    ExitCode::FAILURE
+                    if e.downcast_ref::<ferryd::config::ConfigError>().is_some() {
+                        ExitCode::from(EX_CONFIG)
+                    } else {
+                        ExitCode::FAILURE
+                    }
                 }
             };
             // Lines are written by a thread of their own: let it finish before the process ends.
@@ -25,6 +34,10 @@ fn main() -> ExitCode {
         }
         Command::Nat { action } => nat(action),
         Command::Status { config, unit } => ferryd::status::run(&config, &unit),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "ferryd", &mut std::io::stdout());
+            ExitCode::SUCCESS
+        }
         Command::Check { config, quiet } => match Config::load(&config) {
             Ok(effective) => {
                 if !quiet {
@@ -40,6 +53,9 @@ fn main() -> ExitCode {
         },
     }
 }
+
+/// `ferryd nat status` exits 2 when it cannot check at all (as opposed to 1: checked, drifted).
+const NAT_CANNOT_CHECK: u8 = 2;
 
 fn nat(action: NatAction) -> ExitCode {
     let load = |path: &std::path::Path| Config::load(path).map_err(|e| e.to_string());
@@ -67,20 +83,30 @@ fn nat(action: NatAction) -> ExitCode {
                 })
                 .map_err(|e| e.to_string())
         }),
-        NatAction::Down => ferryd::nat::down()
+        NatAction::Down { config: _ } => ferryd::nat::down()
             .map(|()| {
                 println!("ferryd's NAT rules and chains are removed");
                 true
             })
             .map_err(|e| e.to_string()),
-        NatAction::Status { config } => load(&config).and_then(|c| {
-            ferryd::nat::status(&c.nat)
-                .map(|(report, in_sync)| {
-                    print!("{report}");
-                    in_sync
-                })
-                .map_err(|e| e.to_string())
-        }),
+        NatAction::Status { config } => {
+            let checked = load(&config).and_then(|c| {
+                ferryd::nat::status(&c.nat)
+                    .map(|(report, in_sync)| {
+                        print!("{report}");
+                        in_sync
+                    })
+                    .map_err(|e| e.to_string())
+            });
+            return match checked {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(e) => {
+                    eprintln!("ferryd: cannot check NAT: {e}");
+                    ExitCode::from(NAT_CANNOT_CHECK)
+                }
+            };
+        }
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -257,11 +257,19 @@ fn metrics_count_relayed_denied_and_probe_connections() {
         Some(1.0)
     );
     assert_eq!(
-        metric(&after, "ferryd_bytes_total", &[route[0], ("direction", "up")]),
+        metric(
+            &after,
+            "ferryd_relayed_bytes_total",
+            &[route[0], ("direction", "up")]
+        ),
         Some(5.0)
     );
     assert_eq!(
-        metric(&after, "ferryd_bytes_total", &[route[0], ("direction", "down")]),
+        metric(
+            &after,
+            "ferryd_relayed_bytes_total",
+            &[route[0], ("direction", "down")]
+        ),
         Some(5.0)
     );
     assert_eq!(metric(&after, "ferryd_connections_live", &route), Some(0.0));

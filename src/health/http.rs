@@ -4,6 +4,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -32,6 +33,8 @@ pub struct Access {
     pub probe: bool,
     /// /metrics and /status.
     pub metrics: bool,
+    /// The source is one of the load balancer's probers: its health requests are counted.
+    pub prober: bool,
 }
 
 /// Serves one request on `stream` and closes it.
@@ -77,6 +80,9 @@ fn respond(request: &Request<Incoming>, access: Access, state: &State) -> Respon
         return text(StatusCode::FORBIDDEN, "forbidden for this source\n".into());
     }
     if path == health.path {
+        if access.prober {
+            state.health_probes.fetch_add(1, Ordering::Relaxed);
+        }
         match state.verdict() {
             Ok(()) => text(StatusCode::OK, "ok\n".into()),
             Err(reason) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")),

@@ -67,6 +67,7 @@ async fn serve(listener: std::net::TcpListener, state: Arc<State>) {
         let access = http::Access {
             probe: health.allow.contains(source),
             metrics: health.metrics_allow.contains(source),
+            prober: health.probe_sources.contains(source),
         };
         if !access.probe && !access.metrics {
             crate::net::reset(stream);

@@ -77,6 +77,8 @@ impl Fields {
     fn put_field(&mut self, field: &Field, value: &str) {
         if field.name() == "message" {
             self.put("MESSAGE", value);
+        } else if field.name() == "message_id" {
+            self.put("MESSAGE_ID", value);
         } else {
             let name = journal_name(field.name());
             self.put(&name, value);

@@ -7,6 +7,7 @@
 //! misbehaving client from filling the journal. It must not decide what is worth logging:
 //! callers do that.
 
+pub mod ids;
 mod journal;
 pub mod queue;
 

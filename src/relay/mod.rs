@@ -66,6 +66,10 @@ impl EngineView for Engine {
     fn buffers_lent(&self) -> usize {
         self.buffers.lent()
     }
+
+    fn pipe_limit(&self) -> Option<usize> {
+        self.pipes.as_ref().map(PipePool::limit)
+    }
 }
 
 /// The timers that bound a relayed connection.

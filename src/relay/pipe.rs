@@ -101,6 +101,11 @@ impl PipePool {
         self.created.load(Ordering::Relaxed)
     }
 
+    /// The most pipes that may exist at once.
+    pub fn limit(&self) -> usize {
+        self.max
+    }
+
     /// Empty pipes waiting in the pool.
     pub fn idle(&self) -> usize {
         self.lock_idle().len()

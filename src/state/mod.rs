@@ -28,6 +28,8 @@ pub trait EngineView: Send + Sync + Debug {
     fn pipe_counts(&self) -> Option<(usize, usize, u64)>;
     /// Copy buffers lent now.
     fn buffers_lent(&self) -> usize;
+    /// The most pipes that may exist (`max_pipes`), or `None` when splice is off.
+    fn pipe_limit(&self) -> Option<usize>;
 }
 
 /// A relay runtime whose heartbeat is older than this is reported as stalled by the health
@@ -110,6 +112,8 @@ pub struct State {
     pub reloads_ok: AtomicU64,
     /// SIGHUP reloads rejected (invalid file, unbindable address).
     pub reloads_rejected: AtomicU64,
+    /// Health-path requests from the probe sources: the balancer's probes arriving.
+    pub health_probes: AtomicU64,
     /// NAT drift repaired by the reconcile loop.
     pub nat_repairs: AtomicU64,
     /// NAT reconciles that failed (iptables missing or refusing).
@@ -133,6 +137,7 @@ impl State {
             engine,
             reloads_ok: AtomicU64::new(0),
             reloads_rejected: AtomicU64::new(0),
+            health_probes: AtomicU64::new(0),
             nat_repairs: AtomicU64::new(0),
             nat_failures: AtomicU64::new(0),
             connect_times: ConnectTimes::default(),

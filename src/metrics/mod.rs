@@ -18,6 +18,8 @@ use prometheus_client::registry::Registry;
 
 use crate::state::{NatStatus, Outcome, State};
 
+mod process;
+
 /// A route label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabel {
@@ -62,11 +64,14 @@ fn counters(label: &'static str, values: &[(&str, &AtomicU64)]) -> Family<OneLab
 
 /// Renders every metric as OpenMetrics text.
 pub fn render(state: &State) -> String {
-    let mut registry = Registry::with_prefix("ferryd");
+    let mut root = Registry::default();
+    process::register(&mut root, state);
+    let registry = root.sub_registry_with_prefix("ferryd");
 
     let connections = Family::<OutcomeLabels, Counter>::default();
     let ends = Family::<EndLabels, Counter>::default();
     let live = Family::<RouteLabel, Gauge>::default();
+    let limit = Family::<RouteLabel, Gauge>::default();
     let bytes = Family::<DirectionLabels, Counter>::default();
     let accept_errors = Family::<RouteLabel, Counter>::default();
     for view in state.routes() {
@@ -94,6 +99,9 @@ pub fn render(state: &State) -> String {
         }
         live.get_or_create(&RouteLabel { route: route.clone() })
             .set(stats.live.load(Ordering::Relaxed) as i64);
+        limit
+            .get_or_create(&RouteLabel { route: route.clone() })
+            .set(view.route.max_connections as i64);
         for (direction, counter) in [("up", &stats.bytes_up), ("down", &stats.bytes_down)] {
             bytes
                 .get_or_create(&DirectionLabels {
@@ -122,7 +130,12 @@ pub fn render(state: &State) -> String {
         live,
     );
     registry.register(
-        "bytes",
+        "route_max_connections",
+        "The route's max_connections, for alerting on ferryd_connections_live near it",
+        limit,
+    );
+    registry.register(
+        "relayed_bytes",
         "Bytes relayed, by route and direction (up: client to build VM, down: back)",
         bytes,
     );
@@ -168,6 +181,22 @@ pub fn render(state: &State) -> String {
         "pipes",
         "Pipes in the pool (pooled) and lent to connections (in_use)",
         pipes,
+    );
+    if let Some(max) = state.engine.pipe_limit() {
+        let gauge = Gauge::<i64>::default();
+        gauge.set(max as i64);
+        registry.register(
+            "max_pipes",
+            "The max_pipes setting: past it, bursts are copied instead of spliced",
+            gauge,
+        );
+    }
+    let probes = Counter::<u64>::default();
+    probes.inc_by(state.health_probes.load(Ordering::Relaxed));
+    registry.register(
+        "health_probes",
+        "Requests for the health path from the probe sources: the load balancer's probes arriving",
+        probes,
     );
 
     let buffers = Gauge::<i64>::default();
@@ -234,6 +263,6 @@ pub fn render(state: &State) -> String {
 
     let mut out = String::new();
     // Writing into a String cannot fail.
-    let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+    let _ = prometheus_client::encoding::text::encode(&mut out, &root);
     out
 }
