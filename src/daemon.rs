@@ -223,12 +223,11 @@ impl Daemon {
             );
         }
         tracing::info!(
-            message_id = ids::READY,
             config = %daemon.config.path.display(),
             routes = daemon.routes.len(),
             workers = daemon.config.workers,
             splice = daemon.config.splice,
-            "ready"
+            message_id = ids::READY, "ready"
         );
         Ok(daemon)
     }
@@ -384,7 +383,7 @@ impl Daemon {
         let new = match Config::load(&path) {
             Ok(new) => new,
             Err(e) => {
-                tracing::error!(message_id = ids::RELOAD_REJECTED, error = %e, "reload rejected; the running configuration stays in force");
+                tracing::error!(error = %e, message_id = ids::RELOAD_REJECTED, "reload rejected; the running configuration stays in force");
                 return Err(());
             }
         };
@@ -418,10 +417,10 @@ impl Daemon {
                 Ok(prepared) => fresh.push(prepared),
                 Err(e) => {
                     tracing::error!(
-                        message_id = ids::RELOAD_REJECTED,
                         route = %route.name,
                         listen = %route.listen,
                         error = %format!("{e:#}"),
+                        message_id = ids::RELOAD_REJECTED,
                         "reload rejected: cannot listen on the route's address (if a route being removed holds an overlapping address, restart ferryd instead); the running configuration stays in force"
                     );
                     return Err(());
@@ -498,7 +497,7 @@ impl Daemon {
         routes.sort_by_key(|r| order(&r.name));
         self.routes = routes;
         self.publish_routes();
-        tracing::info!(message_id = ids::RELOADED, config = %path.display(), routes = self.routes.len(), "configuration reloaded");
+        tracing::info!(config = %path.display(), routes = self.routes.len(), message_id = ids::RELOADED, "configuration reloaded");
         Ok(())
     }
 
@@ -562,13 +561,13 @@ impl Daemon {
         let relayed: u64 = stats.iter().map(|s| s.relayed.load(Ordering::Relaxed)).sum();
         let relay = engine.counters();
         tracing::info!(
-            message_id = ids::STOPPED,
             relayed,
             spliced_bytes = relay.spliced_bytes.load(Ordering::Relaxed),
             copied_bytes = relay.copied_bytes.load(Ordering::Relaxed),
             fallback_no_pipe = relay.fallback_no_pipe.load(Ordering::Relaxed),
             fallback_refused = relay.fallback_refused.load(Ordering::Relaxed),
             pipes_created = engine.pipe_counts().map_or(0, |(_, _, created)| created),
+            message_id = ids::STOPPED,
             "stopped"
         );
     }

@@ -21,6 +21,7 @@ const DIRECTIVES: &[(&str, u32)] = &[
     ("ExecReload", 1),
     ("Restart", 1),
     ("RestartSec", 1),
+    ("RestartPreventExitStatus", 189),
     ("WatchdogSec", 1),
     ("TimeoutStopSec", 1),
     ("LimitNOFILE", 1),
@@ -157,6 +158,11 @@ fn unit_has_the_required_settings() {
         "reload validates first"
     );
     assert!(get("ExecReload")[1].contains("kill -HUP"));
+    assert_eq!(
+        get("RestartPreventExitStatus"),
+        ["78"],
+        "a bad configuration must not restart in a loop"
+    );
     let stop: u64 = get("TimeoutStopSec")[0].trim_end_matches('s').parse().unwrap();
     let drain = ferryd::config::DEFAULT_DRAIN_TIMEOUT.as_secs();
     assert!(

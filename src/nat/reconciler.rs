@@ -75,10 +75,9 @@ async fn enforce(nat: &Nat, state: &State) {
             let before = state.set_nat(NatStatus::Failed(reason.clone()));
             if before != NatStatus::Failed(reason) {
                 tracing::error!(
-                    message_id = crate::logging::ids::NAT_FAILED,
                     error = %e,
                     retry_in = %humantime::format_duration(nat.reconcile_interval),
-                    "cannot put the NAT rules in place; the relay keeps working and NAT is retried"
+                    message_id = crate::logging::ids::NAT_FAILED, "cannot put the NAT rules in place; the relay keeps working and NAT is retried"
                 );
             } else {
                 tracing::debug!(error = %e, "NAT still failing");
