@@ -138,10 +138,11 @@ fn version_and_help() {
 
 /// `ferryd run` on an invalid file exits 1 with the reason.
 #[test]
-fn run_refuses_an_invalid_file() {
+fn run_refuses_an_invalid_file_with_ex_config() {
     let mut daemon = Daemon::spawn_with("allow = [\"x\"]\n", |_| {});
     let status = daemon.wait_exit(Duration::from_secs(5)).expect("exits");
-    assert_eq!(status.code(), Some(1));
+    // 78 (EX_CONFIG): the unit's RestartPreventExitStatus= stops a restart loop on it.
+    assert_eq!(status.code(), Some(78));
     assert!(daemon.log().contains("invalid CIDR \"x\""), "{}", daemon.log());
 }
 
@@ -170,4 +171,72 @@ fn run_retries_a_busy_listen_port() {
     );
     let mut client = std::net::TcpStream::connect(local(port)).unwrap();
     echo_roundtrip(&mut client, b"after retry").unwrap();
+}
+
+/// `nat down` takes `--config` like its siblings and needs nothing from it; `nat status` exits 2
+/// when it cannot check at all (here: iptables is not on PATH), which scripts can tell from 1
+/// (checked, and drifted).
+#[test]
+fn nat_commands_take_config_and_status_says_when_it_cannot_check() {
+    let dir = TempDir::new("nat-cli");
+    let config = dir.path().join("ferryd.toml");
+    std::fs::write(
+        &config,
+        format!("{GOOD}\n[nat]\nsources = [\"10.0.1.4/32\"]\nout_interface = \"eth0\"\n"),
+    )
+    .unwrap();
+    let help = Command::new(BIN)
+        .args(["nat", "down", "--help"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&help.stdout).contains("--config"));
+    let down = Command::new(BIN)
+        .args(["nat", "down", "--config", "/nonexistent/ferryd.toml"])
+        .env("PATH", "/nonexistent")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&down.stderr);
+    assert!(
+        !stderr.contains("unexpected argument"),
+        "--config must be accepted: {stderr}"
+    );
+    let status = Command::new(BIN)
+        .args(["nat", "status", "--config"])
+        .arg(&config)
+        .env("PATH", "/nonexistent")
+        .output()
+        .unwrap();
+    assert_eq!(
+        status.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    assert!(String::from_utf8_lossy(&status.stderr).contains("iptables is not installed"));
+}
+
+/// Completion scripts for the shells the package installs them for.
+#[test]
+fn completions_for_bash_and_zsh() {
+    for (shell, marker) in [("bash", "complete -F"), ("zsh", "#compdef ferryd")] {
+        let out = Command::new(BIN).args(["completions", shell]).output().unwrap();
+        assert!(out.status.success());
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains(marker), "{shell}: {text}");
+        for sub in ["run", "check", "nat", "status"] {
+            assert!(text.contains(sub), "{shell} completion lacks {sub}");
+        }
+    }
+    let bash = Command::new(BIN).args(["completions", "bash"]).output().unwrap();
+    let parsed = Command::new("bash")
+        .args(["-n", "/dev/stdin"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write as _;
+            child.stdin.take().unwrap().write_all(&bash.stdout)?;
+            child.wait()
+        })
+        .unwrap();
+    assert!(parsed.success(), "the bash completion does not parse");
 }

@@ -118,3 +118,20 @@ fn every_metric_the_rules_and_the_dashboard_query_exists() {
         "queried but not exposed: {missing:?}\nexposed: {exposed:?}"
     );
 }
+
+/// README's table of journal MESSAGE_IDs is the one the daemon sends.
+#[test]
+fn readme_lists_every_message_id() {
+    let readme = std::fs::read_to_string(repo("README.md")).unwrap();
+    use ferryd::logging::ids;
+    for id in [
+        ids::READY,
+        ids::RELOADED,
+        ids::RELOAD_REJECTED,
+        ids::NAT_FAILED,
+        ids::STOPPED,
+    ] {
+        assert_eq!(id.len(), 32, "{id} is not a 128-bit hex id");
+        assert!(readme.contains(id), "README does not list MESSAGE_ID {id}");
+    }
+}

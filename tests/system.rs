@@ -44,8 +44,12 @@ fn can_run() -> bool {
 }
 
 fn deb() -> Option<PathBuf> {
-    let deb = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("target/debian")
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("target"),
+        PathBuf::from,
+    );
+    let deb = target
+        .join("debian")
         .join(format!("ferryd_{}_amd64.deb", env!("CARGO_PKG_VERSION")));
     deb.exists().then_some(deb)
 }
@@ -285,6 +289,26 @@ fn package_installs_runs_reloads_stops_and_purges_under_systemd() {
         "runs as the ferryd user"
     );
 
+    // The journal finds the ready line by its stable MESSAGE_ID.
+    let ready = c.ok(&format!(
+        "journalctl -u ferryd --no-pager -o cat MESSAGE_ID={}",
+        ferryd::logging::ids::READY
+    ));
+    assert!(ready.contains("ready"), "{ready}");
+
+    // A configuration error stops the unit with 78 (EX_CONFIG) instead of a restart loop.
+    c.ok("cp /etc/ferryd/ferryd.toml /root/good.toml && echo 'bogus_key = 1' >> /etc/ferryd/ferryd.toml");
+    let _ = c.sh("systemctl restart ferryd");
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(
+        c.ok("systemctl show -p ExecMainStatus --value ferryd").trim(),
+        "78"
+    );
+    assert_eq!(c.ok("systemctl show -p NRestarts --value ferryd").trim(), "0");
+    assert_eq!(c.ok("systemctl is-active ferryd || true").trim(), "failed");
+    c.ok("cp /root/good.toml /etc/ferryd/ferryd.toml && systemctl reset-failed ferryd && systemctl start ferryd");
+    c.wait_for("systemctl is-active ferryd", "active", Duration::from_secs(20));
+
     // The health endpoint answers the probe path from loopback.
     let health =
         c.ok("exec 3<>/dev/tcp/127.0.0.1/60080; printf 'GET /healthz HTTP/1.0\\r\\n\\r\\n' >&3; cat <&3");
@@ -391,6 +415,26 @@ fn package_installs_runs_reloads_stops_and_purges_under_systemd() {
         "restarted on upgrade"
     );
 
+    // An upgrade whose binary rejects the installed configuration (a renamed or unknown key)
+    // leaves the running daemon alone and the package configured.
+    c.ok("cp /etc/ferryd/ferryd.toml /root/good.toml && echo 'bogus_key = 1' >> /etc/ferryd/ferryd.toml");
+    let pid_before = c.ok("systemctl show -p MainPID --value ferryd");
+    let upgrade = c.sh("dpkg -i /mnt/ferryd/ferryd.deb");
+    let said = String::from_utf8_lossy(&upgrade.stderr);
+    assert!(upgrade.status.success(), "the upgrade must not fail: {said}");
+    assert!(said.contains("was NOT restarted"), "{said}");
+    assert!(said.contains("bogus_key"), "the reason is shown: {said}");
+    assert_eq!(
+        c.ok("systemctl show -p MainPID --value ferryd"),
+        pid_before,
+        "the old daemon keeps running"
+    );
+    assert!(
+        c.ok("dpkg-query -W -f='${Status}' ferryd")
+            .contains("install ok installed")
+    );
+    c.ok("cp /root/good.toml /etc/ferryd/ferryd.toml");
+
     // Stop finishes within TimeoutStopSec and leaves NAT in place.
     let started = Instant::now();
     c.ok("systemctl stop ferryd");
@@ -405,9 +449,13 @@ fn package_installs_runs_reloads_stops_and_purges_under_systemd() {
         "NAT survives a stop"
     );
 
-    // Purge leaves no user, configuration, unit or NAT rule behind.
+    // Purge leaves no configuration, unit or NAT rule behind, and keeps the system user (Debian
+    // practice: a UID is never reused).
     c.ok("apt-get purge -y -q ferryd");
-    assert!(!c.sh("getent passwd ferryd").status.success(), "user left behind");
+    assert!(
+        c.sh("getent passwd ferryd").status.success(),
+        "the system user is kept"
+    );
     assert!(
         !c.sh("test -e /etc/ferryd").status.success(),
         "/etc/ferryd left behind"
@@ -423,5 +471,66 @@ fn package_installs_runs_reloads_stops_and_purges_under_systemd() {
         c.ok("cat /proc/sys/net/ipv4/ip_forward").trim(),
         "0",
         "ip_forward restored"
+    );
+}
+
+/// Image bakers install into a root that is not running (a chroot), then boot it: the unit must
+/// be enabled by the installation and run at first boot.
+#[test]
+fn offline_install_into_an_image_root_runs_at_first_boot() {
+    if !can_run() {
+        return;
+    }
+    let Some(deb) = deb() else {
+        eprintln!("SKIPPED system test: the package is not built (run packaging/build-deb; .ci/run does)");
+        return;
+    };
+    let pristine = bullseye_root();
+    let image = TempDir::new("image");
+    let root = image.path().join("root");
+    let copied = Command::new("cp")
+        .arg("-a")
+        .arg(&pristine)
+        .arg(&root)
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    std::fs::copy(&deb, root.join("tmp/ferryd.deb")).unwrap();
+    let installed = Command::new("chroot")
+        .arg(&root)
+        .args([
+            "apt-get",
+            "install",
+            "-y",
+            "-q",
+            "--no-install-recommends",
+            "/tmp/ferryd.deb",
+        ])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .output()
+        .unwrap();
+    assert!(
+        installed.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&installed.stdout),
+        String::from_utf8_lossy(&installed.stderr)
+    );
+    assert!(
+        root.join("etc/systemd/system/multi-user.target.wants/ferryd.service")
+            .symlink_metadata()
+            .is_ok(),
+        "the unit was not enabled by an offline installation"
+    );
+    // Relay to the image's own sshd.
+    std::fs::write(root.join("etc/ferryd/ferryd.toml"), TEST_CONFIG).unwrap();
+
+    let share = TempDir::new("image-share");
+    let c = Container::boot(&root, share.path());
+    c.wait_for("systemctl is-active ferryd", "active", Duration::from_secs(30));
+    c.wait_for(
+        "exec 3<>/dev/tcp/127.0.0.1/60001; head -c 7 <&3",
+        "SSH-2.0",
+        Duration::from_secs(10),
     );
 }
