@@ -8,6 +8,7 @@
 //! - [`allow`]: CIDR allowlists;
 //! - [`route`]: a listener, admission, and each connection's life and log line;
 //! - [`upstream`]: dialling the build VM;
+//! - [`proxy_header`]: the PROXY protocol v2 header Private Link can put in front of a connection;
 //! - [`relay`]: moving bytes both ways and ending a connection correctly;
 //! - [`daemon`]: start-up, signals, reload and drain;
 //! - [`shutdown`]: the drain signal passed to each connection;
@@ -29,6 +30,7 @@ pub mod logging;
 mod metrics;
 pub mod nat;
 mod net;
+pub mod proxy_header;
 mod relay;
 mod route;
 mod shutdown;

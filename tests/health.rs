@@ -199,7 +199,11 @@ fn scrape(port: u16) -> prometheus_parse::Scrape {
         let (series, value) = line
             .rsplit_once(' ')
             .unwrap_or_else(|| panic!("malformed line {line:?}"));
-        assert!(series.starts_with("ferryd_"), "{line}");
+        // ferryd's own metrics are prefixed; the standard process metrics are not.
+        assert!(
+            series.starts_with("ferryd_") || series.starts_with("process_"),
+            "{line}"
+        );
         assert!(value.parse::<f64>().is_ok(), "{line}");
     }
     prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))

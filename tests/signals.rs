@@ -233,7 +233,8 @@ fn exhaust_descriptors(fd_limit: u64) -> bool {
     assert_eq!(
         daemon.log_lines("accept failing").len(),
         1,
-        "logged once, not per failure"
+        "logged once, not per failure; log:\n{}",
+        daemon.log()
     );
 
     // Free descriptors: the waiting client is served, and so is a new one.

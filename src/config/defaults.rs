@@ -78,6 +78,11 @@ pub const MAX_KEEPALIVE_SECS: u64 = 32767;
 /// Linux caps TCP_KEEPCNT at 127.
 pub const MAX_KEEPALIVE_PROBES: u32 = 127;
 
+/// How long the whole PROXY v2 header may take to arrive. The balancer sends it in the first
+/// segment; 3 s covers a retransmission or two, and bounds a client that connects and says
+/// nothing (SSH's client waits for the server, so it would otherwise hang until idle_timeout).
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// The longest duration accepted anywhere: far beyond any useful timeout, and far inside what a
 /// monotonic clock can add without overflowing.
 pub const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 60 * 60);

@@ -13,7 +13,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::defaults::MAX_DURATION;
-use super::{Destination, Upstream};
+use super::{Destination, ProxyProtocol, Upstream};
 use crate::allow::Cidr;
 
 /// A duration written for people: "500ms", "30s", "2h", "1h 30m".
@@ -72,6 +72,18 @@ impl<'de> Deserialize<'de> for Destination {
     }
 }
 
+impl<'de> Deserialize<'de> for ProxyProtocol {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        match String::deserialize(deserializer)?.as_str() {
+            "off" => Ok(ProxyProtocol::Off),
+            "v2" => Ok(ProxyProtocol::V2),
+            other => Err(serde::de::Error::custom(format!(
+                "proxy protocol {other:?}: \"off\" or \"v2\" (version 1 is not supported)"
+            ))),
+        }
+    }
+}
+
 /// The settings a route may set for itself or inherit from the top level: the one list of them.
 /// Adding a per-route key starts here (then its value in [`super::Route`], its check in
 /// `resolve`, its line in `render`).
@@ -86,6 +98,11 @@ macro_rules! route_tunables {
             keepalive_time: Option<Spanned<HumanDuration>>,
             keepalive_interval: Option<Spanned<HumanDuration>>,
             keepalive_probes: Option<Spanned<u32>>,
+            proxy_protocol: Option<Spanned<ProxyProtocol>>,
+            allow_link_ids: Option<Spanned<Vec<u32>>>,
+            allow_clients: Option<Spanned<Vec<Cidr>>>,
+            header_timeout: Option<Spanned<HumanDuration>>,
+            upstream_proxy_protocol: Option<ProxyProtocol>,
         }
     };
 }
@@ -156,6 +173,7 @@ pub(super) struct FileHealth {
     pub(super) allow: Option<Vec<Cidr>>,
     pub(super) metrics_allow: Option<Vec<Cidr>>,
     pub(super) require_nat: Option<bool>,
+    pub(super) proxy_protocol: Option<ProxyProtocol>,
 }
 
 /// `[nat]`.

@@ -77,6 +77,9 @@ pub struct Health {
     /// The top-level `probe_sources`, copied here: their requests get connection slots of their
     /// own, so a flood from elsewhere can never crowd out the load balancer's probe.
     pub probe_sources: Allowlist,
+    /// Whether the health listener expects a PROXY v2 header first (the balancer's probes carry a
+    /// LOCAL one when the Private Link Service has "TCP proxy v2" on).
+    pub proxy_protocol: ProxyProtocol,
     /// Whether a NAT failure makes the probe fail too. Off by default: with one proxy VM behind
     /// the balancer, a failing probe stops every new SSH/WinRM flow, which costs more than a
     /// build VM without egress (that fails at once, with an error the builder shows).
@@ -178,6 +181,42 @@ pub struct Route {
     pub max_connections: usize,
     /// TCP keepalive for both legs.
     pub keepalive: Keepalive,
+    /// PROXY protocol v2 on this route's connections, when the Private Link Service is set to
+    /// "TCP proxy v2"; `None` when off.
+    pub proxy: Option<ProxyV2>,
+    /// Whether to send a PROXY v2 header (the real client, the same TLVs) to the upstream.
+    pub upstream_proxy_protocol: ProxyProtocol,
+}
+
+/// Whether a PROXY protocol header is expected (or sent).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ProxyProtocol {
+    /// No header.
+    #[default]
+    Off,
+    /// A version 2 header on every connection.
+    V2,
+}
+
+impl ProxyProtocol {
+    /// As written in the file.
+    pub fn name(self) -> &'static str {
+        match self {
+            ProxyProtocol::Off => "off",
+            ProxyProtocol::V2 => "v2",
+        }
+    }
+}
+
+/// What a route with `proxy_protocol = "v2"` checks in the header.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProxyV2 {
+    /// The whole header must arrive within this, or the connection is reset.
+    pub header_timeout: Duration,
+    /// When set, only these private endpoint LinkIDs are relayed.
+    pub allow_link_ids: Option<Vec<u32>>,
+    /// When set, the client address in the header must be in it too.
+    pub allow_clients: Option<Allowlist>,
 }
 
 /// TCP keepalive timers applied to both legs of a relayed connection.

@@ -31,6 +31,7 @@ struct HealthView {
     allow: Vec<String>,
     metrics_allow: Vec<String>,
     require_nat: bool,
+    proxy_protocol: &'static str,
 }
 
 #[derive(Serialize)]
@@ -59,6 +60,14 @@ struct RouteView {
     keepalive_time: String,
     keepalive_interval: String,
     keepalive_probes: u32,
+    proxy_protocol: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    header_timeout: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    allow_link_ids: Option<Vec<u32>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    allow_clients: Option<Vec<String>>,
+    upstream_proxy_protocol: &'static str,
 }
 
 fn duration(d: Duration) -> String {
@@ -88,6 +97,7 @@ pub(super) fn render(config: &Config) -> String {
             allow: cidrs(&config.health.allow),
             metrics_allow: cidrs(&config.health.metrics_allow),
             require_nat: config.health.require_nat,
+            proxy_protocol: config.health.proxy_protocol.name(),
         },
         nat: NatView {
             enabled: config.nat.enabled,
@@ -111,6 +121,14 @@ pub(super) fn render(config: &Config) -> String {
                 keepalive_time: duration(route.keepalive.time),
                 keepalive_interval: duration(route.keepalive.interval),
                 keepalive_probes: route.keepalive.probes,
+                proxy_protocol: if route.proxy.is_some() { "v2" } else { "off" },
+                header_timeout: route.proxy.as_ref().map(|p| duration(p.header_timeout)),
+                allow_link_ids: route.proxy.as_ref().and_then(|p| p.allow_link_ids.clone()),
+                allow_clients: route
+                    .proxy
+                    .as_ref()
+                    .and_then(|p| p.allow_clients.as_ref().map(cidrs)),
+                upstream_proxy_protocol: route.upstream_proxy_protocol.name(),
             })
             .collect(),
     };

@@ -13,7 +13,9 @@ use toml::Spanned;
 
 use super::defaults::*;
 use super::file::{FileConfig, FileHealth, FileNat, FileTunables, HumanDuration};
-use super::{Config, ConfigError, HEALTH_SOCKET_NAME, Health, Keepalive, Nat, Route, Upstream};
+use super::{
+    Config, ConfigError, HEALTH_SOCKET_NAME, Health, Keepalive, Nat, ProxyProtocol, ProxyV2, Route, Upstream,
+};
 use crate::allow::Allowlist;
 
 /// Builds errors that point into one file's text.
@@ -203,6 +205,7 @@ fn resolve_health(
         metrics_allow,
         probe_sources: probe_sources.clone(),
         require_nat: file.require_nat.unwrap_or(false),
+        proxy_protocol: file.proxy_protocol.unwrap_or_default(),
     })
 }
 
@@ -382,6 +385,12 @@ fn resolve_route(
         None => DEFAULT_KEEPALIVE_PROBES,
     };
 
+    let proxy = resolve_proxy(loc, &name, &own, defaults, route_span)?;
+    let upstream_proxy_protocol = own
+        .upstream_proxy_protocol
+        .or(defaults.upstream_proxy_protocol)
+        .unwrap_or_default();
+
     Ok(Route {
         name,
         listen,
@@ -396,5 +405,67 @@ fn resolve_route(
             interval,
             probes,
         },
+        proxy,
+        upstream_proxy_protocol,
     })
+}
+
+/// The PROXY v2 settings of a route; the keys that only mean something with a header are
+/// refused without one, naming the key.
+fn resolve_proxy(
+    loc: &Locator<'_>,
+    name: &str,
+    own: &FileTunables,
+    defaults: &FileTunables,
+    route_span: Range<usize>,
+) -> Result<Option<ProxyV2>, ConfigError> {
+    let on = own
+        .proxy_protocol
+        .as_ref()
+        .or(defaults.proxy_protocol.as_ref())
+        .is_some_and(|p| *p.get_ref() == ProxyProtocol::V2);
+    let link_ids = own.allow_link_ids.as_ref().or(defaults.allow_link_ids.as_ref());
+    let clients = own.allow_clients.as_ref().or(defaults.allow_clients.as_ref());
+    let timeout = own.header_timeout.as_ref().or(defaults.header_timeout.as_ref());
+    if !on {
+        let stray = [
+            ("allow_link_ids", link_ids.map(|s| s.span())),
+            ("allow_clients", clients.map(|s| s.span())),
+            ("header_timeout", timeout.map(|s| s.span())),
+        ];
+        if let Some((key, span)) = stray.into_iter().find(|(_, span)| span.is_some()) {
+            return Err(loc.at(
+                span.or(Some(route_span)),
+                format!("route {name:?}: {key} needs proxy_protocol = \"v2\" on the route (without a header there is nothing to check it against)"),
+            ));
+        }
+        return Ok(None);
+    }
+    let header_timeout = match timeout {
+        Some(t) if t.get_ref().0.is_zero() => {
+            return Err(loc.at(
+                Some(t.span()),
+                format!("route {name:?}: header_timeout must be longer than 0"),
+            ));
+        }
+        Some(t) => t.get_ref().0,
+        None => DEFAULT_HEADER_TIMEOUT,
+    };
+    if let Some(list) = link_ids.filter(|l| l.get_ref().is_empty()) {
+        return Err(loc.at(
+            Some(list.span()),
+            format!("route {name:?}: allow_link_ids is empty, so the route would refuse every client"),
+        ));
+    }
+    if let Some(list) = clients.filter(|l| l.get_ref().is_empty()) {
+        return Err(loc.at(
+            Some(list.span()),
+            format!("route {name:?}: allow_clients is empty, so the route would refuse every client"),
+        ));
+    }
+    Ok(Some(ProxyV2 {
+        header_timeout,
+        allow_link_ids: link_ids.map(|l| l.get_ref().clone()),
+        allow_clients: clients.map(|l| Allowlist::new(l.get_ref().clone())),
+    }))
 }

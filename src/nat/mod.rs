@@ -36,6 +36,23 @@ const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
 /// Where ferryd keeps the ip_forward value it replaced, so `nat down` can restore it. systemd's
 /// StateDirectory= sets STATE_DIRECTORY; elsewhere /var/lib/ferryd.
 const SAVED_FORWARD_FILE: &str = "ip_forward.before-ferryd";
+/// Written next to it whenever ferryd has put its rules in place, removed when they are taken
+/// away: a configuration without NAT looks for leftovers (and runs iptables at all) only when it
+/// is there, so a host that never used ferryd's NAT never sees an iptables command from it.
+const APPLIED_MARKER: &str = "nat-applied";
+
+/// Notes that ferryd's rules are in place. Best effort: without a writable state directory the
+/// only loss is that turning NAT off later needs `ferryd nat down` by hand.
+fn mark_applied() {
+    let marker = state_dir().join(APPLIED_MARKER);
+    if !marker.exists() {
+        let _ = std::fs::create_dir_all(state_dir());
+        let _ = std::fs::write(
+            &marker,
+            "ferryd's NAT rules were put in place; `ferryd nat down` removes them\n",
+        );
+    }
+}
 
 fn state_dir() -> PathBuf {
     std::env::var_os("STATE_DIRECTORY")
@@ -122,9 +139,14 @@ pub fn reconcile(nat: &Nat) -> Result<Applied, NatError> {
     let drift = drift_of(&wanted, &live);
     let forwarding = read_forwarding()? == "1";
     if drift.is_none() && forwarding {
+        mark_applied();
         return Ok(Applied::InSync);
     }
-    match apply(&ipt, &wanted, &live) {
+    let applied = apply(&ipt, &wanted, &live);
+    if applied.is_ok() {
+        mark_applied();
+    }
+    match applied {
         Ok(()) if fresh => Ok(Applied::Installed),
         Ok(()) => Ok(Applied::Repaired(
             drift.unwrap_or_else(|| "net.ipv4.ip_forward was 0".into()),
@@ -175,8 +197,13 @@ fn remove_chains(ipt: &Iptables) -> Result<(), NatError> {
 
 /// What a configuration without NAT needs: ferryd's rules and chains removed if any are left
 /// from an earlier configuration, and ip_forward restored if ferryd changed it. Returns whether
-/// anything was there to undo. Without iptables on PATH there can be no rules to remove.
+/// anything was there to undo. It runs nothing unless ferryd's marker (or its saved ip_forward)
+/// says NAT was in place; without iptables on PATH there can be no rules to remove.
 pub fn clear() -> Result<bool, NatError> {
+    let marker = state_dir().join(APPLIED_MARKER);
+    if !marker.exists() && !state_dir().join(SAVED_FORWARD_FILE).exists() {
+        return Ok(false);
+    }
     let mut undone = false;
     if iptables::installed() {
         let ipt = Iptables::detect()?;
@@ -192,6 +219,7 @@ pub fn clear() -> Result<bool, NatError> {
     }
     undone |= state_dir().join(SAVED_FORWARD_FILE).exists();
     restore_forwarding()?;
+    let _ = std::fs::remove_file(marker);
     Ok(undone)
 }
 
@@ -208,7 +236,9 @@ pub fn check(nat: &Nat) -> Result<Option<String>, NatError> {
 /// Removes every ferryd rule and chain, and restores ip_forward if ferryd changed it.
 pub fn down() -> Result<(), NatError> {
     remove_chains(&Iptables::detect()?)?;
-    restore_forwarding()
+    restore_forwarding()?;
+    let _ = std::fs::remove_file(state_dir().join(APPLIED_MARKER));
+    Ok(())
 }
 
 /// A report for `ferryd nat status`: the rules with their counters, ip_forward, the uplink, and

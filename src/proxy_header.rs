@@ -1,0 +1,433 @@
+//! PROXY protocol version 2: the header a Private Link Service set to "TCP proxy v2" puts in
+//! front of every connection, with the consumer's address and, in an Azure TLV, the private
+//! endpoint's LinkID.
+//!
+//! This module owns the wire format: parsing a header from bytes (never reading past it),
+//! encoding one for an upstream, and reading exactly one header from a socket within a deadline.
+//! It must not decide who is admitted; the route does that with what it returns.
+//!
+//! Layout (all lengths big-endian): the 12-byte signature; byte 13, version 2 in the high nibble
+//! and the command in the low (0 LOCAL, 1 PROXY); byte 14, family and transport (0x11 TCP/IPv4,
+//! 0x21 TCP/IPv6, 0x00 UNSPEC); bytes 15-16, the length of the rest; then the addresses (12 bytes
+//! for IPv4, 36 for IPv6: source, destination, source port, destination port) and the TLVs (type,
+//! 16-bit length, value). Azure's TLV is type 0xEE, value subtype 0x01 then the LinkID as a
+//! little-endian u32.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt as _;
+
+/// The 12 bytes every v2 header starts with.
+pub const SIGNATURE: [u8; 12] = [
+    0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A,
+];
+/// The fixed part: signature, version/command, family, length.
+pub const FIXED_LEN: usize = 16;
+/// The longest header accepted, fixed part included. Azure's is 16 + 36 (IPv6 addresses) + 8
+/// (its TLV); 1 KiB leaves room for other TLVs a balancer may add, and bounds what a hostile
+/// client can make ferryd read before anything is decided.
+pub const MAX_HEADER_LEN: usize = 1024;
+/// Azure's TLV type, and the subtype of the LinkID in it.
+pub const AZURE_TLV: u8 = 0xEE;
+const AZURE_LINK_ID: u8 = 0x01;
+
+/// LOCAL (a health check by the proxy itself) or PROXY (a relayed connection).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// The balancer's own connection (its probes): no client behind it.
+    Local,
+    /// A client's connection, with its addresses.
+    Proxy,
+}
+
+/// A parsed header.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Header {
+    /// LOCAL or PROXY.
+    pub command: Command,
+    /// The client's address and the address it connected to, for TCP over IPv4 or IPv6;
+    /// `None` for UNSPEC (and usually for LOCAL).
+    pub addresses: Option<(SocketAddr, SocketAddr)>,
+    /// Every TLV, in order, as (type, value).
+    pub tlvs: Vec<(u8, Vec<u8>)>,
+    /// Azure's private endpoint LinkID, when its TLV is present and well formed.
+    pub link_id: Option<u32>,
+}
+
+impl Header {
+    /// The client's address, when the header carries one.
+    pub fn client(&self) -> Option<SocketAddr> {
+        self.addresses.map(|(source, _)| source)
+    }
+}
+
+/// Why a header was refused; [`Refusal::reason`] is the label in logs and metrics.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// The first bytes are not the v2 signature.
+    Missing,
+    /// A version 1 (text) header: `PROXY TCP4 ...`.
+    Version1,
+    /// Signature right, but the version, command or family is not one v2 defines.
+    Malformed(String),
+    /// The length announces more than [`MAX_HEADER_LEN`].
+    Oversized(usize),
+    /// The connection ended before the whole header arrived.
+    Truncated,
+    /// The whole header did not arrive within header_timeout.
+    Timeout,
+}
+
+impl Refusal {
+    /// A short, fixed label: `missing`, `v1`, `malformed`, `oversized`, `truncated`, `timeout`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::Missing => "missing",
+            Refusal::Version1 => "v1",
+            Refusal::Malformed(_) => "malformed",
+            Refusal::Oversized(_) => "oversized",
+            Refusal::Truncated => "truncated",
+            Refusal::Timeout => "timeout",
+        }
+    }
+
+    /// Every label, for metrics.
+    pub const REASONS: [&'static str; 6] =
+        ["missing", "v1", "malformed", "oversized", "truncated", "timeout"];
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Refusal::Missing => f.write_str("no PROXY v2 header (the first bytes are not its signature)"),
+            Refusal::Version1 => f.write_str("a PROXY version 1 (text) header; only version 2 is accepted"),
+            Refusal::Malformed(why) => write!(f, "malformed PROXY v2 header: {why}"),
+            Refusal::Oversized(len) => write!(
+                f,
+                "PROXY v2 header of {len} bytes, over the {MAX_HEADER_LEN}-byte bound"
+            ),
+            Refusal::Truncated => f.write_str("the connection ended inside the PROXY v2 header"),
+            Refusal::Timeout => f.write_str("the PROXY v2 header did not arrive within header_timeout"),
+        }
+    }
+}
+
+/// Checks the fixed part; returns the whole header's length.
+pub fn header_len(fixed: &[u8; FIXED_LEN]) -> Result<usize, Refusal> {
+    if fixed[..12] != SIGNATURE {
+        return Err(if fixed.starts_with(b"PROXY ") {
+            Refusal::Version1
+        } else {
+            Refusal::Missing
+        });
+    }
+    let len = FIXED_LEN + usize::from(u16::from_be_bytes([fixed[14], fixed[15]]));
+    if len > MAX_HEADER_LEN {
+        return Err(Refusal::Oversized(len));
+    }
+    Ok(len)
+}
+
+/// Whether `prefix` (the first bytes received) can still be the start of a v2 header, so a
+/// stranger is refused at its first bytes rather than after a timeout.
+pub fn could_be_header(prefix: &[u8]) -> Result<(), Refusal> {
+    let n = prefix.len().min(SIGNATURE.len());
+    if prefix[..n] == SIGNATURE[..n] {
+        Ok(())
+    } else if b"PROXY ".starts_with(&prefix[..prefix.len().min(6)]) {
+        // Could still become "PROXY ": wait for more, unless it already is.
+        if prefix.len() >= 6 {
+            Err(Refusal::Version1)
+        } else {
+            Ok(())
+        }
+    } else {
+        Err(Refusal::Missing)
+    }
+}
+
+/// Parses a complete header (`bytes` is exactly its length, as [`header_len`] gave).
+pub fn parse(bytes: &[u8]) -> Result<Header, Refusal> {
+    let fixed: &[u8; FIXED_LEN] = bytes
+        .get(..FIXED_LEN)
+        .and_then(|b| b.try_into().ok())
+        .ok_or(Refusal::Truncated)?;
+    let len = header_len(fixed)?;
+    if bytes.len() != len {
+        return Err(Refusal::Truncated);
+    }
+    let version = fixed[12] >> 4;
+    if version != 2 {
+        return Err(Refusal::Malformed(format!("version {version}, not 2")));
+    }
+    let command = match fixed[12] & 0x0F {
+        0 => Command::Local,
+        1 => Command::Proxy,
+        other => return Err(Refusal::Malformed(format!("command {other}"))),
+    };
+    let body = &bytes[FIXED_LEN..];
+    let (addresses, rest) = match fixed[13] {
+        0x00 => (None, body),
+        0x11 => {
+            let a = body
+                .get(..12)
+                .ok_or_else(|| Refusal::Malformed("IPv4 addresses cut short".into()))?;
+            let ip = |at: usize| IpAddr::V4(Ipv4Addr::new(a[at], a[at + 1], a[at + 2], a[at + 3]));
+            let port = |at: usize| u16::from_be_bytes([a[at], a[at + 1]]);
+            (
+                Some((SocketAddr::new(ip(0), port(8)), SocketAddr::new(ip(4), port(10)))),
+                &body[12..],
+            )
+        }
+        0x21 => {
+            let a = body
+                .get(..36)
+                .ok_or_else(|| Refusal::Malformed("IPv6 addresses cut short".into()))?;
+            let ip = |at: usize| {
+                let mut octets = [0u8; 16];
+                octets.copy_from_slice(&a[at..at + 16]);
+                IpAddr::V6(Ipv6Addr::from(octets))
+            };
+            let port = |at: usize| u16::from_be_bytes([a[at], a[at + 1]]);
+            (
+                Some((
+                    SocketAddr::new(ip(0), port(32)),
+                    SocketAddr::new(ip(16), port(34)),
+                )),
+                &body[36..],
+            )
+        }
+        other => {
+            return Err(Refusal::Malformed(format!(
+                "family/transport 0x{other:02x} (TCP over IPv4 or IPv6, or UNSPEC, expected)"
+            )));
+        }
+    };
+    let mut tlvs = Vec::new();
+    let mut link_id = None;
+    let mut at = 0;
+    while at < rest.len() {
+        let head = rest
+            .get(at..at + 3)
+            .ok_or_else(|| Refusal::Malformed("a TLV header cut short".into()))?;
+        let kind = head[0];
+        let value_len = usize::from(u16::from_be_bytes([head[1], head[2]]));
+        let value = rest
+            .get(at + 3..at + 3 + value_len)
+            .ok_or_else(|| Refusal::Malformed(format!("TLV 0x{kind:02x} runs past the header")))?;
+        // Azure's LinkID: subtype 0x01 and four bytes; another shape is kept but not trusted.
+        if kind == AZURE_TLV && value.len() == 5 && value[0] == AZURE_LINK_ID {
+            link_id = Some(u32::from_le_bytes([value[1], value[2], value[3], value[4]]));
+        }
+        tlvs.push((kind, value.to_vec()));
+        at += 3 + value_len;
+    }
+    Ok(Header {
+        command,
+        addresses,
+        tlvs,
+        link_id,
+    })
+}
+
+/// Encodes `header` (for the upstream, or a test). Address families that differ are sent as
+/// UNSPEC, and TLVs that would not fit are left out.
+pub fn encode(header: &Header) -> Vec<u8> {
+    let mut body = Vec::new();
+    let family = match header.addresses {
+        Some((SocketAddr::V4(s), SocketAddr::V4(d))) => {
+            body.extend_from_slice(&s.ip().octets());
+            body.extend_from_slice(&d.ip().octets());
+            body.extend_from_slice(&s.port().to_be_bytes());
+            body.extend_from_slice(&d.port().to_be_bytes());
+            0x11
+        }
+        Some((SocketAddr::V6(s), SocketAddr::V6(d))) => {
+            body.extend_from_slice(&s.ip().octets());
+            body.extend_from_slice(&d.ip().octets());
+            body.extend_from_slice(&s.port().to_be_bytes());
+            body.extend_from_slice(&d.port().to_be_bytes());
+            0x21
+        }
+        _ => 0x00,
+    };
+    for (kind, value) in &header.tlvs {
+        if FIXED_LEN + body.len() + 3 + value.len() > MAX_HEADER_LEN {
+            break;
+        }
+        body.push(*kind);
+        body.extend_from_slice(&(value.len() as u16).to_be_bytes());
+        body.extend_from_slice(value);
+    }
+    let mut out = Vec::with_capacity(FIXED_LEN + body.len());
+    out.extend_from_slice(&SIGNATURE);
+    out.push(
+        0x20 | match header.command {
+            Command::Local => 0,
+            Command::Proxy => 1,
+        },
+    );
+    out.push(family);
+    out.extend_from_slice(&(body.len() as u16).to_be_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Azure's LinkID TLV value for `link_id`.
+pub fn azure_link_tlv(link_id: u32) -> (u8, Vec<u8>) {
+    let mut value = vec![AZURE_LINK_ID];
+    value.extend_from_slice(&link_id.to_le_bytes());
+    (AZURE_TLV, value)
+}
+
+/// Reads exactly one header from `stream` within `timeout`, and not one byte more: what follows
+/// stays in the socket, so the relay (splice included) starts right after it. A stream whose
+/// first bytes cannot start a v2 header is refused at once.
+pub async fn read(stream: &mut tokio::net::TcpStream, timeout: Duration) -> Result<Header, Refusal> {
+    tokio::time::timeout(timeout, read_unbounded(stream))
+        .await
+        .unwrap_or(Err(Refusal::Timeout))
+}
+
+async fn read_unbounded(stream: &mut tokio::net::TcpStream) -> Result<Header, Refusal> {
+    let mut bytes = vec![0u8; FIXED_LEN];
+    let mut got = 0;
+    while got < FIXED_LEN {
+        let n = stream
+            .read(&mut bytes[got..FIXED_LEN])
+            .await
+            .map_err(|_| Refusal::Truncated)?;
+        if n == 0 {
+            return Err(if got == 0 {
+                Refusal::Missing
+            } else {
+                Refusal::Truncated
+            });
+        }
+        got += n;
+        could_be_header(&bytes[..got])?;
+    }
+    let fixed: [u8; FIXED_LEN] = bytes[..FIXED_LEN].try_into().map_err(|_| Refusal::Truncated)?;
+    let len = header_len(&fixed)?;
+    bytes.resize(len, 0);
+    stream
+        .read_exact(&mut bytes[FIXED_LEN..])
+        .await
+        .map_err(|_| Refusal::Truncated)?;
+    parse(&bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v4(a: &str) -> SocketAddr {
+        a.parse().unwrap()
+    }
+
+    #[test]
+    fn ipv4_proxy_with_azure_link_id_between_other_tlvs() {
+        let header = Header {
+            command: Command::Proxy,
+            addresses: Some((v4("203.0.113.7:50123"), v4("10.0.0.5:60001"))),
+            tlvs: vec![
+                (0x04, vec![]),
+                azure_link_tlv(587_202_560),
+                (0x30, b"unknown".to_vec()),
+            ],
+            link_id: Some(587_202_560),
+        };
+        let bytes = encode(&header);
+        assert_eq!(&bytes[..12], &SIGNATURE);
+        assert_eq!(bytes[12], 0x21);
+        assert_eq!(bytes[13], 0x11);
+        assert_eq!(parse(&bytes).unwrap(), header);
+        assert_eq!(header_len(bytes[..16].try_into().unwrap()).unwrap(), bytes.len());
+    }
+
+    #[test]
+    fn ipv6_unspec_and_local() {
+        let six = Header {
+            command: Command::Proxy,
+            addresses: Some((
+                "[2001:db8::7]:443".parse().unwrap(),
+                "[2001:db8::5]:60001".parse().unwrap(),
+            )),
+            tlvs: vec![],
+            link_id: None,
+        };
+        assert_eq!(parse(&encode(&six)).unwrap(), six);
+        let local = Header {
+            command: Command::Local,
+            addresses: None,
+            tlvs: vec![],
+            link_id: None,
+        };
+        let bytes = encode(&local);
+        assert_eq!(bytes.len(), 16);
+        assert_eq!(bytes[12], 0x20);
+        assert_eq!(parse(&bytes).unwrap(), local);
+    }
+
+    #[test]
+    fn an_azure_tlv_of_the_wrong_shape_gives_no_link_id() {
+        let mut header = Header {
+            command: Command::Proxy,
+            addresses: None,
+            tlvs: vec![(AZURE_TLV, vec![0x01, 1, 2, 3])],
+            link_id: None,
+        };
+        assert_eq!(parse(&encode(&header)).unwrap().link_id, None);
+        header.tlvs = vec![(AZURE_TLV, vec![0x02, 1, 2, 3, 4])];
+        assert_eq!(parse(&encode(&header)).unwrap().link_id, None);
+    }
+
+    #[test]
+    fn refusals() {
+        let mut bytes = encode(&Header {
+            command: Command::Proxy,
+            addresses: Some((v4("1.2.3.4:5"), v4("6.7.8.9:10"))),
+            tlvs: vec![],
+            link_id: None,
+        });
+        // Version 1, a bad command, a bad family.
+        bytes[12] = 0x11;
+        assert!(matches!(parse(&bytes), Err(Refusal::Malformed(_))));
+        bytes[12] = 0x2F;
+        assert!(matches!(parse(&bytes), Err(Refusal::Malformed(_))));
+        bytes[12] = 0x21;
+        bytes[13] = 0x31;
+        assert!(matches!(parse(&bytes), Err(Refusal::Malformed(_))));
+        // Addresses cut short by the length.
+        let mut short = encode(&Header {
+            command: Command::Proxy,
+            addresses: None,
+            tlvs: vec![],
+            link_id: None,
+        });
+        short[13] = 0x11;
+        short[15] = 4;
+        short.extend_from_slice(&[1, 2, 3, 4]);
+        assert!(matches!(parse(&short), Err(Refusal::Malformed(_))));
+        // A TLV that runs past the end.
+        let mut tlv = encode(&Header {
+            command: Command::Proxy,
+            addresses: None,
+            tlvs: vec![(0x05, vec![1, 2, 3])],
+            link_id: None,
+        });
+        tlv[17] = 9;
+        assert!(matches!(parse(&tlv), Err(Refusal::Malformed(_))));
+        // Oversized, v1 text, and plain garbage.
+        let mut big = [0u8; 16];
+        big[..12].copy_from_slice(&SIGNATURE);
+        big[14] = 0xFF;
+        assert!(matches!(header_len(&big), Err(Refusal::Oversized(_))));
+        assert_eq!(could_be_header(b"PROXY TCP4 1.2.3.4"), Err(Refusal::Version1));
+        assert_eq!(could_be_header(b"PRO"), Ok(()));
+        assert_eq!(could_be_header(b"SSH-2.0-"), Err(Refusal::Missing));
+        assert_eq!(could_be_header(&SIGNATURE[..5]), Ok(()));
+    }
+}
