@@ -227,3 +227,50 @@ fn health_endpoint_survives_arbitrary_requests() {
     let answer = daemon.health_request("GET /healthz HTTP/1.0\r\n\r\n").unwrap();
     assert!(answer.starts_with("HTTP/1.0 200"), "{answer}");
 }
+
+fn socket_addr() -> impl Strategy<Value = std::net::SocketAddr> {
+    prop_oneof![
+        (any::<[u8; 4]>(), any::<u16>()).prop_map(|(ip, port)| (Ipv4Addr::from(ip), port).into()),
+        (any::<[u8; 16]>(), any::<u16>()).prop_map(|(ip, port)| (Ipv6Addr::from(ip), port).into()),
+    ]
+}
+
+proptest! {
+    /// Arbitrary bytes never make the PROXY v2 parser panic.
+    #[test]
+    fn proxy_header_parser_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..600)) {
+        let _ = ferryd::proxy_header::parse(&bytes);
+        let _ = ferryd::proxy_header::could_be_header(&bytes);
+    }
+
+    /// Any header the encoder builds parses back to the same fields and consumes exactly its
+    /// length, whatever follows it.
+    #[test]
+    fn proxy_headers_round_trip(
+        local in any::<bool>(),
+        source in socket_addr(),
+        destination in socket_addr(),
+        link_id in prop::option::of(any::<u32>()),
+        tlvs in prop::collection::vec((any::<u8>(), prop::collection::vec(any::<u8>(), 0..40)), 0..6),
+        trailing in prop::collection::vec(any::<u8>(), 0..64),
+    ) {
+        use ferryd::proxy_header::{self, Command, Header};
+        let same_family = source.is_ipv4() == destination.is_ipv4();
+        let mut all = tlvs.into_iter().filter(|(kind, _)| *kind != proxy_header::AZURE_TLV).collect::<Vec<_>>();
+        if let Some(id) = link_id {
+            all.insert(all.len() / 2, proxy_header::azure_link_tlv(id));
+        }
+        let header = Header {
+            command: if local { Command::Local } else { Command::Proxy },
+            addresses: same_family.then_some((source, destination)),
+            tlvs: all,
+            link_id,
+        };
+        let mut bytes = proxy_header::encode(&header);
+        let len = bytes.len();
+        bytes.extend_from_slice(&trailing);
+        let fixed: [u8; 16] = bytes[..16].try_into().unwrap();
+        prop_assert_eq!(proxy_header::header_len(&fixed).unwrap(), len);
+        prop_assert_eq!(proxy_header::parse(&bytes[..len]).unwrap(), header);
+    }
+}

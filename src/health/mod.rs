@@ -15,6 +15,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
+use crate::config::ProxyProtocol;
 use crate::logging::RateLimit;
 use crate::net::{AcceptLoop, Next};
 use crate::state::State;
@@ -58,6 +59,7 @@ async fn serve(listener: std::net::TcpListener, state: Arc<State>) {
     let other_slots = Arc::new(Semaphore::new(OTHER_SLOTS));
     let refused_log = RateLimit::new();
     let busy_log = RateLimit::new();
+    let header_log = Arc::new(RateLimit::new());
     let mut accept = AcceptLoop::new(listener, "health");
     loop {
         // Nothing controls this loop: it lives as long as the process.
@@ -89,7 +91,21 @@ async fn serve(listener: std::net::TcpListener, state: Arc<State>) {
             continue;
         };
         let state = state.clone();
+        let expect_header = health.proxy_protocol == ProxyProtocol::V2;
+        let header_log = header_log.clone();
         tokio::spawn(async move {
+            let mut stream = stream;
+            // With "TCP proxy v2" on, the balancer's probes start with a LOCAL header: read it
+            // (exactly it), then serve HTTP as usual.
+            if expect_header
+                && let Err(refusal) = crate::proxy_header::read(&mut stream, http::REQUEST_TIMEOUT).await
+            {
+                crate::net::reset(stream);
+                if let Some(suppressed) = header_log.admit() {
+                    tracing::warn!(client = %peer, reason = refusal.reason(), error = %refusal, suppressed, "health endpoint: PROXY v2 header refused; connection reset");
+                }
+                return;
+            }
             http::serve_connection(stream, peer, access, state).await;
             drop(permit);
         });

@@ -74,6 +74,8 @@ pub fn render(state: &State) -> String {
     let limit = Family::<RouteLabel, Gauge>::default();
     let bytes = Family::<DirectionLabels, Counter>::default();
     let accept_errors = Family::<RouteLabel, Counter>::default();
+    let refusals = Family::<Vec<(&'static str, String)>, Counter>::default();
+    let link_ids = Family::<Vec<(&'static str, String)>, Counter>::default();
     for view in state.routes() {
         let route = view.route.name.clone();
         let stats = &view.stats;
@@ -113,6 +115,18 @@ pub fn render(state: &State) -> String {
         accept_errors
             .get_or_create(&RouteLabel { route: route.clone() })
             .inc_by(stats.accept_errors.load(Ordering::Relaxed));
+        if view.route.proxy.is_some() {
+            for (reason, n) in stats.header_refusals() {
+                refusals
+                    .get_or_create(&vec![("route", route.clone()), ("reason", reason.to_string())])
+                    .inc_by(n);
+            }
+        }
+        for (id, n) in stats.link_ids() {
+            link_ids
+                .get_or_create(&vec![("route", route.clone()), ("link_id", id.to_string())])
+                .inc_by(n);
+        }
     }
     registry.register(
         "connections",
@@ -143,6 +157,16 @@ pub fn render(state: &State) -> String {
         "upstream_connect_seconds",
         "Time to connect to the upstream, successful dials only",
         state.connect_times.family().clone(),
+    );
+    registry.register(
+        "proxy_header_refusals",
+        "PROXY v2 headers refused, by route and reason (missing, v1, malformed, oversized, truncated, timeout)",
+        refusals,
+    );
+    registry.register(
+        "proxied_connections",
+        "Connections admitted by their PROXY v2 header, by route and private endpoint LinkID",
+        link_ids,
     );
     registry.register(
         "accept_errors",

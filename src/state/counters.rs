@@ -8,6 +8,7 @@
 //! needs ordering, except `live`, which admission compares with max_connections and where being
 //! off by a connection under a race is acceptable.
 
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::SystemTime;
@@ -105,7 +106,32 @@ pub struct RouteStats {
     pub bytes_down: AtomicU64,
     /// Accepts that failed for lack of descriptors or memory (each one pauses the listener).
     pub accept_errors: AtomicU64,
+    /// PROXY v2 headers refused, by [`crate::proxy_header::Refusal::REASONS`].
+    header_refusals: [AtomicU64; 6],
+    /// Relayed connections by the LinkID in their PROXY v2 header, for at most [`MAX_LINK_IDS`]
+    /// distinct ones.
+    link_ids: Mutex<BTreeMap<u32, u64>>,
+    /// The latest connection admitted by its PROXY v2 header: when, the TCP peer, the client
+    /// and the LinkID the header named.
+    last_proxied: Mutex<Option<Proxied>>,
 }
+
+/// A connection admitted by its PROXY v2 header, as `/status` shows the latest one.
+#[derive(Clone, Debug)]
+pub struct Proxied {
+    /// When it was admitted.
+    pub at: SystemTime,
+    /// The TCP peer (a Private Link NAT address).
+    pub peer: std::net::SocketAddr,
+    /// The client the header named.
+    pub client: Option<std::net::SocketAddr>,
+    /// The private endpoint's LinkID.
+    pub link_id: Option<u32>,
+}
+
+/// Distinct LinkIDs counted per route; a balancer has a handful of private endpoints, and the
+/// bound keeps a forged-header flood from growing the map (later ones are not counted by id).
+pub const MAX_LINK_IDS: usize = 64;
 
 impl RouteStats {
     /// Fresh counters; `connect_seconds` is the route's series of the shared histogram family.
@@ -119,6 +145,9 @@ impl RouteStats {
             bytes_up: AtomicU64::new(0),
             bytes_down: AtomicU64::new(0),
             accept_errors: AtomicU64::new(0),
+            header_refusals: Default::default(),
+            link_ids: Mutex::new(BTreeMap::new()),
+            last_proxied: Mutex::new(None),
         }
     }
 
@@ -131,6 +160,53 @@ impl RouteStats {
     /// The most recent failed dial, if any.
     pub fn last_upstream_error(&self) -> Option<(SystemTime, String)> {
         self.last_upstream_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Counts a refused PROXY v2 header by its reason.
+    pub fn header_refused(&self, reason: &str) {
+        let reasons = crate::proxy_header::Refusal::REASONS;
+        if let Some(i) = reasons.iter().position(|r| *r == reason) {
+            self.header_refusals[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Refused PROXY v2 headers by reason.
+    pub fn header_refusals(&self) -> Vec<(&'static str, u64)> {
+        crate::proxy_header::Refusal::REASONS
+            .iter()
+            .zip(&self.header_refusals)
+            .map(|(r, n)| (*r, n.load(Ordering::Relaxed)))
+            .collect()
+    }
+
+    /// Notes a connection admitted by its PROXY v2 header.
+    pub fn proxied(&self, peer: std::net::SocketAddr, header: &crate::proxy_header::Header) {
+        if let Some(id) = header.link_id {
+            let mut ids = self.link_ids.lock().unwrap_or_else(|p| p.into_inner());
+            if ids.len() < MAX_LINK_IDS || ids.contains_key(&id) {
+                *ids.entry(id).or_default() += 1;
+            }
+        }
+        *self.last_proxied.lock().unwrap_or_else(|p| p.into_inner()) = Some(Proxied {
+            at: SystemTime::now(),
+            peer,
+            client: header.client(),
+            link_id: header.link_id,
+        });
+    }
+
+    /// Connections by LinkID.
+    pub fn link_ids(&self) -> Vec<(u32, u64)> {
+        let ids = self.link_ids.lock().unwrap_or_else(|p| p.into_inner());
+        ids.iter().map(|(id, n)| (*id, *n)).collect()
+    }
+
+    /// The latest connection admitted by its header.
+    pub fn last_proxied(&self) -> Option<Proxied> {
+        self.last_proxied
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()

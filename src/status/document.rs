@@ -59,6 +59,29 @@ pub struct RouteStatus {
     pub bytes_down: u64,
     /// The most recent failed dial.
     pub last_upstream_error: Option<UpstreamError>,
+    /// `off` or `v2`.
+    pub proxy_protocol: String,
+    /// Refused PROXY v2 headers by reason (missing, v1, malformed, oversized, truncated,
+    /// timeout); empty without proxy_protocol.
+    pub header_refusals: BTreeMap<String, u64>,
+    /// Relayed connections by the LinkID in their header (decimal, as allow_link_ids takes it).
+    pub link_ids: BTreeMap<String, u64>,
+    /// The latest connection admitted by its PROXY v2 header.
+    pub last_proxied: Option<LastProxied>,
+}
+
+/// The latest connection admitted by its PROXY v2 header.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LastProxied {
+    /// The TCP peer (a Private Link NAT address).
+    pub peer: String,
+    /// The client the header named.
+    pub client: Option<String>,
+    /// The private endpoint's LinkID.
+    pub link_id: Option<u32>,
+    /// How long ago, when the document was made.
+    pub seconds_ago: u64,
 }
 
 impl RouteStatus {
@@ -154,6 +177,27 @@ impl StatusDocument {
                         at: unix_seconds(at),
                         seconds_ago: now.duration_since(at).map_or(0, |d| d.as_secs()),
                         reason,
+                    }),
+                    proxy_protocol: if view.route.proxy.is_some() { "v2" } else { "off" }.into(),
+                    header_refusals: if view.route.proxy.is_some() {
+                        stats
+                            .header_refusals()
+                            .into_iter()
+                            .map(|(r, n)| (r.to_string(), n))
+                            .collect()
+                    } else {
+                        BTreeMap::new()
+                    },
+                    link_ids: stats
+                        .link_ids()
+                        .into_iter()
+                        .map(|(id, n)| (id.to_string(), n))
+                        .collect(),
+                    last_proxied: stats.last_proxied().map(|p| LastProxied {
+                        peer: p.peer.to_string(),
+                        client: p.client.map(|c| c.to_string()),
+                        link_id: p.link_id,
+                        seconds_ago: now.duration_since(p.at).map_or(0, |d| d.as_secs()),
                     }),
                 }
             })

@@ -12,16 +12,20 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use tokio::io::AsyncWriteExt as _;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::allow::Allowlist;
-use crate::config::Route;
+use crate::config::{ProxyProtocol, Route};
 use crate::logging::RateLimit;
 use crate::net::{AcceptLoop, Next};
+use crate::proxy_header::{Command, Header};
 use crate::relay::{self, Engine, Timeouts, Totals};
 use crate::shutdown::Shutdown;
 use crate::state::{Outcome, RouteStats};
+
+mod proxied;
 
 /// Health probes arrive every few seconds for as long as the VM lives; one line a minute shows
 /// they are arriving, with a count of the rest.
@@ -44,6 +48,7 @@ struct Quiet {
     limit: RateLimit,
     probe: RateLimit,
     upstream: RateLimit,
+    header: RateLimit,
 }
 
 /// A bound listening socket and everything its accept loop needs.
@@ -80,6 +85,7 @@ impl RouteListener {
                 limit: RateLimit::new(),
                 probe: RateLimit::with(1, PROBE_LOG_WINDOW),
                 upstream: RateLimit::new(),
+                header: RateLimit::new(),
             }),
         }
     }
@@ -187,6 +193,27 @@ impl Connection {
         let route = &self.settings.route;
         let stats = &self.live.0;
 
+        let proxied = match &route.proxy {
+            Some(proxy) => {
+                let admitted = proxied::admit(
+                    &mut self.client,
+                    self.peer,
+                    &route.name,
+                    proxy,
+                    stats,
+                    &self.quiet,
+                    &mut self.shutdown,
+                )
+                .await;
+                match admitted {
+                    Ok(header) => Some(header),
+                    Err(proxied::Close::Fin) => return drop(self.client),
+                    Err(proxied::Close::Reset) => return crate::net::reset(self.client),
+                }
+            }
+            None => None,
+        };
+
         let dial_started = Instant::now();
         let dialled = tokio::select! {
             dialled = crate::upstream::dial(&route.upstream, route.connect_timeout, &route.keepalive) => dialled,
@@ -197,7 +224,7 @@ impl Connection {
                 return;
             }
         };
-        let (upstream, upstream_addr) = match dialled {
+        let (mut upstream, upstream_addr) = match dialled {
             Ok(ok) => {
                 stats.relayed.fetch_add(1, Ordering::Relaxed);
                 stats
@@ -228,6 +255,32 @@ impl Connection {
             }
         };
 
+        if route.upstream_proxy_protocol == ProxyProtocol::V2 {
+            // The upstream learns who is really connecting: the client from the header we
+            // read (its TLVs too), or else the TCP peer.
+            let header = Header {
+                command: Command::Proxy,
+                addresses: proxied
+                    .as_ref()
+                    .and_then(|h| h.addresses)
+                    .or_else(|| self.client.local_addr().ok().map(|local| (self.peer, local))),
+                tlvs: proxied.as_ref().map(|h| h.tlvs.clone()).unwrap_or_default(),
+                link_id: proxied.as_ref().and_then(|h| h.link_id),
+            };
+            let sent = tokio::time::timeout(
+                route.connect_timeout,
+                upstream.write_all(&crate::proxy_header::encode(&header)),
+            )
+            .await;
+            if !matches!(sent, Ok(Ok(()))) {
+                crate::net::reset(self.client);
+                crate::net::reset(upstream);
+                stats.record(Outcome::Reset);
+                tracing::warn!(route = %route.name, client = %self.peer, upstream = %upstream_addr, end = "reset", "cannot send the PROXY v2 header to the upstream; both sides reset");
+                return;
+            }
+        }
+
         let timeouts = Timeouts {
             idle: route.idle_timeout,
             fin: route.fin_timeout,
@@ -255,6 +308,8 @@ impl Connection {
             duration_ms = started.elapsed().as_millis() as u64,
             end = transfer.outcome.name(),
             error = transfer.detail.as_deref(),
+            proxied_client = proxied.as_ref().and_then(Header::client).map(|c| c.to_string()),
+            link_id = proxied.as_ref().and_then(|h| h.link_id),
             "connection closed"
         );
     }
