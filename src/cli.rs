@@ -59,6 +59,19 @@ pub enum Command {
         #[arg(long, default_value = "ferryd.service")]
         unit: String,
     },
+    /// Check everything around the proxy VM that the relay depends on, and say what to fix.
+    ///
+    /// One line per check: ok, warn or FAIL, the check, what was seen, and the fix. Exits 0 when
+    /// nothing failed, 1 otherwise. Works without the daemon and without root (those checks
+    /// then say what they could not look at).
+    Doctor {
+        /// The configuration file.
+        #[arg(short, long, value_name = "PATH", default_value = DEFAULT_PATH)]
+        config: PathBuf,
+        /// Print a JSON array of {check, status, detail, fix} instead.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print a shell completion script (the package installs them for bash and zsh).
     #[command(hide = true)]
     Completions {

@@ -23,6 +23,7 @@ pub mod allow;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod doctor;
 #[cfg(feature = "test-faults")]
 mod faults;
 mod health;

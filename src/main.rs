@@ -34,6 +34,7 @@ fn main() -> ExitCode {
         }
         Command::Nat { action } => nat(action),
         Command::Status { config, unit } => ferryd::status::run(&config, &unit),
+        Command::Doctor { config, json } => ferryd::doctor::run(&config, json),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "ferryd", &mut std::io::stdout());
             ExitCode::SUCCESS

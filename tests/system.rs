@@ -335,6 +335,23 @@ fn package_installs_runs_reloads_stops_and_purges_under_systemd() {
         "NAT state had drifted; repaired",
         Duration::from_secs(10),
     );
+    // doctor reads the unit over the container's system bus.
+    let doctor = c.sh("ferryd doctor --json");
+    let findings: serde_json::Value = serde_json::from_slice(&doctor.stdout).unwrap();
+    let unit = findings
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["check"] == "unit")
+        .unwrap_or_else(|| panic!("{findings}"));
+    assert_eq!(unit["status"], "ok", "{unit}");
+    assert!(
+        unit["detail"]
+            .as_str()
+            .unwrap()
+            .contains("ferryd.service active (running)"),
+        "{unit}"
+    );
     // ip_forward turned off behind its back is repaired by the sandboxed daemon itself (the unit
     // leaves that one file of the read-only /proc/sys writable).
     c.ok("echo 0 > /proc/sys/net/ipv4/ip_forward");

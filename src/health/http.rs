@@ -4,7 +4,6 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -40,7 +39,7 @@ pub struct Access {
 /// Serves one request on `stream` and closes it.
 pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, access: Access, state: Arc<State>) {
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-        let response = respond(&request, access, &state);
+        let response = respond(&request, peer, access, &state);
         async move { Ok::<_, Infallible>(response) }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
@@ -57,7 +56,12 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, access: Acces
     }
 }
 
-fn respond(request: &Request<Incoming>, access: Access, state: &State) -> Response<Full<Bytes>> {
+fn respond(
+    request: &Request<Incoming>,
+    peer: SocketAddr,
+    access: Access,
+    state: &State,
+) -> Response<Full<Bytes>> {
     let health = state.health();
     let path = request.uri().path();
     let known = path == health.path || path == "/metrics" || path == "/status";
@@ -81,7 +85,7 @@ fn respond(request: &Request<Incoming>, access: Access, state: &State) -> Respon
     }
     if path == health.path {
         if access.prober {
-            state.health_probes.fetch_add(1, Ordering::Relaxed);
+            state.health_probed(peer.ip().to_canonical());
         }
         match state.verdict() {
             Ok(()) => text(StatusCode::OK, "ok\n".into()),

@@ -131,7 +131,7 @@ fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, NatE
     run_bounded(program, args, stdin, COMMAND_TIMEOUT)
 }
 
-fn run_bounded(
+pub(crate) fn run_bounded(
     program: &str,
     args: &[&str],
     stdin: Option<&str>,

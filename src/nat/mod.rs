@@ -9,7 +9,7 @@
 //! under the shipped unit's sandbox, /proc/sys/net/ipv4/ip_forward left writable; the relay
 //! needs none of that.
 
-mod iptables;
+pub(crate) mod iptables;
 pub(crate) mod reconciler;
 mod rules;
 

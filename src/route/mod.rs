@@ -125,6 +125,7 @@ impl RouteListener {
             // Accept + FIN: a TCP probe succeeds, and sshd/WinRM never see it.
             drop(stream);
             self.stats.record(Outcome::Probe);
+            self.stats.probed(source);
             if let Some(suppressed) = self.quiet.probe.admit() {
                 tracing::info!(route = %route.name, client = %peer, end = "probe", suppressed, "probe answered locally");
             }
@@ -133,6 +134,7 @@ impl RouteListener {
         if !route.allow.contains(source) {
             crate::net::reset(stream);
             self.stats.record(Outcome::Denied);
+            self.stats.denied(source);
             if let Some(suppressed) = self.quiet.denied.admit() {
                 tracing::warn!(route = %route.name, client = %peer, end = "denied", suppressed, "source not in allow list; connection reset");
             }

@@ -56,6 +56,7 @@ pub(super) async fn admit(
     if header.command == Command::Local {
         // The balancer's health check through Private Link: answered here, like a probe.
         stats.record(Outcome::Probe);
+        stats.probed(peer.ip().to_canonical());
         if let Some(suppressed) = quiet.probe.admit() {
             tracing::info!(route, client = %peer, end = "probe", suppressed, "PROXY v2 LOCAL (a probe) answered locally");
         }

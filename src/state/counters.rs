@@ -114,6 +114,67 @@ pub struct RouteStats {
     /// The latest connection admitted by its PROXY v2 header: when, the TCP peer, the client
     /// and the LinkID the header named.
     last_proxied: Mutex<Option<Proxied>>,
+    /// The latest probe answered on this route: when, and from where.
+    last_probe: Mutex<Option<(SystemTime, std::net::IpAddr)>>,
+    /// The sources denied most often.
+    denied: Mutex<DeniedSources>,
+}
+
+/// Sources denied on a route, the most frequent few: enough for `ferryd doctor` to show which
+/// address the balancer really uses when the allowlist does not match it. A bounded table: when
+/// full, a new source replaces the least frequent one (the space-saving idea), so a scan of many
+/// addresses costs no more memory than a handful.
+#[derive(Debug, Default)]
+pub struct DeniedSources {
+    entries: Vec<DeniedSource>,
+}
+
+/// One denied source.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeniedSource {
+    /// The address.
+    pub ip: std::net::IpAddr,
+    /// Connections denied from it (an upper bound once it replaced another entry).
+    pub count: u64,
+    /// First and latest denial.
+    pub first: SystemTime,
+    /// See `first`.
+    pub last: SystemTime,
+}
+
+/// Sources a route remembers; the top [`DENIED_SHOWN`] are shown.
+const DENIED_KEPT: usize = 16;
+/// Sources `/status` shows per route.
+pub const DENIED_SHOWN: usize = 8;
+
+impl DeniedSources {
+    fn note(&mut self, ip: std::net::IpAddr, now: SystemTime) {
+        if let Some(e) = self.entries.iter_mut().find(|e| e.ip == ip) {
+            e.count += 1;
+            e.last = now;
+        } else if self.entries.len() < DENIED_KEPT {
+            self.entries.push(DeniedSource {
+                ip,
+                count: 1,
+                first: now,
+                last: now,
+            });
+        } else if let Some(least) = self.entries.iter_mut().min_by_key(|e| e.count) {
+            *least = DeniedSource {
+                ip,
+                count: least.count + 1,
+                first: now,
+                last: now,
+            };
+        }
+    }
+
+    fn top(&self) -> Vec<DeniedSource> {
+        let mut top = self.entries.clone();
+        top.sort_by(|a, b| b.count.cmp(&a.count).then(b.last.cmp(&a.last)));
+        top.truncate(DENIED_SHOWN);
+        top
+    }
 }
 
 /// A connection admitted by its PROXY v2 header, as `/status` shows the latest one.
@@ -148,6 +209,8 @@ impl RouteStats {
             header_refusals: Default::default(),
             link_ids: Mutex::new(BTreeMap::new()),
             last_proxied: Mutex::new(None),
+            last_probe: Mutex::new(None),
+            denied: Mutex::new(DeniedSources::default()),
         }
     }
 
@@ -163,6 +226,29 @@ impl RouteStats {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// Notes a probe answered on this route.
+    pub fn probed(&self, source: std::net::IpAddr) {
+        *self.last_probe.lock().unwrap_or_else(|p| p.into_inner()) = Some((SystemTime::now(), source));
+    }
+
+    /// The latest probe, if any.
+    pub fn last_probe(&self) -> Option<(SystemTime, std::net::IpAddr)> {
+        *self.last_probe.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Notes a source denied by the allowlist.
+    pub fn denied(&self, source: std::net::IpAddr) {
+        self.denied
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .note(source, SystemTime::now());
+    }
+
+    /// The sources denied most often, most frequent first.
+    pub fn denied_sources(&self) -> Vec<DeniedSource> {
+        self.denied.lock().unwrap_or_else(|p| p.into_inner()).top()
     }
 
     /// Counts a refused PROXY v2 header by its reason.

@@ -114,6 +114,8 @@ pub struct State {
     pub reloads_rejected: AtomicU64,
     /// Health-path requests from the probe sources: the balancer's probes arriving.
     pub health_probes: AtomicU64,
+    /// The latest of them: when, and from where.
+    last_health_probe: Mutex<Option<(SystemTime, std::net::IpAddr)>>,
     /// NAT drift repaired by the reconcile loop.
     pub nat_repairs: AtomicU64,
     /// NAT reconciles that failed (iptables missing or refusing).
@@ -138,6 +140,7 @@ impl State {
             reloads_ok: AtomicU64::new(0),
             reloads_rejected: AtomicU64::new(0),
             health_probes: AtomicU64::new(0),
+            last_health_probe: Mutex::new(None),
             nat_repairs: AtomicU64::new(0),
             nat_failures: AtomicU64::new(0),
             connect_times: ConnectTimes::default(),
@@ -211,6 +214,17 @@ impl State {
             return Err(format!("nat: {reason}"));
         }
         Ok(())
+    }
+
+    /// Notes a health probe from `source` (a probe source).
+    pub fn health_probed(&self, source: std::net::IpAddr) {
+        self.health_probes.fetch_add(1, Ordering::Relaxed);
+        *self.last_health_probe.lock().unwrap_or_else(|p| p.into_inner()) = Some((SystemTime::now(), source));
+    }
+
+    /// The latest health probe, if any.
+    pub fn last_health_probe(&self) -> Option<(SystemTime, std::net::IpAddr)> {
+        *self.last_health_probe.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// NAT's state, as the reconcile loop last set it.

@@ -33,6 +33,8 @@ pub struct StatusDocument {
     pub relay: RelayStatus,
     /// NAT's state.
     pub nat: NatReport,
+    /// The latest request for the health path from a probe source.
+    pub health_probe: Option<Seen>,
     /// SIGHUP reloads.
     pub reloads: Reloads,
 }
@@ -68,6 +70,34 @@ pub struct RouteStatus {
     pub link_ids: BTreeMap<String, u64>,
     /// The latest connection admitted by its PROXY v2 header.
     pub last_proxied: Option<LastProxied>,
+    /// The latest probe answered on this route.
+    pub last_probe: Option<Seen>,
+    /// The sources denied most often, most frequent first (at most 8).
+    pub denied_sources: Vec<DeniedSeen>,
+}
+
+/// A source seen, and how long ago.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Seen {
+    /// The source address.
+    pub source: String,
+    /// Seconds before the document was made.
+    pub seconds_ago: u64,
+}
+
+/// A source denied by a route's allowlist.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DeniedSeen {
+    /// The source address.
+    pub source: String,
+    /// Connections denied from it.
+    pub count: u64,
+    /// Seconds since the first denial kept.
+    pub first_seen_ago: u64,
+    /// Seconds since the latest denial.
+    pub last_seen_ago: u64,
 }
 
 /// The latest connection admitted by its PROXY v2 header.
@@ -147,6 +177,10 @@ pub struct Reloads {
     pub rejected: u64,
 }
 
+fn ago(now: SystemTime, then: SystemTime) -> u64 {
+    now.duration_since(then).map_or(0, |d| d.as_secs())
+}
+
 fn unix_seconds(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
@@ -193,6 +227,20 @@ impl StatusDocument {
                         .into_iter()
                         .map(|(id, n)| (id.to_string(), n))
                         .collect(),
+                    last_probe: stats.last_probe().map(|(at, source)| Seen {
+                        source: source.to_string(),
+                        seconds_ago: ago(now, at),
+                    }),
+                    denied_sources: stats
+                        .denied_sources()
+                        .into_iter()
+                        .map(|d| DeniedSeen {
+                            source: d.ip.to_string(),
+                            count: d.count,
+                            first_seen_ago: ago(now, d.first),
+                            last_seen_ago: ago(now, d.last),
+                        })
+                        .collect(),
                     last_proxied: stats.last_proxied().map(|p| LastProxied {
                         peer: p.peer.to_string(),
                         client: p.client.map(|c| c.to_string()),
@@ -227,6 +275,10 @@ impl StatusDocument {
                 repairs: state.nat_repairs.load(Ordering::Relaxed),
                 failures: state.nat_failures.load(Ordering::Relaxed),
             },
+            health_probe: state.last_health_probe().map(|(at, source)| Seen {
+                source: source.to_string(),
+                seconds_ago: ago(now, at),
+            }),
             reloads: Reloads {
                 ok: state.reloads_ok.load(Ordering::Relaxed),
                 rejected: state.reloads_rejected.load(Ordering::Relaxed),

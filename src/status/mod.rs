@@ -60,7 +60,7 @@ pub fn run(config_path: &Path, unit: &str) -> ExitCode {
 }
 
 /// The address to ask: a wildcard listen address is reached on loopback.
-fn local_target(listen: SocketAddr) -> SocketAddr {
+pub(crate) fn local_target(listen: SocketAddr) -> SocketAddr {
     let ip = match listen.ip() {
         IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
         IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
@@ -69,7 +69,7 @@ fn local_target(listen: SocketAddr) -> SocketAddr {
     SocketAddr::new(ip, listen.port())
 }
 
-fn fetch_status(target: SocketAddr) -> Result<StatusDocument, String> {
+pub(crate) fn fetch_status(target: SocketAddr) -> Result<StatusDocument, String> {
     let mut stream = TcpStream::connect_timeout(&target, ASK_TIMEOUT).map_err(|e| e.to_string())?;
     stream
         .set_read_timeout(Some(ASK_TIMEOUT))

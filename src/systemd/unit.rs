@@ -13,6 +13,10 @@ pub struct UnitState {
     pub main_pid: u32,
     /// Automatic restarts since the unit was last started by hand (NRestarts, systemd 235+).
     pub restarts: u32,
+    /// WatchdogSec= in microseconds; 0 when off.
+    pub watchdog_usec: u64,
+    /// The exit status of the main process's last run (78: a configuration error).
+    pub exec_main_status: i32,
 }
 
 /// Asks systemd over the system bus about `unit` (for example "ferryd.service").
@@ -45,5 +49,7 @@ pub async fn query(unit: &str) -> Result<UnitState, String> {
         sub_state: unit_proxy.sub_state().await.map_err(|e| e.to_string())?,
         main_pid: service.main_pid().await.map_err(|e| e.to_string())?,
         restarts: service.n_restarts().await.map_err(|e| e.to_string())?,
+        watchdog_usec: service.watchdog_usec().await.unwrap_or(0),
+        exec_main_status: service.exec_main_status().await.unwrap_or(0),
     })
 }

@@ -2,6 +2,8 @@
 //! configuration, real upstream servers on loopback, and helpers to read its log.
 #![allow(dead_code)]
 
+pub mod netns;
+
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
