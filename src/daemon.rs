@@ -159,6 +159,7 @@ impl Daemon {
                 .await
                 .with_context(|| format!("health endpoint: cannot listen on {}", health.listen))?,
         };
+        notifier.store_fd(HEALTH_SOCKET_NAME, std::os::fd::AsFd::as_fd(&listener));
         crate::health::spawn(listener, state.clone()).context("cannot start the health endpoint")?;
         tracing::info!(listen = %health.listen, path = %health.path, "health endpoint listening");
 
@@ -190,6 +191,9 @@ impl Daemon {
                         )
                     })?,
             };
+            daemon
+                .notifier
+                .store_fd(&route.name, std::os::fd::AsFd::as_fd(&listener));
             let socket = listener
                 .try_clone()
                 .with_context(|| format!("route {:?}: cannot duplicate the listening socket", route.name))?;
@@ -478,6 +482,7 @@ impl Daemon {
                             carried.push((name, stats));
                         }
                         None => {
+                            self.notifier.remove_fd(&name);
                             self.state.set_problem(&format!("route {name}"), None);
                             tracing::info!(route = %name, %listen, "route removed; its live connections continue");
                         }
@@ -486,6 +491,10 @@ impl Daemon {
             }
         }
         for prepared in fresh {
+            // The name now stands for this socket in systemd's fd store.
+            self.notifier.remove_fd(&prepared.route.name);
+            self.notifier
+                .store_fd(&prepared.route.name, std::os::fd::AsFd::as_fd(&prepared.socket));
             let stats = match carried.iter().position(|(name, _)| *name == prepared.route.name) {
                 Some(i) => carried.swap_remove(i).1,
                 None => self.new_stats(&prepared.route.name),

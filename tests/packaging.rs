@@ -23,6 +23,7 @@ const DIRECTIVES: &[(&str, u32)] = &[
     ("RestartSec", 1),
     ("RestartPreventExitStatus", 189),
     ("WatchdogSec", 1),
+    ("FileDescriptorStoreMax", 219),
     ("TimeoutStopSec", 1),
     ("LimitNOFILE", 1),
     ("User", 1),

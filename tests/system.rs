@@ -385,6 +385,34 @@ fn package_installs_runs_reloads_stops_and_purges_under_systemd() {
     c.ok("mv /root/ipt/* /usr/sbin/");
     c.wait_for(status_doc, "\"state\":\"ok\"", Duration::from_secs(10));
 
+    // The listeners live in systemd's fd store: a restart with a client connecting in a loop
+    // refuses nothing (connections wait in the kept backlog for the next process).
+    c.ok(
+        "rm -f /tmp/refused /tmp/served; (for i in $(seq 1 150); do if (exec 3<>/dev/tcp/127.0.0.1/60001 && head -c 7 <&3 | grep -q SSH) 2>/dev/null; then echo x >> /tmp/served; else echo x >> /tmp/refused; fi; sleep 0.02; done; touch /tmp/loop-done) >/dev/null 2>&1 &",
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let pid_before = c.ok("systemctl show -p MainPID --value ferryd");
+    c.ok("systemctl restart ferryd");
+    c.wait_for(
+        "ls /tmp/loop-done 2>/dev/null",
+        "loop-done",
+        Duration::from_secs(30),
+    );
+    assert_ne!(
+        c.ok("systemctl show -p MainPID --value ferryd"),
+        pid_before,
+        "restarted"
+    );
+    let refused = c.ok("wc -l < /tmp/refused 2>/dev/null || echo 0");
+    let served = c.ok("wc -l < /tmp/served 2>/dev/null || echo 0");
+    assert_eq!(
+        refused.trim(),
+        "0",
+        "connections failed across the restart ({} served)",
+        served.trim()
+    );
+    assert!(served.trim().parse::<u32>().unwrap_or(0) >= 100, "{served}");
+
     // A live SSH connection through 60001 survives a reload that changes the allowlist.
     c.ok(
         "rm -f /tmp/go /tmp/banner /tmp/after; setsid python3 /mnt/ferryd/holder.py >/tmp/holder.log 2>&1 &",

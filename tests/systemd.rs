@@ -236,3 +236,88 @@ fn dead_accept_loop_stops_pings_and_fails_the_probe() {
         "{answer}"
     );
 }
+
+/// The listening sockets go to systemd's fd store under their names (FDSTORE=1, FDNAME=), with
+/// the descriptor attached, so a restart keeps them open; a route removed by a reload has its
+/// stored socket removed.
+#[test]
+fn listening_sockets_go_to_the_fd_store() {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let dir = TempDir::new("fdstore");
+    let path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&path).unwrap();
+    socket.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let upstream = Upstream::echo();
+    let port = free_port();
+    let daemon = Daemon::start_with(&config_one_route(port, upstream.addr, "", ""), |c| {
+        c.env("NOTIFY_SOCKET", &path);
+    });
+    let mut stored = Vec::new();
+    let mut other = Vec::new();
+    while stored.len() < 2 {
+        let mut buf = [0u8; 1024];
+        let mut space = nix::cmsg_space!([std::os::fd::RawFd; 4]);
+        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+        let msg = nix::sys::socket::recvmsg::<()>(
+            socket.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            nix::sys::socket::MsgFlags::empty(),
+        )
+        .unwrap_or_else(|e| panic!("{e}; seen {other:?}; log:\n{}", daemon.log()));
+        let fds: Vec<OwnedFd> = msg
+            .cmsgs()
+            .unwrap()
+            .filter_map(|c| match c {
+                nix::sys::socket::ControlMessageOwned::ScmRights(fds) => Some(fds),
+                _ => None,
+            })
+            .flatten()
+            // SAFETY: the kernel just installed these descriptors in this process for us.
+            .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
+            .collect();
+        let text = String::from_utf8_lossy(msg.iovs().next().unwrap()).into_owned();
+        if text.contains("FDSTORE=1") {
+            assert_eq!(fds.len(), 1, "{text}");
+            let local = socket2::SockRef::from(&fds[0])
+                .local_addr()
+                .unwrap()
+                .as_socket()
+                .unwrap();
+            assert!(socket2::SockRef::from(&fds[0]).is_listener().unwrap());
+            stored.push((text, local.port()));
+        } else {
+            other.push(text);
+        }
+    }
+    assert!(
+        stored
+            .iter()
+            .any(|(t, p)| t.contains("FDNAME=test") && *p == port),
+        "{stored:?}"
+    );
+    assert!(
+        stored
+            .iter()
+            .any(|(t, p)| t.contains("FDNAME=health") && Some(*p) == daemon.health_port),
+        "{stored:?}"
+    );
+
+    // A reload that removes the route removes its stored socket.
+    daemon.rewrite_config(
+        &config_one_route(free_port(), upstream.addr, "", "").replace("name = \"test\"", "name = \"other\""),
+    );
+    daemon.signal(Signal::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut buf = [0u8; 1024];
+        let n = socket.recv(&mut buf).unwrap();
+        if String::from_utf8_lossy(&buf[..n]).contains("FDSTOREREMOVE=1\nFDNAME=test") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no FDSTOREREMOVE for the removed route"
+        );
+    }
+}

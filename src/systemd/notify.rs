@@ -13,6 +13,8 @@ use crate::state::State;
 #[derive(Debug)]
 pub struct Notifier {
     target: Option<(UnixDatagram, SocketAddr)>,
+    /// The same address for sendmsg(2), which passes descriptors to the fd store.
+    fd_target: Option<nix::sys::socket::UnixAddr>,
 }
 
 impl Notifier {
@@ -20,7 +22,10 @@ impl Notifier {
     /// abstract socket written with a leading '@'.
     pub fn from_env() -> Notifier {
         let Some(name) = std::env::var_os("NOTIFY_SOCKET") else {
-            return Notifier { target: None };
+            return Notifier {
+                target: None,
+                fd_target: None,
+            };
         };
         // SAFETY: called at start-up before any other thread exists, as the daemon does.
         unsafe { std::env::remove_var("NOTIFY_SOCKET") };
@@ -36,7 +41,41 @@ impl Notifier {
                 None
             }
         };
-        Notifier { target }
+        let fd_target = match name.strip_prefix('@') {
+            Some(abstract_name) => nix::sys::socket::UnixAddr::new_abstract(abstract_name.as_bytes()).ok(),
+            None => nix::sys::socket::UnixAddr::new(name.as_str()).ok(),
+        };
+        Notifier { target, fd_target }
+    }
+
+    /// Hands a listening socket to systemd's fd store under `name` (FDSTORE=1 with FDNAME=,
+    /// systemd 233+; the unit sets FileDescriptorStoreMax=). The socket then outlives this
+    /// process: across a restart, a crash or a watchdog kill, connections wait in its backlog
+    /// and the next process takes it back (it arrives as a passed socket), so none is refused.
+    /// Storing the same socket again is harmless: systemd keeps one copy.
+    pub fn store_fd(&self, name: &str, fd: std::os::fd::BorrowedFd<'_>) {
+        use std::os::fd::AsRawFd;
+        let (Some((socket, _)), Some(addr)) = (&self.target, &self.fd_target) else {
+            return;
+        };
+        let message = format!("FDSTORE=1\nFDNAME={name}");
+        let fds = [fd.as_raw_fd()];
+        let sent = nix::sys::socket::sendmsg(
+            socket.as_raw_fd(),
+            &[io::IoSlice::new(message.as_bytes())],
+            &[nix::sys::socket::ControlMessage::ScmRights(&fds)],
+            nix::sys::socket::MsgFlags::empty(),
+            Some(addr),
+        );
+        if let Err(e) = sent {
+            tracing::warn!(name, error = %e, "cannot hand the listening socket to systemd's fd store; a restart will refuse connections while it lasts");
+        }
+    }
+
+    /// Removes the socket stored under `name` (FDSTOREREMOVE=1, systemd 236+), so a route taken
+    /// out by a reload really releases its port.
+    pub fn remove_fd(&self, name: &str) {
+        self.send(&format!("FDSTOREREMOVE=1\nFDNAME={name}"));
     }
 
     /// Sends one notification (newline-separated assignments). Failures are logged, never fatal.
