@@ -480,6 +480,16 @@ fn package_installs_runs_reloads_stops_and_purges_under_systemd() {
     );
     c.ok("cp /root/good.toml /etc/ferryd/ferryd.toml");
 
+    // An upgrade never re-enables a unit the administrator disabled.
+    c.ok("systemctl disable ferryd 2>/dev/null");
+    c.ok("dpkg -i /mnt/ferryd/ferryd.deb");
+    assert_eq!(
+        c.ok("systemctl is-enabled ferryd || true").trim(),
+        "disabled",
+        "the upgrade re-enabled a disabled unit"
+    );
+    c.ok("systemctl enable ferryd 2>/dev/null");
+
     // Stop finishes within TimeoutStopSec and leaves NAT in place.
     let started = Instant::now();
     c.ok("systemctl stop ferryd");
