@@ -153,13 +153,26 @@ impl Daemon {
         let state = State::new(engine.clone(), config.health.clone());
 
         let health = &config.health;
+        // What goes to systemd's fd store once every socket is known: (name now, name passed
+        // under, a descriptor of the socket).
+        let mut to_store: Vec<(String, String, std::net::TcpListener)> = Vec::new();
         let listener = match passed.claim(HEALTH_SOCKET_NAME, health.listen) {
-            Some(listener) => listener,
-            None => crate::net::listen_with_retry(health.listen, crate::net::BIND_RETRY_WINDOW)
-                .await
-                .with_context(|| format!("health endpoint: cannot listen on {}", health.listen))?,
+            Some((listener, passed_name)) => {
+                if let Ok(dup) = listener.try_clone() {
+                    to_store.push((HEALTH_SOCKET_NAME.into(), passed_name, dup));
+                }
+                listener
+            }
+            None => {
+                let listener = crate::net::listen_with_retry(health.listen, crate::net::BIND_RETRY_WINDOW)
+                    .await
+                    .with_context(|| format!("health endpoint: cannot listen on {}", health.listen))?;
+                if let Ok(dup) = listener.try_clone() {
+                    to_store.push((HEALTH_SOCKET_NAME.into(), String::new(), dup));
+                }
+                listener
+            }
         };
-        notifier.store_fd(HEALTH_SOCKET_NAME, std::os::fd::AsFd::as_fd(&listener));
         crate::health::spawn(listener, state.clone()).context("cannot start the health endpoint")?;
         tracing::info!(listen = %health.listen, path = %health.path, "health endpoint listening");
 
@@ -180,20 +193,20 @@ impl Daemon {
         };
         let routes = daemon.config.routes.clone();
         for route in &routes {
-            let listener = match passed.claim(&route.name, route.listen) {
-                Some(listener) => listener,
-                None => crate::net::listen_with_retry(route.listen, crate::net::BIND_RETRY_WINDOW)
+            let (listener, passed_name) = match passed.claim(&route.name, route.listen) {
+                Some(claimed) => claimed,
+                None => (crate::net::listen_with_retry(route.listen, crate::net::BIND_RETRY_WINDOW)
                     .await
                     .with_context(|| {
                         format!(
                             "route {:?}: cannot listen on {} (another process, or an outgoing connection using it as its ephemeral port, holds it; reserve the port with net.ipv4.ip_local_reserved_ports)",
                             route.name, route.listen
                         )
-                    })?,
+                    })?, String::new()),
             };
-            daemon
-                .notifier
-                .store_fd(&route.name, std::os::fd::AsFd::as_fd(&listener));
+            if let Ok(dup) = listener.try_clone() {
+                to_store.push((route.name.clone(), passed_name, dup));
+            }
             let socket = listener
                 .try_clone()
                 .with_context(|| format!("route {:?}: cannot duplicate the listening socket", route.name))?;
@@ -209,7 +222,21 @@ impl Daemon {
                 stats,
             );
         }
-        passed.close_unclaimed();
+        // The fd store ends up holding exactly the sockets in use, under their current names:
+        // first every stale entry goes (unclaimed sockets, and names that changed), then each
+        // socket is stored under its name (systemd ignores a copy it already holds).
+        for name in passed.close_unclaimed() {
+            daemon.notifier.remove_fd(&name);
+        }
+        for (name, passed_name, _) in &to_store {
+            if !passed_name.is_empty() && passed_name != name {
+                daemon.notifier.remove_fd(passed_name);
+            }
+        }
+        for (name, _, socket) in &to_store {
+            daemon.notifier.store_fd(name, std::os::fd::AsFd::as_fd(socket));
+        }
+        drop(to_store);
         daemon.publish_routes();
         daemon.state.beat();
         daemon.state.set_phase(Phase::Ready);
@@ -490,11 +517,17 @@ impl Daemon {
                 }
             }
         }
-        for prepared in fresh {
-            // The name now stands for this socket in systemd's fd store.
+        // The names now stand for these sockets in systemd's fd store: every old entry goes
+        // first, then the new ones are stored (in one pass each, so two routes that swapped
+        // addresses lose neither socket).
+        for prepared in &fresh {
             self.notifier.remove_fd(&prepared.route.name);
+        }
+        for prepared in &fresh {
             self.notifier
                 .store_fd(&prepared.route.name, std::os::fd::AsFd::as_fd(&prepared.socket));
+        }
+        for prepared in fresh {
             let stats = match carried.iter().position(|(name, _)| *name == prepared.route.name) {
                 Some(i) => carried.swap_remove(i).1,
                 None => self.new_stats(&prepared.route.name),

@@ -255,7 +255,7 @@ fn doctor_names_each_failure_and_passes_a_healthy_setup() {
     daemon.stop();
     topo.spawn(
         "proxy",
-        &["python3", "-c", "import socket, time; s = socket.socket(); s.bind(('0.0.0.0', 60001)); s.listen(); time.sleep(60)"],
+        &["python3", "-c", "import socket, time; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('0.0.0.0', 60001)); s.listen(); time.sleep(60)"],
     );
     let deadline = Instant::now() + Duration::from_secs(10);
     while !topo.sh("proxy", "ss -ltnH").contains(":60001 ") {

@@ -533,6 +533,12 @@ impl Recorder {
 /// is already streaming (splice) or interactive (copy), and whether the sender then stays or
 /// closes.
 fn urgent_data_is_relayed_in_line(streaming: bool, close: bool) {
+    urgent_data_case(streaming, close, 100);
+}
+
+/// `after` bytes follow the urgent byte in one write: more than a copy buffer holds, so the read
+/// past the mark must go on until the socket is drained.
+fn urgent_data_case(streaming: bool, close: bool, after: usize) {
     let (upstream, mut recorder) = Recorder::start();
     let port = free_port();
     let daemon = Daemon::start(&config_one_route(port, upstream.addr, "", ""));
@@ -556,10 +562,10 @@ fn urgent_data_is_relayed_in_line(streaming: bool, close: bool) {
     std::thread::sleep(Duration::from_millis(20));
     socket2::SockRef::from(&client).send_out_of_band(b"!").unwrap();
     std::thread::sleep(Duration::from_millis(20));
-    client.write_all(&[b'b'; 100]).unwrap();
+    client.write_all(&vec![b'b'; after]).unwrap();
     want.extend_from_slice(&[b'a'; 100]);
     want.push(b'!');
-    want.extend_from_slice(&[b'b'; 100]);
+    want.extend_from_slice(&vec![b'b'; after]);
     if close {
         client.shutdown(Shutdown::Write).unwrap();
     }
@@ -633,4 +639,14 @@ fn splice_refused_everywhere_is_counted_and_logged_rate_limited() {
         doc["relay"]["fallback_refused"].as_u64().unwrap() >= CONNECTIONS as u64,
         "{doc}"
     );
+}
+
+#[test]
+fn urgent_data_followed_by_a_bulk_write_interactive() {
+    urgent_data_case(false, false, 40 * 1024);
+}
+
+#[test]
+fn urgent_data_followed_by_a_bulk_write_while_splicing() {
+    urgent_data_case(true, false, 40 * 1024);
 }

@@ -126,7 +126,8 @@ fn checks(config_path: &Path) -> Vec<Finding> {
         }
     };
     let target = crate::status::local_target(config.health.listen);
-    let doc = crate::status::fetch_status(target);
+    let preamble = crate::status::health_preamble(&config.health);
+    let doc = crate::status::fetch_status(target, &preamble);
     // SAFETY: geteuid has no preconditions and cannot fail.
     let root = unsafe { libc::geteuid() } == 0;
 
@@ -201,7 +202,9 @@ fn health_check(target: SocketAddr, config: &Config, doc: Option<&StatusDocument
         return finding(name, Status::Warn, "not checked: the daemon is not answering", "");
     }
     let request = format!("GET {} HTTP/1.0\r\n\r\n", config.health.path);
-    match ask(target, &request) {
+    let mut bytes = crate::status::health_preamble(&config.health);
+    bytes.extend_from_slice(request.as_bytes());
+    match ask(target, &bytes) {
         Ok(answer) if answer.contains(" 200 ") => finding(
             name,
             Status::Ok,
@@ -231,11 +234,11 @@ fn health_check(target: SocketAddr, config: &Config, doc: Option<&StatusDocument
     }
 }
 
-fn ask(target: SocketAddr, request: &str) -> io::Result<String> {
+fn ask(target: SocketAddr, request: &[u8]) -> io::Result<String> {
     use std::io::{Read, Write};
     let mut stream = TcpStream::connect_timeout(&target, ASK_CAP)?;
     stream.set_read_timeout(Some(ASK_CAP))?;
-    stream.write_all(request.as_bytes())?;
+    stream.write_all(request)?;
     let mut answer = Vec::new();
     stream.read_to_end(&mut answer)?;
     Ok(String::from_utf8_lossy(&answer).into_owned())

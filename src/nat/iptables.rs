@@ -167,11 +167,22 @@ pub(crate) fn run_bounded(
     };
     let stdout = child.stdout.take().map(collect);
     let stderr = child.stderr.take().map(collect);
+    let pid = child.id() as libc::pid_t;
     let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break status,
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(POLL_EVERY),
-            Ok(None) => {
+        match exited(pid) {
+            Ok(true) => {
+                // The leader is done but not reaped, so its pid (the group's id) cannot be
+                // reused: whatever it left running in the group goes too, so no descendant holds
+                // the output pipes open past this point.
+                // SAFETY: signalling the process group this function created.
+                unsafe { libc::kill(-pid, libc::SIGKILL) };
+                match child.wait() {
+                    Ok(status) => break status,
+                    Err(e) => return Err(NatError(format!("`{shown}` failed: {e}"))),
+                }
+            }
+            Ok(false) if Instant::now() < deadline => std::thread::sleep(POLL_EVERY),
+            Ok(false) => {
                 // SAFETY: signalling the process group this function created; the child has not
                 // been reaped, so its id cannot have been reused.
                 unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
@@ -201,6 +212,26 @@ pub(crate) fn run_bounded(
     Ok(String::from_utf8_lossy(&out).into_owned())
 }
 
+/// Whether the child `pid` has exited, without reaping it (waitid with WNOWAIT).
+fn exited(pid: libc::pid_t) -> std::io::Result<bool> {
+    // SAFETY: siginfo_t is plain data; waitid fills it or leaves it zeroed.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid pointer to a siginfo_t; pid is our unreaped child.
+    let rc = unsafe {
+        libc::waitid(
+            libc::P_PID,
+            pid as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: with WNOHANG, si_pid stays 0 when the child has not exited.
+    Ok(unsafe { info.si_pid() } != 0)
+}
+
 /// Reads a child's output to the end on a thread of its own.
 fn collect(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<Vec<u8>> {
     std::thread::spawn(move || {
@@ -226,6 +257,24 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.0.contains("did not finish within 300ms and was killed"), "{e}");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[test]
+    fn a_descendant_holding_the_output_open_does_not_hold_the_caller() {
+        let started = Instant::now();
+        let out = run_bounded(
+            "sh",
+            &["-c", "sleep 30 & echo done"],
+            None,
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        assert_eq!(out.trim(), "done");
         assert!(
             started.elapsed() < Duration::from_secs(5),
             "{:?}",

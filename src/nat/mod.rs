@@ -163,6 +163,9 @@ pub fn reconcile(nat: &Nat) -> Result<Applied, NatError> {
 
 /// The steps of [`reconcile`], in their fail-closed order: filter, nat, a check, forwarding.
 fn apply(ipt: &Iptables, wanted: &Wanted, live: &LiveTables) -> Result<(), NatError> {
+    // Marked before the first change: a process killed part-way still leaves the marker that
+    // tells a later configuration without NAT to look for leftovers.
+    mark_applied();
     let mut changed = false;
     for (table, live) in [(FILTER, &live.filter), (NAT, &live.nat)] {
         if rules::drift(wanted, table, live).is_some() {

@@ -7,15 +7,21 @@ use tokio::sync::{Semaphore, SemaphorePermit};
 
 use super::pump::STREAMING_READ;
 
-/// One buffer: the streaming threshold. A read that fills it is bulk data, which moves to a pipe
-/// when one is free; smaller reads are the interactive traffic the copy path is for.
+/// One pooled buffer: the streaming threshold. A read that fills it is bulk data, which moves to
+/// a pipe when one is free; smaller reads are the interactive traffic the copy path is for.
 pub const BUFFER_SIZE: usize = STREAMING_READ;
 
-/// The most buffers lent at once: 16 MiB. A buffer is held across a write the peer is slow to
-/// take, so without a cap a thousand slow readers would each pin one; past the cap a direction
-/// waits for a buffer (its idle timer still runs) instead of allocating. 1,024 covers every
-/// direction of a route at its default max_connections with bulk data on the copy path.
+/// The most pooled buffers lent at once: 16 MiB. A buffer is held across a write the peer is
+/// slow to take, so without a cap a thousand slow readers would each pin 16 KiB.
 pub const MAX_BUFFERS: usize = 1024;
+
+/// What a direction copies through when every pooled buffer is lent: a small buffer of its own
+/// for the burst. Waiting for a pooled one instead could deadlock (a direction holding a buffer
+/// while its peer's other direction waits for one) and would stall keystrokes behind slow
+/// readers; a small buffer keeps every direction moving, and the memory bound stays:
+/// [`MAX_BUFFERS`] × 16 KiB plus 4 KiB per direction over the cap, itself bounded by
+/// max_connections.
+pub const OVERFLOW_BUFFER_SIZE: usize = 4 * 1024;
 
 /// Empty buffers kept for reuse. Their pages stay resident once touched, so keep few: eight
 /// cover the parallel bursts of a build while costing at most 128 KiB of RSS.
@@ -36,7 +42,7 @@ impl Default for BufferPool {
 }
 
 impl BufferPool {
-    /// A pool that lends at most `limit` buffers at once.
+    /// A pool that lends at most `limit` full-size buffers at once.
     pub fn with_limit(limit: usize) -> Self {
         BufferPool {
             idle: Mutex::new(Vec::new()),
@@ -45,31 +51,36 @@ impl BufferPool {
         }
     }
 
-    /// Lends a buffer, reusing an idle one when there is one; waits while `limit` are lent.
-    pub async fn take(&self) -> Buffer<'_> {
-        // The semaphore is never closed, so acquiring cannot fail; if it ever did, lending
-        // without a permit is still correct, only unbounded.
-        let permit = self.lendable.acquire().await.ok();
+    /// Lends a pooled buffer, reusing an idle one when there is one; past the limit, a small
+    /// buffer of the burst's own. Never waits.
+    pub fn take(&self) -> Buffer<'_> {
+        let Ok(permit) = self.lendable.try_acquire() else {
+            return Buffer {
+                pool: self,
+                bytes: Some(vec![0u8; OVERFLOW_BUFFER_SIZE].into_boxed_slice()),
+                permit: None,
+            };
+        };
         let reused = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
         Buffer {
             pool: self,
             bytes: Some(reused.unwrap_or_else(|| vec![0u8; BUFFER_SIZE].into_boxed_slice())),
-            _permit: permit,
+            permit: Some(permit),
         }
     }
 
-    /// Buffers lent now.
+    /// Pooled buffers lent now.
     pub fn lent(&self) -> usize {
         self.limit.saturating_sub(self.lendable.available_permits())
     }
 }
 
-/// A buffer lent for one burst; it goes back to the pool when dropped.
+/// A buffer lent for one burst; a pooled one goes back to the pool when dropped.
 #[derive(Debug)]
 pub struct Buffer<'a> {
     pool: &'a BufferPool,
     bytes: Option<Box<[u8]>>,
-    _permit: Option<SemaphorePermit<'a>>,
+    permit: Option<SemaphorePermit<'a>>,
 }
 
 impl std::ops::Deref for Buffer<'_> {
@@ -87,6 +98,9 @@ impl std::ops::DerefMut for Buffer<'_> {
 
 impl Drop for Buffer<'_> {
     fn drop(&mut self) {
+        if self.permit.is_none() {
+            return;
+        }
         if let Some(bytes) = self.bytes.take() {
             let mut idle = self.pool.idle.lock().unwrap_or_else(|p| p.into_inner());
             if idle.len() < IDLE_BUFFERS_KEPT {
@@ -98,21 +112,25 @@ impl Drop for Buffer<'_> {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
 
-    #[tokio::test]
-    async fn lending_past_the_limit_waits_for_a_buffer_to_come_back() {
+    #[test]
+    fn past_the_limit_a_small_buffer_is_lent_at_once() {
         let pool = BufferPool::with_limit(2);
-        let a = pool.take().await;
-        let _b = pool.take().await;
+        let a = pool.take();
+        let _b = pool.take();
         assert_eq!(a.len(), BUFFER_SIZE);
         assert_eq!(pool.lent(), 2);
-        let third = tokio::time::timeout(Duration::from_millis(50), pool.take()).await;
-        assert!(third.is_err(), "a third buffer was lent past a limit of two");
+        let third = pool.take();
+        assert_eq!(
+            third.len(),
+            OVERFLOW_BUFFER_SIZE,
+            "past the limit: a small buffer"
+        );
+        assert_eq!(pool.lent(), 2, "the small one is not pooled");
+        drop(third);
         drop(a);
-        let third = tokio::time::timeout(Duration::from_secs(1), pool.take()).await;
-        assert!(third.is_ok(), "the returned buffer was not lent again");
+        assert_eq!(pool.lent(), 1);
+        assert_eq!(pool.take().len(), BUFFER_SIZE, "a returned buffer is lent again");
     }
 }

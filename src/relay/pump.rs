@@ -186,7 +186,9 @@ async fn copy_burst(
     dst: &mut WriteHalf<'_>,
     flow: &Flow<'_>,
 ) -> Result<Burst, PumpError> {
-    let mut buf = flow.buffers.take().await;
+    let mut buf = flow.buffers.take();
+    // Once a read stopped at the urgent mark, tokio's readiness is cleared with bytes still
+    // queued: read directly until the socket is really drained, never leaving the burst before.
     let mut past_mark = false;
     loop {
         let attempt = if past_mark {
@@ -213,6 +215,12 @@ async fn copy_burst(
         write_all(dst, &buf[..n], flow).await?;
         flow.stats.copied_bytes.fetch_add(n as u64, Ordering::Relaxed);
         flow.account(n);
+        if past_mark {
+            if n < buf.len() && !at_urgent_mark(src.as_ref()) {
+                return Ok(Burst::Drained);
+            }
+            continue;
+        }
         if n >= STREAMING_READ && flow.pipes.is_some() {
             return Ok(Burst::Streaming);
         }
@@ -235,7 +243,7 @@ async fn copy_past_mark(
     dst: &mut WriteHalf<'_>,
     flow: &Flow<'_>,
 ) -> Result<Burst, PumpError> {
-    let mut buf = flow.buffers.take().await;
+    let mut buf = flow.buffers.take();
     loop {
         let n = match recv_now(src, &mut buf) {
             Ok(0) => return Ok(Burst::Eof),

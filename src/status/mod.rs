@@ -32,7 +32,7 @@ pub fn run(config_path: &Path, unit: &str) -> ExitCode {
     };
     let mut code = 0u8;
     let target = local_target(config.health.listen);
-    match fetch_status(target) {
+    match fetch_status(target, &health_preamble(&config.health)) {
         Ok(doc) => print!("{}", summarize(&doc)),
         Err(e) => {
             println!("daemon:   not answering on http://{target}/status: {e}");
@@ -69,14 +69,29 @@ pub(crate) fn local_target(listen: SocketAddr) -> SocketAddr {
     SocketAddr::new(ip, listen.port())
 }
 
-pub(crate) fn fetch_status(target: SocketAddr) -> Result<StatusDocument, String> {
+/// What a local client writes first on the health port: a LOCAL PROXY v2 header when the
+/// listener expects one (`[health] proxy_protocol = "v2"`), else nothing.
+pub(crate) fn health_preamble(health: &crate::config::Health) -> Vec<u8> {
+    if health.proxy_protocol == crate::config::ProxyProtocol::V2 {
+        crate::proxy_header::encode(&crate::proxy_header::Header {
+            command: crate::proxy_header::Command::Local,
+            addresses: None,
+            tlvs: Vec::new(),
+            link_id: None,
+        })
+    } else {
+        Vec::new()
+    }
+}
+
+pub(crate) fn fetch_status(target: SocketAddr, preamble: &[u8]) -> Result<StatusDocument, String> {
     let mut stream = TcpStream::connect_timeout(&target, ASK_TIMEOUT).map_err(|e| e.to_string())?;
     stream
         .set_read_timeout(Some(ASK_TIMEOUT))
         .map_err(|e| e.to_string())?;
-    stream
-        .write_all(b"GET /status HTTP/1.0\r\n\r\n")
-        .map_err(|e| e.to_string())?;
+    let mut request = preamble.to_vec();
+    request.extend_from_slice(b"GET /status HTTP/1.0\r\n\r\n");
+    stream.write_all(&request).map_err(|e| e.to_string())?;
     let mut response = Vec::new();
     stream.read_to_end(&mut response).map_err(|e| e.to_string())?;
     let text = String::from_utf8_lossy(&response);

@@ -59,22 +59,31 @@ impl Passed {
         Passed { sockets }
     }
 
-    /// Takes the socket passed under `name`, or failing that one bound to `addr`.
-    pub fn claim(&mut self, name: &str, addr: SocketAddr) -> Option<TcpListener> {
-        let index = self.sockets.iter().position(|(n, _)| n == name).or_else(|| {
-            self.sockets
-                .iter()
-                .position(|(_, l)| l.local_addr().is_ok_and(|local| local == addr))
-        })?;
+    /// Takes the socket bound to `addr`: the one passed under `name` when its address is still
+    /// `addr`, or failing that any passed socket bound to `addr` (returned with the name it was
+    /// passed under). A socket passed under `name` but bound elsewhere (the address changed in
+    /// the file before a restart) is not used: it stays unclaimed and is closed.
+    pub fn claim(&mut self, name: &str, addr: SocketAddr) -> Option<(TcpListener, String)> {
+        let bound_to = |l: &TcpListener| l.local_addr().is_ok_and(|local| local == addr);
+        let index = self
+            .sockets
+            .iter()
+            .position(|(n, l)| n == name && bound_to(l))
+            .or_else(|| self.sockets.iter().position(|(_, l)| bound_to(l)))?;
         let (passed_name, listener) = self.sockets.remove(index);
         tracing::info!(name, passed_name, listen = %addr, "using the socket passed by systemd");
-        Some(listener)
+        Some((listener, passed_name))
     }
 
-    /// Closes sockets nobody claimed, saying so.
-    pub fn close_unclaimed(&mut self) {
-        for (name, listener) in self.sockets.drain(..) {
-            tracing::warn!(name, local = ?listener.local_addr().ok(), "a passed socket matches no route; closing it");
-        }
+    /// Closes the sockets nobody claimed, saying so; returns the names they were passed under,
+    /// for the caller to remove them from systemd's fd store too (or their ports stay open there).
+    pub fn close_unclaimed(&mut self) -> Vec<String> {
+        self.sockets
+            .drain(..)
+            .map(|(name, listener)| {
+                tracing::warn!(name, local = ?listener.local_addr().ok(), "a passed socket matches no route (or its address changed); closing it");
+                name
+            })
+            .collect()
     }
 }
