@@ -227,7 +227,7 @@ pub fn render(state: &State) -> String {
     buffers.set(state.engine.buffers_lent() as i64);
     registry.register(
         "copy_buffers_in_use",
-        "Copy buffers lent to connections now; at most 1024 (16 KiB each), past which a direction waits",
+        "Pooled copy buffers lent now; at most 1024 (16 KiB each), past which a burst uses a 4 KiB buffer of its own",
         buffers,
     );
 
