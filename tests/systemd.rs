@@ -321,3 +321,55 @@ fn listening_sockets_go_to_the_fd_store() {
         );
     }
 }
+
+/// A socket passed under a route's name but bound elsewhere (the address changed in the file
+/// before a restart) is not used: ferryd binds the configured address and closes the stale one.
+#[test]
+fn a_passed_socket_at_an_old_address_is_not_used() {
+    let upstream = Upstream::echo();
+    let stale = TcpListener::bind("127.0.0.1:0").unwrap();
+    let stale_port = stale.local_addr().unwrap().port();
+    let port = free_port();
+    let config = config_one_route(port, upstream.addr, "", "");
+    let fd = stale.as_raw_fd();
+    let daemon = Daemon::spawn_command(&config, |path| {
+        let mut command = Command::new("sh");
+        command
+            .arg("-c")
+            .arg("LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=test exec \"$0\" run --config \"$1\"")
+            .arg(BIN)
+            .arg(path);
+        // SAFETY: dup2 is async-signal-safe; the new fd 3 is not close-on-exec.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::dup2(fd, 3) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        command
+    });
+    assert!(
+        daemon
+            .wait_for_log(" ready config=", Duration::from_secs(5))
+            .is_some(),
+        "{}",
+        daemon.log()
+    );
+    assert!(
+        daemon
+            .wait_for_log("or its address changed); closing it", Duration::from_secs(1))
+            .is_some(),
+        "{}",
+        daemon.log()
+    );
+    assert!(daemon.log_lines("using the socket passed by systemd").is_empty());
+    let mut client = std::net::TcpStream::connect(local(port)).unwrap();
+    echo_roundtrip(&mut client, b"served at the configured address").unwrap();
+    drop(stale);
+    assert!(
+        std::net::TcpStream::connect(local(stale_port)).is_err(),
+        "the stale socket is still open in ferryd"
+    );
+}
