@@ -1,0 +1,183 @@
+//! Reloads: SIGHUP re-reads the file and applies it whole or not at all. Everything that can
+//! fail (a listener for every new or moved route) is prepared before anything changes; routes
+//! keep their identity by name; systemd's fd store is kept to exactly the sockets in use. It
+//! must not drop a live connection: only listeners come and go.
+
+use std::sync::atomic::Ordering;
+
+use anyhow::Context as _;
+
+use super::{Daemon, Prepared, Running};
+use crate::config::{Config, Route};
+use crate::logging::ids;
+
+impl Daemon {
+    /// Re-reads the file and applies it to new connections. Every new listen address is bound
+    /// before anything changes, so a reload either applies whole or not at all.
+    pub(super) async fn reload(&mut self) {
+        self.notifier.reloading();
+        match self.apply_reload().await {
+            Ok(()) => self.state.reloads_ok.fetch_add(1, Ordering::Relaxed),
+            Err(()) => self.state.reloads_rejected.fetch_add(1, Ordering::Relaxed),
+        };
+        let status = self.status_line();
+        self.notifier.ready(&status);
+        self.last_status = status;
+    }
+
+    async fn apply_reload(&mut self) -> Result<(), ()> {
+        let path = self.config.path.clone();
+        let new = match Config::load(&path) {
+            Ok(new) => new,
+            Err(e) => {
+                tracing::error!(error = %e, message_id = ids::RELOAD_REJECTED, "reload rejected; the running configuration stays in force");
+                return Err(());
+            }
+        };
+        for (key, changed) in [
+            ("workers", new.workers != self.config.workers),
+            ("splice", new.splice != self.config.splice),
+            ("max_pipes", new.max_pipes != self.config.max_pipes),
+            ("[health] listen", new.health.listen != self.config.health.listen),
+        ] {
+            if changed {
+                tracing::warn!(
+                    key,
+                    "this setting changed in the file; it takes effect at the next restart"
+                );
+            }
+        }
+
+        // Everything that can fail comes first, so a reload applies whole or not at all: a
+        // listener for every route that is new or moves. An address another route holds now is
+        // handed over as the same socket; any other is bound.
+        let mut fresh = Vec::new();
+        for route in &new.routes {
+            if self
+                .routes
+                .iter()
+                .any(|r| r.name == route.name && r.listen == route.listen)
+            {
+                continue;
+            }
+            match self.prepare(route) {
+                Ok(prepared) => fresh.push(prepared),
+                Err(e) => {
+                    tracing::error!(
+                        route = %route.name,
+                        listen = %route.listen,
+                        error = %format!("{e:#}"),
+                        message_id = ids::RELOAD_REJECTED,
+                        "reload rejected: cannot listen on the route's address (if a route being removed holds an overlapping address, restart ferryd instead); the running configuration stays in force"
+                    );
+                    return Err(());
+                }
+            }
+        }
+
+        // Settings that need a restart keep their running values, so the effective
+        // configuration stays the one really in force.
+        let mut new = new;
+        new.workers = self.config.workers;
+        new.splice = self.config.splice;
+        new.max_pipes = self.config.max_pipes;
+        new.health.listen = self.config.health.listen;
+        self.config = new;
+        self.state.set_health(self.config.health.clone());
+        self.nat.send_if_modified(|current| {
+            let changed = *current != self.config.nat;
+            if changed {
+                *current = self.config.nat.clone();
+            }
+            changed
+        });
+
+        // Routes keep their identity by name: counters and live connections (and so the
+        // max_connections accounting) follow a route to its new address.
+        let mut carried = Vec::new();
+        for running in std::mem::take(&mut self.routes) {
+            match self.config.routes.iter().find(|r| r.name == running.name) {
+                Some(route) if route.listen == running.listen => {
+                    let settings = self.settings_for(route);
+                    running.settings.send_if_modified(|current| {
+                        let changed = **current != *settings;
+                        if changed {
+                            *current = settings;
+                        }
+                        changed
+                    });
+                    self.routes.push(running);
+                }
+                moved_or_gone => {
+                    let Running {
+                        name,
+                        listen,
+                        settings,
+                        stats,
+                        task,
+                        ..
+                    } = running;
+                    drop(settings);
+                    let _ = task.await;
+                    match moved_or_gone {
+                        Some(route) => {
+                            tracing::info!(route = %name, from = %listen, to = %route.listen, "route moved; its live connections continue and keep counting");
+                            carried.push((name, stats));
+                        }
+                        None => {
+                            self.notifier.remove_fd(&name);
+                            self.state.set_problem(&format!("route {name}"), None);
+                            tracing::info!(route = %name, %listen, "route removed; its live connections continue");
+                        }
+                    }
+                }
+            }
+        }
+        // The names now stand for these sockets in systemd's fd store: every old entry goes
+        // first, then the new ones are stored (in one pass each, so two routes that swapped
+        // addresses lose neither socket).
+        for prepared in &fresh {
+            self.notifier.remove_fd(&prepared.route.name);
+        }
+        for prepared in &fresh {
+            self.notifier
+                .store_fd(&prepared.route.name, std::os::fd::AsFd::as_fd(&prepared.socket));
+        }
+        for prepared in fresh {
+            let stats = match carried.iter().position(|(name, _)| *name == prepared.route.name) {
+                Some(i) => carried.swap_remove(i).1,
+                None => self.new_stats(&prepared.route.name),
+            };
+            self.spawn(prepared, stats);
+        }
+        let order = |name: &str| self.config.routes.iter().position(|r| r.name == name);
+        let mut routes = std::mem::take(&mut self.routes);
+        routes.sort_by_key(|r| order(&r.name));
+        self.routes = routes;
+        self.publish_routes();
+        tracing::info!(config = %path.display(), routes = self.routes.len(), message_id = ids::RELOADED, "configuration reloaded");
+        Ok(())
+    }
+
+    /// A listener for `route`: the socket a running route holds on that address, or a new one.
+    fn prepare(&self, route: &Route) -> anyhow::Result<Prepared> {
+        let socket = match self.routes.iter().find(|r| r.listen == route.listen) {
+            Some(holder) => holder
+                .socket
+                .try_clone()
+                .context("cannot duplicate the listening socket")?,
+            None => crate::net::listen(route.listen)?,
+        };
+        let listener = tokio::net::TcpListener::from_std(
+            socket
+                .try_clone()
+                .context("cannot duplicate the listening socket")?,
+        )
+        .context("cannot register the listener")?;
+        Ok(Prepared {
+            route: route.clone(),
+            socket,
+            listener,
+        })
+    }
+}
