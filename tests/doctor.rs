@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::netns::*;
@@ -123,16 +122,7 @@ fn probe(topo: &Topology) {
 }
 
 fn start_daemon(topo: &Topology, config: &str) -> Daemon {
-    let ns = topo.ns("proxy");
-    let state = topo.state.path().to_path_buf();
-    let daemon = Daemon::spawn_command(config, |path| {
-        let mut command = Command::new("ip");
-        command
-            .args(["netns", "exec", &ns, BIN, "run", "--config"])
-            .arg(path)
-            .env("STATE_DIRECTORY", &state);
-        command
-    });
+    let daemon = topo.daemon(config, None);
     assert!(
         daemon
             .wait_for_log(" ready config=", Duration::from_secs(10))

@@ -202,16 +202,7 @@ fn daemon_repairs_drift_and_relays_while_the_build_vm_downloads() {
     }
 
     let config = nat_config("reconcile_interval = \"1s\"");
-    let ns = topo.ns("proxy");
-    let state = topo.state.path().to_path_buf();
-    let daemon = Daemon::spawn_command(&config, |path| {
-        let mut command = Command::new("ip");
-        command
-            .args(["netns", "exec", &ns, BIN, "run", "--config"])
-            .arg(path)
-            .env("STATE_DIRECTORY", &state);
-        command
-    });
+    let daemon = topo.daemon(&config, None);
     assert!(
         daemon
             .wait_for_log(" ready config=", Duration::from_secs(10))
@@ -411,22 +402,6 @@ fn start_echo_sshd(topo: &mut Topology) {
     }
 }
 
-/// Runs the daemon in the proxy namespace with `path` as its PATH.
-fn daemon_in_proxy(topo: &Topology, config: &str, path: &str) -> Daemon {
-    let ns = topo.ns("proxy");
-    let state = topo.state.path().to_path_buf();
-    let path = path.to_string();
-    Daemon::spawn_command(config, |file| {
-        let mut command = Command::new("ip");
-        command
-            .args(["netns", "exec", &ns, BIN, "run", "--config"])
-            .arg(file)
-            .env("STATE_DIRECTORY", &state)
-            .env("PATH", &path);
-        command
-    })
-}
-
 /// NAT fails closed: an iptables-restore that rejects the nat table's input (after the filter
 /// table went in) leaves ip_forward as it was, no ferryd rule behind, and the build VM without a
 /// way out.
@@ -509,10 +484,9 @@ fn hung_iptables_is_killed_after_its_bound_and_never_delays_the_relay() {
     let mut topo = Topology::new();
     start_echo_sshd(&mut topo);
     let started = Instant::now();
-    let daemon = daemon_in_proxy(
-        &topo,
+    let daemon = topo.daemon(
         &nat_config("reconcile_interval = \"1s\""),
-        &path_with(&tools),
+        Some(&path_with(&tools)),
     );
     assert!(
         daemon
@@ -586,7 +560,7 @@ fn turning_nat_off_removes_the_rules_at_reload_and_at_start() {
     let without_nat = config[..config.find("[nat]").unwrap()].to_string();
 
     // Reload.
-    let mut daemon = daemon_in_proxy(&topo, &config, &path);
+    let mut daemon = topo.daemon(&config, Some(&path));
     assert!(
         daemon
             .wait_for_log("NAT rules installed", Duration::from_secs(10))
@@ -627,7 +601,7 @@ fn turning_nat_off_removes_the_rules_at_reload_and_at_start() {
     ]);
     assert!(up.status.success());
     assert!(topo.save("nat").contains("FERRYD"));
-    let daemon = daemon_in_proxy(&topo, &without_nat, &path);
+    let daemon = topo.daemon(&without_nat, Some(&path));
     assert!(
         daemon
             .wait_for_log(

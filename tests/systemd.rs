@@ -76,6 +76,33 @@ impl Manager {
     }
 }
 
+/// Starts ferryd with `socket` passed as systemd would (fd 3, LISTEN_FDS=1, LISTEN_FDNAMES=`name`,
+/// LISTEN_PID its own pid: `exec` keeps the shell's pid, so $$ is ferryd's).
+fn spawn_with_passed_socket(config: &str, socket: &TcpListener, name: &str) -> Daemon {
+    let fd = socket.as_raw_fd();
+    let name = name.to_string();
+    Daemon::spawn_command(config, |path| {
+        let mut command = Command::new("sh");
+        command
+            .arg("-c")
+            .arg(format!(
+                "LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES={name} exec \"$0\" run --config \"$1\""
+            ))
+            .arg(BIN)
+            .arg(path);
+        // SAFETY: dup2 is async-signal-safe; the new fd 3 is not close-on-exec.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::dup2(fd, 3) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        command
+    })
+}
+
 #[test]
 fn notify_ready_status_reload_and_stopping_in_order() {
     let manager = Manager::new();
@@ -165,27 +192,7 @@ fn socket_activation_relays_on_the_passed_socket() {
     early.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
 
     let config = config_one_route(port, upstream.addr, "", "");
-    let fd = passed.as_raw_fd();
-    let daemon = Daemon::spawn_command(&config, |path| {
-        // systemd's contract: fds from 3, LISTEN_PID is the service's own pid. `exec` keeps
-        // the shell's pid, so $$ is ferryd's pid.
-        let mut command = Command::new("sh");
-        command
-            .arg("-c")
-            .arg("LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=test exec \"$0\" run --config \"$1\"")
-            .arg(BIN)
-            .arg(path);
-        // SAFETY: dup2 is async-signal-safe; the new fd 3 is not close-on-exec.
-        unsafe {
-            command.pre_exec(move || {
-                if libc::dup2(fd, 3) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        command
-    });
+    let daemon = spawn_with_passed_socket(&config, &passed, "test");
     assert!(
         daemon
             .wait_for_log(" ready config=", Duration::from_secs(5))
@@ -331,25 +338,7 @@ fn a_passed_socket_at_an_old_address_is_not_used() {
     let stale_port = stale.local_addr().unwrap().port();
     let port = free_port();
     let config = config_one_route(port, upstream.addr, "", "");
-    let fd = stale.as_raw_fd();
-    let daemon = Daemon::spawn_command(&config, |path| {
-        let mut command = Command::new("sh");
-        command
-            .arg("-c")
-            .arg("LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=test exec \"$0\" run --config \"$1\"")
-            .arg(BIN)
-            .arg(path);
-        // SAFETY: dup2 is async-signal-safe; the new fd 3 is not close-on-exec.
-        unsafe {
-            command.pre_exec(move || {
-                if libc::dup2(fd, 3) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        command
-    });
+    let daemon = spawn_with_passed_socket(&config, &stale, "test");
     assert!(
         daemon
             .wait_for_log(" ready config=", Duration::from_secs(5))

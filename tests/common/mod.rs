@@ -470,16 +470,21 @@ pub fn expect_reset(from: Ipv4Addr, to: SocketAddr) {
 /// io_uring_*, clone3, close_range, openat2, ...) fails with ENOSYS. Installed with
 /// seccomp in the child between fork and exec.
 pub fn as_linux_4_15(command: &mut Command) {
+    with_seccomp(command, &PROGRAM);
+}
+
+/// Installs the seccomp filter `program` in the child between fork and exec.
+fn with_seccomp(command: &mut Command, program: &'static [libc::sock_filter]) {
     use std::os::unix::process::CommandExt;
-    // SAFETY: only async-signal-safe prctl calls between fork and exec; `PROGRAM` is static.
+    // SAFETY: only async-signal-safe prctl calls between fork and exec; `program` is static.
     unsafe {
-        command.pre_exec(|| {
+        command.pre_exec(move || {
             if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
                 return Err(io::Error::last_os_error());
             }
             let prog = libc::sock_fprog {
-                len: PROGRAM.len() as u16,
-                filter: PROGRAM.as_ptr() as *mut libc::sock_filter,
+                len: program.len() as u16,
+                filter: program.as_ptr() as *mut libc::sock_filter,
             };
             if libc::prctl(
                 libc::PR_SET_SECCOMP,
@@ -519,28 +524,7 @@ static PROGRAM: [libc::sock_filter; 9] = [
 /// Makes every splice(2) in the child fail with EINVAL, as a kernel or socket type that cannot
 /// splice answers: the relay must fall back to copying. Installed like [`as_linux_4_15`].
 pub fn without_splice(command: &mut Command) {
-    use std::os::unix::process::CommandExt;
-    // SAFETY: only async-signal-safe prctl calls between fork and exec; the program is static.
-    unsafe {
-        command.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            let prog = libc::sock_fprog {
-                len: NO_SPLICE.len() as u16,
-                filter: NO_SPLICE.as_ptr() as *mut libc::sock_filter,
-            };
-            if libc::prctl(
-                libc::PR_SET_SECCOMP,
-                libc::SECCOMP_MODE_FILTER,
-                &prog as *const libc::sock_fprog,
-            ) != 0
-            {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    with_seccomp(command, &NO_SPLICE);
 }
 
 const RET_EINVAL: u32 = 0x0005_0000 | libc::EINVAL as u32;

@@ -185,6 +185,25 @@ impl Topology {
             .unwrap()
     }
 
+    /// Starts `ferryd run` on `config` in the proxy namespace, with this topology's state
+    /// directory and `path` as PATH (None: the test's own), without waiting for it.
+    pub fn daemon(&self, config: &str, path: Option<&str>) -> super::Daemon {
+        let ns = self.ns("proxy");
+        let state = self.state.path().to_path_buf();
+        let path = path.map(str::to_string);
+        super::Daemon::spawn_command(config, |file| {
+            let mut command = Command::new("ip");
+            command
+                .args(["netns", "exec", &ns, BIN, "run", "--config"])
+                .arg(file)
+                .env("STATE_DIRECTORY", &state);
+            if let Some(path) = &path {
+                command.env("PATH", path);
+            }
+            command
+        })
+    }
+
     /// GET from the build VM; Ok(body) or Err(reason).
     pub fn get_from_buildvm(&self, url: &str) -> Result<String, String> {
         let out = Command::new("ip")
