@@ -382,6 +382,14 @@ fn package_installs_runs_reloads_stops_and_purges_under_systemd() {
         "NAT FAILED",
         Duration::from_secs(5),
     );
+    let nat_failed = c.ok(&format!(
+        "journalctl -u ferryd --no-pager -o cat MESSAGE_ID={}",
+        ferryd::logging::ids::NAT_FAILED
+    ));
+    assert!(
+        nat_failed.contains("cannot put the NAT rules in place"),
+        "{nat_failed}"
+    );
     c.ok("mv /root/ipt/* /usr/sbin/");
     c.wait_for(status_doc, "\"state\":\"ok\"", Duration::from_secs(10));
 
@@ -428,6 +436,11 @@ fn package_installs_runs_reloads_stops_and_purges_under_systemd() {
         "configuration reloaded",
         Duration::from_secs(10),
     );
+    let reloaded = c.ok(&format!(
+        "journalctl -u ferryd --no-pager -o cat MESSAGE_ID={}",
+        ferryd::logging::ids::RELOADED
+    ));
+    assert!(reloaded.contains("configuration reloaded"), "{reloaded}");
     let refused = c.sh("exec 3<>/dev/tcp/127.0.0.1/60001 && head -c 1 <&3");
     assert!(refused.stdout.is_empty(), "127.0.0.1 is no longer allowed");
     c.ok("touch /tmp/go");
@@ -499,6 +512,11 @@ fn package_installs_runs_reloads_stops_and_purges_under_systemd() {
         started.elapsed()
     );
     assert_eq!(c.ok("systemctl is-active ferryd || true").trim(), "inactive");
+    let stopped = c.ok(&format!(
+        "journalctl -u ferryd --no-pager -o cat MESSAGE_ID={}",
+        ferryd::logging::ids::STOPPED
+    ));
+    assert!(stopped.contains("stopped"), "{stopped}");
     assert!(
         c.ok("iptables-save").contains("FERRYD-FORWARD"),
         "NAT survives a stop"
