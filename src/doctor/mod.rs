@@ -11,8 +11,7 @@ mod host;
 mod routes;
 mod service;
 
-use std::io;
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -201,10 +200,8 @@ fn health_check(target: SocketAddr, config: &Config, doc: Option<&StatusDocument
     if doc.is_none() {
         return finding(name, Status::Warn, "not checked: the daemon is not answering", "");
     }
-    let request = format!("GET {} HTTP/1.0\r\n\r\n", config.health.path);
-    let mut bytes = crate::status::health_preamble(&config.health);
-    bytes.extend_from_slice(request.as_bytes());
-    match ask(target, &bytes) {
+    let preamble = crate::status::health_preamble(&config.health);
+    match crate::status::get(target, &preamble, &config.health.path) {
         Ok(answer) if answer.contains(" 200 ") => finding(
             name,
             Status::Ok,
@@ -232,16 +229,6 @@ fn health_check(target: SocketAddr, config: &Config, doc: Option<&StatusDocument
             "check [health] listen and that ferryd runs",
         ),
     }
-}
-
-fn ask(target: SocketAddr, request: &[u8]) -> io::Result<String> {
-    use std::io::{Read, Write};
-    let mut stream = TcpStream::connect_timeout(&target, ASK_CAP)?;
-    stream.set_read_timeout(Some(ASK_CAP))?;
-    stream.write_all(request)?;
-    let mut answer = Vec::new();
-    stream.read_to_end(&mut answer)?;
-    Ok(String::from_utf8_lossy(&answer).into_owned())
 }
 
 fn probes_check(config: &Config, doc: &StatusDocument) -> Finding {

@@ -142,11 +142,7 @@ pub fn reconcile(nat: &Nat) -> Result<Applied, NatError> {
         mark_applied();
         return Ok(Applied::InSync);
     }
-    let applied = apply(&ipt, &wanted, &live);
-    if applied.is_ok() {
-        mark_applied();
-    }
-    match applied {
+    match apply(&ipt, &wanted, &live) {
         Ok(()) if fresh => Ok(Applied::Installed),
         Ok(()) => Ok(Applied::Repaired(
             drift.unwrap_or_else(|| "net.ipv4.ip_forward was 0".into()),

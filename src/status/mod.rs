@@ -84,17 +84,21 @@ pub(crate) fn health_preamble(health: &crate::config::Health) -> Vec<u8> {
     }
 }
 
-pub(crate) fn fetch_status(target: SocketAddr, preamble: &[u8]) -> Result<StatusDocument, String> {
-    let mut stream = TcpStream::connect_timeout(&target, ASK_TIMEOUT).map_err(|e| e.to_string())?;
-    stream
-        .set_read_timeout(Some(ASK_TIMEOUT))
-        .map_err(|e| e.to_string())?;
+/// One HTTP/1.0 GET of `path` on the health endpoint at `target`, after `preamble`; the whole
+/// answer, head and body. Every step is bounded by [`ASK_TIMEOUT`].
+pub(crate) fn get(target: SocketAddr, preamble: &[u8], path: &str) -> std::io::Result<String> {
+    let mut stream = TcpStream::connect_timeout(&target, ASK_TIMEOUT)?;
+    stream.set_read_timeout(Some(ASK_TIMEOUT))?;
     let mut request = preamble.to_vec();
-    request.extend_from_slice(b"GET /status HTTP/1.0\r\n\r\n");
-    stream.write_all(&request).map_err(|e| e.to_string())?;
+    request.extend_from_slice(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes());
+    stream.write_all(&request)?;
     let mut response = Vec::new();
-    stream.read_to_end(&mut response).map_err(|e| e.to_string())?;
-    let text = String::from_utf8_lossy(&response);
+    stream.read_to_end(&mut response)?;
+    Ok(String::from_utf8_lossy(&response).into_owned())
+}
+
+pub(crate) fn fetch_status(target: SocketAddr, preamble: &[u8]) -> Result<StatusDocument, String> {
+    let text = get(target, preamble, "/status").map_err(|e| e.to_string())?;
     let (head, body) = text.split_once("\r\n\r\n").ok_or("malformed HTTP response")?;
     let status_line = head.lines().next().unwrap_or_default();
     if !status_line.contains(" 200 ") {
