@@ -72,6 +72,29 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Hand the running daemon over to the binary now at its path, without dropping a connection.
+    ///
+    /// Finds the daemon through the health endpoint named in the configuration, sends it SIGUSR2
+    /// and waits for the outcome: the new binary first checks the configuration and the hand-over
+    /// format, and if it cannot take over nothing changes. Every listener and live connection
+    /// moves to the new binary in the same process (same PID). Exits 0 when the upgrade
+    /// completed, 1 with the reason when it did not.
+    Upgrade {
+        /// The configuration file (to find the health endpoint).
+        #[arg(short, long, value_name = "PATH", default_value = DEFAULT_PATH)]
+        config: PathBuf,
+        /// How long to wait for the outcome, in seconds.
+        #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+        timeout: u64,
+    },
+    /// Print the hand-over format versions this binary reads, once the configuration checks: what
+    /// a running daemon asks the binary at its path before a live upgrade.
+    #[command(hide = true, name = "handover-check")]
+    HandoverCheck {
+        /// The configuration file.
+        #[arg(short, long, value_name = "PATH", default_value = DEFAULT_PATH)]
+        config: PathBuf,
+    },
     /// Print a shell completion script (the package installs them for bash and zsh).
     #[command(hide = true)]
     Completions {

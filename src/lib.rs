@@ -10,22 +10,28 @@
 //! - [`upstream`]: dialling the build VM;
 //! - [`proxy_header`]: the PROXY protocol v2 header Private Link can put in front of a connection;
 //! - [`relay`]: moving bytes both ways and ending a connection correctly;
-//! - [`daemon`]: start-up, signals, reload and drain;
-//! - [`shutdown`]: the drain signal passed to each connection;
+//! - [`daemon`]: start-up, reload, drain and the live upgrade's steps;
+//! - [`signals`]: the signals the daemon acts on, taken from a signalfd;
+//! - [`handover`]: the live upgrade's document, its check and the exec into the next binary;
+//!   [`upgrade`]: `ferryd upgrade`, which asks the running daemon for one;
+//! - [`shutdown`]: the drain and park signal passed to each connection;
 //! - [`state`]: the daemon's shared state and counters, which every part below reads;
 //! - [`health`], [`metrics`], [`status`]: the probe endpoint, /metrics, and the /status document
 //!   with `ferryd status`;
 //! - [`nat`]: the build VM's egress through IP forwarding and MASQUERADE;
 //! - [`systemd`]: notify, watchdog, socket activation, unit state over D-Bus;
-//! - [`net`], [`logging`]: socket options and the accept loop, log sinks and rate limits.
+//! - [`net`], [`logging`]: socket options and the accept loop, log sinks and rate limits;
+//! - [`command`]: external commands with a bound on their life.
 
 pub mod allow;
 pub mod cli;
+mod command;
 pub mod config;
 pub mod daemon;
 pub mod doctor;
 #[cfg(feature = "test-faults")]
 mod faults;
+pub mod handover;
 mod health;
 pub mod logging;
 mod metrics;
@@ -35,7 +41,9 @@ pub mod proxy_header;
 mod relay;
 mod route;
 mod shutdown;
+pub mod signals;
 mod state;
 pub mod status;
 mod systemd;
+pub mod upgrade;
 mod upstream;

@@ -16,6 +16,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run { config } => {
+            // Before any thread exists, so every thread inherits the mask (see signals.rs).
+            if let Err(e) = ferryd::signals::block() {
+                eprintln!("ferryd: cannot block the signals the daemon reads: {e}");
+                return ExitCode::FAILURE;
+            }
             ferryd::logging::init();
             let code = match ferryd::daemon::run(&config) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -39,6 +44,19 @@ fn main() -> ExitCode {
             clap_complete::generate(shell, &mut Cli::command(), "ferryd", &mut std::io::stdout());
             ExitCode::SUCCESS
         }
+        Command::Upgrade { config, timeout } => {
+            ferryd::upgrade::run(&config, std::time::Duration::from_secs(timeout))
+        }
+        Command::HandoverCheck { config } => match Config::load(&config) {
+            Ok(_) => {
+                println!("{}", ferryd::handover::versions_line());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("ferryd: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Check { config, quiet } => match Config::load(&config) {
             Ok(effective) => {
                 if !quiet {

@@ -115,7 +115,7 @@ pub fn at_urgent_mark(socket: &impl AsRawFd) -> bool {
 
 /// Closes `stream` with a reset (SO_LINGER 0) instead of a FIN: the peer learns at once that the
 /// connection is refused or was broken, rather than seeing an orderly end of data.
-pub fn reset(stream: TcpStream) {
+pub fn reset<S: std::os::fd::AsFd>(stream: S) {
     let _ = SockRef::from(&stream).set_linger(Some(Duration::ZERO));
     drop(stream);
 }

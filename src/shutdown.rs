@@ -6,6 +6,10 @@
 //! by the daemon, which waits on it for the connections to finish and fires it when the drain
 //! timeout runs out. It must not decide *when* to stop (signals are the daemon's business) nor
 //! close listeners (dropping a route's settings sender does that).
+//!
+//! A live upgrade uses the same signal with a second meaning: [`Shutdown::parking`] asks each
+//! connection to stop where no byte lives only in this process's memory and hand itself to the
+//! daemon, which passes it on to the next program image (see `crate::handover`).
 
 use std::time::Duration;
 
@@ -16,22 +20,58 @@ use tokio::sync::{mpsc, watch};
 /// [`Drain::finish`] from returning early, so the task's lifetime is the connection's.
 #[derive(Debug, Clone)]
 pub struct Shutdown {
-    closing: watch::Receiver<bool>,
+    signal: watch::Receiver<Signal>,
     _alive: mpsc::Sender<()>,
+}
+
+/// What the daemon asks of its connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Signal {
+    /// Carry on.
+    Run,
+    /// Stop at a clean point and hand yourself over (live upgrade).
+    Park,
+    /// Close now (the drain timeout ran out).
+    Close,
 }
 
 impl Shutdown {
     /// Completes when live connections must be closed. Never completes while the daemon runs.
     pub async fn closing(&mut self) {
         // An error means the daemon dropped the sender: the process is going away, so close too.
-        let _ = self.closing.wait_for(|closing| *closing).await;
+        let _ = self.signal.wait_for(|s| *s == Signal::Close).await;
+    }
+
+    /// A receiver for one direction of a relayed connection, which waits on it beside its
+    /// socket readiness (see [`Pause::requested`]).
+    pub fn pause(&self) -> Pause {
+        Pause(self.signal.clone())
+    }
+}
+
+/// The park request as one direction of a connection sees it.
+#[derive(Debug)]
+pub struct Pause(watch::Receiver<Signal>);
+
+impl Pause {
+    /// Completes when connections must park; never otherwise.
+    pub async fn requested(&mut self) {
+        if self.0.wait_for(|s| *s == Signal::Park).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// Whether a park has been asked for, without waiting: checked between bursts, so a stream
+    /// that never waits still parks.
+    pub fn is_requested(&self) -> bool {
+        *self.0.borrow() == Signal::Park
     }
 }
 
 /// Kept by the daemon: hands out [`Shutdown`] values and waits for all of them to be dropped.
 #[derive(Debug)]
 pub struct Drain {
-    closing: watch::Sender<bool>,
+    signal: watch::Sender<Signal>,
     alive_tx: mpsc::Sender<()>,
     alive_rx: mpsc::Receiver<()>,
 }
@@ -45,10 +85,10 @@ impl Default for Drain {
 impl Drain {
     /// A drain with no connections yet.
     pub fn new() -> Self {
-        let (closing, _) = watch::channel(false);
+        let (signal, _) = watch::channel(Signal::Run);
         let (alive_tx, alive_rx) = mpsc::channel(1);
         Drain {
-            closing,
+            signal,
             alive_tx,
             alive_rx,
         }
@@ -57,7 +97,7 @@ impl Drain {
     /// A handle for one new connection task.
     pub fn handle(&self) -> Shutdown {
         Shutdown {
-            closing: self.closing.subscribe(),
+            signal: self.signal.subscribe(),
             _alive: self.alive_tx.clone(),
         }
     }
@@ -71,9 +111,18 @@ impl Drain {
         if tokio::time::timeout(timeout, self.alive_rx.recv()).await.is_ok() {
             return true;
         }
-        let _ = self.closing.send(true);
+        let _ = self.signal.send(Signal::Close);
         let _ = tokio::time::timeout(grace, self.alive_rx.recv()).await;
         false
+    }
+
+    /// Asks every connection to park and waits up to `timeout` for every handle to be dropped
+    /// (each parked connection drops its own). Returns whether all of them did; the daemon is
+    /// committed to the upgrade either way.
+    pub async fn park(mut self, timeout: Duration) -> bool {
+        drop(self.alive_tx);
+        let _ = self.signal.send(Signal::Park);
+        tokio::time::timeout(timeout, self.alive_rx.recv()).await.is_ok()
     }
 }
 

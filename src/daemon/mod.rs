@@ -7,25 +7,32 @@
 //! let live connections finish for up to `drain_timeout`, close the rest, exit 0. It must not
 //! touch a connection's bytes, and a reload must never drop a live connection: connections keep
 //! the settings they were accepted with, and only listeners come and go.
+//!
+//! A live upgrade (SIGUSR2) is the third way a daemon's life ends, in `upgrade.rs`: the process
+//! goes on as the binary now at its path, with every listener and connection (see
+//! `crate::handover`); [`Daemon::start`] is also where that new image takes them back.
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use tokio::signal::unix::{Signal, SignalKind, signal};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::config::{Config, HEALTH_SOCKET_NAME, Route};
 use crate::logging::ids;
 
 mod reload;
+mod upgrade;
+use crate::handover::Incoming;
 use crate::relay::Engine;
-use crate::route::{RouteListener, RouteSettings};
+use crate::route::{ParkedConnection, RouteListener, RouteSettings, Wiring};
 use crate::shutdown::Drain;
+use crate::signals::{Sig, Signals};
 use crate::state::{EngineView, NatStatus, Phase, RouteStats, RouteView, State};
 use crate::systemd::activation::Passed;
 use crate::systemd::notify::{self, Notifier};
@@ -40,8 +47,24 @@ const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
 
 /// Runs the daemon on the configuration at `path` until SIGTERM or SIGINT.
 pub fn run(path: &Path) -> anyhow::Result<()> {
+    // What a live upgrade re-executes: the binary at this path (after a package upgrade, the new
+    // file) with the same arguments.
+    let exe = std::env::current_exe().context("cannot tell which binary this is (/proc/self/exe)")?;
+    let args: Vec<OsString> = std::env::args_os().collect();
+    // All of these read and clear environment variables: do it before any other thread exists.
+    // The hand-over comes first: a refused one closes what it left open before anything is bound.
+    let incoming = match Incoming::from_env() {
+        None => None,
+        Some(Ok(incoming)) => Some(incoming),
+        Some(Err(reason)) => {
+            tracing::error!(
+                reason,
+                "the previous program image's hand-over was refused; starting afresh, its connections are lost"
+            );
+            None
+        }
+    };
     let config = Config::load(path)?;
-    // Both read and clear environment variables: do it before any other thread exists.
     let notifier = Arc::new(Notifier::from_env());
     let passed = Passed::from_env();
     // One worker (the 1-vCPU proxy VM): a current-thread runtime, without the work-stealing
@@ -65,10 +88,11 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
             // Signal handlers come first: start-up can last (a bind is retried for up to 30 s),
             // and a SIGHUP's default action would kill the daemon. A SIGHUP now is applied as a
             // reload once ready; a SIGTERM stops start-up cleanly.
-            let mut signals = Signals::install()?;
+            let mut signals = Signals::open().context("cannot read signals (signalfd)")?;
             let stopper = notifier.clone();
+            let program = Program { exe, args };
             let daemon = tokio::select! {
-                started = Daemon::start(config, notifier, passed) => started?,
+                started = Daemon::start(config, notifier, passed, incoming, program) => started?,
                 name = signals.stop_requested() => {
                     stopper.stopping();
                     tracing::info!(signal = name, "stop requested during start-up; exiting");
@@ -84,36 +108,12 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
     result
 }
 
-/// The signals the daemon acts on, installed before anything else so none arrives unhandled.
-struct Signals {
-    hangup: Signal,
-    terminate: Signal,
-    interrupt: Signal,
-    user1: Signal,
-    user2: Signal,
-}
-
-impl Signals {
-    fn install() -> anyhow::Result<Signals> {
-        let install = |kind: SignalKind, name: &str| {
-            signal(kind).with_context(|| format!("cannot install the {name} handler"))
-        };
-        Ok(Signals {
-            hangup: install(SignalKind::hangup(), "SIGHUP")?,
-            terminate: install(SignalKind::terminate(), "SIGTERM")?,
-            interrupt: install(SignalKind::interrupt(), "SIGINT")?,
-            user1: install(SignalKind::user_defined1(), "SIGUSR1")?,
-            user2: install(SignalKind::user_defined2(), "SIGUSR2")?,
-        })
-    }
-
-    /// Completes at SIGTERM or SIGINT, with the signal's name.
-    async fn stop_requested(&mut self) -> &'static str {
-        tokio::select! {
-            _ = self.terminate.recv() => "SIGTERM",
-            _ = self.interrupt.recv() => "SIGINT",
-        }
-    }
+/// The program a live upgrade re-executes.
+struct Program {
+    /// The binary's path as it was at start (after an upgrade, the file there is the new one).
+    exe: PathBuf,
+    /// The arguments it was started with.
+    args: Vec<OsString>,
 }
 
 /// A listening route as the daemon tracks it, by name: a reload that moves a route to another
@@ -141,6 +141,14 @@ struct Daemon {
     config: Config,
     engine: Arc<Engine>,
     drain: Drain,
+    program: Program,
+    /// A second descriptor of the health endpoint's socket, for a live upgrade to hand over.
+    health_socket: Option<std::net::TcpListener>,
+    /// Connections parked by a live upgrade arrive here.
+    parking: (
+        mpsc::UnboundedSender<ParkedConnection>,
+        mpsc::UnboundedReceiver<ParkedConnection>,
+    ),
     routes: Vec<Running>,
     state: Arc<State>,
     notifier: Arc<Notifier>,
@@ -150,9 +158,20 @@ struct Daemon {
 }
 
 impl Daemon {
-    async fn start(config: Config, notifier: Arc<Notifier>, mut passed: Passed) -> anyhow::Result<Daemon> {
+    async fn start(
+        config: Config,
+        notifier: Arc<Notifier>,
+        mut passed: Passed,
+        mut incoming: Option<Incoming>,
+        program: Program,
+    ) -> anyhow::Result<Daemon> {
         let engine = Engine::new(config.splice, config.max_pipes);
         let state = State::new(engine.clone(), config.health.clone());
+        if let Some(incoming) = &mut incoming {
+            passed.adopt(std::mem::take(&mut incoming.listeners));
+            engine.stats.carry_on(&incoming.relay);
+            state.carry_on(&incoming.daemon);
+        }
 
         let health = &config.health;
         // What goes to systemd's fd store once every socket is known: (name now, name passed
@@ -175,6 +194,7 @@ impl Daemon {
                 listener
             }
         };
+        let health_socket = listener.try_clone().ok();
         crate::health::spawn(listener, state.clone()).context("cannot start the health endpoint")?;
         tracing::info!(listen = %health.listen, path = %health.path, "health endpoint listening");
 
@@ -186,6 +206,9 @@ impl Daemon {
             nat,
             engine,
             drain: Drain::new(),
+            program,
+            health_socket,
+            parking: mpsc::unbounded_channel(),
             routes: Vec::new(),
             state,
             notifier,
@@ -215,6 +238,9 @@ impl Daemon {
             let listener = tokio::net::TcpListener::from_std(listener)
                 .with_context(|| format!("route {:?}: cannot register the listener", route.name))?;
             let stats = daemon.new_stats(&route.name);
+            if let Some(carried) = incoming.as_ref().and_then(|i| i.routes.get(&route.name)) {
+                stats.carry_on(carried);
+            }
             daemon.spawn(
                 Prepared {
                     route: route.clone(),
@@ -239,12 +265,16 @@ impl Daemon {
             daemon.notifier.store_fd(name, std::os::fd::AsFd::as_fd(socket));
         }
         drop(to_store);
+        let moved = incoming.map(|incoming| daemon.take_over(incoming));
         daemon.publish_routes();
         daemon.state.beat();
         daemon.state.set_phase(Phase::Ready);
         let status = daemon.status_line();
         daemon.notifier.ready(&status);
         daemon.last_status = status;
+        if let Some((moved, from, pause_ms)) = moved {
+            daemon.upgraded(moved, from, pause_ms);
+        }
         if let Some(interval) = notify::watchdog_interval() {
             // Beat several times per ping period so one late tick never costs a ping.
             daemon.heartbeat_every = (interval / 4).min(HEARTBEAT_EVERY);
@@ -286,13 +316,7 @@ impl Daemon {
         } = prepared;
         tracing::info!(route = %route.name, listen = %route.listen, upstream = %route.upstream, "listening");
         let (tx, rx) = watch::channel(self.settings_for(&route));
-        let task = RouteListener::new(
-            listener,
-            rx,
-            stats.clone(),
-            self.engine.clone(),
-            self.drain.handle(),
-        );
+        let task = RouteListener::new(listener, rx, stats.clone(), self.wiring());
         self.routes.push(Running {
             name: route.name.clone(),
             listen: route.listen,
@@ -301,6 +325,15 @@ impl Daemon {
             stats,
             task: tokio::spawn(task.run()),
         });
+    }
+
+    /// What a connection task needs from the daemon.
+    fn wiring(&self) -> Wiring {
+        Wiring {
+            engine: self.engine.clone(),
+            shutdown: self.drain.handle(),
+            parking: self.parking.0.clone(),
+        }
     }
 
     fn publish_routes(&self) {
@@ -334,14 +367,23 @@ impl Daemon {
         let mut heartbeat = tokio::time::interval(self.heartbeat_every);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tokio::select! {
-                _ = signals.hangup.recv() => self.reload().await,
-                _ = signals.terminate.recv() => { tracing::info!("SIGTERM received"); break; }
-                _ = signals.interrupt.recv() => { tracing::info!("SIGINT received"); break; }
-                _ = heartbeat.tick() => self.beat(),
-                _ = signals.user1.recv() => self.user1(),
-                _ = signals.user2.recv() => {
-                    tracing::info!("SIGUSR2 received: live upgrade is not part of this version; ignored");
+            let sig = tokio::select! {
+                sig = signals.next() => sig,
+                _ = heartbeat.tick() => { self.beat(); continue; }
+            };
+            match sig {
+                Ok(Sig::Hangup) => self.reload().await,
+                Ok(sig @ (Sig::Terminate | Sig::Interrupt)) => {
+                    tracing::info!("{} received", sig.name());
+                    break;
+                }
+                Ok(Sig::User1) => self.user1(),
+                // Returns only when nothing changed; a completed upgrade goes on in a new image.
+                Ok(Sig::User2) => self = self.upgrade().await?,
+                Err(e) => {
+                    // Without signals the daemon cannot be stopped cleanly: stop now, cleanly.
+                    tracing::error!(error = %e, "cannot read signals; stopping");
+                    break;
                 }
             }
         }

@@ -13,3 +13,7 @@ pub const RELOAD_REJECTED: &str = "7ab54b2f5ce448d2a41aa12b2668f9d7";
 pub const NAT_FAILED: &str = "b1131590c383426aad0992083df7beee";
 /// The daemon stopped after its drain.
 pub const STOPPED: &str = "59e51f48b0814c9c8753b94127ba247f";
+/// A live upgrade completed: the new program image took over every listener and connection.
+pub const UPGRADED: &str = "be53090be0b945588d82afcbe642ce40";
+/// A live upgrade was refused (the binary at ferryd's path cannot take over); nothing changed.
+pub const UPGRADE_REFUSED: &str = "b1a044e8657b4659a7125405873c4519";

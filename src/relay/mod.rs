@@ -6,6 +6,10 @@
 //! beyond idle_timeout (fin_timeout once half-closed) closes both; and the daemon's drain
 //! deadline closes what is left. It must not admit, dial or log connections: the route does
 //! that around it.
+//!
+//! A live upgrade parks a connection instead of ending it ([`Ended::Parked`]): both sockets, each
+//! direction's state (done, or where it paused and the bytes it carries in a pipe) and the
+//! connection's clocks and counters, for the next program image to [`relay`] on from.
 
 mod buffers;
 mod pipe;
@@ -21,8 +25,9 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::time::Instant;
 
-pub use pipe::PipePool;
-use pump::{Flow, PumpError};
+pub use pipe::{Pipe, PipePool};
+pub use pump::{Carry, Paused};
+use pump::{Flow, PumpError, Stop};
 
 use crate::shutdown::Shutdown;
 use crate::state::{EngineView, Outcome, RelayStats};
@@ -115,10 +120,15 @@ pub struct Activity {
 }
 
 impl Activity {
-    fn new() -> Self {
+    /// The clocks of a connection `age` old whose last byte moved `quiet` ago (both zero for a
+    /// new one): a connection moved by a live upgrade keeps its deadlines.
+    fn since(age: Duration, quiet: Duration) -> Self {
+        let now = Instant::now();
+        let start = now.checked_sub(age).unwrap_or(now);
+        let last = age.saturating_sub(quiet);
         Activity {
-            start: Instant::now(),
-            last_ms: AtomicU64::new(0),
+            start,
+            last_ms: AtomicU64::new(last.as_millis() as u64),
             in_flight: AtomicU8::new(0),
         }
     }
@@ -147,8 +157,70 @@ impl Activity {
     }
 }
 
-/// Relays between `client` and `upstream` until the connection ends, then closes both sockets
-/// the way the ending requires (FIN for an orderly end, reset for a broken one).
+/// One direction of a relayed connection as it stands when the connection parks.
+#[derive(Debug)]
+pub enum Side {
+    /// Its end of stream was passed on (the connection is half-closed that way).
+    Done,
+    /// Still open; where it paused.
+    Open(Paused),
+}
+
+/// Where a relayed connection stands: what a parked connection carries to the next program
+/// image, and what a new one starts from ([`Midway::default`]).
+#[derive(Debug)]
+pub struct Midway {
+    /// Client → upstream.
+    pub up: Side,
+    /// Upstream → client.
+    pub down: Side,
+    /// Time since the connection was accepted.
+    pub age: Duration,
+    /// Time since a byte last moved (the idle and fin timers count from there).
+    pub quiet: Duration,
+    /// Bytes client → upstream so far.
+    pub bytes_up: u64,
+    /// Bytes upstream → client so far.
+    pub bytes_down: u64,
+}
+
+impl Default for Midway {
+    fn default() -> Self {
+        Midway {
+            up: Side::Open(Paused::default()),
+            down: Side::Open(Paused::default()),
+            age: Duration::ZERO,
+            quiet: Duration::ZERO,
+            bytes_up: 0,
+            bytes_down: 0,
+        }
+    }
+}
+
+/// A connection a live upgrade parked: its two sockets (taken out of this runtime) and where it
+/// stands.
+#[derive(Debug)]
+pub struct Parked {
+    /// The accepted client.
+    pub client: std::net::TcpStream,
+    /// The dialled upstream.
+    pub upstream: std::net::TcpStream,
+    /// Its directions, clocks and byte counts.
+    pub midway: Midway,
+}
+
+/// How [`relay`] returned.
+#[derive(Debug)]
+pub enum Ended {
+    /// The connection is over and its sockets are closed.
+    Closed(Transfer),
+    /// A live upgrade parked it; nothing was closed.
+    Parked(Parked),
+}
+
+/// Relays between `client` and `upstream` from `from` (a new connection starts from
+/// [`Midway::default`]) until the connection ends, then closes both sockets the way the ending
+/// requires (FIN for an orderly end, reset for a broken one); or until a live upgrade parks it.
 pub async fn relay(
     engine: &Engine,
     mut client: TcpStream,
@@ -156,12 +228,13 @@ pub async fn relay(
     timeouts: Timeouts,
     totals: Totals<'_>,
     shutdown: &mut Shutdown,
-) -> Transfer {
-    let activity = Activity::new();
-    let up = AtomicU64::new(0);
-    let down = AtomicU64::new(0);
+    from: Midway,
+) -> Ended {
+    let activity = Activity::since(from.age, from.quiet);
+    let up = AtomicU64::new(from.bytes_up);
+    let down = AtomicU64::new(from.bytes_down);
 
-    let (outcome, detail) = {
+    let ended = {
         let flow = |bytes, total| Flow {
             pipes: engine.pipes(),
             buffers: &engine.buffers,
@@ -170,13 +243,26 @@ pub async fn relay(
             total,
             activity: &activity,
         };
-        let finished = AtomicU8::new(0);
+        let mut up_side = from.up;
+        let mut down_side = from.down;
+        let done = |side: &Side| matches!(side, Side::Done);
+        let finished = AtomicU8::new(u8::from(done(&up_side)) + u8::from(done(&down_side)));
+        let mut up_done = done(&up_side);
+        let mut down_done = done(&down_side);
+        let start = |side: &mut Side| match std::mem::replace(side, Side::Done) {
+            Side::Open(paused) => paused,
+            Side::Done => Paused::default(),
+        };
+        let (up_from, down_from) = (start(&mut up_side), start(&mut down_side));
+        let (mut up_pause, mut down_pause) = (shutdown.pause(), shutdown.pause());
         let (mut client_r, mut client_w) = client.split();
         let (mut upstream_r, mut upstream_w) = upstream.split();
         let upward = half(
             &mut client_r,
             &mut upstream_w,
             flow(&up, totals.up),
+            &mut up_pause,
+            up_from,
             &finished,
             "client",
             "upstream",
@@ -185,12 +271,15 @@ pub async fn relay(
             &mut upstream_r,
             &mut client_w,
             flow(&down, totals.down),
+            &mut down_pause,
+            down_from,
             &finished,
             "upstream",
             "client",
         );
         tokio::pin!(upward, downward);
-        let (mut up_done, mut down_done) = (false, false);
+        // A direction that parked: it has stopped, and comes back as `Side::Open`.
+        let (mut up_parked, mut down_parked) = (None, None);
         loop {
             let quiet_limit = if up_done || down_done {
                 Some(timeouts.idle.map_or(timeouts.fin, |idle| idle.min(timeouts.fin)))
@@ -199,26 +288,73 @@ pub async fn relay(
             };
             // A limit too far away to represent is no limit.
             let deadline = quiet_limit.and_then(|limit| activity.last().checked_add(limit));
+            let up_running = !up_done && up_parked.is_none();
+            let down_running = !down_done && down_parked.is_none();
             tokio::select! {
-                result = &mut upward, if !up_done => match result {
-                    Ok(()) => up_done = true,
-                    Err(detail) => break (Outcome::Reset, Some(detail)),
+                result = &mut upward, if up_running => match result {
+                    Ok(Stop::Eof) => up_done = true,
+                    Ok(Stop::Paused(paused)) => up_parked = Some(paused),
+                    Err(detail) => break Err((Outcome::Reset, Some(detail))),
                 },
-                result = &mut downward, if !down_done => match result {
-                    Ok(()) => down_done = true,
-                    Err(detail) => break (Outcome::Reset, Some(detail)),
+                result = &mut downward, if down_running => match result {
+                    Ok(Stop::Eof) => down_done = true,
+                    Ok(Stop::Paused(paused)) => down_parked = Some(paused),
+                    Err(detail) => break Err((Outcome::Reset, Some(detail))),
                 },
                 _ = sleep_until(deadline) => {
                     if quiet_limit.is_some_and(|limit| activity.last().elapsed() >= limit) {
-                        break (Outcome::Idle, None);
+                        break Err((Outcome::Idle, None));
                     }
                 },
-                _ = shutdown.closing() => break (Outcome::Drain, None),
+                _ = shutdown.closing() => break Err((Outcome::Drain, None)),
             }
             if up_done && down_done {
-                break (Outcome::Eof, None);
+                break Err((Outcome::Eof, None));
+            }
+            let up_stopped = up_done || up_parked.is_some();
+            let down_stopped = down_done || down_parked.is_some();
+            if up_stopped && down_stopped {
+                let side = |parked: Option<Paused>| parked.map_or(Side::Done, Side::Open);
+                break Ok((side(up_parked.take()), side(down_parked.take())));
             }
         }
+    };
+
+    let (outcome, detail) = match ended {
+        Ok((up_side, down_side)) => {
+            let midway = Midway {
+                up: up_side,
+                down: down_side,
+                age: activity.start.elapsed(),
+                quiet: activity.last().elapsed(),
+                bytes_up: up.into_inner(),
+                bytes_down: down.into_inner(),
+            };
+            return match (client.into_std(), upstream.into_std()) {
+                (Ok(client), Ok(upstream)) => Ended::Parked(Parked {
+                    client,
+                    upstream,
+                    midway,
+                }),
+                // Taking a socket out of the runtime cannot fail for a registered socket; if it
+                // did, both are gone with the error, and the connection is reported reset.
+                (client, upstream) => Ended::Closed(Transfer {
+                    outcome: Outcome::Reset,
+                    detail: Some(format!(
+                        "cannot park for the upgrade: {}",
+                        [client.err(), upstream.err()]
+                            .into_iter()
+                            .flatten()
+                            .map(|e| e.to_string())
+                            .collect::<Vec<_>>()
+                            .join("; ")
+                    )),
+                    up: midway.bytes_up,
+                    down: midway.bytes_down,
+                }),
+            };
+        }
+        Err(ended) => ended,
     };
 
     // A connection that did not end on its own, or that a timer ends with bytes still on their
@@ -236,30 +372,34 @@ pub async fn relay(
         crate::net::reset(client);
         crate::net::reset(upstream);
     }
-    Transfer {
+    Ended::Closed(Transfer {
         outcome,
         detail,
         up: up.into_inner(),
         down: down.into_inner(),
-    }
+    })
 }
 
 /// One direction, then the half-close that passes its end of stream on. The direction that
 /// finishes second skips the shutdown: both sockets are closed right after, and close sends the
 /// FIN anyway.
+#[allow(clippy::too_many_arguments)]
 async fn half(
     src: &mut ReadHalf<'_>,
     dst: &mut WriteHalf<'_>,
     flow: Flow<'_>,
+    pause: &mut crate::shutdown::Pause,
+    from: Paused,
     finished: &AtomicU8,
     src_name: &str,
     dst_name: &str,
-) -> Result<(), String> {
-    match pump::pump(src, dst, flow).await {
-        Ok(()) if finished.fetch_add(1, Ordering::Relaxed) == 0 => SockRef::from(dst.as_ref())
+) -> Result<Stop, String> {
+    match pump::pump(src, dst, flow, pause, from).await {
+        Ok(Stop::Eof) if finished.fetch_add(1, Ordering::Relaxed) == 0 => SockRef::from(dst.as_ref())
             .shutdown(Direction::Write)
+            .map(|()| Stop::Eof)
             .map_err(|e| format!("{dst_name}: shutdown after {src_name}'s FIN failed: {e}")),
-        Ok(()) => Ok(()),
+        Ok(stop) => Ok(stop),
         Err(PumpError::Read(e)) => Err(format!("{src_name}: {e}")),
         Err(PumpError::Write(e)) => Err(format!("{dst_name}: {e}")),
     }

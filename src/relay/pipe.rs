@@ -35,12 +35,54 @@ pub struct Pipe {
 }
 
 impl Pipe {
-    fn new() -> io::Result<Pipe> {
+    /// A fresh pipe, outside the pool: what a parked direction puts the unwritten part of a
+    /// copy buffer into (see `pump`).
+    pub fn new() -> io::Result<Pipe> {
         let (read, write) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
         let chunk = fcntl(&write, FcntlArg::F_SETPIPE_SZ(PIPE_SIZE as i32))
             .or_else(|_| fcntl(&write, FcntlArg::F_GETPIPE_SZ))
             .map_or(DEFAULT_PIPE_SIZE, |size| size.max(1) as usize);
         Ok(Pipe { read, write, chunk })
+    }
+}
+
+impl Pipe {
+    /// A pipe handed over by the previous program image: made non-blocking and close-on-exec
+    /// again, its capacity read back.
+    pub fn from_fds(read: OwnedFd, write: OwnedFd) -> io::Result<Pipe> {
+        for fd in [&read, &write] {
+            let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL)?);
+            fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+            fcntl(fd, FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))?;
+        }
+        let chunk =
+            fcntl(&write, FcntlArg::F_GETPIPE_SZ).map_or(DEFAULT_PIPE_SIZE, |size| size.max(1) as usize);
+        Ok(Pipe { read, write, chunk })
+    }
+
+    /// The two ends, read then write, for handing over.
+    pub fn into_fds(self) -> (OwnedFd, OwnedFd) {
+        (self.read, self.write)
+    }
+
+    /// Writes `bytes` into the pipe, all of them or an error: a parked direction's unwritten
+    /// copy buffer (at most 16 KiB) into an empty pipe (at least 64 KiB) always fits.
+    pub fn put(&self, bytes: &[u8]) -> io::Result<()> {
+        let mut written = 0;
+        while written < bytes.len() {
+            match nix::unistd::write(&self.write, &bytes[written..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => written += n,
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves up to `len` bytes of what the pipe holds into `socket`; how many went.
+    pub fn drain_to(&self, socket: impl AsFd, len: usize) -> io::Result<usize> {
+        Ok(splice(&self.read, None, socket, None, len, flags())?)
     }
 }
 
@@ -170,9 +212,17 @@ impl<'a> Lease<'a> {
     /// Moves what the pipe holds into `socket`; returns how much went.
     pub fn drain_to(&mut self, socket: impl AsFd) -> io::Result<usize> {
         let pipe = self.pipe.as_ref().ok_or_else(gone)?;
-        let n = splice(&pipe.read, None, socket, None, self.pending, flags())?;
+        let n = pipe.drain_to(socket, self.pending)?;
         self.pending -= n.min(self.pending);
         Ok(n)
+    }
+
+    /// Takes the pipe out of the pool with the bytes it holds: a connection parked for a live
+    /// upgrade hands them to the next program image. The pool counts it as gone.
+    pub fn detach(mut self) -> Option<(Pipe, usize)> {
+        let pipe = self.pipe.take()?;
+        self.pool.alive.fetch_sub(1, Ordering::AcqRel);
+        Some((pipe, self.pending))
     }
 }
 

@@ -8,6 +8,11 @@
 //! more marks it as a bulk stream, and from then on it splices. When no pipe is available, or the
 //! kernel refuses splice, it copies, counted and logged. It must not close sockets or decide how
 //! a connection ends: it reports end of stream or an error, and the connection decides.
+//!
+//! A live upgrade parks a direction ([`Stop::Paused`]) only where no byte lives in this process's
+//! memory alone: waiting for `src`, between two bursts, or waiting for `dst` with the unwritten
+//! bytes in a pipe (a copy buffer's rest is first written into a fresh pipe). The next program
+//! image resumes the direction from that state ([`Paused`]), draining the pipe first.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -19,9 +24,10 @@ use tokio::io::{AsyncRead, AsyncWriteExt, Interest, ReadBuf};
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 
 use super::buffers::BufferPool;
-use super::pipe::{Lease, PipePool};
+use super::pipe::{Lease, Pipe, PipePool};
 use crate::logging::RateLimit;
 use crate::net::at_urgent_mark;
+use crate::shutdown::Pause;
 use crate::state::RelayStats;
 
 /// A single read this large means bulk data (an scp upload, a file copy over WinRM): splicing
@@ -54,6 +60,33 @@ pub struct Flow<'a> {
     pub activity: &'a super::Activity,
 }
 
+/// Where a parked direction stands: everything the next program image needs to go on.
+#[derive(Debug, Default)]
+pub struct Paused {
+    /// The direction had switched to splicing.
+    pub streaming: bool,
+    /// Bytes read from `src` and not yet written to `dst`, held in a pipe.
+    pub carry: Option<Carry>,
+}
+
+/// Bytes on their way, in a pipe of their own.
+#[derive(Debug)]
+pub struct Carry {
+    /// The pipe that holds them.
+    pub pipe: Pipe,
+    /// How many.
+    pub bytes: usize,
+}
+
+/// Why a pump returned without an error.
+#[derive(Debug)]
+pub enum Stop {
+    /// `src` sent its FIN and every byte before it was written to `dst`.
+    Eof,
+    /// A live upgrade parked the direction.
+    Paused(Paused),
+}
+
 enum Burst {
     /// `src` has nothing more for now; wait for readiness again.
     Drained,
@@ -61,23 +94,50 @@ enum Burst {
     Streaming,
     /// `src` sent its FIN and every byte before it was written to `dst`.
     Eof,
+    /// A park was asked for; whatever was not yet written is in the carry.
+    Paused(Option<Carry>),
 }
 
 static NO_PIPE_LOG: RateLimit = RateLimit::new();
 static REFUSED_LOG: RateLimit = RateLimit::new();
 
-/// Relays `src` → `dst` until end of stream on `src`. Returns once every byte read has been
-/// written; the caller then shuts down `dst`'s write side.
-pub async fn pump(src: &mut ReadHalf<'_>, dst: &mut WriteHalf<'_>, flow: Flow<'_>) -> Result<(), PumpError> {
+/// Relays `src` → `dst` until end of stream on `src`, or until a live upgrade parks it. Returns
+/// once every byte read has been written (or, parked, is in the returned carry); the caller then
+/// shuts down `dst`'s write side. `from` is where a direction parked by the previous program
+/// image stood (the default for a new connection).
+pub async fn pump(
+    src: &mut ReadHalf<'_>,
+    dst: &mut WriteHalf<'_>,
+    flow: Flow<'_>,
+    pause: &mut Pause,
+    from: Paused,
+) -> Result<Stop, PumpError> {
     let mut pipes = flow.pipes;
-    let mut streaming = false;
+    let mut streaming = from.streaming;
+    if let Some(carry) = from.carry
+        && let Some(carry) = drain_carry(carry, dst, &flow, pause).await?
+    {
+        return Ok(Stop::Paused(Paused {
+            streaming,
+            carry: Some(carry),
+        }));
+    }
     loop {
+        if pause.is_requested() {
+            return Ok(Stop::Paused(Paused {
+                streaming,
+                carry: None,
+            }));
+        }
         // Every burst spends a unit of tokio's cooperative budget, so one busy connection yields
         // to the others on its worker. It also matters for correctness: a read refused for lack
         // of budget looks like "drained" to `copy_burst`, and without this yield the loop would
         // find the socket still readable and spin.
         tokio::task::consume_budget().await;
-        src.as_ref().readable().await.map_err(PumpError::Read)?;
+        tokio::select! {
+            ready = src.as_ref().readable() => ready.map_err(PumpError::Read)?,
+            _ = pause.requested() => return Ok(Stop::Paused(Paused { streaming, carry: None })),
+        }
         let lease = match (streaming, pipes) {
             (true, Some(pool)) => match pool.take() {
                 Ok(Some(lease)) => Some(lease),
@@ -93,29 +153,58 @@ pub async fn pump(src: &mut ReadHalf<'_>, dst: &mut WriteHalf<'_>, flow: Flow<'_
             _ => None,
         };
         let burst = match lease {
-            Some(lease) => match splice_burst(src, dst, lease, &flow).await {
+            Some(lease) => match splice_burst(src, dst, lease, &flow, pause).await {
                 Err(PumpError::Read(e)) if splice_refused(&e) => {
                     flow.stats.fallback_refused.fetch_add(1, Ordering::Relaxed);
                     if let Some(suppressed) = REFUSED_LOG.admit() {
                         tracing::warn!(error = %e, suppressed, "kernel refused splice on this connection; copying through a buffer instead");
                     }
                     pipes = None;
-                    copy_burst(src, dst, &flow).await?
+                    copy_burst(src, dst, &flow, pause).await?
                 }
                 other => other?,
             },
-            None => copy_burst(src, dst, &flow).await?,
+            None => copy_burst(src, dst, &flow, pause).await?,
         };
         match burst {
             Burst::Eof => {
                 // The FIN is activity: fin_timeout counts from here, not from the last byte.
                 flow.activity.touch();
-                return Ok(());
+                return Ok(Stop::Eof);
             }
             Burst::Streaming => streaming = true,
             Burst::Drained => {}
+            Burst::Paused(carry) => return Ok(Stop::Paused(Paused { streaming, carry })),
         }
     }
+}
+
+/// Writes out what a parked direction left in its pipe. Returns the rest when parked again
+/// before it is all out.
+async fn drain_carry(
+    mut carry: Carry,
+    dst: &mut WriteHalf<'_>,
+    flow: &Flow<'_>,
+    pause: &mut Pause,
+) -> Result<Option<Carry>, PumpError> {
+    let out = dst.as_ref();
+    flow.activity.carrying();
+    while carry.bytes > 0 {
+        match out.try_io(Interest::WRITABLE, || carry.pipe.drain_to(out, carry.bytes)) {
+            Ok(n) => {
+                carry.bytes -= n.min(carry.bytes);
+                flow.stats.spliced_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                flow.account(n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => tokio::select! {
+                ready = out.writable() => ready.map_err(PumpError::Write)?,
+                _ = pause.requested() => return Ok(Some(carry)),
+            },
+            Err(e) => return Err(PumpError::Write(e)),
+        }
+    }
+    flow.activity.delivered();
+    Ok(None)
 }
 
 fn no_pipe(flow: &Flow<'_>, pool: &PipePool, error: Option<io::Error>) {
@@ -145,13 +234,14 @@ async fn splice_burst(
     dst: &mut WriteHalf<'_>,
     mut lease: Lease<'_>,
     flow: &Flow<'_>,
+    pause: &mut Pause,
 ) -> Result<Burst, PumpError> {
     let src = src.as_ref();
     loop {
         let n = match src.try_io(Interest::READABLE, || lease.fill_from(src)) {
             // splice stops at TCP's urgent mark, answering EAGAIN there (or 0 when a FIN
             // follows) with bytes still queued: read past the mark by copying.
-            Ok(0) | Err(_) if at_urgent_mark(src) => return copy_past_mark(src, dst, flow).await,
+            Ok(0) | Err(_) if at_urgent_mark(src) => return copy_past_mark(src, dst, flow, pause).await,
             Ok(0) => return Ok(Burst::Eof),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Burst::Drained),
@@ -163,15 +253,26 @@ async fn splice_burst(
             match out.try_io(Interest::WRITABLE, || lease.drain_to(out)) {
                 // Partial progress counts: a slow reader is not an idle connection.
                 Ok(_) => flow.activity.touch(),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    out.writable().await.map_err(PumpError::Write)?
-                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => tokio::select! {
+                    ready = out.writable() => ready.map_err(PumpError::Write)?,
+                    _ = pause.requested() => {
+                        // What went out is counted now; the rest travels in the pipe.
+                        let left = lease.pending();
+                        flow.stats.spliced_bytes.fetch_add((n - left) as u64, Ordering::Relaxed);
+                        flow.account(n - left);
+                        let carry = lease.detach().map(|(pipe, bytes)| Carry { pipe, bytes });
+                        return Ok(Burst::Paused(carry));
+                    }
+                },
                 Err(e) => return Err(PumpError::Write(e)),
             }
         }
         flow.activity.delivered();
         flow.stats.spliced_bytes.fetch_add(n as u64, Ordering::Relaxed);
         flow.account(n);
+        if pause.is_requested() {
+            return Ok(Burst::Paused(None));
+        }
         tokio::task::consume_budget().await;
     }
 }
@@ -185,6 +286,7 @@ async fn copy_burst(
     src: &mut ReadHalf<'_>,
     dst: &mut WriteHalf<'_>,
     flow: &Flow<'_>,
+    pause: &mut Pause,
 ) -> Result<Burst, PumpError> {
     let mut buf = flow.buffers.take();
     // Once a read stopped at the urgent mark, tokio's readiness is cleared with bytes still
@@ -212,9 +314,12 @@ async fn copy_burst(
             Some(Ok(n)) => n,
             Some(Err(e)) => return Err(PumpError::Read(e)),
         };
-        write_all(dst, &buf[..n], flow).await?;
-        flow.stats.copied_bytes.fetch_add(n as u64, Ordering::Relaxed);
-        flow.account(n);
+        if let Some(carry) = write_all(dst, &buf[..n], flow, pause).await? {
+            return Ok(Burst::Paused(Some(carry)));
+        }
+        if pause.is_requested() {
+            return Ok(Burst::Paused(None));
+        }
         if past_mark {
             if n < buf.len() && !at_urgent_mark(src.as_ref()) {
                 return Ok(Burst::Drained);
@@ -242,6 +347,7 @@ async fn copy_past_mark(
     src: &tokio::net::TcpStream,
     dst: &mut WriteHalf<'_>,
     flow: &Flow<'_>,
+    pause: &mut Pause,
 ) -> Result<Burst, PumpError> {
     let mut buf = flow.buffers.take();
     loop {
@@ -251,22 +357,43 @@ async fn copy_past_mark(
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Burst::Drained),
             Err(e) => return Err(PumpError::Read(e)),
         };
-        write_all(dst, &buf[..n], flow).await?;
-        flow.stats.copied_bytes.fetch_add(n as u64, Ordering::Relaxed);
-        flow.account(n);
+        if let Some(carry) = write_all(dst, &buf[..n], flow, pause).await? {
+            return Ok(Burst::Paused(Some(carry)));
+        }
         if n < buf.len() && !at_urgent_mark(src) {
             return Ok(Burst::Drained);
         }
     }
 }
 
-/// Writes all of `bytes` to `dst`, marking them in flight until they are out.
-async fn write_all(dst: &mut WriteHalf<'_>, bytes: &[u8], flow: &Flow<'_>) -> Result<(), PumpError> {
+/// Writes all of `bytes` to `dst`, marking them in flight until they are out, and counts them.
+/// A park asked for while `dst` is full puts the unwritten rest into a fresh pipe and returns it
+/// (the written part is counted); a pipe that cannot be made fails the write, and the connection
+/// is reset rather than losing the bytes silently.
+async fn write_all(
+    dst: &mut WriteHalf<'_>,
+    bytes: &[u8],
+    flow: &Flow<'_>,
+    pause: &mut Pause,
+) -> Result<Option<Carry>, PumpError> {
     flow.activity.carrying();
     let mut written = 0;
     while written < bytes.len() {
         // Partial progress counts: a slow reader is not an idle connection.
-        match dst.write(&bytes[written..]).await {
+        let wrote = tokio::select! {
+            wrote = dst.write(&bytes[written..]) => wrote,
+            _ = pause.requested() => {
+                flow.stats.copied_bytes.fetch_add(written as u64, Ordering::Relaxed);
+                flow.account(written);
+                let rest = &bytes[written..];
+                let pipe = Pipe::new().and_then(|pipe| pipe.put(rest).map(|()| pipe));
+                return match pipe {
+                    Ok(pipe) => Ok(Some(Carry { pipe, bytes: rest.len() })),
+                    Err(e) => Err(PumpError::Write(io::Error::new(e.kind(), format!("cannot park unwritten bytes for the upgrade: {e}")))),
+                };
+            }
+        };
+        match wrote {
             Ok(0) => return Err(PumpError::Write(io::ErrorKind::WriteZero.into())),
             Ok(m) => written += m,
             Err(e) => return Err(PumpError::Write(e)),
@@ -274,7 +401,11 @@ async fn write_all(dst: &mut WriteHalf<'_>, bytes: &[u8], flow: &Flow<'_>) -> Re
         flow.activity.touch();
     }
     flow.activity.delivered();
-    Ok(())
+    flow.stats
+        .copied_bytes
+        .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+    flow.account(bytes.len());
+    Ok(None)
 }
 
 /// One non-blocking read on `src` outside tokio's readiness tracking.

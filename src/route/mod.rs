@@ -6,6 +6,12 @@
 //! not parse configuration or handle signals: new settings arrive over a watch channel from the
 //! daemon, and the listener stops when that channel's sender is dropped (route removed, or
 //! drain begun). Connections already running keep the settings they were accepted with.
+//!
+//! For a live upgrade, a relayed connection that the relay parks is sent to the daemon as a
+//! [`ParkedConnection`] over the [`Parking`] channel, and [`resume`] runs one that the previous
+//! program image parked. A connection still reading its PROXY header or dialling when the park
+//! is asked for finishes that first (both are bounded by their timeouts), then parks before its
+//! first byte is relayed.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,14 +20,14 @@ use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::allow::Allowlist;
 use crate::config::{ProxyProtocol, Route};
 use crate::logging::RateLimit;
 use crate::net::{AcceptLoop, Next};
 use crate::proxy_header::{Command, Header};
-use crate::relay::{self, Engine, Timeouts, Totals};
+use crate::relay::{self, Ended, Engine, Midway, Timeouts, Totals};
 use crate::shutdown::Shutdown;
 use crate::state::{Outcome, RouteStats};
 
@@ -51,13 +57,45 @@ struct Quiet {
     header: RateLimit,
 }
 
+/// Where parked connections go: the daemon, which hands them to the next program image.
+pub type Parking = mpsc::UnboundedSender<ParkedConnection>;
+
+/// A relayed connection parked by a live upgrade, with what its log line and timers need.
+#[derive(Debug)]
+pub struct ParkedConnection {
+    /// The route it was accepted on.
+    pub route: String,
+    /// The TCP peer (the balancer's address with Private Link).
+    pub peer: SocketAddr,
+    /// The upstream address it was dialled at.
+    pub upstream: SocketAddr,
+    /// The client its PROXY v2 header named, if any.
+    pub proxied_client: Option<SocketAddr>,
+    /// The LinkID its PROXY v2 header named, if any.
+    pub link_id: Option<u32>,
+    /// The timers it was accepted with.
+    pub timeouts: Timeouts,
+    /// Its sockets and where it stands.
+    pub relay: relay::Parked,
+}
+
+/// What every connection task of the daemon shares, new or moved by an upgrade.
+#[derive(Clone)]
+pub struct Wiring {
+    /// The relay engine.
+    pub engine: Arc<Engine>,
+    /// The drain and park signal.
+    pub shutdown: Shutdown,
+    /// Where a parked connection goes.
+    pub parking: Parking,
+}
+
 /// A bound listening socket and everything its accept loop needs.
 pub struct RouteListener {
     accept: AcceptLoop,
     settings: watch::Receiver<Arc<RouteSettings>>,
     stats: Arc<RouteStats>,
-    engine: Arc<Engine>,
-    shutdown: Shutdown,
+    wiring: Wiring,
     quiet: Arc<Quiet>,
 }
 
@@ -69,8 +107,7 @@ impl RouteListener {
         listener: TcpListener,
         settings: watch::Receiver<Arc<RouteSettings>>,
         stats: Arc<RouteStats>,
-        engine: Arc<Engine>,
-        shutdown: Shutdown,
+        wiring: Wiring,
     ) -> Self {
         crate::net::tune_listener(&listener, &settings.borrow().route.keepalive);
         let name = settings.borrow().route.name.clone();
@@ -78,8 +115,7 @@ impl RouteListener {
             accept: AcceptLoop::new(listener, &name),
             settings,
             stats,
-            engine,
-            shutdown,
+            wiring,
             quiet: Arc::new(Quiet {
                 denied: RateLimit::new(),
                 limit: RateLimit::new(),
@@ -154,8 +190,7 @@ impl RouteListener {
             client: stream,
             peer,
             settings,
-            engine: self.engine.clone(),
-            shutdown: self.shutdown.clone(),
+            wiring: self.wiring.clone(),
             quiet: self.quiet.clone(),
         };
         tokio::spawn(connection.run());
@@ -184,8 +219,7 @@ struct Connection {
     client: TcpStream,
     peer: SocketAddr,
     settings: Arc<RouteSettings>,
-    engine: Arc<Engine>,
-    shutdown: Shutdown,
+    wiring: Wiring,
     quiet: Arc<Quiet>,
 }
 
@@ -204,7 +238,7 @@ impl Connection {
                     proxy,
                     stats,
                     &self.quiet,
-                    &mut self.shutdown,
+                    &mut self.wiring.shutdown,
                 )
                 .await;
                 match admitted {
@@ -219,7 +253,7 @@ impl Connection {
         let dial_started = Instant::now();
         let dialled = tokio::select! {
             dialled = crate::upstream::dial(&route.upstream, route.connect_timeout, &route.keepalive) => dialled,
-            _ = self.shutdown.closing() => {
+            _ = self.wiring.shutdown.closing() => {
                 crate::net::reset(self.client);
                 stats.record(Outcome::Drain);
                 tracing::info!(route = %route.name, client = %self.peer, upstream = %route.upstream, end = "drain", "closed while dialling at shutdown");
@@ -283,35 +317,141 @@ impl Connection {
             }
         }
 
-        let timeouts = Timeouts {
-            idle: route.idle_timeout,
-            fin: route.fin_timeout,
+        let relayed = Relayed {
+            route: route.name.clone(),
+            peer: self.peer,
+            upstream: upstream_addr,
+            proxied_client: proxied.as_ref().and_then(Header::client),
+            link_id: proxied.as_ref().and_then(|h| h.link_id),
+            timeouts: Timeouts {
+                idle: route.idle_timeout,
+                fin: route.fin_timeout,
+            },
+            started,
+            live: self.live,
+            wiring: self.wiring,
         };
+        relayed.run(self.client, upstream, Midway::default()).await;
+    }
+}
+
+/// Runs a connection the previous program image parked, on `stats`' route, from where it
+/// stopped. Its sockets come in as handed over (blocking or not); a socket the runtime cannot
+/// take is reset with its peer, and the connection is logged as reset.
+pub fn resume(parked: ParkedConnection, stats: Arc<RouteStats>, wiring: Wiring) {
+    let ParkedConnection {
+        route,
+        peer,
+        upstream,
+        proxied_client,
+        link_id,
+        timeouts,
+        relay:
+            relay::Parked {
+                client,
+                upstream: upstream_socket,
+                midway,
+            },
+    } = parked;
+    let started = Instant::now()
+        .checked_sub(midway.age)
+        .unwrap_or_else(Instant::now);
+    let relayed = Relayed {
+        route,
+        peer,
+        upstream,
+        proxied_client,
+        link_id,
+        timeouts,
+        started,
+        live: LiveGuard::new(stats),
+        wiring,
+    };
+    let sockets = client
+        .set_nonblocking(true)
+        .and_then(|()| upstream_socket.set_nonblocking(true))
+        .and_then(|()| {
+            Ok((
+                TcpStream::from_std(client)?,
+                TcpStream::from_std(upstream_socket)?,
+            ))
+        });
+    match sockets {
+        Ok((client, upstream)) => {
+            tokio::spawn(relayed.run(client, upstream, midway));
+        }
+        Err(e) => {
+            // The sockets were closed with the failed conversion.
+            relayed.live.0.record(Outcome::Reset);
+            tracing::warn!(route = %relayed.route, client = %relayed.peer, upstream = %relayed.upstream, end = "reset", error = %e, "cannot take over a connection moved by the upgrade");
+        }
+    }
+}
+
+/// The relayed part of a connection's life: new, or moved here by a live upgrade.
+struct Relayed {
+    route: String,
+    peer: SocketAddr,
+    upstream: SocketAddr,
+    proxied_client: Option<SocketAddr>,
+    link_id: Option<u32>,
+    timeouts: Timeouts,
+    started: Instant,
+    live: LiveGuard,
+    wiring: Wiring,
+}
+
+impl Relayed {
+    async fn run(mut self, client: TcpStream, upstream: TcpStream, from: Midway) {
+        let stats = self.live.0.clone();
         let totals = Totals {
             up: &stats.bytes_up,
             down: &stats.bytes_down,
         };
-        let transfer = relay::relay(
-            &self.engine,
-            self.client,
+        let ended = relay::relay(
+            &self.wiring.engine,
+            client,
             upstream,
-            timeouts,
+            self.timeouts,
             totals,
-            &mut self.shutdown,
+            &mut self.wiring.shutdown,
+            from,
         )
         .await;
+        let transfer = match ended {
+            Ended::Closed(transfer) => transfer,
+            Ended::Parked(relay) => {
+                let parked = ParkedConnection {
+                    route: self.route,
+                    peer: self.peer,
+                    upstream: self.upstream,
+                    proxied_client: self.proxied_client,
+                    link_id: self.link_id,
+                    timeouts: self.timeouts,
+                    relay,
+                };
+                if let Err(mpsc::error::SendError(lost)) = self.wiring.parking.send(parked) {
+                    // Nobody takes it over: never let the peers mistake that for an orderly end.
+                    crate::net::reset(lost.relay.client);
+                    crate::net::reset(lost.relay.upstream);
+                    stats.record(Outcome::Reset);
+                    tracing::warn!(route = %lost.route, client = %lost.peer, end = "reset", "parked for an upgrade that is no longer under way; both sides reset");
+                }
+                return;
+            }
+        };
         stats.record(transfer.outcome);
         tracing::info!(
-            route = %route.name,
+            route = %self.route,
             client = %self.peer,
-            upstream = %upstream_addr,
+            upstream = %self.upstream,
             bytes_up = transfer.up,
             bytes_down = transfer.down,
-            duration_ms = started.elapsed().as_millis() as u64,
+            duration_ms = self.started.elapsed().as_millis() as u64,
             end = transfer.outcome.name(),
             error = transfer.detail.as_deref(),
-            proxied_client = proxied.as_ref().and_then(Header::client).map(|c| c.to_string()),
-            link_id = proxied.as_ref().and_then(|h| h.link_id),
+            proxied_client = self.proxied_client.map(|c| c.to_string()),
+            link_id = self.link_id,
             "connection closed"
         );
     }

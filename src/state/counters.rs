@@ -194,7 +194,104 @@ pub struct Proxied {
 /// bound keeps a forged-header flood from growing the map (later ones are not counted by id).
 pub const MAX_LINK_IDS: usize = 64;
 
+/// A route's counters as a live upgrade carries them to the next program image, so `/metrics`
+/// counters continue rather than restart from zero. The connect-time histogram, the latest-seen
+/// records and the denied-sources table start afresh.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct CarriedRoute {
+    /// Connections whose dial succeeded.
+    pub relayed: u64,
+    /// Connections by outcome, keyed by [`Outcome::name`].
+    pub outcomes: BTreeMap<String, u64>,
+    /// Bytes client → upstream.
+    pub bytes_up: u64,
+    /// Bytes upstream → client.
+    pub bytes_down: u64,
+    /// Failed accepts.
+    pub accept_errors: u64,
+    /// Refused PROXY v2 headers by reason.
+    pub header_refusals: BTreeMap<String, u64>,
+}
+
+/// The relay engine's counters as a live upgrade carries them.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct CarriedRelay {
+    /// Bytes spliced.
+    pub spliced_bytes: u64,
+    /// Bytes copied.
+    pub copied_bytes: u64,
+    /// Bursts copied for want of a pipe.
+    pub fallback_no_pipe: u64,
+    /// Directions that copied because the kernel refused splice.
+    pub fallback_refused: u64,
+}
+
+impl RelayStats {
+    /// The counters to carry across a live upgrade.
+    pub fn carry(&self) -> CarriedRelay {
+        CarriedRelay {
+            spliced_bytes: self.spliced_bytes.load(Ordering::Relaxed),
+            copied_bytes: self.copied_bytes.load(Ordering::Relaxed),
+            fallback_no_pipe: self.fallback_no_pipe.load(Ordering::Relaxed),
+            fallback_refused: self.fallback_refused.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Adds counters carried from the previous program image.
+    pub fn carry_on(&self, carried: &CarriedRelay) {
+        self.spliced_bytes
+            .fetch_add(carried.spliced_bytes, Ordering::Relaxed);
+        self.copied_bytes
+            .fetch_add(carried.copied_bytes, Ordering::Relaxed);
+        self.fallback_no_pipe
+            .fetch_add(carried.fallback_no_pipe, Ordering::Relaxed);
+        self.fallback_refused
+            .fetch_add(carried.fallback_refused, Ordering::Relaxed);
+    }
+}
+
 impl RouteStats {
+    /// The counters to carry across a live upgrade.
+    pub fn carry(&self) -> CarriedRoute {
+        CarriedRoute {
+            relayed: self.relayed.load(Ordering::Relaxed),
+            outcomes: Outcome::ALL
+                .iter()
+                .map(|o| (o.name().to_string(), self.count(*o)))
+                .filter(|(_, n)| *n > 0)
+                .collect(),
+            bytes_up: self.bytes_up.load(Ordering::Relaxed),
+            bytes_down: self.bytes_down.load(Ordering::Relaxed),
+            accept_errors: self.accept_errors.load(Ordering::Relaxed),
+            header_refusals: self
+                .header_refusals()
+                .into_iter()
+                .filter(|(_, n)| *n > 0)
+                .map(|(reason, n)| (reason.to_string(), n))
+                .collect(),
+        }
+    }
+
+    /// Adds counters carried from the previous program image. Names this version does not know
+    /// are skipped.
+    pub fn carry_on(&self, carried: &CarriedRoute) {
+        self.relayed.fetch_add(carried.relayed, Ordering::Relaxed);
+        for (name, n) in &carried.outcomes {
+            if let Some(outcome) = Outcome::ALL.iter().find(|o| o.name() == name) {
+                self.outcomes[outcome.index()].fetch_add(*n, Ordering::Relaxed);
+            }
+        }
+        self.bytes_up.fetch_add(carried.bytes_up, Ordering::Relaxed);
+        self.bytes_down.fetch_add(carried.bytes_down, Ordering::Relaxed);
+        self.accept_errors
+            .fetch_add(carried.accept_errors, Ordering::Relaxed);
+        for (reason, n) in &carried.header_refusals {
+            self.header_refused_by(reason, *n);
+        }
+    }
+
     /// Fresh counters; `connect_seconds` is the route's series of the shared histogram family.
     pub fn new(connect_seconds: Histogram) -> Self {
         RouteStats {
@@ -253,9 +350,13 @@ impl RouteStats {
 
     /// Counts a refused PROXY v2 header by its reason.
     pub fn header_refused(&self, reason: &str) {
+        self.header_refused_by(reason, 1);
+    }
+
+    fn header_refused_by(&self, reason: &str, n: u64) {
         let reasons = crate::proxy_header::Refusal::REASONS;
         if let Some(i) = reasons.iter().position(|r| *r == reason) {
-            self.header_refusals[i].fetch_add(1, Ordering::Relaxed);
+            self.header_refusals[i].fetch_add(n, Ordering::Relaxed);
         }
     }
 

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
-pub use counters::{ConnectTimes, Outcome, RelayStats, RouteStats};
+pub use counters::{CarriedRelay, CarriedRoute, ConnectTimes, Outcome, RelayStats, RouteStats};
 
 use crate::config::{Health, Route};
 
@@ -98,7 +98,9 @@ pub struct RouteView {
 /// Shared, read-mostly state of the daemon.
 #[derive(Debug)]
 pub struct State {
-    started_at: SystemTime,
+    /// When the process first started (a live upgrade carries it over), and the matching instant.
+    origin: Mutex<(SystemTime, Instant)>,
+    /// When this program image started: the heartbeat's clock.
     started: Instant,
     phase: AtomicU8,
     heartbeat_ms: AtomicU64,
@@ -122,13 +124,59 @@ pub struct State {
     pub nat_failures: AtomicU64,
     /// Upstream connect times by route, shared with the routes' counters.
     pub connect_times: ConnectTimes,
+    /// Live upgrades completed since the process first started.
+    pub upgrades: AtomicU64,
+    /// Live upgrades asked for, completed or not.
+    pub upgrade_attempts: AtomicU64,
+    last_upgrade: Mutex<Option<UpgradeReport>>,
+}
+
+/// The outcome of the latest live upgrade attempt, for /status and `ferryd upgrade`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpgradeReport {
+    /// Which attempt (the value of `upgrade_attempts` it counted as).
+    pub attempt: u64,
+    /// Whether the new program image took over.
+    pub ok: bool,
+    /// What happened: the versions, or why nothing changed.
+    pub detail: String,
+    /// When it ended.
+    pub at: SystemTime,
+    /// From parking the first connection to READY=1 in the new image.
+    pub pause_ms: Option<u64>,
+    /// Connections moved.
+    pub moved: Option<usize>,
+}
+
+/// Daemon-wide counters a live upgrade carries to the next program image.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct CarriedDaemon {
+    /// When the process first started, in milliseconds since the Unix epoch.
+    pub started_at_ms: u64,
+    /// How long ago, in milliseconds, when the document was written.
+    pub uptime_ms: u64,
+    /// Reloads applied.
+    pub reloads_ok: u64,
+    /// Reloads rejected.
+    pub reloads_rejected: u64,
+    /// Health probes.
+    pub health_probes: u64,
+    /// NAT repairs.
+    pub nat_repairs: u64,
+    /// NAT failures.
+    pub nat_failures: u64,
+    /// Upgrades completed before this one.
+    pub upgrades: u64,
+    /// Upgrade attempts, this one included.
+    pub upgrade_attempts: u64,
 }
 
 impl State {
     /// State of a daemon that has just started.
     pub fn new(engine: Arc<dyn EngineView>, health: Health) -> Arc<State> {
         Arc::new(State {
-            started_at: SystemTime::now(),
+            origin: Mutex::new((SystemTime::now(), Instant::now())),
             started: Instant::now(),
             phase: AtomicU8::new(Phase::Starting as u8),
             heartbeat_ms: AtomicU64::new(0),
@@ -144,7 +192,60 @@ impl State {
             nat_repairs: AtomicU64::new(0),
             nat_failures: AtomicU64::new(0),
             connect_times: ConnectTimes::default(),
+            upgrades: AtomicU64::new(0),
+            upgrade_attempts: AtomicU64::new(0),
+            last_upgrade: Mutex::new(None),
         })
+    }
+
+    /// The counters to carry across a live upgrade.
+    pub fn carry(&self) -> CarriedDaemon {
+        let (started_at, _) = *self.origin.lock().unwrap_or_else(|p| p.into_inner());
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        CarriedDaemon {
+            started_at_ms: started_at
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            uptime_ms: self.uptime().as_millis() as u64,
+            reloads_ok: load(&self.reloads_ok),
+            reloads_rejected: load(&self.reloads_rejected),
+            health_probes: load(&self.health_probes),
+            nat_repairs: load(&self.nat_repairs),
+            nat_failures: load(&self.nat_failures),
+            upgrades: load(&self.upgrades),
+            upgrade_attempts: load(&self.upgrade_attempts),
+        }
+    }
+
+    /// Takes over counters carried from the previous program image.
+    pub fn carry_on(&self, carried: &CarriedDaemon) {
+        let add = |c: &AtomicU64, n: u64| c.fetch_add(n, Ordering::Relaxed);
+        add(&self.reloads_ok, carried.reloads_ok);
+        add(&self.reloads_rejected, carried.reloads_rejected);
+        add(&self.health_probes, carried.health_probes);
+        add(&self.nat_repairs, carried.nat_repairs);
+        add(&self.nat_failures, carried.nat_failures);
+        add(&self.upgrades, carried.upgrades);
+        add(&self.upgrade_attempts, carried.upgrade_attempts);
+        let started_at = std::time::UNIX_EPOCH + Duration::from_millis(carried.started_at_ms);
+        let now = Instant::now();
+        let started = now
+            .checked_sub(Duration::from_millis(carried.uptime_ms))
+            .unwrap_or(now);
+        *self.origin.lock().unwrap_or_else(|p| p.into_inner()) = (started_at, started);
+    }
+
+    /// Records how the latest upgrade attempt ended.
+    pub fn upgrade_ended(&self, report: UpgradeReport) {
+        *self.last_upgrade.lock().unwrap_or_else(|p| p.into_inner()) = Some(report);
+    }
+
+    /// How the latest upgrade attempt ended.
+    pub fn last_upgrade(&self) -> Option<UpgradeReport> {
+        self.last_upgrade
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The current phase.
@@ -259,11 +360,11 @@ impl State {
 
     /// When the daemon started, for /status.
     pub fn started_at(&self) -> SystemTime {
-        self.started_at
+        self.origin.lock().unwrap_or_else(|p| p.into_inner()).0
     }
 
     /// How long the daemon has run.
     pub fn uptime(&self) -> Duration {
-        self.started.elapsed()
+        self.origin.lock().unwrap_or_else(|p| p.into_inner()).1.elapsed()
     }
 }

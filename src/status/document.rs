@@ -37,6 +37,40 @@ pub struct StatusDocument {
     pub health_probe: Option<Seen>,
     /// SIGHUP reloads.
     pub reloads: Reloads,
+    /// The daemon's process id: what `ferryd upgrade` signals.
+    pub pid: u32,
+    /// Live upgrades (SIGUSR2 or `ferryd upgrade`).
+    pub upgrade: UpgradeStatus,
+}
+
+/// Live upgrades since the process first started.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct UpgradeStatus {
+    /// Completed: a new program image took over.
+    pub completed: u64,
+    /// Asked for, completed or not.
+    pub attempts: u64,
+    /// The latest attempt's outcome.
+    pub last: Option<LastUpgrade>,
+}
+
+/// How the latest upgrade attempt ended.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LastUpgrade {
+    /// Which attempt it was (compare with `attempts`).
+    pub attempt: u64,
+    /// Whether the new image took over.
+    pub ok: bool,
+    /// The versions, or why nothing changed.
+    pub detail: String,
+    /// How long ago it ended.
+    pub seconds_ago: u64,
+    /// From parking the first connection to the new image's READY=1.
+    pub pause_ms: Option<u64>,
+    /// Connections moved to the new image.
+    pub moved: Option<usize>,
 }
 
 /// One route.
@@ -282,6 +316,19 @@ impl StatusDocument {
             reloads: Reloads {
                 ok: state.reloads_ok.load(Ordering::Relaxed),
                 rejected: state.reloads_rejected.load(Ordering::Relaxed),
+            },
+            pid: std::process::id(),
+            upgrade: UpgradeStatus {
+                completed: state.upgrades.load(Ordering::Relaxed),
+                attempts: state.upgrade_attempts.load(Ordering::Relaxed),
+                last: state.last_upgrade().map(|u| LastUpgrade {
+                    attempt: u.attempt,
+                    ok: u.ok,
+                    detail: u.detail,
+                    seconds_ago: ago(now, u.at),
+                    pause_ms: u.pause_ms,
+                    moved: u.moved,
+                }),
             },
         }
     }

@@ -60,7 +60,7 @@ pub fn run(config_path: &Path, unit: &str) -> ExitCode {
 }
 
 /// The address to ask: a wildcard listen address is reached on loopback.
-pub(crate) fn local_target(listen: SocketAddr) -> SocketAddr {
+pub fn local_target(listen: SocketAddr) -> SocketAddr {
     let ip = match listen.ip() {
         IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
         IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
@@ -71,7 +71,7 @@ pub(crate) fn local_target(listen: SocketAddr) -> SocketAddr {
 
 /// What a local client writes first on the health port: a LOCAL PROXY v2 header when the
 /// listener expects one (`[health] proxy_protocol = "v2"`), else nothing.
-pub(crate) fn health_preamble(health: &crate::config::Health) -> Vec<u8> {
+pub fn health_preamble(health: &crate::config::Health) -> Vec<u8> {
     if health.proxy_protocol == crate::config::ProxyProtocol::V2 {
         crate::proxy_header::encode(&crate::proxy_header::Header {
             command: crate::proxy_header::Command::Local,
@@ -97,7 +97,7 @@ pub(crate) fn get(target: SocketAddr, preamble: &[u8], path: &str) -> std::io::R
     Ok(String::from_utf8_lossy(&response).into_owned())
 }
 
-pub(crate) fn fetch_status(target: SocketAddr, preamble: &[u8]) -> Result<StatusDocument, String> {
+pub fn fetch_status(target: SocketAddr, preamble: &[u8]) -> Result<StatusDocument, String> {
     let text = get(target, preamble, "/status").map_err(|e| e.to_string())?;
     let (head, body) = text.split_once("\r\n\r\n").ok_or("malformed HTTP response")?;
     let status_line = head.lines().next().unwrap_or_default();

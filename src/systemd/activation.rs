@@ -59,6 +59,18 @@ impl Passed {
         Passed { sockets }
     }
 
+    /// Adds listening sockets handed over by the previous program image of a live upgrade, under
+    /// the names it used; they are claimed like the ones systemd passes.
+    pub fn adopt(&mut self, sockets: Vec<(String, TcpListener)>) {
+        for (name, listener) in sockets {
+            if let Err(e) = listener.set_nonblocking(true) {
+                tracing::warn!(name, error = %e, "a handed-over listening socket is unusable; closing it");
+                continue;
+            }
+            self.sockets.push((name, listener));
+        }
+    }
+
     /// Takes the socket bound to `addr`: the one passed under `name` when its address is still
     /// `addr`, or failing that any passed socket bound to `addr` (returned with the name it was
     /// passed under). A socket passed under `name` but bound elsewhere (the address changed in
@@ -71,7 +83,7 @@ impl Passed {
             .position(|(n, l)| n == name && bound_to(l))
             .or_else(|| self.sockets.iter().position(|(_, l)| bound_to(l)))?;
         let (passed_name, listener) = self.sockets.remove(index);
-        tracing::info!(name, passed_name, listen = %addr, "using the socket passed by systemd");
+        tracing::info!(name, passed_name, listen = %addr, "using a listening socket passed to this process");
         Some((listener, passed_name))
     }
 

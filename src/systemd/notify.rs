@@ -12,6 +12,8 @@ use crate::state::State;
 /// A connection to the service manager's notification socket, or nothing outside systemd.
 #[derive(Debug)]
 pub struct Notifier {
+    /// NOTIFY_SOCKET as it was given, for the next program image of a live upgrade.
+    name: Option<std::ffi::OsString>,
     target: Option<(UnixDatagram, SocketAddr)>,
     /// The same address for sendmsg(2), which passes descriptors to the fd store.
     fd_target: Option<nix::sys::socket::UnixAddr>,
@@ -23,12 +25,14 @@ impl Notifier {
     pub fn from_env() -> Notifier {
         let Some(name) = std::env::var_os("NOTIFY_SOCKET") else {
             return Notifier {
+                name: None,
                 target: None,
                 fd_target: None,
             };
         };
         // SAFETY: called at start-up before any other thread exists, as the daemon does.
         unsafe { std::env::remove_var("NOTIFY_SOCKET") };
+        let given = name.clone();
         let name = name.to_string_lossy().into_owned();
         let addr = match name.strip_prefix('@') {
             Some(abstract_name) => SocketAddr::from_abstract_name(abstract_name.as_bytes()),
@@ -45,7 +49,17 @@ impl Notifier {
             Some(abstract_name) => nix::sys::socket::UnixAddr::new_abstract(abstract_name.as_bytes()).ok(),
             None => nix::sys::socket::UnixAddr::new(name.as_str()).ok(),
         };
-        Notifier { target, fd_target }
+        Notifier {
+            name: Some(given),
+            target,
+            fd_target,
+        }
+    }
+
+    /// NOTIFY_SOCKET as this process was given it: a live upgrade puts it back into the next
+    /// image's environment, which reads (and removes) it again.
+    pub fn socket_name(&self) -> Option<&std::ffi::OsStr> {
+        self.name.as_deref()
     }
 
     /// Hands a listening socket to systemd's fd store under `name` (FDSTORE=1 with FDNAME=,

@@ -1,0 +1,294 @@
+//! The handover document: what one program image tells the next about the descriptors it
+//! leaves open across execve, as versioned JSON in a memfd.
+//!
+//! This module owns the format and its checks. A document names descriptors by number; it is
+//! refused whole (never half-used) when its version is not one this binary accepts, when a
+//! number is below 3 or appears twice, or when a count is out of range, so that taking ownership
+//! of the numbers it names is sound. It must not touch a descriptor.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::state::CarriedDaemon;
+use crate::state::counters::{CarriedRelay, CarriedRoute};
+
+/// The version this binary writes. Bump it for any change an older reader would misread.
+pub const VERSION: u32 = 1;
+
+/// The versions this binary can read, printed by `ferryd handover-check` for the running daemon
+/// to compare with the version it writes.
+pub const ACCEPTED: &[u32] = &[VERSION];
+
+/// The largest document read: far above any real one (a few hundred bytes per connection).
+pub const MAX_LEN: usize = 64 * 1024 * 1024;
+
+/// What a parked direction can hold: a copy buffer's rest (16 KiB) or a pipe's worth (the
+/// biggest pipe is 1 MiB unless an administrator raised fs.pipe-max-size).
+const MAX_CARRY: usize = 64 * 1024 * 1024;
+
+/// Everything one image hands to the next.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Document {
+    /// The format's version ([`VERSION`]).
+    pub version: u32,
+    /// The ferryd version that wrote it.
+    pub written_by: String,
+    /// CLOCK_MONOTONIC, in nanoseconds, when the first connection was asked to park: the new
+    /// image measures the pause from here and corrects every timer by the time that passed.
+    pub parked_at_ns: u64,
+    /// Listening sockets by name: a route's name, or the health endpoint's.
+    pub listeners: Vec<ListenerEntry>,
+    /// Relayed connections.
+    pub connections: Vec<ConnectionEntry>,
+    /// Counters by route name.
+    pub routes: BTreeMap<String, CarriedRoute>,
+    /// The relay engine's counters.
+    pub relay: CarriedRelay,
+    /// The daemon's own counters and start time.
+    pub daemon: CarriedDaemon,
+}
+
+/// One listening socket.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ListenerEntry {
+    /// The route (or the health endpoint) it belongs to.
+    pub name: String,
+    /// Its descriptor.
+    pub fd: i32,
+}
+
+/// One relayed connection.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ConnectionEntry {
+    /// The route it was accepted on.
+    pub route: String,
+    /// The TCP peer.
+    pub peer: SocketAddr,
+    /// The upstream it was dialled at.
+    pub upstream: SocketAddr,
+    /// The client its PROXY v2 header named.
+    pub proxied_client: Option<SocketAddr>,
+    /// The LinkID its PROXY v2 header named.
+    pub link_id: Option<u32>,
+    /// idle_timeout it was accepted with, in milliseconds; none means never.
+    pub idle_timeout_ms: Option<u64>,
+    /// fin_timeout it was accepted with, in milliseconds.
+    pub fin_timeout_ms: u64,
+    /// The client socket.
+    pub client_fd: i32,
+    /// The upstream socket.
+    pub upstream_fd: i32,
+    /// Client → upstream.
+    pub up: SideEntry,
+    /// Upstream → client.
+    pub down: SideEntry,
+    /// Milliseconds since it was accepted, when parked.
+    pub age_ms: u64,
+    /// Milliseconds since a byte last moved, when parked.
+    pub quiet_ms: u64,
+    /// Bytes client → upstream so far.
+    pub bytes_up: u64,
+    /// Bytes upstream → client so far.
+    pub bytes_down: u64,
+}
+
+/// One direction of a connection.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "lowercase")]
+pub enum SideEntry {
+    /// Its end of stream was passed on.
+    Done,
+    /// Still open.
+    Open {
+        /// It had switched to splicing.
+        splice: bool,
+        /// Bytes on their way, in a pipe.
+        pipe: Option<PipeEntry>,
+    },
+}
+
+/// A pipe holding bytes on their way.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PipeEntry {
+    /// Its read end.
+    pub read_fd: i32,
+    /// Its write end.
+    pub write_fd: i32,
+    /// How many bytes it holds.
+    pub bytes: usize,
+}
+
+/// Why a document was refused.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Refused(pub String);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "handover document refused: {}", self.0)
+    }
+}
+
+impl std::error::Error for Refused {}
+
+/// Just the version, read first so that a document of another version is refused by its number
+/// rather than by whatever field it changed.
+#[derive(Deserialize)]
+struct Versioned {
+    version: u32,
+}
+
+impl Document {
+    /// The document as bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        // Serializing plain data to a Vec cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Reads and checks a document. Any input, however malformed, gives a document whose
+    /// descriptor numbers are safe to take over, or an error; never a panic.
+    pub fn decode(bytes: &[u8]) -> Result<Document, Refused> {
+        if bytes.len() > MAX_LEN {
+            return Err(Refused(format!(
+                "{} bytes is over the {MAX_LEN}-byte limit",
+                bytes.len()
+            )));
+        }
+        let versioned: Versioned =
+            serde_json::from_slice(bytes).map_err(|e| Refused(format!("not a handover document: {e}")))?;
+        if !ACCEPTED.contains(&versioned.version) {
+            return Err(Refused(format!(
+                "version {} is not one this binary reads ({ACCEPTED:?})",
+                versioned.version
+            )));
+        }
+        let doc: Document = serde_json::from_slice(bytes)
+            .map_err(|e| Refused(format!("malformed version {} document: {e}", versioned.version)))?;
+        doc.check()?;
+        Ok(doc)
+    }
+
+    /// Every descriptor the document names, in order.
+    pub fn descriptors(&self) -> Vec<i32> {
+        let mut fds: Vec<i32> = self.listeners.iter().map(|l| l.fd).collect();
+        for c in &self.connections {
+            fds.push(c.client_fd);
+            fds.push(c.upstream_fd);
+            for side in [&c.up, &c.down] {
+                if let SideEntry::Open { pipe: Some(p), .. } = side {
+                    fds.push(p.read_fd);
+                    fds.push(p.write_fd);
+                }
+            }
+        }
+        fds
+    }
+
+    fn check(&self) -> Result<(), Refused> {
+        let mut seen = BTreeSet::new();
+        for fd in self.descriptors() {
+            if fd < 3 {
+                return Err(Refused(format!(
+                    "descriptor {fd} is one of stdin, stdout, stderr or not a descriptor"
+                )));
+            }
+            if !seen.insert(fd) {
+                return Err(Refused(format!("descriptor {fd} is named twice")));
+            }
+        }
+        for c in &self.connections {
+            for side in [&c.up, &c.down] {
+                if let SideEntry::Open { pipe: Some(p), .. } = side
+                    && p.bytes > MAX_CARRY
+                {
+                    return Err(Refused(format!("a pipe said to hold {} bytes", p.bytes)));
+                }
+            }
+            if c.quiet_ms > c.age_ms {
+                return Err(Refused(format!(
+                    "connection from {}: quiet for {} ms but only {} ms old",
+                    c.peer, c.quiet_ms, c.age_ms
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Document {
+        Document {
+            version: VERSION,
+            written_by: "0.3.0".into(),
+            parked_at_ns: 123,
+            listeners: vec![ListenerEntry {
+                name: "ssh".into(),
+                fd: 7,
+            }],
+            connections: vec![ConnectionEntry {
+                route: "ssh".into(),
+                peer: "10.0.0.5:40000".parse().unwrap(),
+                upstream: "10.0.1.4:22".parse().unwrap(),
+                proxied_client: None,
+                link_id: Some(7),
+                idle_timeout_ms: Some(600_000),
+                fin_timeout_ms: 30_000,
+                client_fd: 8,
+                upstream_fd: 9,
+                up: SideEntry::Done,
+                down: SideEntry::Open {
+                    splice: true,
+                    pipe: Some(PipeEntry {
+                        read_fd: 10,
+                        write_fd: 11,
+                        bytes: 4096,
+                    }),
+                },
+                age_ms: 5000,
+                quiet_ms: 10,
+                bytes_up: 1,
+                bytes_down: 2,
+            }],
+            routes: BTreeMap::new(),
+            relay: CarriedRelay::default(),
+            daemon: CarriedDaemon::default(),
+        }
+    }
+
+    #[test]
+    fn round_trips() {
+        let doc = sample();
+        assert_eq!(Document::decode(&doc.encode()).unwrap(), doc);
+        assert_eq!(doc.descriptors(), vec![7, 8, 9, 10, 11]);
+    }
+
+    #[test]
+    fn an_unknown_version_is_refused_by_its_number() {
+        let mut value: serde_json::Value = serde_json::from_slice(&sample().encode()).unwrap();
+        value["version"] = 99.into();
+        // Whatever else a version 99 changed, the refusal names the version.
+        value["connections"] = "something new".into();
+        let e = Document::decode(&serde_json::to_vec(&value).unwrap()).unwrap_err();
+        assert!(e.0.contains("version 99 is not one this binary reads"), "{e}");
+    }
+
+    #[test]
+    fn unsafe_descriptor_numbers_are_refused() {
+        let mut doc = sample();
+        doc.connections[0].upstream_fd = 7;
+        let e = Document::decode(&doc.encode()).unwrap_err();
+        assert!(e.0.contains("descriptor 7 is named twice"), "{e}");
+        let mut doc = sample();
+        doc.listeners[0].fd = 1;
+        assert!(
+            Document::decode(&doc.encode())
+                .unwrap_err()
+                .0
+                .contains("descriptor 1")
+        );
+    }
+}
