@@ -1,6 +1,7 @@
 //! Property tests: the configuration parser never panics and every configuration it accepts
 //! survives a round trip through `ferryd check`'s output; the allowlist matcher agrees with a
-//! naive reference; and the health endpoint answers arbitrary bytes without falling over.
+//! naive reference; the health endpoint answers arbitrary bytes without falling over; and a
+//! handover document of any content is read or refused, never a panic.
 
 mod common;
 
@@ -272,5 +273,83 @@ proptest! {
         let fixed: [u8; 16] = bytes[..16].try_into().unwrap();
         prop_assert_eq!(proxy_header::header_len(&fixed).unwrap(), len);
         prop_assert_eq!(proxy_header::parse(&bytes[..len]).unwrap(), header);
+    }
+}
+
+/// A valid handover document: the base the property below mutates.
+const BASE_HANDOVER: &str = r#"{"version":1,"written_by":"0.2.0","parked_at_ns":5,
+    "listeners":[{"name":"ssh","fd":3},{"name":"health","fd":4}],
+    "connections":[{"route":"ssh","peer":"127.0.0.1:1","upstream":"127.0.0.1:2",
+        "client_fd":5,"upstream_fd":6,"up":{"state":"done"},
+        "down":{"state":"open","splice":false,"pipe":{"read_fd":7,"write_fd":8,"bytes":10}},
+        "age_ms":10,"quiet_ms":2,"bytes_up":0,"bytes_down":0,"fin_timeout_ms":0}],
+    "routes":{},"relay":{},"daemon":{}}"#;
+
+#[test]
+fn the_base_handover_document_is_accepted() {
+    let doc = ferryd::handover::Document::decode(BASE_HANDOVER.as_bytes()).expect("accepted");
+    assert_eq!(doc.descriptors(), vec![3, 4, 5, 6, 7, 8]);
+}
+
+/// JSON that is almost a handover document: the real keys, with values of every kind.
+fn handover_json() -> impl Strategy<Value = String> {
+    let value = prop::sample::select(vec![
+        "1",
+        "0",
+        "2",
+        "99",
+        "-1",
+        "3",
+        "4294967296",
+        "\"x\"",
+        "null",
+        "[]",
+        "{}",
+        "true",
+        "[{\"name\":\"ssh\",\"fd\":3}]",
+        "[{\"name\":\"ssh\",\"fd\":1}]",
+        "[{\"route\":\"ssh\",\"peer\":\"127.0.0.1:1\",\"upstream\":\"127.0.0.1:2\",\"client_fd\":5,\"upstream_fd\":5,\"up\":{\"state\":\"done\"},\"down\":{\"state\":\"open\",\"splice\":true,\"pipe\":{\"read_fd\":6,\"write_fd\":7,\"bytes\":18446744073709551615}},\"age_ms\":1,\"quiet_ms\":2,\"bytes_up\":0,\"bytes_down\":0,\"fin_timeout_ms\":0}]",
+    ]);
+    let key = prop::sample::select(vec![
+        "version",
+        "written_by",
+        "parked_at_ns",
+        "listeners",
+        "connections",
+        "routes",
+        "relay",
+        "daemon",
+        "bogus",
+    ]);
+    // A valid document with a few keys replaced, so that both acceptance and every refusal
+    // are reached.
+    prop::collection::vec((key, value), 0..4).prop_map(|pairs| {
+        let mut doc: serde_json::Value = serde_json::from_str(BASE_HANDOVER).expect("the base document");
+        for (key, value) in pairs {
+            doc[key] = serde_json::from_str(value).expect("a JSON value");
+        }
+        doc.to_string()
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    /// Whatever bytes arrive as a handover document, reading it refuses or accepts, never
+    /// panics; and an accepted one names no descriptor below 3 and none twice.
+    #[test]
+    fn handover_documents_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..2048)) {
+        let _ = ferryd::handover::Document::decode(&bytes);
+    }
+
+    #[test]
+    fn accepted_handover_documents_name_safe_descriptors(text in handover_json()) {
+        if let Ok(doc) = ferryd::handover::Document::decode(text.as_bytes()) {
+            prop_assert_eq!(doc.version, ferryd::handover::VERSION);
+            let fds = doc.descriptors();
+            prop_assert!(fds.iter().all(|fd| *fd > 2), "{:?}", fds);
+            let unique: std::collections::BTreeSet<_> = fds.iter().collect();
+            prop_assert_eq!(unique.len(), fds.len());
+        }
     }
 }

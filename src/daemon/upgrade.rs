@@ -101,6 +101,7 @@ impl Daemon {
         tracing::info!(
             exe = %self.program.exe.display(),
             connections = moved,
+            carried_bytes = outgoing.carried_bytes(),
             parked_ms = (handover::monotonic_ns().saturating_sub(parked_at)) / 1_000_000,
             "handing over to the binary at ferryd's path"
         );

@@ -182,6 +182,19 @@ impl Outgoing {
         self.doc.connections.len()
     }
 
+    /// Bytes on their way in pipes (read from one peer, not yet written to the other).
+    pub fn carried_bytes(&self) -> usize {
+        self.doc
+            .connections
+            .iter()
+            .flat_map(|c| [&c.up, &c.down])
+            .map(|side| match side {
+                SideEntry::Open { pipe: Some(p), .. } => p.bytes,
+                _ => 0,
+            })
+            .sum()
+    }
+
     /// Writes the document, lets exactly its descriptors cross, and execs `exe` with `args` and
     /// `env` (plus [`ENV`]). Should `exe` fail to start, the image this process runs now is
     /// exec'd instead (/proc/self/exe works even when the file was replaced or deleted), so the

@@ -1,0 +1,416 @@
+//! Live upgrade on loopback, without root: ferryd runs from a copy of its binary, the file is
+//! replaced and `ferryd upgrade` asked for, while connections of every kind are in flight.
+
+mod common;
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use common::{BIN, Daemon, Pattern, TempDir, Upstream, config_one_route, free_port, local};
+
+const GIB: u64 = 1 << 30;
+/// The bulk transfers are paced to last about this long, so that every upgrade happens while
+/// they are under way.
+const BULK_SECONDS: f64 = 6.0;
+const IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+
+/// An upstream that serves a role named by the connection's first line: ECHO (echo until EOF),
+/// SINK n (read n pattern bytes, check them, answer "ok n"), SOURCE n (send n pattern bytes,
+/// paced, then close), HALF n (read to EOF, then send n pattern bytes over about 3 s, then close).
+fn role_upstream() -> Upstream {
+    Upstream::start(|stream| {
+        let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+        let mut line = String::new();
+        if reader.read_line(&mut line).is_err() {
+            return;
+        }
+        let mut words = line.split_whitespace();
+        let role = words.next().unwrap_or_default().to_string();
+        let n: u64 = words.next().and_then(|n| n.parse().ok()).unwrap_or(0);
+        let mut stream = stream;
+        match role.as_str() {
+            "ECHO" => {
+                let mut buf = [0u8; 16 * 1024];
+                loop {
+                    match reader.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(m) => {
+                            if stream.write_all(&buf[..m]).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+            "SINK" => {
+                let got = Pattern::new(1).verify(&mut reader);
+                let answer = match got {
+                    Ok(got) => format!("ok {got}\n"),
+                    Err(e) => format!("bad {e}\n"),
+                };
+                let _ = stream.write_all(answer.as_bytes());
+            }
+            "SOURCE" => {
+                let _ = paced_send(&Pattern::new(2), &mut stream, n, BULK_SECONDS);
+            }
+            "HALF" => {
+                let mut sink = Vec::new();
+                if reader.read_to_end(&mut sink).is_err() {
+                    return;
+                }
+                let _ = paced_send(&Pattern::new(3), &mut stream, n, 3.0);
+            }
+            _ => {}
+        }
+    })
+}
+
+/// Sends `total` bytes of `pattern` spread over about `seconds`.
+fn paced_send(pattern: &Pattern, stream: &mut impl Write, total: u64, seconds: f64) -> io::Result<()> {
+    const STEP: u64 = 4 << 20;
+    let started = Instant::now();
+    let mut sent = 0;
+    while sent < total {
+        let n = STEP.min(total - sent);
+        pattern_slice_send(pattern, stream, sent, n)?;
+        sent += n;
+        let due = Duration::from_secs_f64(seconds * sent as f64 / total as f64);
+        if let Some(wait) = due.checked_sub(started.elapsed()) {
+            std::thread::sleep(wait);
+        }
+    }
+    Ok(())
+}
+
+/// Sends bytes `from..from + n` of the pattern's stream.
+fn pattern_slice_send(pattern: &Pattern, stream: &mut impl Write, from: u64, n: u64) -> io::Result<()> {
+    let mut skip = SkipWriter {
+        skip: from,
+        inner: stream,
+    };
+    pattern.send(&mut skip, from + n)
+}
+
+/// A writer that drops the first `skip` bytes written to it.
+struct SkipWriter<'a, W: Write> {
+    skip: u64,
+    inner: &'a mut W,
+}
+
+impl<W: Write> Write for SkipWriter<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.skip >= buf.len() as u64 {
+            self.skip -= buf.len() as u64;
+            return Ok(buf.len());
+        }
+        let from = self.skip as usize;
+        self.skip = 0;
+        self.inner.write_all(&buf[from..])?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+fn connect(listen: SocketAddr, role: &str) -> TcpStream {
+    let mut stream = TcpStream::connect(listen).expect("connect to ferryd");
+    stream
+        .write_all(format!("{role}\n").as_bytes())
+        .expect("role line");
+    stream
+}
+
+/// ferryd started from a copy of its binary at a temporary path.
+struct Installed {
+    dir: TempDir,
+}
+
+impl Installed {
+    fn new() -> Installed {
+        let installed = Installed {
+            dir: TempDir::new("upgrade-bin"),
+        };
+        installed.replace_with(Path::new(BIN));
+        installed
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.path().join("ferryd")
+    }
+
+    /// Puts `source` at the path the way a package manager does: a new file renamed over the
+    /// old one, so the running process keeps the old (now deleted) file.
+    fn replace_with(&self, source: &Path) {
+        let next = self.dir.path().join("ferryd.next");
+        std::fs::copy(source, &next).expect("copy the binary");
+        std::fs::rename(&next, self.path()).expect("rename over the binary");
+    }
+
+    fn start(&self, config: &str) -> Daemon {
+        let exe = self.path();
+        let daemon = Daemon::spawn_command(config, |config| {
+            let mut command = Command::new(&exe);
+            command.args(["run", "--config"]).arg(config);
+            for var in [
+                "JOURNAL_STREAM",
+                "NOTIFY_SOCKET",
+                "WATCHDOG_USEC",
+                "LISTEN_FDS",
+                "LISTEN_PID",
+            ] {
+                command.env_remove(var);
+            }
+            command
+        });
+        assert!(
+            daemon
+                .wait_for_log(" ready config=", Duration::from_secs(10))
+                .is_some(),
+            "ferryd did not become ready; its log:\n{}",
+            daemon.log()
+        );
+        daemon
+    }
+}
+
+fn upgrade(daemon: &Daemon) -> std::process::Output {
+    Command::new(BIN)
+        .args(["upgrade", "--timeout", "20", "--config"])
+        .arg(&daemon.config)
+        .output()
+        .expect("run ferryd upgrade")
+}
+
+fn status(daemon: &Daemon) -> serde_json::Value {
+    let response = daemon
+        .health_request("GET /status HTTP/1.0\r\n\r\n")
+        .expect("GET /status");
+    let body = response.split_once("\r\n\r\n").expect("a body").1;
+    serde_json::from_str(body).expect("a JSON status")
+}
+
+#[test]
+fn ten_upgrades_under_load_move_every_connection_and_refuse_none() {
+    let upstream = role_upstream();
+    let port = free_port();
+    let listen = local(port);
+    let installed = Installed::new();
+    let config = config_one_route(
+        port,
+        upstream.addr,
+        "",
+        &format!(
+            "idle_timeout = \"{}s\"\nfin_timeout = \"30s\"",
+            IDLE_TIMEOUT.as_secs()
+        ),
+    );
+    let daemon = installed.start(&config);
+    let pid = daemon.pid();
+
+    // 1 GiB up: the upstream checks every byte and answers with the count.
+    let up = std::thread::spawn(move || {
+        let mut stream = connect(listen, "SINK");
+        paced_send(&Pattern::new(1), &mut stream, GIB, BULK_SECONDS).expect("send 1 GiB up");
+        stream.shutdown(Shutdown::Write).expect("FIN");
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).expect("the upstream's answer");
+        answer
+    });
+    // 1 GiB down, checked here.
+    let down = std::thread::spawn(move || {
+        let mut stream = connect(listen, &format!("SOURCE {GIB}"));
+        Pattern::new(2).verify(&mut stream)
+    });
+    // A half-closed connection: the client is done, the upstream goes on sending for a while.
+    let half = std::thread::spawn(move || {
+        let mut stream = connect(listen, &format!("HALF {}", 64 << 20));
+        stream.write_all(&[7u8; 1 << 20]).expect("send");
+        stream.shutdown(Shutdown::Write).expect("FIN");
+        Pattern::new(3).verify(&mut stream)
+    });
+    // Interactive: an exchange every 10 ms until told to stop.
+    let stop = Arc::new(AtomicBool::new(false));
+    let interactive = {
+        let stop = stop.clone();
+        std::thread::spawn(move || -> Result<u64, String> {
+            let mut stream = connect(listen, "ECHO");
+            stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut exchanges = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let message = format!("keystroke {exchanges}\n");
+                common::echo_roundtrip(&mut stream, message.as_bytes())
+                    .map_err(|e| format!("exchange {exchanges}: {e}"))?;
+                exchanges += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Ok(exchanges)
+        })
+    };
+    // Connects in a loop, 50 a second, each exchanging a message.
+    let failures = Arc::new(AtomicU64::new(0));
+    let connects = Arc::new(AtomicU64::new(0));
+    let looper: JoinHandle<Vec<String>> = {
+        let (stop, failures, connects) = (stop.clone(), failures.clone(), connects.clone());
+        std::thread::spawn(move || {
+            let mut errors = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let n = connects.fetch_add(1, Ordering::Relaxed);
+                let attempt = (|| -> io::Result<()> {
+                    let mut stream = TcpStream::connect(listen)?;
+                    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+                    stream.write_all(b"ECHO\n")?;
+                    common::echo_roundtrip(&mut stream, format!("connect {n}").as_bytes())?;
+                    stream.shutdown(Shutdown::Write)?;
+                    let mut rest = Vec::new();
+                    stream.read_to_end(&mut rest)?;
+                    Ok(())
+                })();
+                if let Err(e) = attempt {
+                    failures.fetch_add(1, Ordering::Relaxed);
+                    errors.push(format!("connect {n}: {e}"));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            errors
+        })
+    };
+    // Idle: one exchange, then silence. It is due to close IDLE_TIMEOUT after that exchange.
+    let mut idle = connect(listen, "ECHO");
+    common::echo_roundtrip(&mut idle, b"once").expect("idle connection's exchange");
+    let idle_since = Instant::now();
+    let idle_watch = std::thread::spawn(move || {
+        idle.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut buf = [0u8; 16];
+        let end = idle.read(&mut buf);
+        (idle_since.elapsed(), end.map_err(|e| e.to_string()))
+    });
+
+    // Half the idle timeout later, ten upgrades, 200 ms apart, each to a fresh copy of the file.
+    std::thread::sleep(IDLE_TIMEOUT / 2);
+    let mut reports = Vec::new();
+    for _ in 0..10 {
+        installed.replace_with(Path::new(BIN));
+        let out = upgrade(&daemon);
+        assert!(
+            out.status.success(),
+            "ferryd upgrade failed: {}\nlog:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            daemon.log()
+        );
+        reports.push(String::from_utf8_lossy(&out.stdout).trim().to_string());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!("{}", reports.join("\n"));
+
+    let answer = up.join().expect("up thread");
+    assert_eq!(answer.trim(), format!("ok {GIB}"), "log:\n{}", daemon.log());
+    let got = down.join().expect("down thread").expect("1 GiB down, in order");
+    assert_eq!(got, GIB);
+    let got = half
+        .join()
+        .expect("half thread")
+        .expect("the half-closed connection completes");
+    assert_eq!(got, 64 << 20);
+    let (idle_for, idle_end) = idle_watch.join().expect("idle thread");
+    assert_eq!(idle_end, Ok(0), "the idle connection ends with a FIN");
+    // Upgrades ran from IDLE_TIMEOUT/2 for several seconds: a deadline renewed by any of them
+    // would land well past the original one.
+    assert!(
+        idle_for >= IDLE_TIMEOUT - Duration::from_millis(100)
+            && idle_for < IDLE_TIMEOUT + Duration::from_millis(1500),
+        "the idle connection closed after {idle_for:?}, not at its original deadline ({IDLE_TIMEOUT:?})"
+    );
+    stop.store(true, Ordering::Relaxed);
+    let exchanges = interactive
+        .join()
+        .expect("interactive thread")
+        .expect("every keystroke echoed");
+    let errors = looper.join().expect("connect loop");
+    assert!(
+        errors.is_empty(),
+        "{} of {} connects failed: {errors:?}",
+        failures.load(Ordering::Relaxed),
+        connects.load(Ordering::Relaxed)
+    );
+
+    assert_eq!(daemon.pid(), pid);
+    let exe = std::fs::metadata(format!("/proc/{pid}/exe")).expect("the daemon's exe");
+    let file = std::fs::metadata(installed.path()).expect("the binary");
+    assert_eq!(exe.ino(), file.ino(), "/proc/PID/exe is the file now at the path");
+    let status = status(&daemon);
+    assert_eq!(status["pid"], pid);
+    assert_eq!(status["upgrade"]["completed"], 10, "{status}");
+    let route = &status["routes"][0];
+    let bytes_up = route["bytes_up"].as_u64().unwrap_or(0);
+    let bytes_down = route["bytes_down"].as_u64().unwrap_or(0);
+    assert!(
+        bytes_up >= GIB && bytes_down >= GIB + (64 << 20),
+        "counters restarted: {route}"
+    );
+    let relayed = route["relayed"].as_u64().unwrap_or(0);
+    assert!(
+        relayed >= connects.load(Ordering::Relaxed),
+        "relayed {relayed}: {route}"
+    );
+    println!(
+        "{exchanges} interactive exchanges, {} connects, {relayed} relayed",
+        connects.load(Ordering::Relaxed)
+    );
+}
+
+#[test]
+fn a_binary_that_cannot_take_over_changes_nothing() {
+    let upstream = Upstream::echo();
+    let port = free_port();
+    let installed = Installed::new();
+    let daemon = installed.start(&config_one_route(port, upstream.addr, "", ""));
+    let pid = daemon.pid();
+    let mut session = TcpStream::connect(local(port)).expect("connect");
+    session.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    common::echo_roundtrip(&mut session, b"before").expect("exchange before");
+
+    let cases = [
+        (
+            "#!/bin/sh\necho 'handover versions: 99'\n",
+            "reads handover versions [99]",
+        ),
+        (
+            "#!/bin/sh\necho 'ferryd: the file is broken' >&2\nexit 1\n",
+            "the file is broken",
+        ),
+        (
+            "#!/bin/sh\necho 'ferryd 0.1.0'\n",
+            "did not list the handover versions",
+        ),
+    ];
+    for (attempt, (script, reason)) in cases.iter().enumerate() {
+        let stand_in = installed.dir.path().join("stand-in");
+        std::fs::write(&stand_in, script).unwrap();
+        std::fs::set_permissions(&stand_in, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        installed.replace_with(&stand_in);
+        let out = upgrade(&daemon);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "upgrade to a stand-in succeeded: {stderr}");
+        assert!(stderr.contains(reason), "expected {reason:?} in: {stderr}");
+        common::echo_roundtrip(&mut session, format!("after {attempt}").as_bytes())
+            .expect("the session goes on in the old daemon");
+        assert_eq!(daemon.pid(), pid);
+        let status = status(&daemon);
+        assert_eq!(status["upgrade"]["completed"], 0);
+        assert_eq!(status["upgrade"]["attempts"], attempt as u64 + 1);
+        assert_eq!(status["upgrade"]["last"]["ok"], false);
+    }
+    assert!(daemon.log_lines("live upgrade refused; nothing changed").len() == 3);
+    // A new connection is still served by the old daemon.
+    let mut fresh = TcpStream::connect(local(port)).expect("connect after the refusals");
+    common::echo_roundtrip(&mut fresh, b"still here").expect("a new connection is relayed");
+}
