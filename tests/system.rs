@@ -459,18 +459,67 @@ fn package_installs_runs_reloads_stops_and_purges_under_systemd() {
     assert!(denied.contains("FERRYD_ROUTE=ssh"), "{denied}");
     assert!(denied.contains("FERRYD_CLIENT=127.0.0.1:"), "{denied}");
 
-    // An upgrade (the same package again) keeps the locally modified conffile and restarts.
+    // A live upgrade through the package manager: `apt install` of a package with a bumped
+    // version while an SSH session through the relay prints a counter every 100 ms. The session
+    // never stops, and the unit's main process is the same one, now running the new file.
+    c.ok("mkdir -p /root/.ssh && chmod 700 /root/.ssh && rm -f /root/.ssh/id /root/.ssh/id.pub && ssh-keygen -q -t ed25519 -N '' -f /root/.ssh/id && cat /root/.ssh/id.pub >> /root/.ssh/authorized_keys");
+    c.ok("rm -rf /root/next && dpkg-deb -R /mnt/ferryd/ferryd.deb /root/next && sed -i 's/^Version: .*/&+next1/' /root/next/DEBIAN/control && dpkg-deb -b /root/next /root/ferryd_next.deb >/dev/null");
     let pid_before = c.ok("systemctl show -p MainPID --value ferryd");
+    c.ok(
+        "rm -f /tmp/counter /tmp/session-done; (ssh -b 127.0.0.2 -p 60001 -i /root/.ssh/id -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o BatchMode=yes root@127.0.0.1 'for i in $(seq 1 80); do echo $i; sleep 0.1; done' >/tmp/counter 2>/tmp/session.err; echo $? >/tmp/session-done) >/dev/null 2>&1 &",
+    );
+    c.wait_for(
+        "test \"$(wc -l < /tmp/counter)\" -ge 5 && echo counting",
+        "counting",
+        Duration::from_secs(20),
+    );
+    let install = c.sh("apt-get install -y -q /root/ferryd_next.deb 2>&1");
+    let said = String::from_utf8_lossy(&install.stdout);
+    assert!(install.status.success(), "{said}");
+    assert!(said.contains("ferryd upgraded in place"), "{said}");
+    for line in said.lines().filter(|l| l.contains("upgraded in place")) {
+        println!("package upgrade: {line}");
+    }
+    let done = c.wait_for("cat /tmp/session-done 2>/dev/null", "0", Duration::from_secs(30));
+    assert_eq!(done.trim(), "0", "{}", c.ok("cat /tmp/session.err"));
+    let counter = c.ok("cat /tmp/counter");
+    let expected: Vec<String> = (1..=80).map(|i| i.to_string()).collect();
+    assert_eq!(
+        counter.lines().collect::<Vec<_>>(),
+        expected,
+        "the session's counter"
+    );
+    assert_eq!(
+        c.ok("systemctl show -p MainPID --value ferryd"),
+        pid_before,
+        "the same process"
+    );
+    assert!(c.ok("dpkg-query -W -f='${Version}' ferryd").ends_with("+next1"));
+    let exe = c.ok(&format!("readlink /proc/{}/exe", pid_before.trim()));
+    assert_eq!(
+        exe.trim(),
+        "/usr/bin/ferryd",
+        "runs the new file (not a deleted one)"
+    );
+    let upgraded = c.ok(&format!(
+        "journalctl -u ferryd --no-pager -o cat MESSAGE_ID={}",
+        ferryd::logging::ids::UPGRADED
+    ));
+    assert!(upgraded.contains("live upgrade complete"), "{upgraded}");
+    assert_eq!(c.ok("systemctl is-active ferryd").trim(), "active");
+
+    // Another upgrade (back to the package as built) keeps the locally modified conffile and
+    // hands over again.
     c.ok("dpkg -i /mnt/ferryd/ferryd.deb");
     assert!(
         c.ok("cat /etc/ferryd/ferryd.toml").contains("127.0.0.2/32"),
         "local edits kept"
     );
     c.wait_for("systemctl is-active ferryd", "active", Duration::from_secs(20));
-    assert_ne!(
+    assert_eq!(
         c.ok("systemctl show -p MainPID --value ferryd"),
         pid_before,
-        "restarted on upgrade"
+        "handed over on upgrade, not restarted"
     );
 
     // An upgrade whose binary rejects the installed configuration (a renamed or unknown key)

@@ -14,6 +14,9 @@ const FIRST_FD: RawFd = 3;
 #[derive(Debug, Default)]
 pub struct Passed {
     sockets: Vec<(String, TcpListener)>,
+    /// Sockets handed over by the previous program image of a live upgrade are claimed the same
+    /// way; the log says which.
+    handed_over: bool,
 }
 
 impl Passed {
@@ -56,7 +59,10 @@ impl Passed {
             }
             sockets.push((name, TcpListener::from(socket)));
         }
-        Passed { sockets }
+        Passed {
+            sockets,
+            handed_over: false,
+        }
     }
 
     /// Adds listening sockets handed over by the previous program image of a live upgrade, under
@@ -69,6 +75,7 @@ impl Passed {
             }
             self.sockets.push((name, listener));
         }
+        self.handed_over = true;
     }
 
     /// Takes the socket bound to `addr`: the one passed under `name` when its address is still
@@ -83,7 +90,11 @@ impl Passed {
             .position(|(n, l)| n == name && bound_to(l))
             .or_else(|| self.sockets.iter().position(|(_, l)| bound_to(l)))?;
         let (passed_name, listener) = self.sockets.remove(index);
-        tracing::info!(name, passed_name, listen = %addr, "using a listening socket passed to this process");
+        if self.handed_over {
+            tracing::info!(name, passed_name, listen = %addr, "using the socket handed over by the previous program image");
+        } else {
+            tracing::info!(name, passed_name, listen = %addr, "using the socket passed by systemd");
+        }
         Some((listener, passed_name))
     }
 
