@@ -11,7 +11,9 @@
 
 use std::io;
 
-use nix::sys::signal::{SigSet, SigmaskHow, Signal, pthread_sigmask};
+use nix::sys::signal::{
+    SaFlags, SigAction, SigHandler, SigSet, SigmaskHow, Signal, pthread_sigmask, sigaction,
+};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use tokio::io::unix::AsyncFd;
 
@@ -32,10 +34,17 @@ fn set() -> SigSet {
     set
 }
 
-/// Blocks the handled signals in the calling thread, and so in every thread it starts. Call it
-/// before any other thread exists.
+/// Blocks the handled signals in the calling thread, and so in every thread it starts, and sets
+/// their disposition back to the default: a signal a parent left ignored (nohup ignores SIGHUP)
+/// would otherwise be discarded instead of waiting for the signalfd. Blocked, the default action
+/// never runs. Call it before any other thread exists.
 pub fn block() -> io::Result<()> {
     pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set()), None)?;
+    let default = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
+    for signal in HANDLED {
+        // SAFETY: installing the default disposition runs no code of ours in a signal context.
+        unsafe { sigaction(signal, &default) }?;
+    }
     Ok(())
 }
 

@@ -507,3 +507,29 @@ fn a_route_moved_by_reload_keeps_its_count_and_limit() {
     let mut again = when_free();
     echo_roundtrip(&mut again, b"old configuration in force").unwrap();
 }
+
+/// A parent that leaves SIGHUP ignored (nohup does) must not make reloads silently impossible:
+/// the daemon reads its signals from a signalfd, which never sees an ignored signal, so it puts
+/// the default disposition back (blocked, the default action never runs).
+#[test]
+fn sighup_left_ignored_by_the_parent_still_reloads() {
+    let upstream = Upstream::echo();
+    let port = free_port();
+    let daemon = Daemon::start_with(&config_one_route(port, upstream.addr, "", ""), |command| {
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            command.pre_exec(|| {
+                libc::signal(libc::SIGHUP, libc::SIG_IGN);
+                Ok(())
+            });
+        }
+    });
+    daemon.signal(Signal::SIGHUP);
+    assert!(
+        daemon
+            .wait_for_log("configuration reloaded", Duration::from_secs(5))
+            .is_some(),
+        "an inherited SIG_IGN swallowed the SIGHUP: {}",
+        daemon.log()
+    );
+}
