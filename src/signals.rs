@@ -11,9 +11,7 @@
 
 use std::io;
 
-use nix::sys::signal::{
-    SaFlags, SigAction, SigHandler, SigSet, SigmaskHow, Signal, pthread_sigmask, sigaction,
-};
+use nix::sys::signal::{SigSet, SigmaskHow, Signal, pthread_sigmask};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use tokio::io::unix::AsyncFd;
 
@@ -34,17 +32,12 @@ fn set() -> SigSet {
     set
 }
 
-/// Blocks the handled signals in the calling thread, and so in every thread it starts, and sets
-/// their disposition back to the default: a signal a parent left ignored (nohup ignores SIGHUP)
-/// would otherwise be discarded instead of waiting for the signalfd. Blocked, the default action
-/// never runs. Call it before any other thread exists.
+/// Blocks the handled signals in the calling thread, and so in every thread it starts. Call it
+/// before any other thread exists. A blocked signal is queued even when its disposition is
+/// "ignore" (the kernel never treats a blocked signal as ignored), so one a parent left ignored,
+/// like nohup's SIGHUP, still reaches the signalfd.
 pub fn block() -> io::Result<()> {
     pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set()), None)?;
-    let default = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
-    for signal in HANDLED {
-        // SAFETY: installing the default disposition runs no code of ours in a signal context.
-        unsafe { sigaction(signal, &default) }?;
-    }
     Ok(())
 }
 

@@ -508,9 +508,10 @@ fn a_route_moved_by_reload_keeps_its_count_and_limit() {
     echo_roundtrip(&mut again, b"old configuration in force").unwrap();
 }
 
-/// A parent that leaves SIGHUP ignored (nohup does) must not make reloads silently impossible:
-/// the daemon reads its signals from a signalfd, which never sees an ignored signal, so it puts
-/// the default disposition back (blocked, the default action never runs).
+/// A parent that leaves SIGHUP ignored (nohup does) must not make reloads silently impossible.
+/// The daemon reads its signals from a signalfd with them blocked, and the kernel queues a blocked
+/// signal even when its disposition is "ignore": this guards that design against a change that
+/// would unblock them or go back to handlers.
 #[test]
 fn sighup_left_ignored_by_the_parent_still_reloads() {
     let upstream = Upstream::echo();
