@@ -650,3 +650,42 @@ fn urgent_data_followed_by_a_bulk_write_interactive() {
 fn urgent_data_followed_by_a_bulk_write_while_splicing() {
     urgent_data_case(true, false, 40 * 1024);
 }
+
+/// The copy-or-splice mode follows the traffic: a direction that streamed (a bulk upload) and then
+/// trickles (keystrokes) copies the small bursts again, one recv and one send each, instead of
+/// three splices.
+#[test]
+fn a_direction_that_streamed_copies_again_when_it_trickles() {
+    let upstream = Upstream::echo();
+    let port = free_port();
+    let mut daemon = Daemon::start(&config_one_route(port, upstream.addr, "", ""));
+    let mut client = TcpStream::connect(local(port)).unwrap();
+    client.set_nodelay(true).unwrap();
+    // Bulk first: both directions switch to splicing.
+    let bulk = vec![0x42u8; 4 * MIB as usize];
+    let mut reader = client.try_clone().unwrap();
+    let echoed = std::thread::spawn(move || {
+        let mut back = vec![0u8; 4 * MIB as usize];
+        reader.read_exact(&mut back).map(|()| back)
+    });
+    client.write_all(&bulk).unwrap();
+    assert_eq!(echoed.join().unwrap().unwrap(), bulk);
+    // Then 3,000 small exchanges: 300 KB each way, far more than the copies before streaming.
+    for i in 0..3000u32 {
+        let message = format!("{i:0100}");
+        echo_roundtrip(&mut client, message.as_bytes()).unwrap();
+    }
+    drop(client);
+    daemon
+        .wait_for_log("connection closed", Duration::from_secs(10))
+        .expect("close logged");
+    assert!(daemon.stop().success());
+    let summary = daemon
+        .wait_for_log(" stopped relayed=", Duration::from_secs(1))
+        .expect("summary");
+    let copied: u64 = field(&summary, "copied_bytes").unwrap().parse().unwrap();
+    assert!(
+        copied >= 2 * 290_000,
+        "the small exchanges after the bulk transfer were spliced: {summary}"
+    );
+}

@@ -36,6 +36,32 @@ pub(crate) fn bulk(target: SocketAddr, total: u64, streams: usize) -> f64 {
     started.elapsed().as_secs_f64()
 }
 
+/// One stream paced at `bits_per_second` for `seconds` into the sink; returns the seconds it
+/// took (the sink's confirmation included).
+pub(crate) fn paced(target: SocketAddr, bits_per_second: f64, seconds: f64) -> f64 {
+    const CHUNK: usize = 64 * 1024;
+    let block = vec![0x5au8; CHUNK];
+    let total = (bits_per_second / 8.0 * seconds) as u64;
+    let started = Instant::now();
+    let mut s = TcpStream::connect(target).expect("connect");
+    s.write_all(b"S").expect("write");
+    let mut sent = 0u64;
+    while sent < total {
+        let n = (total - sent).min(CHUNK as u64) as usize;
+        s.write_all(&block[..n]).expect("write");
+        sent += n as u64;
+        let due = Duration::from_secs_f64(sent as f64 * 8.0 / bits_per_second);
+        if let Some(wait) = due.checked_sub(started.elapsed()) {
+            std::thread::sleep(wait);
+        }
+    }
+    s.shutdown(Shutdown::Write).expect("shutdown");
+    let mut done = [0u8; 4];
+    s.read_exact(&mut done)
+        .expect("the sink confirms it read everything");
+    started.elapsed().as_secs_f64()
+}
+
 pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;

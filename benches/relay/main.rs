@@ -7,6 +7,12 @@
 //! (A B C ... A B C ...) and each figure is the median of the rounds, with the spread (min-max),
 //! so that a noisy machine moves every contender alike.
 //!
+//! Two shapes: the machine's two cores shared by everything (every proxy on one thread or
+//! worker, the load generator and upstream beside it), and the proxy VM's own shape, one core:
+//! each proxy pinned to CPU 0 while this program (load and upstream) runs on CPU 1, measuring the
+//! most one core relays on one stream and the share of that core a 250 Mbit/s stream (the proxy
+//! VM's network) costs.
+//!
 //! `cargo bench --bench relay` runs the full benchmark and rewrites the results section of
 //! BENCHMARKS.md and BENCHMARKS.svg. `cargo bench --bench relay -- --smoke` runs one short round,
 //! checks that every installed contender starts and moves bytes, and writes nothing.
@@ -30,8 +36,8 @@ use std::sync::atomic::AtomicUsize;
 
 use chart::chart;
 use contenders::{Kind, start};
-use load::{bulk, connection_rate, footprint, ping_pong};
-use procfs::cpu_seconds;
+use load::{bulk, connection_rate, footprint, paced, ping_pong};
+use procfs::{cpu_seconds, cpu_seconds_precise, pin};
 use report::{Metric, Samples, report, write_results};
 use upstream::start_upstream;
 
@@ -45,7 +51,12 @@ pub(crate) struct Plan {
     pub(crate) round_trips: usize,
     pub(crate) connections: usize,
     pub(crate) idle_connections: usize,
+    /// How long the paced 250 Mbit/s stream of the one-core shape lasts.
+    pub(crate) paced_seconds: f64,
 }
+
+/// The proxy VM's network: what the one-core shape's paced stream sends.
+pub(crate) const VM_BITS_PER_SECOND: f64 = 250e6;
 
 pub(crate) const FULL: Plan = Plan {
     // Seven rather than the minimum five: tail latency on a shared 2-core machine is noisy.
@@ -54,6 +65,7 @@ pub(crate) const FULL: Plan = Plan {
     round_trips: 10_000,
     connections: 1_000,
     idle_connections: 5_000,
+    paced_seconds: 6.0,
 };
 
 pub(crate) const SMOKE: Plan = Plan {
@@ -62,6 +74,7 @@ pub(crate) const SMOKE: Plan = Plan {
     round_trips: 200,
     connections: 50,
     idle_connections: 50,
+    paced_seconds: 0.5,
 };
 
 fn main() {
@@ -82,6 +95,14 @@ fn main() {
     {
         plan.connections = n;
     }
+    // The one-core shape needs two CPUs (one for the proxy, one for the load) and taskset.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let me = std::process::id();
+    let one_core = cores >= 2 && pin(me, "0-1");
+    if !one_core {
+        eprintln!("one-core shape left out: it needs 2 CPUs and taskset (util-linux)");
+    }
+    let all_cpus = format!("0-{}", cores - 1);
     let held = Arc::new(AtomicUsize::new(0));
     let upstream = start_upstream(held.clone());
 
@@ -121,15 +142,36 @@ fn main() {
             let (cps, setup99) = connection_rate(proxy.listen, plan.connections);
             samples.add(Metric::Cps, cps);
             samples.add(Metric::Setup99, setup99);
+            // One core: the proxy on CPU 0, this program on CPU 1.
+            let mut core = (f64::NAN, f64::NAN);
+            if let (true, Some(child)) = (one_core, &proxy.child)
+                && pin(child.id(), "0")
+                && pin(me, "1")
+            {
+                let t = bulk(proxy.listen, plan.bulk_bytes, 1);
+                // socat's per-connection child must be gone and reaped before the baseline, or
+                // its time would move from its own counters to its parent's between the reads.
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                let before = cpu_seconds_precise(proxy);
+                let wall = paced(proxy.listen, VM_BITS_PER_SECOND, plan.paced_seconds);
+                let share = 100.0 * (cpu_seconds_precise(proxy) - before) / wall;
+                core = (plan.bulk_bytes as f64 * 8.0 / t / 1e9, share);
+                samples.add(Metric::CoreGbps1, core.0);
+                samples.add(Metric::CoreShare, core.1);
+                pin(child.id(), &all_cpus);
+                pin(me, &all_cpus);
+            }
             eprintln!(
-                "  {:15} {:6.2} / {:6.2} Gbit/s  {:5.2} CPU s/GiB  rtt p50 {:6.1} p99 {:6.1} µs  {:7.0} conn/s",
+                "  {:15} {:6.2} / {:6.2} Gbit/s  {:5.2} CPU s/GiB  rtt p50 {:6.1} p99 {:6.1} µs  {:7.0} conn/s  one core: {:6.2} Gbit/s, {:5.2}% at 250 Mbit/s",
                 proxy.kind.name(),
                 plan.bulk_bytes as f64 * 8.0 / t1 / 1e9,
                 plan.bulk_bytes as f64 * 8.0 / t8 / 1e9,
                 cpu / gib,
                 p50,
                 p99,
-                cps
+                cps,
+                core.0,
+                core.1
             );
         }
     }

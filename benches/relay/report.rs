@@ -39,6 +39,19 @@ pub(crate) enum Metric {
     ConnFds,
     /// Pipe descriptors held with idle connections.
     PipeFds,
+    /// One core: throughput of one stream (Gbit/s).
+    CoreGbps1,
+    /// One core: share of the core used to relay 250 Mbit/s (%).
+    CoreShare,
+}
+
+/// What ferryd aims for on a figure (the goals).
+#[derive(Clone, Copy)]
+pub(crate) enum Goal {
+    /// ferryd / best peer at most (lower is better) or at least (higher is better) this.
+    Ratio(f64),
+    /// ferryd's own value at most this.
+    AtMost(f64),
 }
 
 #[derive(Default, Clone)]
@@ -64,74 +77,100 @@ pub(crate) struct Figure {
     pub(crate) title: &'static str,
     pub(crate) unit: &'static str,
     pub(crate) higher_is_better: bool,
+    pub(crate) goal: Option<Goal>,
 }
 
 pub(crate) const FIGURES: &[Figure] = &[
+    Figure {
+        metric: Metric::CoreGbps1,
+        title: "One core: throughput, 1 stream",
+        unit: "Gbit/s",
+        higher_is_better: true,
+        goal: Some(Goal::Ratio(1.3)),
+    },
+    Figure {
+        metric: Metric::CoreShare,
+        title: "One core: share used to relay 250 Mbit/s",
+        unit: "% of the core",
+        higher_is_better: false,
+        goal: Some(Goal::Ratio(0.5)),
+    },
     Figure {
         metric: Metric::Gbps1,
         title: "Throughput, 1 stream",
         unit: "Gbit/s",
         higher_is_better: true,
+        goal: Some(Goal::Ratio(1.3)),
     },
     Figure {
         metric: Metric::Gbps8,
         title: "Throughput, 8 streams",
         unit: "Gbit/s",
         higher_is_better: true,
+        goal: None,
     },
     Figure {
         metric: Metric::Cpu,
         title: "Proxy CPU per GiB relayed",
         unit: "CPU s/GiB",
         higher_is_better: false,
+        goal: Some(Goal::Ratio(0.5)),
     },
     Figure {
         metric: Metric::P50,
         title: "Ping-pong p50 added over direct",
         unit: "µs",
         higher_is_better: false,
+        goal: Some(Goal::Ratio(1.0)),
     },
     Figure {
         metric: Metric::P99,
         title: "Ping-pong p99 added over direct",
         unit: "µs",
         higher_is_better: false,
+        goal: Some(Goal::Ratio(1.0)),
     },
     Figure {
         metric: Metric::Cps,
         title: "Connections per second",
         unit: "conn/s",
         higher_is_better: true,
+        goal: Some(Goal::Ratio(1.2)),
     },
     Figure {
         metric: Metric::Setup99,
         title: "Connection setup p99",
         unit: "µs",
         higher_is_better: false,
+        goal: None,
     },
     Figure {
         metric: Metric::IdleRss,
         title: "Idle RSS",
         unit: "KiB",
         higher_is_better: false,
+        goal: Some(Goal::AtMost(3072.0)),
     },
     Figure {
         metric: Metric::ConnKib,
         title: "RSS per idle connection",
         unit: "KiB",
         higher_is_better: false,
+        goal: Some(Goal::AtMost(3.0)),
     },
     Figure {
         metric: Metric::ConnFds,
         title: "fds per idle connection",
         unit: "fds",
         higher_is_better: false,
+        goal: Some(Goal::AtMost(2.0)),
     },
     Figure {
         metric: Metric::PipeFds,
         title: "Pipe fds held with idle connections",
         unit: "fds",
         higher_is_better: false,
+        goal: None,
     },
 ];
 
@@ -192,12 +231,13 @@ pub(crate) fn report(
     );
     let _ = writeln!(
         out,
-        "- plan: {} interleaved rounds; bulk {} GiB per test; {} round trips; {} connections for the rate; {} idle connections (socat: 200); every proxy on one thread or worker",
+        "- plan: {} interleaved rounds; bulk {} GiB per test; {} round trips; {} connections for the rate; {} idle connections (socat: 200); every proxy on one thread or worker; one-core shape: the proxy pinned to CPU 0, load and upstream on CPU 1, a {} s stream paced at 250 Mbit/s",
         plan.rounds,
         plan.bulk_bytes as f64 / GIB,
         plan.round_trips,
         plan.connections,
-        plan.idle_connections
+        plan.idle_connections,
+        plan.paced_seconds
     );
     if !missing.is_empty() {
         let _ = writeln!(out, "- left out (not installed): {}", missing.join(", "));
@@ -205,18 +245,53 @@ pub(crate) fn report(
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "Median of the rounds, with the spread (min-max) in brackets."
+        "Median of the rounds, with the spread (min-max). \"vs best peer\" divides by the best median among the other relays (HAProxy with and without splice, nginx, socat) on that figure."
     );
+    let _ = writeln!(out);
+    let _ = writeln!(out, "### Goals: ferryd against the best peer on each figure");
+    let _ = writeln!(out);
+    let _ = writeln!(out, "| figure | best peer | ferryd | ratio | goal | |");
+    let _ = writeln!(out, "| --- | --- | ---: | ---: | --- | --- |");
+    for figure in FIGURES {
+        let Some(goal) = figure.goal else { continue };
+        let Some(ours) = results
+            .get(&Kind::Ferryd)
+            .and_then(|s| s.stats(figure.metric))
+            .map(|s| s.0)
+        else {
+            continue;
+        };
+        let best = best_peer(results, kinds, figure);
+        let ratio = best
+            .filter(|(_, b)| b.abs() > f64::EPSILON)
+            .map(|(_, b)| ours / b);
+        let (goal_text, met) = match goal {
+            Goal::Ratio(r) if figure.higher_is_better => (format!(">= {r}x"), ratio.map(|x| x >= r)),
+            Goal::Ratio(r) => (format!("<= {r}x"), ratio.map(|x| x <= r)),
+            Goal::AtMost(v) => (format!("<= {} {}", num(v), figure.unit), Some(ours <= v)),
+        };
+        let _ = writeln!(
+            out,
+            "| {} ({}) | {} | {} | {} | {goal_text} | {} |",
+            figure.title,
+            figure.unit,
+            best.map_or("-".into(), |(k, b)| format!("{} {}", k.name(), num(b))),
+            num(ours),
+            ratio.map_or("-".into(), |x| format!("{x:.2}x")),
+            match met {
+                Some(true) => "met",
+                Some(false) => "NOT met",
+                None => "-",
+            }
+        );
+    }
     for figure in FIGURES {
         let _ = writeln!(out);
         let _ = writeln!(out, "### {} ({})", figure.title, figure.unit);
         let _ = writeln!(out);
-        let _ = writeln!(out, "| contender | median | spread | vs haproxy splice |");
+        let _ = writeln!(out, "| contender | median | spread | vs best peer |");
         let _ = writeln!(out, "| --- | ---: | ---: | ---: |");
-        let reference = results
-            .get(&Kind::HaproxySplice)
-            .and_then(|s| s.stats(figure.metric))
-            .map(|s| s.0);
+        let reference = best_peer(results, kinds, figure).map(|(_, b)| b);
         for kind in kinds {
             let Some((median, lo, hi)) = results.get(kind).and_then(|s| s.stats(figure.metric)) else {
                 continue;
@@ -247,6 +322,27 @@ pub(crate) fn report(
             / med(results, Kind::Direct, Metric::Gbps8).max(1e-9)
     );
     out
+}
+
+/// The other relay with the best median on `figure` (not direct, not ferryd in either mode).
+pub(crate) fn best_peer(
+    results: &BTreeMap<Kind, Samples>,
+    kinds: &[Kind],
+    figure: &Figure,
+) -> Option<(Kind, f64)> {
+    kinds
+        .iter()
+        .filter(|k| !matches!(k, Kind::Direct | Kind::Ferryd | Kind::FerrydCopy))
+        .filter_map(|k| Some((*k, results.get(k)?.stats(figure.metric)?.0)))
+        .filter(|(_, v)| v.is_finite())
+        .reduce(|a, b| {
+            let better = if figure.higher_is_better {
+                b.1 > a.1
+            } else {
+                b.1 < a.1
+            };
+            if better { b } else { a }
+        })
 }
 
 pub(crate) fn med(results: &BTreeMap<Kind, Samples>, kind: Kind, metric: Metric) -> f64 {

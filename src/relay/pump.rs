@@ -4,8 +4,10 @@
 //! `try_io`, so a WouldBlock clears the cached readiness instead of spinning; data is spliced
 //! into an empty pipe and the pipe drained completely before the next read, so EAGAIN always has
 //! one meaning. A direction starts by copying through a pooled buffer, which is cheapest for the
-//! small writes of an interactive session; the first read that brings [`STREAMING_READ`] bytes or
-//! more marks it as a bulk stream, and from then on it splices. When no pipe is available, or the
+//! small writes of an interactive session; a read that brings [`STREAMING_READ`] bytes or more
+//! marks it as a bulk stream, and it splices; a splice burst that moves less than that (the
+//! stream has slowed to a trickle, like keystrokes after an upload) puts it back to copying. The
+//! mode follows the traffic, burst by burst. When no pipe is available, or the
 //! kernel refuses splice, it copies, counted and logged. It must not close sockets or decide how
 //! a connection ends: it reports end of stream or an error, and the connection decides.
 //!
@@ -90,6 +92,8 @@ pub enum Stop {
 enum Burst {
     /// `src` has nothing more for now; wait for readiness again.
     Drained,
+    /// A splice burst drained `src` having moved less than [`STREAMING_READ`]: copy the next.
+    Trickle,
     /// A copy burst read a bulk-sized chunk: switch to splicing (readiness is still set).
     Streaming,
     /// `src` sent its FIN and every byte before it was written to `dst`.
@@ -173,6 +177,7 @@ pub async fn pump(
                 return Ok(Stop::Eof);
             }
             Burst::Streaming => streaming = true,
+            Burst::Trickle => streaming = false,
             Burst::Drained => {}
             Burst::Paused(carry) => return Ok(Stop::Paused(Paused { streaming, carry })),
         }
@@ -237,6 +242,7 @@ async fn splice_burst(
     pause: &mut Pause,
 ) -> Result<Burst, PumpError> {
     let src = src.as_ref();
+    let mut moved = 0;
     loop {
         let n = match src.try_io(Interest::READABLE, || lease.fill_from(src)) {
             // splice stops at TCP's urgent mark, answering EAGAIN there (or 0 when a FIN
@@ -244,9 +250,13 @@ async fn splice_burst(
             Ok(0) | Err(_) if at_urgent_mark(src) => return copy_past_mark(src, dst, flow, pause).await,
             Ok(0) => return Ok(Burst::Eof),
             Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && moved < STREAMING_READ => {
+                return Ok(Burst::Trickle);
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Burst::Drained),
             Err(e) => return Err(PumpError::Read(e)),
         };
+        moved += n;
         flow.activity.carrying();
         let out = dst.as_ref();
         while lease.pending() > 0 {
