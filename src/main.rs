@@ -21,8 +21,11 @@ fn main() -> ExitCode {
                 eprintln!("ferryd: cannot block the signals the daemon reads: {e}");
                 return ExitCode::FAILURE;
             }
+            // Also while this is the only thread: the environment it inherited from systemd
+            // (or from the previous image of a live upgrade).
+            let inherited = ferryd::daemon::Inherited::take();
             ferryd::logging::init();
-            let code = match ferryd::daemon::run(&config) {
+            let code = match ferryd::daemon::run(&config, inherited) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e:#}");

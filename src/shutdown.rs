@@ -117,12 +117,18 @@ impl Drain {
     }
 
     /// Asks every connection to park and waits up to `timeout` for every handle to be dropped
-    /// (each parked connection drops its own). Returns whether all of them did; the daemon is
-    /// committed to the upgrade either way.
-    pub async fn park(mut self, timeout: Duration) -> bool {
+    /// (each parked connection drops its own). The ones still running then are told to close
+    /// (they reset both sides) and get up to `grace` to do so. Returns whether all of them
+    /// parked; the daemon is committed to the upgrade either way.
+    pub async fn park(mut self, timeout: Duration, grace: Duration) -> bool {
         drop(self.alive_tx);
         let _ = self.signal.send(Signal::Park);
-        tokio::time::timeout(timeout, self.alive_rx.recv()).await.is_ok()
+        if tokio::time::timeout(timeout, self.alive_rx.recv()).await.is_ok() {
+            return true;
+        }
+        let _ = self.signal.send(Signal::Close);
+        let _ = tokio::time::timeout(grace, self.alive_rx.recv()).await;
+        false
     }
 }
 

@@ -26,6 +26,7 @@ use tokio::task::JoinHandle;
 use crate::config::{Config, HEALTH_SOCKET_NAME, Route};
 use crate::logging::ids;
 
+mod inherited;
 mod reload;
 mod upgrade;
 use crate::handover::Incoming;
@@ -36,6 +37,7 @@ use crate::signals::{Sig, Signals};
 use crate::state::{EngineView, NatStatus, Phase, RouteStats, RouteView, State};
 use crate::systemd::activation::Passed;
 use crate::systemd::notify::{self, Notifier};
+pub use inherited::Inherited;
 
 /// After the drain timeout tells the last connections to close, how long they get to do so and
 /// write their log line before the process exits anyway.
@@ -45,15 +47,12 @@ const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// endpoint) and refreshes systemd's STATUS line; more often when the watchdog interval is short.
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
 
-/// Runs the daemon on the configuration at `path` until SIGTERM or SIGINT.
-pub fn run(path: &Path) -> anyhow::Result<()> {
-    // What a live upgrade re-executes: the binary at this path (after a package upgrade, the new
-    // file) with the same arguments.
-    let exe = std::env::current_exe().context("cannot tell which binary this is (/proc/self/exe)")?;
+/// Runs the daemon on the configuration at `path` until SIGTERM or SIGINT, with what it
+/// `inherited` from its environment.
+pub fn run(path: &Path, inherited: Inherited) -> anyhow::Result<()> {
     let args: Vec<OsString> = std::env::args_os().collect();
-    // All of these read and clear environment variables: do it before any other thread exists.
     // The hand-over comes first: a refused one closes what it left open before anything is bound.
-    let incoming = match Incoming::from_env() {
+    let incoming = match Incoming::from_var(inherited.handover) {
         None => None,
         Some(Ok(incoming)) => Some(incoming),
         Some(Err(reason)) => {
@@ -64,9 +63,20 @@ pub fn run(path: &Path) -> anyhow::Result<()> {
             None
         }
     };
+    // What a live upgrade re-executes: the binary at the path the first image was started from
+    // (after a package upgrade, the new file there), with the same arguments.
+    let exe = match incoming
+        .as_ref()
+        .map(|i| i.exe.clone())
+        .filter(|e| !e.as_os_str().is_empty())
+    {
+        Some(exe) => exe,
+        None => std::env::current_exe().context("cannot tell which binary this is (/proc/self/exe)")?,
+    };
     let config = Config::load(path)?;
-    let notifier = Arc::new(Notifier::from_env());
-    let passed = Passed::from_env();
+    let notifier = Arc::new(Notifier::from_var(inherited.notify_socket));
+    let (pid, fds, names) = inherited.listen;
+    let passed = Passed::from_vars(pid, fds, names);
     // One worker (the 1-vCPU proxy VM): a current-thread runtime, without the work-stealing
     // scheduler's cross-thread bookkeeping, which measurably costs connection setup rate.
     let mut builder = if config.workers == 1 {
@@ -217,6 +227,24 @@ impl Daemon {
             config,
         };
         let routes = daemon.config.routes.clone();
+        // Every route's counters first, so that connections moved by a live upgrade resume now,
+        // on their routes' counters, before a route that must bind can make them wait.
+        let mut stats: std::collections::BTreeMap<String, Arc<RouteStats>> = routes
+            .iter()
+            .map(|r| (r.name.clone(), daemon.new_stats(&r.name)))
+            .collect();
+        let moved = match incoming.as_mut() {
+            Some(incoming) => {
+                for (name, route_stats) in &stats {
+                    if let Some(carried) = incoming.routes.get(name) {
+                        route_stats.carry_on(carried);
+                    }
+                }
+                Some(daemon.take_over(incoming, &stats))
+            }
+            None => None,
+        };
+        drop(incoming);
         for route in &routes {
             let (listener, passed_name) = match passed.claim(&route.name, route.listen) {
                 Some(claimed) => claimed,
@@ -237,10 +265,9 @@ impl Daemon {
                 .with_context(|| format!("route {:?}: cannot duplicate the listening socket", route.name))?;
             let listener = tokio::net::TcpListener::from_std(listener)
                 .with_context(|| format!("route {:?}: cannot register the listener", route.name))?;
-            let stats = daemon.new_stats(&route.name);
-            if let Some(carried) = incoming.as_ref().and_then(|i| i.routes.get(&route.name)) {
-                stats.carry_on(carried);
-            }
+            let stats = stats
+                .remove(&route.name)
+                .unwrap_or_else(|| daemon.new_stats(&route.name));
             daemon.spawn(
                 Prepared {
                     route: route.clone(),
@@ -265,15 +292,14 @@ impl Daemon {
             daemon.notifier.store_fd(name, std::os::fd::AsFd::as_fd(socket));
         }
         drop(to_store);
-        let moved = incoming.map(|incoming| daemon.take_over(incoming));
         daemon.publish_routes();
         daemon.state.beat();
         daemon.state.set_phase(Phase::Ready);
         let status = daemon.status_line();
         daemon.notifier.ready(&status);
         daemon.last_status = status;
-        if let Some((moved, from, pause_ms)) = moved {
-            daemon.upgraded(moved, from, pause_ms);
+        if let Some(moved) = moved {
+            daemon.upgraded(moved);
         }
         if let Some(interval) = notify::watchdog_interval() {
             // Beat several times per ping period so one late tick never costs a ping.

@@ -7,19 +7,21 @@
 //! It must not change anything before the check passed: a refused upgrade leaves the daemon as
 //! it was, and says why in the log, `/status` and `ferryd upgrade`.
 
+use std::collections::BTreeMap;
 use std::ffi::OsString;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
-use super::Daemon;
+use super::{CLOSE_GRACE, Daemon};
 use crate::config::HEALTH_SOCKET_NAME;
 use crate::handover::{self, Incoming, Outgoing};
 use crate::logging::ids;
-use crate::state::{EngineView, UpgradeReport};
+use crate::state::{EngineView, RouteStats, UpgradeReport};
 
-/// Beyond the longest PROXY header wait and upstream dial (which a connection finishes before
-/// it parks), how long parking may take: every parked direction stops at its next await point,
-/// so this is a bound for a stuck task, not a wait anyone should see.
+/// Beyond the longest PROXY header wait, upstream dial and header write (which a connection
+/// finishes before it parks), how long parking may take: every parked direction stops at its next
+/// await point, so this is a bound for a stuck task, not a wait anyone should see.
 const PARK_SLACK: Duration = Duration::from_secs(1);
 
 /// Environment variables that belong to one program image and must not reach the next: the
@@ -35,9 +37,12 @@ impl Daemon {
         let exe = self.program.exe.clone();
         let config = self.config.path.clone();
         tracing::info!(exe = %exe.display(), attempt, "SIGUSR2: live upgrade requested; checking the binary");
+        self.state.beat();
         let checked = tokio::task::spawn_blocking(move || handover::check_next(&exe, &config))
             .await
             .unwrap_or_else(|e| Err(format!("the check did not finish: {e}")));
+        // The check is bounded (10 s) below the watchdog's ping period; prove progress again.
+        self.state.beat();
         if let Err(reason) = checked {
             tracing::error!(
                 reason,
@@ -69,22 +74,28 @@ impl Daemon {
             let _ = running.task.await;
             listeners.push((running.name, running.socket, running.stats));
         }
+        // A connection finishes reading its PROXY header, dialling and sending the upstream its
+        // own header before it parks; each step has its own bound.
         let park_limit = self
             .config
             .routes
             .iter()
-            .map(|r| r.connect_timeout + r.proxy.as_ref().map_or(Duration::ZERO, |p| p.header_timeout))
+            .map(|r| r.connect_timeout * 2 + r.proxy.as_ref().map_or(Duration::ZERO, |p| p.header_timeout))
             .max()
             .unwrap_or_default()
             + PARK_SLACK;
+        self.state.beat();
         let drain = std::mem::take(&mut self.drain);
-        if !drain.park(park_limit).await {
+        if !drain.park(park_limit, CLOSE_GRACE).await {
             tracing::warn!(
                 limit_ms = park_limit.as_millis() as u64,
-                "some connections did not park in time; they are reset"
+                "some connections did not park in time; they were reset"
             );
         }
-        let mut outgoing = Outgoing::new(parked_at);
+        self.state.beat();
+        // From here on a connection that parks late finds the channel closed and resets itself.
+        self.parking.1.close();
+        let mut outgoing = Outgoing::new(parked_at, &self.program.exe);
         while let Ok(parked) = self.parking.1.try_recv() {
             outgoing.connection(parked);
         }
@@ -107,6 +118,8 @@ impl Daemon {
         );
         // Lines are written by a thread the exec ends: let it finish first.
         crate::logging::flush(Duration::from_secs(1));
+        // The watchdog's clock restarts here; the new image pings again as soon as it starts.
+        self.notifier.watchdog();
         let env = self.exec_env();
         let e = outgoing.exec(&self.program.exe, &self.program.args, env);
         anyhow::anyhow!("live upgrade failed, and the connections are lost: {e}")
@@ -124,50 +137,91 @@ impl Daemon {
         env
     }
 
-    /// In the new image: resumes every connection the previous one parked, on its route (by
-    /// name); one whose route is gone from the configuration is reset. Returns how many were
-    /// moved, the version that handed over, and the pause so far.
-    pub(super) fn take_over(&mut self, incoming: Incoming) -> (usize, String, u64) {
-        let mut moved = 0;
+    /// In the new image, before any route binds: resumes every connection the previous image
+    /// parked, on its route's counters (by name). A connection whose route a reload removed
+    /// before the upgrade goes on like it did in the old image, with the timers it was accepted
+    /// with, on counters of its own.
+    pub(super) fn take_over(
+        &mut self,
+        incoming: &mut Incoming,
+        stats: &BTreeMap<String, Arc<RouteStats>>,
+    ) -> Moved {
         let wiring = self.wiring();
-        let pause_ms = incoming.pause_ms();
-        for parked in incoming.connections {
-            match self.routes.iter().find(|r| r.name == parked.route) {
-                Some(running) => {
-                    crate::route::resume(parked, running.stats.clone(), wiring.clone());
-                    moved += 1;
-                }
+        let connections = std::mem::take(&mut incoming.connections);
+        let moved = connections.len();
+        for parked in connections {
+            let route_stats = match stats.get(&parked.route) {
+                Some(route_stats) => route_stats.clone(),
                 None => {
-                    tracing::warn!(route = %parked.route, client = %parked.peer, end = "reset", "the route of a connection moved by the upgrade is no longer configured; both sides reset");
-                    crate::net::reset(parked.relay.client);
-                    crate::net::reset(parked.relay.upstream);
+                    tracing::info!(route = %parked.route, client = %parked.peer, "moved a connection of a route no longer configured; it goes on until it ends");
+                    self.new_stats(&parked.route)
                 }
-            }
+            };
+            crate::route::resume(parked, route_stats, wiring.clone());
         }
-        (moved, incoming.written_by, pause_ms)
+        Moved {
+            connections: moved,
+            from: incoming.written_by.clone(),
+            pause_ms: incoming.pause_ms(),
+            exec_failed: incoming.exec_failed.take(),
+        }
     }
 
-    /// In the new image, once READY=1 is sent: counts and reports the completed upgrade.
-    pub(super) fn upgraded(&self, moved: usize, from: String, pause_ms: u64) {
-        let completed = self.state.upgrades.fetch_add(1, Ordering::Relaxed) + 1;
+    /// In the new image, once READY=1 is sent: counts and reports the upgrade. When the new
+    /// binary could not be exec'd and this is the old image again, the upgrade failed, and says
+    /// why; the connections were taken back all the same.
+    pub(super) fn upgraded(&self, moved: Moved) {
         let attempt = self.state.upgrade_attempts.load(Ordering::Relaxed);
         let to = env!("CARGO_PKG_VERSION");
-        tracing::info!(
-            from_version = %from,
-            to_version = to,
-            moved,
+        let Moved {
+            connections,
+            from,
             pause_ms,
-            upgrades = completed,
-            message_id = ids::UPGRADED,
-            "live upgrade complete: every listener and {moved} connection(s) taken over"
-        );
+            exec_failed,
+        } = moved;
+        let (ok, detail) = match exec_failed {
+            None => {
+                let completed = self.state.upgrades.fetch_add(1, Ordering::Relaxed) + 1;
+                tracing::info!(
+                    from_version = %from,
+                    to_version = to,
+                    moved = connections,
+                    pause_ms,
+                    upgrades = completed,
+                    message_id = ids::UPGRADED,
+                    "live upgrade complete: every listener and {connections} connection(s) taken over"
+                );
+                (true, format!("from {from} to {to}"))
+            }
+            Some(reason) => {
+                tracing::error!(
+                    reason,
+                    moved = connections,
+                    pause_ms,
+                    message_id = ids::UPGRADE_REFUSED,
+                    "live upgrade failed: the new binary could not start, so the running one took every listener and connection back"
+                );
+                (
+                    false,
+                    format!("{reason}; the running version {to} took every connection back"),
+                )
+            }
+        };
         self.state.upgrade_ended(UpgradeReport {
             attempt,
-            ok: true,
-            detail: format!("from {from} to {to}"),
+            ok,
+            detail,
             at: SystemTime::now(),
             pause_ms: Some(pause_ms),
-            moved: Some(moved),
+            moved: Some(connections),
         });
     }
+}
+
+/// What a new image took over, for its report.
+pub(super) struct Moved {
+    connections: usize,
+    from: String,
+    pause_ms: u64,
+    exec_failed: Option<String>,
 }

@@ -36,8 +36,17 @@ pub struct Document {
     /// The ferryd version that wrote it.
     pub written_by: String,
     /// CLOCK_MONOTONIC, in nanoseconds, when the first connection was asked to park: the new
-    /// image measures the pause from here and corrects every timer by the time that passed.
+    /// image measures the pause from here.
     pub parked_at_ns: u64,
+    /// CLOCK_MONOTONIC, in nanoseconds, when the document was written: every connection's
+    /// `age_ms` and `quiet_ms` are as of this moment, and the new image adds the time since.
+    pub written_at_ns: u64,
+    /// The binary's path as the first image was started with it: what the next upgrade execs
+    /// (after a fallback to the running image, /proc/self/exe names a deleted file).
+    pub exe: std::path::PathBuf,
+    /// Set when the new binary could not be exec'd and the running image was exec'd again
+    /// instead: why. The connections are taken back all the same; the upgrade is reported failed.
+    pub exec_failed: Option<String>,
     /// Listening sockets by name: a route's name, or the health endpoint's.
     pub listeners: Vec<ListenerEntry>,
     /// Relayed connections.
@@ -84,9 +93,9 @@ pub struct ConnectionEntry {
     pub up: SideEntry,
     /// Upstream → client.
     pub down: SideEntry,
-    /// Milliseconds since it was accepted, when parked.
+    /// Milliseconds since it was accepted, when the document was written.
     pub age_ms: u64,
-    /// Milliseconds since a byte last moved, when parked.
+    /// Milliseconds since a byte last moved, when the document was written.
     pub quiet_ms: u64,
     /// Bytes client → upstream so far.
     pub bytes_up: u64,
@@ -225,6 +234,9 @@ mod tests {
             version: VERSION,
             written_by: "0.3.0".into(),
             parked_at_ns: 123,
+            written_at_ns: 456,
+            exe: "/usr/bin/ferryd".into(),
+            exec_failed: None,
             listeners: vec![ListenerEntry {
                 name: "ssh".into(),
                 fd: 7,

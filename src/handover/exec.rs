@@ -42,10 +42,11 @@ pub fn inherit(fd: RawFd) -> io::Result<()> {
     Ok(())
 }
 
-/// Whether `fd` is open.
-pub fn is_open(fd: RawFd) -> bool {
+/// Whether `fd` is open and crossed execve (FD_CLOEXEC clear).
+pub fn inherited(fd: RawFd) -> bool {
     // SAFETY: F_GETFD only reads the descriptor's flags.
-    unsafe { libc::fcntl(fd, libc::F_GETFD) >= 0 }
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    flags >= 0 && flags & libc::FD_CLOEXEC == 0
 }
 
 /// Replaces this program image with `exe`, same process. Returns only on failure.

@@ -76,13 +76,17 @@ pub struct Outgoing {
 }
 
 impl Outgoing {
-    /// An empty hand-over whose pause began at `parked_at_ns` (CLOCK_MONOTONIC).
-    pub fn new(parked_at_ns: u64) -> Outgoing {
+    /// An empty hand-over whose pause began at `parked_at_ns` (CLOCK_MONOTONIC), from the
+    /// binary first started as `exe`.
+    pub fn new(parked_at_ns: u64, exe: &Path) -> Outgoing {
         Outgoing {
             doc: Document {
                 version: VERSION,
                 written_by: env!("CARGO_PKG_VERSION").to_string(),
                 parked_at_ns,
+                written_at_ns: 0,
+                exe: exe.to_path_buf(),
+                exec_failed: None,
                 listeners: Vec::new(),
                 connections: Vec::new(),
                 routes: Default::default(),
@@ -136,7 +140,11 @@ impl Outgoing {
             client,
             upstream: upstream_socket,
             midway,
+            parked_at,
         } = relay;
+        // The clocks were read when the connection parked; the document is as of now.
+        let since = parked_at.elapsed();
+        let (age, quiet) = (midway.age + since, midway.quiet + since);
         let client_fd = self.keep(client);
         let upstream_fd = self.keep(upstream_socket);
         let up = self.side(midway.up);
@@ -153,8 +161,8 @@ impl Outgoing {
             upstream_fd,
             up,
             down,
-            age_ms: midway.age.as_millis() as u64,
-            quiet_ms: (midway.quiet.as_millis() as u64).min(midway.age.as_millis() as u64),
+            age_ms: age.as_millis() as u64,
+            quiet_ms: (quiet.as_millis() as u64).min(age.as_millis() as u64),
             bytes_up: midway.bytes_up,
             bytes_down: midway.bytes_down,
         });
@@ -199,30 +207,42 @@ impl Outgoing {
     /// `env` (plus [`ENV`]). Should `exe` fail to start, the image this process runs now is
     /// exec'd instead (/proc/self/exe works even when the file was replaced or deleted), so the
     /// connections are taken back either way. Returns only if both fail.
-    pub fn exec(self, exe: &Path, args: &[OsString], env: Vec<(OsString, OsString)>) -> std::io::Error {
-        let memfd = match exec::memfd_with(&self.doc.encode()) {
-            Ok(fd) => fd,
-            Err(e) => return e,
+    pub fn exec(mut self, exe: &Path, args: &[OsString], env: Vec<(OsString, OsString)>) -> std::io::Error {
+        let first = match self.exec_once(exe, args, &env) {
+            Ok(never) => match never {},
+            Err(e) => e,
         };
+        tracing::error!(exe = %exe.display(), error = %first, "cannot exec the new binary; taking the connections back into the running one");
+        crate::logging::flush(Duration::from_secs(1));
+        self.doc.exec_failed = Some(format!("cannot exec {}: {first}", exe.display()));
+        let second = match self.exec_once(Path::new("/proc/self/exe"), args, &env) {
+            Ok(never) => match never {},
+            Err(e) => e,
+        };
+        std::io::Error::other(format!(
+            "{first}; and the running binary could not be exec'd again: {second}"
+        ))
+    }
+
+    fn exec_once(
+        &mut self,
+        exe: &Path,
+        args: &[OsString],
+        env: &[(OsString, OsString)],
+    ) -> Result<std::convert::Infallible, std::io::Error> {
+        self.doc.written_at_ns = monotonic_ns();
+        let memfd = exec::memfd_with(&self.doc.encode())?;
         for fd in self
             .keep
             .iter()
             .map(AsRawFd::as_raw_fd)
             .chain([memfd.as_raw_fd()])
         {
-            if let Err(e) = exec::inherit(fd) {
-                return e;
-            }
+            exec::inherit(fd)?;
         }
-        let mut env = env;
+        let mut env = env.to_vec();
         env.push((ENV.into(), memfd.as_raw_fd().to_string().into()));
-        let first = exec::execve(exe, args, &env);
-        tracing::error!(exe = %exe.display(), error = %first, "cannot exec the new binary; taking the connections back into the running one");
-        crate::logging::flush(Duration::from_secs(1));
-        let second = exec::execve(Path::new("/proc/self/exe"), args, &env);
-        std::io::Error::other(format!(
-            "{first}; and the running binary could not be exec'd again: {second}"
-        ))
+        Err(exec::execve(exe, args, &env))
     }
 }
 
@@ -243,17 +263,30 @@ pub struct Incoming {
     pub written_by: String,
     /// CLOCK_MONOTONIC when the pause began.
     pub parked_at_ns: u64,
+    /// The binary's path as first started: what the next upgrade execs.
+    pub exe: std::path::PathBuf,
+    /// Why the new binary could not be exec'd, when this image is the old one again.
+    pub exec_failed: Option<String>,
+}
+
+impl Drop for Incoming {
+    /// Connections not taken over (the daemon stopped during start-up, or failed to start) are
+    /// reset: a FIN could pass for an orderly end with bytes still in a carried pipe.
+    fn drop(&mut self) {
+        for parked in self.connections.drain(..) {
+            crate::net::reset(parked.relay.client);
+            crate::net::reset(parked.relay.upstream);
+        }
+    }
 }
 
 impl Incoming {
-    /// Takes the hand-over named by [`ENV`], if any, and removes the variable (no child process
-    /// inherits it). `None`: a normal start. An error: there was a document and it was refused;
-    /// everything the previous image left open has then been closed (connected sockets reset),
-    /// and the daemon starts afresh. Call at start-up, before any other thread exists.
-    pub fn from_env() -> Option<Result<Incoming, String>> {
-        let value = std::env::var_os(ENV)?;
-        // SAFETY: called at start-up before any other thread exists.
-        unsafe { std::env::remove_var(ENV) };
+    /// Takes the hand-over named by [`ENV`] (as [`crate::daemon::Inherited`] took it out of the
+    /// environment, so no child inherits it), if any. `None`: a normal start. An error: there was
+    /// a document and it was refused; everything the previous image left open has then been
+    /// closed (connected sockets reset), and the daemon starts afresh.
+    pub fn from_var(value: Option<OsString>) -> Option<Result<Incoming, String>> {
+        let value = value?;
         let taken = take(&value);
         if taken.is_err() {
             let closed = exec::close_inherited();
@@ -275,21 +308,23 @@ fn take(value: &std::ffi::OsStr) -> Result<Incoming, String> {
     let fd: RawFd = value
         .to_str()
         .and_then(|v| v.trim().parse().ok())
-        .filter(|fd| *fd > 2 && exec::is_open(*fd))
+        .filter(|fd| *fd > 2 && exec::inherited(*fd))
         .ok_or_else(|| format!("{ENV}={value:?} names no open descriptor"))?;
     // SAFETY: the previous image created this memfd for us and nothing else in this image owns it.
     let memfd = unsafe { OwnedFd::from_raw_fd(fd) };
     let bytes =
         exec::read_all(memfd, doc::MAX_LEN).map_err(|e| format!("cannot read the handover document: {e}"))?;
     let doc = Document::decode(&bytes).map_err(|e| e.to_string())?;
-    if let Some(fd) = doc.descriptors().into_iter().find(|fd| !exec::is_open(*fd)) {
+    // Only descriptors the previous image let cross: open, and not close-on-exec (everything this
+    // image opened itself is), so a stale or stray document cannot take one of this image's own.
+    if let Some(fd) = doc.descriptors().into_iter().find(|fd| !exec::inherited(*fd)) {
         return Err(format!(
-            "the handover document names descriptor {fd}, which is not open"
+            "the handover document names descriptor {fd}, which is not one the previous image left open"
         ));
     }
     // Correct every timer by the time the crossing took: a connection's deadlines stay where
     // they were.
-    let crossing = Duration::from_nanos(monotonic_ns().saturating_sub(doc.parked_at_ns));
+    let crossing = Duration::from_nanos(monotonic_ns().saturating_sub(doc.written_at_ns));
     // SAFETY (for every `own` below): `decode` checked that each number is above 2 and named
     // once, and each is open: the previous image left it open for this one, which owns nothing
     // else under these numbers (everything it opens itself is close-on-exec and newer).
@@ -354,6 +389,7 @@ fn take(value: &std::ffi::OsStr) -> Result<Incoming, String> {
                     bytes_up: c.bytes_up,
                     bytes_down: c.bytes_down,
                 },
+                parked_at: std::time::Instant::now(),
             },
         });
     }
@@ -365,6 +401,8 @@ fn take(value: &std::ffi::OsStr) -> Result<Incoming, String> {
         daemon: doc.daemon,
         written_by: doc.written_by,
         parked_at_ns: doc.parked_at_ns,
+        exe: doc.exe,
+        exec_failed: doc.exec_failed,
     })
 }
 

@@ -207,6 +207,8 @@ pub struct Parked {
     pub upstream: std::net::TcpStream,
     /// Its directions, clocks and byte counts.
     pub midway: Midway,
+    /// When it parked: `midway`'s clocks are as of this moment.
+    pub parked_at: std::time::Instant,
 }
 
 /// How [`relay`] returned.
@@ -335,6 +337,7 @@ pub async fn relay(
                     client,
                     upstream,
                     midway,
+                    parked_at: std::time::Instant::now(),
                 }),
                 // Taking a socket out of the runtime cannot fail for a registered socket; if it
                 // did, both are gone with the error, and the connection is reported reset.

@@ -351,6 +351,7 @@ pub fn resume(parked: ParkedConnection, stats: Arc<RouteStats>, wiring: Wiring) 
                 client,
                 upstream: upstream_socket,
                 midway,
+                parked_at: _,
             },
     } = parked;
     let started = Instant::now()

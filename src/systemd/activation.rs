@@ -20,22 +20,13 @@ pub struct Passed {
 }
 
 impl Passed {
-    /// Takes the passed sockets from the environment (and removes the variables, so no child
-    /// process inherits them). Nothing is passed when LISTEN_PID is not this process.
-    pub fn from_env() -> Passed {
-        let mine = std::env::var("LISTEN_PID")
-            .ok()
-            .map(|p| p.trim() == std::process::id().to_string());
-        let count: Option<RawFd> = std::env::var("LISTEN_FDS")
-            .ok()
-            .and_then(|n| n.trim().parse().ok());
-        let names = std::env::var("LISTEN_FDNAMES").unwrap_or_default();
-        // SAFETY: called at start-up before any other thread exists.
-        unsafe {
-            std::env::remove_var("LISTEN_PID");
-            std::env::remove_var("LISTEN_FDS");
-            std::env::remove_var("LISTEN_FDNAMES");
-        }
+    /// Takes the passed sockets named by LISTEN_PID, LISTEN_FDS and LISTEN_FDNAMES, as
+    /// [`crate::daemon::Inherited`] took them out of the environment (so no child process inherits
+    /// them). Nothing is passed when LISTEN_PID is not this process.
+    pub fn from_vars(pid: Option<String>, fds: Option<String>, names: Option<String>) -> Passed {
+        let mine = pid.map(|p| p.trim() == std::process::id().to_string());
+        let count: Option<RawFd> = fds.and_then(|n| n.trim().parse().ok());
+        let names = names.unwrap_or_default();
         let (Some(true), Some(count)) = (mine, count) else {
             return Passed::default();
         };

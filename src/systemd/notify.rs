@@ -20,18 +20,17 @@ pub struct Notifier {
 }
 
 impl Notifier {
-    /// Reads and removes NOTIFY_SOCKET (so no child process inherits it). A path, or an
-    /// abstract socket written with a leading '@'.
-    pub fn from_env() -> Notifier {
-        let Some(name) = std::env::var_os("NOTIFY_SOCKET") else {
+    /// A notifier for NOTIFY_SOCKET as [`crate::daemon::Inherited`] took it out of the
+    /// environment (so no child process inherits it): a path, or an abstract socket written with
+    /// a leading '@'.
+    pub fn from_var(name: Option<std::ffi::OsString>) -> Notifier {
+        let Some(name) = name else {
             return Notifier {
                 name: None,
                 target: None,
                 fd_target: None,
             };
         };
-        // SAFETY: called at start-up before any other thread exists, as the daemon does.
-        unsafe { std::env::remove_var("NOTIFY_SOCKET") };
         let given = name.clone();
         let name = name.to_string_lossy().into_owned();
         let addr = match name.strip_prefix('@') {
@@ -150,8 +149,14 @@ pub fn spawn_watchdog(notifier: Arc<Notifier>, state: Arc<State>, interval: Dura
     let every = interval / 2;
     std::thread::Builder::new().name("ferryd-watchdog".into()).spawn(move || {
         let mut withholding = false;
+        // The first ping goes at once: after a live upgrade, the previous image's last one may
+        // be most of an interval old.
+        let mut first = true;
         loop {
-            std::thread::sleep(every);
+            if !first {
+                std::thread::sleep(every);
+            }
+            first = false;
             let age = state.heartbeat_age();
             if age < every {
                 if withholding {
