@@ -278,6 +278,7 @@ proptest! {
 
 /// A valid handover document: the base the property below mutates.
 const BASE_HANDOVER: &str = r#"{"version":1,"written_by":"0.2.0","parked_at_ns":5,
+    "written_at_ns":6,"exe":"/usr/bin/ferryd",
     "listeners":[{"name":"ssh","fd":3},{"name":"health","fd":4}],
     "connections":[{"route":"ssh","peer":"127.0.0.1:1","upstream":"127.0.0.1:2",
         "client_fd":5,"upstream_fd":6,"up":{"state":"done"},
@@ -308,7 +309,12 @@ fn handover_json() -> impl Strategy<Value = String> {
         "true",
         "[{\"name\":\"ssh\",\"fd\":3}]",
         "[{\"name\":\"ssh\",\"fd\":1}]",
-        "[{\"route\":\"ssh\",\"peer\":\"127.0.0.1:1\",\"upstream\":\"127.0.0.1:2\",\"client_fd\":5,\"upstream_fd\":5,\"up\":{\"state\":\"done\"},\"down\":{\"state\":\"open\",\"splice\":true,\"pipe\":{\"read_fd\":6,\"write_fd\":7,\"bytes\":18446744073709551615}},\"age_ms\":1,\"quiet_ms\":2,\"bytes_up\":0,\"bytes_down\":0,\"fin_timeout_ms\":0}]",
+        // Connections each refused for exactly one reason, and one accepted:
+        "[{\"route\":\"ssh\",\"peer\":\"127.0.0.1:1\",\"upstream\":\"127.0.0.1:2\",\"client_fd\":11,\"upstream_fd\":11,\"up\":{\"state\":\"done\"},\"down\":{\"state\":\"open\",\"splice\":true,\"pipe\":{\"read_fd\":9,\"write_fd\":10,\"bytes\":10}},\"age_ms\":5,\"quiet_ms\":2,\"bytes_up\":0,\"bytes_down\":0,\"fin_timeout_ms\":0}]", // a descriptor named twice
+        "[{\"route\":\"ssh\",\"peer\":\"127.0.0.1:1\",\"upstream\":\"127.0.0.1:2\",\"client_fd\":11,\"upstream_fd\":12,\"up\":{\"state\":\"done\"},\"down\":{\"state\":\"open\",\"splice\":true,\"pipe\":{\"read_fd\":9,\"write_fd\":10,\"bytes\":18446744073709551615}},\"age_ms\":5,\"quiet_ms\":2,\"bytes_up\":0,\"bytes_down\":0,\"fin_timeout_ms\":0}]", // an impossible pipe
+        "[{\"route\":\"ssh\",\"peer\":\"127.0.0.1:1\",\"upstream\":\"127.0.0.1:2\",\"client_fd\":11,\"upstream_fd\":12,\"up\":{\"state\":\"done\"},\"down\":{\"state\":\"open\",\"splice\":true,\"pipe\":{\"read_fd\":9,\"write_fd\":10,\"bytes\":10}},\"age_ms\":1,\"quiet_ms\":2,\"bytes_up\":0,\"bytes_down\":0,\"fin_timeout_ms\":0}]", // quiet longer than alive
+        "[{\"route\":\"ssh\",\"peer\":\"127.0.0.1:1\",\"upstream\":\"127.0.0.1:2\",\"client_fd\":1,\"upstream_fd\":12,\"up\":{\"state\":\"done\"},\"down\":{\"state\":\"open\",\"splice\":true,\"pipe\":{\"read_fd\":9,\"write_fd\":10,\"bytes\":10}},\"age_ms\":5,\"quiet_ms\":2,\"bytes_up\":0,\"bytes_down\":0,\"fin_timeout_ms\":0}]", // stdout
+        "[{\"route\":\"ssh\",\"peer\":\"127.0.0.1:1\",\"upstream\":\"127.0.0.1:2\",\"client_fd\":11,\"upstream_fd\":12,\"up\":{\"state\":\"done\"},\"down\":{\"state\":\"open\",\"splice\":true,\"pipe\":{\"read_fd\":9,\"write_fd\":10,\"bytes\":10}},\"age_ms\":5,\"quiet_ms\":2,\"bytes_up\":0,\"bytes_down\":0,\"fin_timeout_ms\":0}]", // fine
     ]);
     let key = prop::sample::select(vec![
         "version",
@@ -339,6 +345,27 @@ proptest! {
     /// panics; and an accepted one names no descriptor below 3 and none twice.
     #[test]
     fn handover_documents_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..2048)) {
+        let _ = ferryd::handover::Document::decode(&bytes);
+    }
+
+    /// Random bytes are rarely JSON; a valid document with bytes changed, inserted or cut
+    /// reaches the parser's and the checks' deeper paths.
+    #[test]
+    fn damaged_handover_documents_never_panic(
+        edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>(), 0u8..3), 1..8),
+    ) {
+        let mut bytes = BASE_HANDOVER.as_bytes().to_vec();
+        for (at, byte, how) in edits {
+            if bytes.is_empty() {
+                break;
+            }
+            let i = at.index(bytes.len());
+            match how {
+                0 => bytes[i] = byte,
+                1 => bytes.insert(i, byte),
+                _ => bytes.truncate(i),
+            }
+        }
         let _ = ferryd::handover::Document::decode(&bytes);
     }
 

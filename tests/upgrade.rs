@@ -22,8 +22,9 @@ const BULK_SECONDS: f64 = 6.0;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// An upstream that serves a role named by the connection's first line: ECHO (echo until EOF),
-/// SINK n (read n pattern bytes, check them, answer "ok n"), SOURCE n (send n pattern bytes,
-/// paced, then close), HALF n (read to EOF, then send n pattern bytes over about 3 s, then close).
+/// SINK (read pattern bytes to EOF, check them, answer "ok n"), SOURCE n (send n pattern bytes,
+/// paced, then close), BLAST n (send n pattern bytes as fast as the reader takes them), HALF n
+/// (read to EOF, then send n pattern bytes over about 3 s, then close).
 fn role_upstream() -> Upstream {
     Upstream::start(|stream| {
         let mut reader = BufReader::new(stream.try_clone().expect("clone"));
@@ -59,6 +60,9 @@ fn role_upstream() -> Upstream {
             }
             "SOURCE" => {
                 let _ = paced_send(&Pattern::new(2), &mut stream, n, BULK_SECONDS);
+            }
+            "BLAST" => {
+                let _ = Pattern::new(4).send(&mut stream, n);
             }
             "HALF" => {
                 let mut sink = Vec::new();
@@ -121,12 +125,35 @@ impl<W: Write> Write for SkipWriter<'_, W> {
     }
 }
 
-fn connect(listen: SocketAddr, role: &str) -> TcpStream {
+/// Bytes each way through the relay, counted by the clients, to compare with ferryd's counters.
+#[derive(Default)]
+struct Tally {
+    up: AtomicU64,
+    down: AtomicU64,
+}
+
+impl Tally {
+    fn add(&self, up: usize, down: usize) {
+        self.up.fetch_add(up as u64, Ordering::Relaxed);
+        self.down.fetch_add(down as u64, Ordering::Relaxed);
+    }
+}
+
+fn connect(listen: SocketAddr, role: &str, tally: &Tally) -> TcpStream {
     let mut stream = TcpStream::connect(listen).expect("connect to ferryd");
+    let line = format!("{role}\n");
+    stream.write_all(line.as_bytes()).expect("role line");
+    tally.add(line.len(), 0);
     stream
-        .write_all(format!("{role}\n").as_bytes())
-        .expect("role line");
-    stream
+}
+
+/// The bytes ferryd carried in pipes at each hand-over, from its log.
+fn carried(daemon: &Daemon) -> Vec<u64> {
+    daemon
+        .log_lines("handing over to the binary")
+        .iter()
+        .filter_map(|line| common::field(line, "carried_bytes")?.parse().ok())
+        .collect()
 }
 
 /// ferryd started from a copy of its binary at a temporary path.
@@ -216,39 +243,60 @@ fn ten_upgrades_under_load_move_every_connection_and_refuse_none() {
     let daemon = installed.start(&config);
     let pid = daemon.pid();
 
+    let tally = Arc::new(Tally::default());
     // 1 GiB up: the upstream checks every byte and answers with the count.
-    let up = std::thread::spawn(move || {
-        let mut stream = connect(listen, "SINK");
-        paced_send(&Pattern::new(1), &mut stream, GIB, BULK_SECONDS).expect("send 1 GiB up");
-        stream.shutdown(Shutdown::Write).expect("FIN");
-        let mut answer = String::new();
-        stream.read_to_string(&mut answer).expect("the upstream's answer");
-        answer
-    });
+    let up = {
+        let tally = tally.clone();
+        std::thread::spawn(move || {
+            let mut stream = connect(listen, "SINK", &tally);
+            paced_send(&Pattern::new(1), &mut stream, GIB, BULK_SECONDS).expect("send 1 GiB up");
+            stream.shutdown(Shutdown::Write).expect("FIN");
+            let mut answer = String::new();
+            stream.read_to_string(&mut answer).expect("the upstream's answer");
+            tally.add(GIB as usize, answer.len());
+            answer
+        })
+    };
     // 1 GiB down, checked here.
-    let down = std::thread::spawn(move || {
-        let mut stream = connect(listen, &format!("SOURCE {GIB}"));
-        Pattern::new(2).verify(&mut stream)
-    });
+    let down = {
+        let tally = tally.clone();
+        std::thread::spawn(move || {
+            let mut stream = connect(listen, &format!("SOURCE {GIB}"), &tally);
+            let got = Pattern::new(2).verify(&mut stream);
+            tally.add(0, *got.as_ref().unwrap_or(&0) as usize);
+            got
+        })
+    };
+    // A reader that stops reading: the upstream fills every buffer on the way, so each upgrade
+    // finds bytes read from the upstream and not yet written to the client, which must cross in
+    // a pipe. It reads everything once the upgrades are over.
+    let stalled_total: u64 = 48 << 20;
+    let stalled_stream = connect(listen, &format!("BLAST {stalled_total}"), &tally);
     // A half-closed connection: the client is done, the upstream goes on sending for a while.
-    let half = std::thread::spawn(move || {
-        let mut stream = connect(listen, &format!("HALF {}", 64 << 20));
-        stream.write_all(&[7u8; 1 << 20]).expect("send");
-        stream.shutdown(Shutdown::Write).expect("FIN");
-        Pattern::new(3).verify(&mut stream)
-    });
+    let half = {
+        let tally = tally.clone();
+        std::thread::spawn(move || {
+            let mut stream = connect(listen, &format!("HALF {}", 64 << 20), &tally);
+            stream.write_all(&[7u8; 1 << 20]).expect("send");
+            stream.shutdown(Shutdown::Write).expect("FIN");
+            let got = Pattern::new(3).verify(&mut stream);
+            tally.add(1 << 20, *got.as_ref().unwrap_or(&0) as usize);
+            got
+        })
+    };
     // Interactive: an exchange every 10 ms until told to stop.
     let stop = Arc::new(AtomicBool::new(false));
     let interactive = {
-        let stop = stop.clone();
+        let (stop, tally) = (stop.clone(), tally.clone());
         std::thread::spawn(move || -> Result<u64, String> {
-            let mut stream = connect(listen, "ECHO");
+            let mut stream = connect(listen, "ECHO", &tally);
             stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
             let mut exchanges = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 let message = format!("keystroke {exchanges}\n");
                 common::echo_roundtrip(&mut stream, message.as_bytes())
                     .map_err(|e| format!("exchange {exchanges}: {e}"))?;
+                tally.add(message.len(), message.len());
                 exchanges += 1;
                 std::thread::sleep(Duration::from_millis(10));
             }
@@ -259,24 +307,29 @@ fn ten_upgrades_under_load_move_every_connection_and_refuse_none() {
     let failures = Arc::new(AtomicU64::new(0));
     let connects = Arc::new(AtomicU64::new(0));
     let looper: JoinHandle<Vec<String>> = {
-        let (stop, failures, connects) = (stop.clone(), failures.clone(), connects.clone());
+        let (stop, failures, connects, tally) =
+            (stop.clone(), failures.clone(), connects.clone(), tally.clone());
         std::thread::spawn(move || {
             let mut errors = Vec::new();
             while !stop.load(Ordering::Relaxed) {
                 let n = connects.fetch_add(1, Ordering::Relaxed);
+                let message = format!("connect {n}");
                 let attempt = (|| -> io::Result<()> {
                     let mut stream = TcpStream::connect(listen)?;
                     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
                     stream.write_all(b"ECHO\n")?;
-                    common::echo_roundtrip(&mut stream, format!("connect {n}").as_bytes())?;
+                    common::echo_roundtrip(&mut stream, message.as_bytes())?;
                     stream.shutdown(Shutdown::Write)?;
                     let mut rest = Vec::new();
                     stream.read_to_end(&mut rest)?;
                     Ok(())
                 })();
-                if let Err(e) = attempt {
-                    failures.fetch_add(1, Ordering::Relaxed);
-                    errors.push(format!("connect {n}: {e}"));
+                match attempt {
+                    Ok(()) => tally.add(5 + message.len(), message.len()),
+                    Err(e) => {
+                        failures.fetch_add(1, Ordering::Relaxed);
+                        errors.push(format!("connect {n}: {e}"));
+                    }
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -284,8 +337,9 @@ fn ten_upgrades_under_load_move_every_connection_and_refuse_none() {
         })
     };
     // Idle: one exchange, then silence. It is due to close IDLE_TIMEOUT after that exchange.
-    let mut idle = connect(listen, "ECHO");
+    let mut idle = connect(listen, "ECHO", &tally);
     common::echo_roundtrip(&mut idle, b"once").expect("idle connection's exchange");
+    tally.add(4, 4);
     let idle_since = Instant::now();
     let idle_watch = std::thread::spawn(move || {
         idle.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
@@ -310,6 +364,19 @@ fn ten_upgrades_under_load_move_every_connection_and_refuse_none() {
         std::thread::sleep(Duration::from_millis(200));
     }
     println!("{}", reports.join("\n"));
+
+    // The stalled reader reads now: every byte, in order.
+    let mut stalled_stream = stalled_stream;
+    let got = Pattern::new(4)
+        .verify(&mut stalled_stream)
+        .expect("the stalled connection's bytes, in order");
+    assert_eq!(got, stalled_total);
+    tally.add(0, got as usize);
+    let carried = carried(&daemon);
+    assert!(
+        carried.iter().any(|bytes| *bytes > 0),
+        "no hand-over carried bytes in a pipe: {carried:?}"
+    );
 
     let answer = up.join().expect("up thread");
     assert_eq!(answer.trim(), format!("ok {GIB}"), "log:\n{}", daemon.log());
@@ -413,4 +480,41 @@ fn a_binary_that_cannot_take_over_changes_nothing() {
     // A new connection is still served by the old daemon.
     let mut fresh = TcpStream::connect(local(port)).expect("connect after the refusals");
     common::echo_roundtrip(&mut fresh, b"still here").expect("a new connection is relayed");
+}
+
+/// With splice off, a direction stuck writing to a reader that does not read holds the rest of a
+/// copy buffer in ferryd's memory; an upgrade must first write it into a pipe, and the new image
+/// must write that pipe out before anything newer.
+#[test]
+fn a_copy_buffer_stuck_on_a_slow_reader_crosses_in_a_pipe() {
+    let upstream = role_upstream();
+    let port = free_port();
+    let listen = local(port);
+    let installed = Installed::new();
+    let daemon = installed.start(&config_one_route(port, upstream.addr, "splice = false", ""));
+    let tally = Tally::default();
+    let total: u64 = 32 << 20;
+    let mut stalled = connect(listen, &format!("BLAST {total}"), &tally);
+    // Let every buffer on the way fill.
+    std::thread::sleep(Duration::from_millis(500));
+    for _ in 0..3 {
+        installed.replace_with(Path::new(BIN));
+        let out = upgrade(&daemon);
+        assert!(
+            out.status.success(),
+            "ferryd upgrade failed: {}\nlog:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            daemon.log()
+        );
+    }
+    let got = Pattern::new(4)
+        .verify(&mut stalled)
+        .expect("every byte, in order");
+    assert_eq!(got, total);
+    let carried = carried(&daemon);
+    assert!(
+        carried.iter().all(|bytes| *bytes > 0),
+        "each hand-over found a copy buffer's rest to carry: {carried:?}\n{}",
+        daemon.log()
+    );
 }
