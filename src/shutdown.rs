@@ -42,6 +42,17 @@ impl Shutdown {
         let _ = self.signal.wait_for(|s| *s == Signal::Close).await;
     }
 
+    /// Completes when live connections must close (`Close`), or, unless `park_seen`, when they
+    /// must park (`Park`): one waiter for both, so a connection's task carries one.
+    pub async fn closing_or_parking(&mut self, park_seen: bool) -> Stop {
+        let wanted = |s: &Signal| *s == Signal::Close || (!park_seen && *s == Signal::Park);
+        match self.signal.wait_for(wanted).await {
+            Ok(s) if *s == Signal::Park => Stop::Park,
+            // Close, or the daemon dropped the sender: the process is going away.
+            _ => Stop::Close,
+        }
+    }
+
     /// A receiver for one direction of a relayed connection, which waits on it beside its
     /// socket readiness (see [`Pause::requested`]).
     pub fn pause(&self) -> Pause {
@@ -49,18 +60,20 @@ impl Shutdown {
     }
 }
 
+/// What [`Shutdown::closing_or_parking`] saw.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// Close now.
+    Close,
+    /// Park for a live upgrade.
+    Park,
+}
+
 /// The park request as one direction of a connection sees it.
 #[derive(Debug)]
 pub struct Pause(watch::Receiver<Signal>);
 
 impl Pause {
-    /// Completes when connections must park; never otherwise.
-    pub async fn requested(&mut self) {
-        if self.0.wait_for(|s| *s == Signal::Park).await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    }
-
     /// Whether a park has been asked for, without waiting: checked between bursts, so a stream
     /// that never waits still parks.
     pub fn is_requested(&self) -> bool {

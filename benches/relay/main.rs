@@ -80,13 +80,22 @@ pub(crate) const SMOKE: Plan = Plan {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let smoke = args.iter().any(|a| a == "--smoke");
-    // `--only ferryd` (or another contender's name, spaces as '-') runs one contender, for profiling.
-    let only: Option<String> = args
+    // `--only ferryd` (or other contenders' names, spaces as '-', comma-separated) runs those
+    // contenders only, for profiling and before/after comparisons; nothing is written.
+    let only: Option<Vec<String>> = args
         .iter()
         .position(|a| a == "--only")
         .and_then(|i| args.get(i + 1))
-        .cloned();
+        .map(|list| list.split(',').map(str::to_string).collect());
     let mut plan = if smoke { SMOKE } else { FULL };
+    // `--rounds N` overrides the number of rounds.
+    if let Some(n) = args
+        .iter()
+        .position(|a| a == "--rounds")
+        .and_then(|i| args.get(i + 1)?.parse().ok())
+    {
+        plan.rounds = n;
+    }
     // `--connections N` overrides the connection-rate count (for profiling that figure).
     if let Some(n) = args
         .iter()
@@ -109,7 +118,10 @@ fn main() {
     let mut proxies = Vec::new();
     let mut missing = Vec::new();
     for kind in Kind::ALL {
-        if only.as_ref().is_some_and(|o| *o != kind.name().replace(' ', "-")) {
+        if only
+            .as_ref()
+            .is_some_and(|o| !o.contains(&kind.name().replace(' ', "-")))
+        {
             continue;
         }
         match start(kind, upstream) {
@@ -224,8 +236,14 @@ fn main() {
             .and_then(|s| s.stats(Metric::Gbps1))
             .is_some_and(|(median, _, _)| median > 0.0)
     });
-    if smoke || only.is_some() {
-        let ferryd_ok = only.is_some() || proxies.iter().any(|p| p.kind == Kind::Ferryd);
+    let kinds: Vec<Kind> = proxies.iter().map(|p| p.kind).collect();
+    if only.is_some() {
+        // A partial run: its tables on stdout, nothing written.
+        println!("{}", report(&results, &kinds, &missing, plan));
+        return;
+    }
+    if smoke {
+        let ferryd_ok = proxies.iter().any(|p| p.kind == Kind::Ferryd);
         if !moved_everywhere || !ferryd_ok {
             eprintln!("smoke: FAILED (a contender did not move bytes, or ferryd did not start)");
             std::process::exit(1);
@@ -239,7 +257,6 @@ fn main() {
         return;
     }
 
-    let kinds: Vec<Kind> = proxies.iter().map(|p| p.kind).collect();
     let markdown = report(&results, &kinds, &missing, plan);
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     write_results(&root.join("BENCHMARKS.md"), &markdown);

@@ -220,8 +220,9 @@ pub enum Ended {
     Parked(Parked),
 }
 
-/// Relays between `client` and `upstream` from `from` (a new connection starts from
-/// [`Midway::default`]) until the connection ends, then closes both sockets the way the ending
+/// Relays between `client` and `upstream` from `from` (a new connection passes `None`: it starts
+/// from [`Midway::default`]; boxed, because a parameter occupies every connection's task for
+/// its whole life and only a connection moved by an upgrade has one) until the connection ends, then closes both sockets the way the ending
 /// requires (FIN for an orderly end, reset for a broken one); or until a live upgrade parks it.
 pub async fn relay(
     engine: &Engine,
@@ -230,8 +231,9 @@ pub async fn relay(
     timeouts: Timeouts,
     totals: Totals<'_>,
     shutdown: &mut Shutdown,
-    from: Midway,
+    from: Option<Box<Midway>>,
 ) -> Ended {
+    let from = from.map_or_else(Midway::default, |from| *from);
     let activity = Activity::since(from.age, from.quiet);
     let up = AtomicU64::new(from.bytes_up);
     let down = AtomicU64::new(from.bytes_down);
@@ -256,14 +258,17 @@ pub async fn relay(
             Side::Done => Paused::default(),
         };
         let (up_from, down_from) = (start(&mut up_side), start(&mut down_side));
-        let (mut up_pause, mut down_pause) = (shutdown.pause(), shutdown.pause());
+        let (up_pause, down_pause) = (shutdown.pause(), shutdown.pause());
+        // A park wakes the task through the loop's one waiter, and each direction sees the
+        // request at its next poll.
+        let mut park_seen = false;
         let (mut client_r, mut client_w) = client.split();
         let (mut upstream_r, mut upstream_w) = upstream.split();
         let upward = half(
             &mut client_r,
             &mut upstream_w,
             flow(&up, totals.up),
-            &mut up_pause,
+            &up_pause,
             up_from,
             &finished,
             "client",
@@ -273,7 +278,7 @@ pub async fn relay(
             &mut upstream_r,
             &mut client_w,
             flow(&down, totals.down),
-            &mut down_pause,
+            &down_pause,
             down_from,
             &finished,
             "upstream",
@@ -308,7 +313,10 @@ pub async fn relay(
                         break Err((Outcome::Idle, None));
                     }
                 },
-                _ = shutdown.closing() => break Err((Outcome::Drain, None)),
+                stop = shutdown.closing_or_parking(park_seen) => match stop {
+                    crate::shutdown::Stop::Close => break Err((Outcome::Drain, None)),
+                    crate::shutdown::Stop::Park => park_seen = true,
+                },
             }
             if up_done && down_done {
                 break Err((Outcome::Eof, None));
@@ -391,7 +399,7 @@ async fn half(
     src: &mut ReadHalf<'_>,
     dst: &mut WriteHalf<'_>,
     flow: Flow<'_>,
-    pause: &mut crate::shutdown::Pause,
+    pause: &crate::shutdown::Pause,
     from: Paused,
     finished: &AtomicU8,
     src_name: &str,

@@ -22,7 +22,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::Poll;
 
-use tokio::io::{AsyncRead, AsyncWriteExt, Interest, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 
 use super::buffers::BufferPool;
@@ -113,13 +113,15 @@ pub async fn pump(
     src: &mut ReadHalf<'_>,
     dst: &mut WriteHalf<'_>,
     flow: Flow<'_>,
-    pause: &mut Pause,
+    pause: &Pause,
     from: Paused,
 ) -> Result<Stop, PumpError> {
     let mut pipes = flow.pipes;
     let mut streaming = from.streaming;
     if let Some(carry) = from.carry
-        && let Some(carry) = drain_carry(carry, dst, &flow, pause).await?
+        // Boxed: only a direction moved by an upgrade runs it, and every connection's task would
+        // otherwise carry its state.
+        && let Some(carry) = Box::pin(drain_carry(carry, dst, &flow, pause)).await?
     {
         return Ok(Stop::Paused(Paused {
             streaming,
@@ -138,9 +140,14 @@ pub async fn pump(
         // of budget looks like "drained" to `copy_burst`, and without this yield the loop would
         // find the socket still readable and spin.
         tokio::task::consume_budget().await;
-        tokio::select! {
-            ready = src.as_ref().readable() => ready.map_err(PumpError::Read)?,
-            _ = pause.requested() => return Ok(Stop::Paused(Paused { streaming, carry: None })),
+        match ready_or_park(src.as_ref(), pause, Interest::READABLE).await {
+            Some(ready) => ready.map_err(PumpError::Read)?,
+            None => {
+                return Ok(Stop::Paused(Paused {
+                    streaming,
+                    carry: None,
+                }));
+            }
         }
         let lease = match (streaming, pipes) {
             (true, Some(pool)) => match pool.take() {
@@ -190,7 +197,7 @@ async fn drain_carry(
     mut carry: Carry,
     dst: &mut WriteHalf<'_>,
     flow: &Flow<'_>,
-    pause: &mut Pause,
+    pause: &Pause,
 ) -> Result<Option<Carry>, PumpError> {
     let out = dst.as_ref();
     flow.activity.carrying();
@@ -201,10 +208,12 @@ async fn drain_carry(
                 flow.stats.spliced_bytes.fetch_add(n as u64, Ordering::Relaxed);
                 flow.account(n);
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => tokio::select! {
-                ready = out.writable() => ready.map_err(PumpError::Write)?,
-                _ = pause.requested() => return Ok(Some(carry)),
-            },
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                match ready_or_park(out, pause, Interest::WRITABLE).await {
+                    Some(ready) => ready.map_err(PumpError::Write)?,
+                    None => return Ok(Some(carry)),
+                }
+            }
             Err(e) => return Err(PumpError::Write(e)),
         }
     }
@@ -239,7 +248,7 @@ async fn splice_burst(
     dst: &mut WriteHalf<'_>,
     mut lease: Lease<'_>,
     flow: &Flow<'_>,
-    pause: &mut Pause,
+    pause: &Pause,
 ) -> Result<Burst, PumpError> {
     let src = src.as_ref();
     let mut moved = 0;
@@ -247,7 +256,10 @@ async fn splice_burst(
         let n = match src.try_io(Interest::READABLE, || lease.fill_from(src)) {
             // splice stops at TCP's urgent mark, answering EAGAIN there (or 0 when a FIN
             // follows) with bytes still queued: read past the mark by copying.
-            Ok(0) | Err(_) if at_urgent_mark(src) => return copy_past_mark(src, dst, flow, pause).await,
+            // Boxed: urgent data is rare, and its state would otherwise weigh on every task.
+            Ok(0) | Err(_) if at_urgent_mark(src) => {
+                return Box::pin(copy_past_mark(src, dst, flow, pause)).await;
+            }
             Ok(0) => return Ok(Burst::Eof),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock && moved < STREAMING_READ => {
@@ -263,17 +275,21 @@ async fn splice_burst(
             match out.try_io(Interest::WRITABLE, || lease.drain_to(out)) {
                 // Partial progress counts: a slow reader is not an idle connection.
                 Ok(_) => flow.activity.touch(),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => tokio::select! {
-                    ready = out.writable() => ready.map_err(PumpError::Write)?,
-                    _ = pause.requested() => {
-                        // What went out is counted now; the rest travels in the pipe.
-                        let left = lease.pending();
-                        flow.stats.spliced_bytes.fetch_add((n - left) as u64, Ordering::Relaxed);
-                        flow.account(n - left);
-                        let carry = lease.detach().map(|(pipe, bytes)| Carry { pipe, bytes });
-                        return Ok(Burst::Paused(carry));
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    match ready_or_park(out, pause, Interest::WRITABLE).await {
+                        Some(ready) => ready.map_err(PumpError::Write)?,
+                        None => {
+                            // What went out is counted now; the rest travels in the pipe.
+                            let left = lease.pending();
+                            flow.stats
+                                .spliced_bytes
+                                .fetch_add((n - left) as u64, Ordering::Relaxed);
+                            flow.account(n - left);
+                            let carry = lease.detach().map(|(pipe, bytes)| Carry { pipe, bytes });
+                            return Ok(Burst::Paused(carry));
+                        }
                     }
-                },
+                }
                 Err(e) => return Err(PumpError::Write(e)),
             }
         }
@@ -296,7 +312,7 @@ async fn copy_burst(
     src: &mut ReadHalf<'_>,
     dst: &mut WriteHalf<'_>,
     flow: &Flow<'_>,
-    pause: &mut Pause,
+    pause: &Pause,
 ) -> Result<Burst, PumpError> {
     let mut buf = flow.buffers.take();
     // Once a read stopped at the urgent mark, tokio's readiness is cleared with bytes still
@@ -357,7 +373,7 @@ async fn copy_past_mark(
     src: &tokio::net::TcpStream,
     dst: &mut WriteHalf<'_>,
     flow: &Flow<'_>,
-    pause: &mut Pause,
+    pause: &Pause,
 ) -> Result<Burst, PumpError> {
     let mut buf = flow.buffers.take();
     loop {
@@ -384,24 +400,36 @@ async fn write_all(
     dst: &mut WriteHalf<'_>,
     bytes: &[u8],
     flow: &Flow<'_>,
-    pause: &mut Pause,
+    pause: &Pause,
 ) -> Result<Option<Carry>, PumpError> {
     flow.activity.carrying();
     let mut written = 0;
     while written < bytes.len() {
         // Partial progress counts: a slow reader is not an idle connection.
-        let wrote = tokio::select! {
-            wrote = dst.write(&bytes[written..]) => wrote,
-            _ = pause.requested() => {
-                flow.stats.copied_bytes.fetch_add(written as u64, Ordering::Relaxed);
-                flow.account(written);
-                let rest = &bytes[written..];
-                let pipe = Pipe::new().and_then(|pipe| pipe.put(rest).map(|()| pipe));
-                return match pipe {
-                    Ok(pipe) => Ok(Some(Carry { pipe, bytes: rest.len() })),
-                    Err(e) => Err(PumpError::Write(io::Error::new(e.kind(), format!("cannot park unwritten bytes for the upgrade: {e}")))),
-                };
+        let rest = &bytes[written..];
+        let wrote = std::future::poll_fn(|cx| {
+            if pause.is_requested() {
+                return Poll::Ready(None);
             }
+            Pin::new(&mut *dst).poll_write(cx, rest).map(Some)
+        })
+        .await;
+        let Some(wrote) = wrote else {
+            flow.stats
+                .copied_bytes
+                .fetch_add(written as u64, Ordering::Relaxed);
+            flow.account(written);
+            let pipe = Pipe::new().and_then(|pipe| pipe.put(rest).map(|()| pipe));
+            return match pipe {
+                Ok(pipe) => Ok(Some(Carry {
+                    pipe,
+                    bytes: rest.len(),
+                })),
+                Err(e) => Err(PumpError::Write(io::Error::new(
+                    e.kind(),
+                    format!("cannot park unwritten bytes for the upgrade: {e}"),
+                ))),
+            };
         };
         match wrote {
             Ok(0) => return Err(PumpError::Write(io::ErrorKind::WriteZero.into())),
@@ -416,6 +444,28 @@ async fn write_all(
         .fetch_add(bytes.len() as u64, Ordering::Relaxed);
     flow.account(bytes.len());
     Ok(None)
+}
+
+/// Waits until `socket` is ready for `interest`, or a park is asked for (`None`). The park is
+/// checked at every poll without registering a waiter: the connection's task is woken for it
+/// once, by the relay loop, so a direction's wait costs no more than tokio's own.
+async fn ready_or_park(
+    socket: &tokio::net::TcpStream,
+    pause: &Pause,
+    interest: Interest,
+) -> Option<io::Result<()>> {
+    std::future::poll_fn(|cx| {
+        if pause.is_requested() {
+            return Poll::Ready(None);
+        }
+        let ready = if interest == Interest::WRITABLE {
+            socket.poll_write_ready(cx)
+        } else {
+            socket.poll_read_ready(cx)
+        };
+        ready.map(Some)
+    })
+    .await
 }
 
 /// One non-blocking read on `src` outside tokio's readiness tracking.

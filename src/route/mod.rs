@@ -331,7 +331,7 @@ impl Connection {
             live: self.live,
             wiring: self.wiring,
         };
-        relayed.run(self.client, upstream, Midway::default()).await;
+        relayed.run(self.client, upstream, None).await;
     }
 }
 
@@ -379,7 +379,7 @@ pub fn resume(parked: ParkedConnection, stats: Arc<RouteStats>, wiring: Wiring) 
         });
     match sockets {
         Ok((client, upstream)) => {
-            tokio::spawn(relayed.run(client, upstream, midway));
+            tokio::spawn(relayed.run(client, upstream, Some(Box::new(midway))));
         }
         Err(e) => {
             // The sockets were closed with the failed conversion.
@@ -403,7 +403,7 @@ struct Relayed {
 }
 
 impl Relayed {
-    async fn run(mut self, client: TcpStream, upstream: TcpStream, from: Midway) {
+    async fn run(mut self, client: TcpStream, upstream: TcpStream, from: Option<Box<Midway>>) {
         let stats = self.live.0.clone();
         let totals = Totals {
             up: &stats.bytes_up,
