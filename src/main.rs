@@ -5,6 +5,15 @@ use std::process::ExitCode;
 use clap::{CommandFactory, Parser};
 
 use ferryd::cli::{Cli, Command, NatAction};
+
+/// The static musl build (the package's) allocates through dlmalloc: musl's own allocator returns
+/// a connection's memory to the kernel when it ends and maps it again for the next (an mmap, a
+/// munmap and a TLB flush per connection, measured with strace). dlmalloc keeps freed memory for
+/// reuse (up to its 2 MiB trim threshold). glibc builds keep glibc's allocator, which already
+/// does.
+#[cfg(target_env = "musl")]
+#[global_allocator]
+static ALLOCATOR: dlmalloc::GlobalDlmalloc = dlmalloc::GlobalDlmalloc;
 use ferryd::config::Config;
 
 /// sysexits.h's EX_CONFIG: the configuration is invalid. The unit lists it in

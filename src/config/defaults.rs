@@ -45,12 +45,13 @@ pub const DEFAULT_KEEPALIVE_PROBES: u32 = 6;
 /// VM shutdown is not held up; the systemd unit's TimeoutStopSec is set above it.
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Each pipe holds up to 64 pages (256 KiB) of kernel memory and two fds. 192 pipes use three
+/// Each pipe holds up to 256 pages (1 MiB) of kernel memory and two fds. 48 pipes use three
 /// quarters of the default per-user pipe budget (fs.pipe-user-pages-soft, 16384 pages), past
 /// which the kernel refuses to enlarge pipes and hands out small ones. Only connection
-/// directions with bytes in flight hold a pipe, so this bounds busy transfers, not open
-/// connections; beyond it data is copied through a buffer instead.
-pub const DEFAULT_MAX_PIPES: usize = 192;
+/// directions with bytes in flight hold a pipe, so this bounds busy transfers (24 bulk copies
+/// both ways at once, far more than a builder runs), not open connections; beyond it data is
+/// copied through a buffer instead.
+pub const DEFAULT_MAX_PIPES: usize = 48;
 
 /// The health endpoint's port when `[health]` is absent: next to the relay ports. Like them it
 /// lies in Linux's default ephemeral range (32768-60999); the package reserves all three with

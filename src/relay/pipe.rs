@@ -12,12 +12,14 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice};
 
-/// The capacity ferryd asks for each pipe (F_SETPIPE_SZ): four times the default 64 KiB. Each
-/// splice moves up to the pipe's capacity, so a bigger pipe means a quarter of the syscalls per byte;
-/// measured on loopback it raised one stream from about 13 to 18 Gbit/s and cut CPU per GiB by a
-/// third (BENCHMARKS.md). Above the per-user pipe budget (fs.pipe-user-pages-soft) the kernel
-/// refuses the resize and the pipe keeps its default size, which still works.
-pub const PIPE_SIZE: usize = 256 * 1024;
+/// The capacity ferryd asks for each pipe (F_SETPIPE_SZ): sixteen times the default 64 KiB, the
+/// largest an unprivileged process may ask for (fs.pipe-max-size). Each splice moves up to the
+/// pipe's capacity, so a bigger pipe means fewer syscalls and wake-ups per byte: on loopback,
+/// 256 KiB pipes cut CPU per GiB by about a third against the default 64 KiB, and 1 MiB pipes
+/// took it from 0.35 to 0.26 s (BENCHMARKS.md). The per-user pipe budget (fs.pipe-user-pages-soft, 64 MiB) bounds how
+/// many such pipes may exist: see [`crate::config`]'s default `max_pipes`. Above the budget the
+/// kernel refuses the resize and the pipe keeps a smaller size, which still works.
+pub const PIPE_SIZE: usize = 1024 * 1024;
 
 /// Empty pipes kept for reuse. Creating a pipe is two fds and a syscall; keeping a few dozen
 /// covers the bursts of a build (parallel uploads) without holding fds for idle connections.
