@@ -43,6 +43,9 @@ pub(crate) enum Metric {
     CoreGbps1,
     /// One core: share of the core used to relay 250 Mbit/s (%).
     CoreShare,
+    /// One core: how busy the proxy's core was during the one-stream test (%): below 100, the
+    /// load on the other core, not the proxy, set the pace.
+    CoreBusy,
 }
 
 /// What ferryd aims for on a figure (the goals).
@@ -87,6 +90,13 @@ pub(crate) const FIGURES: &[Figure] = &[
         unit: "Gbit/s",
         higher_is_better: true,
         goal: Some(Goal::Ratio(1.3)),
+    },
+    Figure {
+        metric: Metric::CoreBusy,
+        title: "One core: the proxy's core busy during that stream",
+        unit: "% of the core",
+        higher_is_better: false,
+        goal: None,
     },
     Figure {
         metric: Metric::CoreShare,
