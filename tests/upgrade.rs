@@ -518,3 +518,31 @@ fn a_copy_buffer_stuck_on_a_slow_reader_crosses_in_a_pipe() {
         daemon.log()
     );
 }
+
+/// A second SIGUSR2 that arrives while an upgrade is under way is never fatal: it waits, blocked,
+/// across the exec, and the new image applies it as the next upgrade.
+#[test]
+fn a_sigusr2_during_an_upgrade_is_applied_after_it() {
+    let upstream = Upstream::echo();
+    let port = free_port();
+    let installed = Installed::new();
+    let daemon = installed.start(&config_one_route(port, upstream.addr, "", ""));
+    let mut session = TcpStream::connect(local(port)).expect("connect");
+    session.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    common::echo_roundtrip(&mut session, b"before").expect("exchange before");
+    // Two in a row: the second lands while the first is checking, parking or crossing.
+    daemon.signal(nix::sys::signal::Signal::SIGUSR2);
+    std::thread::sleep(Duration::from_millis(5));
+    daemon.signal(nix::sys::signal::Signal::SIGUSR2);
+    assert!(
+        daemon
+            .wait_for_nth_log("live upgrade complete", 2, Duration::from_secs(20))
+            .is_some(),
+        "the second SIGUSR2 was lost or fatal: {}",
+        daemon.log()
+    );
+    common::echo_roundtrip(&mut session, b"after").expect("the session goes on");
+    let status = status(&daemon);
+    assert_eq!(status["pid"], daemon.pid());
+    assert_eq!(status["upgrade"]["completed"], 2, "{status}");
+}
