@@ -477,6 +477,18 @@ fn a_binary_that_cannot_take_over_changes_nothing() {
         assert_eq!(status["upgrade"]["last"]["ok"], false);
     }
     assert!(daemon.log_lines("live upgrade refused; nothing changed").len() == 3);
+    // `ferryd status` says so too (its exit status is about systemd, absent here).
+    let summary = Command::new(BIN)
+        .args(["status", "--config"])
+        .arg(&daemon.config)
+        .output()
+        .expect("ferryd status");
+    let summary = String::from_utf8_lossy(&summary.stdout);
+    assert!(
+        summary.contains("upgrade:  0 live upgrade(s) of 3 asked for")
+            && summary.contains("FAILED (the binary at"),
+        "{summary}"
+    );
     // A new connection is still served by the old daemon.
     let mut fresh = TcpStream::connect(local(port)).expect("connect after the refusals");
     common::echo_roundtrip(&mut fresh, b"still here").expect("a new connection is relayed");
@@ -545,4 +557,15 @@ fn a_sigusr2_during_an_upgrade_is_applied_after_it() {
     let status = status(&daemon);
     assert_eq!(status["pid"], daemon.pid());
     assert_eq!(status["upgrade"]["completed"], 2, "{status}");
+    let summary = Command::new(BIN)
+        .args(["status", "--config"])
+        .arg(&daemon.config)
+        .output()
+        .expect("ferryd status");
+    let summary = String::from_utf8_lossy(&summary.stdout);
+    assert!(
+        summary.contains("upgrade:  2 live upgrade(s) of 2 asked for")
+            && summary.contains("connection(s) moved, pause"),
+        "{summary}"
+    );
 }

@@ -157,5 +157,20 @@ fn summarize(doc: &StatusDocument) -> String {
         relay.pipes_in_use,
         relay.pipes_pooled
     ));
+    let upgrade = &doc.upgrade;
+    if let Some(last) = &upgrade.last {
+        out.push_str(&format!(
+            "upgrade:  {} live upgrade(s) of {} asked for; the last, {}s ago: {} ({})\n",
+            upgrade.completed,
+            upgrade.attempts,
+            last.seconds_ago,
+            if last.ok { "done" } else { "FAILED" },
+            match (last.moved, last.pause_ms) {
+                (Some(moved), Some(pause)) =>
+                    format!("{}; {moved} connection(s) moved, pause {pause} ms", last.detail),
+                _ => last.detail.clone(),
+            }
+        ));
+    }
     out
 }
