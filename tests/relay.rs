@@ -69,8 +69,10 @@ fn bulk_both_directions_byte_exact_and_spliced() {
     let spliced: u64 = field(&summary, "spliced_bytes").unwrap().parse().unwrap();
     let copied: u64 = field(&summary, "copied_bytes").unwrap().parse().unwrap();
     assert_eq!(spliced + copied, 2 * TOTAL, "{summary}");
-    // Each direction copies until its first bulk-sized read, then splices everything else.
-    assert!(copied <= 2 * 64 * 1024, "{summary}");
+    // Each direction copies until its first bulk-sized read, then splices; a burst that finds
+    // less than 16 KiB waiting is copied again (the mode follows the traffic), which on a busy
+    // loopback happens now and then. Nearly every byte is spliced.
+    assert!(copied < 2 * TOTAL / 100, "more than 1% copied: {summary}");
     assert_eq!(field(&summary, "fallback_no_pipe"), Some("0"), "{summary}");
     let pipes: u64 = field(&summary, "pipes_created").unwrap().parse().unwrap();
     assert!(
