@@ -228,7 +228,14 @@ fn local_probes_are_answered_and_strangers_refused_without_a_dial() {
     assert_eq!(refusals["v1"], 1, "{doc}");
     assert_eq!(refusals["missing"], 1, "{doc}");
     assert_eq!(refusals["oversized"], 1, "{doc}");
-    assert!(daemon.log().contains("reason=\"timeout\""), "{}", daemon.log());
+    // Lines reach stderr through the log's writer thread: wait for it rather than race it.
+    assert!(
+        daemon
+            .wait_for_log("reason=\"timeout\"", Duration::from_secs(5))
+            .is_some(),
+        "{}",
+        daemon.log()
+    );
 }
 
 #[test]
