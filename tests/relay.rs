@@ -628,8 +628,15 @@ fn splice_refused_everywhere_is_counted_and_logged_rate_limited() {
         t.join().unwrap().unwrap();
         assert!(back == bulk, "connection {i}: bytes altered");
     }
+    // Lines reach stderr through the log's writer thread: wait for the first.
+    assert!(
+        daemon
+            .wait_for_log("kernel refused splice", Duration::from_secs(5))
+            .is_some(),
+        "no fallback logged: {}",
+        daemon.log()
+    );
     let lines = daemon.log_lines("kernel refused splice");
-    assert!(!lines.is_empty(), "no fallback logged: {}", daemon.log());
     assert!(
         lines.len() <= 10,
         "{} warning lines for {CONNECTIONS} connections",
