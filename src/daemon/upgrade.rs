@@ -150,11 +150,12 @@ impl Daemon {
         let connections = std::mem::take(&mut incoming.connections);
         let moved = connections.len();
         for parked in connections {
-            let route_stats = match stats.get(&parked.route) {
+            let who = &parked.identity;
+            let route_stats = match stats.get(&who.route) {
                 Some(route_stats) => route_stats.clone(),
                 None => {
-                    tracing::info!(route = %parked.route, client = %parked.peer, "moved a connection of a route no longer configured; it goes on until it ends");
-                    self.new_stats(&parked.route)
+                    tracing::info!(route = %who.route, client = %who.peer, "moved a connection of a route no longer configured; it goes on until it ends");
+                    self.new_stats(&who.route)
                 }
             };
             crate::route::resume(parked, route_stats, wiring.clone());

@@ -22,7 +22,7 @@ use std::time::Duration;
 pub use doc::{ACCEPTED, ConnectionEntry, Document, PipeEntry, Refused, SideEntry, VERSION};
 
 use crate::relay::{Carry, Midway, Parked, Paused, Pipe, Side, Timeouts};
-use crate::route::ParkedConnection;
+use crate::route::{Identity, ParkedConnection};
 
 /// The environment variable that carries the document's descriptor number to the new image.
 pub const ENV: &str = "FERRYD_HANDOVER_FD";
@@ -127,15 +127,15 @@ impl Outgoing {
 
     /// A parked connection.
     pub fn connection(&mut self, parked: ParkedConnection) {
-        let ParkedConnection {
+        let ParkedConnection { identity, relay } = parked;
+        let Identity {
             route,
             peer,
             upstream,
             proxied_client,
             link_id,
             timeouts,
-            relay,
-        } = parked;
+        } = identity;
         let Parked {
             client,
             upstream: upstream_socket,
@@ -281,7 +281,7 @@ impl Drop for Incoming {
 }
 
 impl Incoming {
-    /// Takes the hand-over named by [`ENV`] (as [`crate::daemon::Inherited`] took it out of the
+    /// Takes the hand-over named by [`ENV`] (as the daemon took it out of the
     /// environment, so no child inherits it), if any. `None`: a normal start. An error: there was
     /// a document and it was refused; everything the previous image left open has then been
     /// closed (connected sockets reset), and the daemon starts afresh.
@@ -369,14 +369,16 @@ fn take(value: &std::ffi::OsStr) -> Result<Incoming, String> {
             }
         };
         connections.push(ParkedConnection {
-            route: c.route.clone(),
-            peer: c.peer,
-            upstream: c.upstream,
-            proxied_client: c.proxied_client,
-            link_id: c.link_id,
-            timeouts: Timeouts {
-                idle: c.idle_timeout_ms.map(Duration::from_millis),
-                fin: Duration::from_millis(c.fin_timeout_ms),
+            identity: Identity {
+                route: c.route.clone(),
+                peer: c.peer,
+                upstream: c.upstream,
+                proxied_client: c.proxied_client,
+                link_id: c.link_id,
+                timeouts: Timeouts {
+                    idle: c.idle_timeout_ms.map(Duration::from_millis),
+                    fin: Duration::from_millis(c.fin_timeout_ms),
+                },
             },
             relay: Parked {
                 client: std::net::TcpStream::from(client),

@@ -60,9 +60,10 @@ struct Quiet {
 /// Where parked connections go: the daemon, which hands them to the next program image.
 pub type Parking = mpsc::UnboundedSender<ParkedConnection>;
 
-/// A relayed connection parked by a live upgrade, with what its log line and timers need.
-#[derive(Debug)]
-pub struct ParkedConnection {
+/// Who a relayed connection is and the timers it was accepted with: what its log line says,
+/// and what a live upgrade carries across with its sockets.
+#[derive(Debug, Clone)]
+pub struct Identity {
     /// The route it was accepted on.
     pub route: String,
     /// The TCP peer (the balancer's address with Private Link).
@@ -75,6 +76,13 @@ pub struct ParkedConnection {
     pub link_id: Option<u32>,
     /// The timers it was accepted with.
     pub timeouts: Timeouts,
+}
+
+/// A relayed connection parked by a live upgrade.
+#[derive(Debug)]
+pub struct ParkedConnection {
+    /// Who it is.
+    pub identity: Identity,
     /// Its sockets and where it stands.
     pub relay: relay::Parked,
 }
@@ -167,10 +175,11 @@ impl RouteListener {
             }
             return;
         }
+        // Counted before the reset, so whoever sees the reset also sees it counted.
         if !route.allow.contains(source) {
-            crate::net::reset(stream);
             self.stats.record(Outcome::Denied);
             self.stats.denied(source);
+            crate::net::reset(stream);
             if let Some(suppressed) = self.quiet.denied.admit() {
                 tracing::warn!(route = %route.name, client = %peer, end = "denied", suppressed, "source not in allow list; connection reset");
             }
@@ -178,8 +187,8 @@ impl RouteListener {
         }
         let live = self.stats.live.load(Ordering::Relaxed);
         if live >= route.max_connections {
-            crate::net::reset(stream);
             self.stats.record(Outcome::Limit);
+            crate::net::reset(stream);
             if let Some(suppressed) = self.quiet.limit.admit() {
                 tracing::warn!(route = %route.name, client = %peer, end = "limit", live, max_connections = route.max_connections, suppressed, "route at max_connections; connection reset");
             }
@@ -318,14 +327,16 @@ impl Connection {
         }
 
         let relayed = Relayed {
-            route: route.name.clone(),
-            peer: self.peer,
-            upstream: upstream_addr,
-            proxied_client: proxied.as_ref().and_then(Header::client),
-            link_id: proxied.as_ref().and_then(|h| h.link_id),
-            timeouts: Timeouts {
-                idle: route.idle_timeout,
-                fin: route.fin_timeout,
+            identity: Identity {
+                route: route.name.clone(),
+                peer: self.peer,
+                upstream: upstream_addr,
+                proxied_client: proxied.as_ref().and_then(Header::client),
+                link_id: proxied.as_ref().and_then(|h| h.link_id),
+                timeouts: Timeouts {
+                    idle: route.idle_timeout,
+                    fin: route.fin_timeout,
+                },
             },
             started,
             live: self.live,
@@ -340,12 +351,7 @@ impl Connection {
 /// take is reset with its peer, and the connection is logged as reset.
 pub fn resume(parked: ParkedConnection, stats: Arc<RouteStats>, wiring: Wiring) {
     let ParkedConnection {
-        route,
-        peer,
-        upstream,
-        proxied_client,
-        link_id,
-        timeouts,
+        identity,
         relay:
             relay::Parked {
                 client,
@@ -358,12 +364,7 @@ pub fn resume(parked: ParkedConnection, stats: Arc<RouteStats>, wiring: Wiring) 
         .checked_sub(midway.age)
         .unwrap_or_else(Instant::now);
     let relayed = Relayed {
-        route,
-        peer,
-        upstream,
-        proxied_client,
-        link_id,
-        timeouts,
+        identity,
         started,
         live: LiveGuard::new(stats),
         wiring,
@@ -384,19 +385,15 @@ pub fn resume(parked: ParkedConnection, stats: Arc<RouteStats>, wiring: Wiring) 
         Err(e) => {
             // The sockets were closed with the failed conversion.
             relayed.live.0.record(Outcome::Reset);
-            tracing::warn!(route = %relayed.route, client = %relayed.peer, upstream = %relayed.upstream, end = "reset", error = %e, "cannot take over a connection moved by the upgrade");
+            let who = &relayed.identity;
+            tracing::warn!(route = %who.route, client = %who.peer, upstream = %who.upstream, end = "reset", error = %e, "cannot take over a connection moved by the upgrade");
         }
     }
 }
 
 /// The relayed part of a connection's life: new, or moved here by a live upgrade.
 struct Relayed {
-    route: String,
-    peer: SocketAddr,
-    upstream: SocketAddr,
-    proxied_client: Option<SocketAddr>,
-    link_id: Option<u32>,
-    timeouts: Timeouts,
+    identity: Identity,
     started: Instant,
     live: LiveGuard,
     wiring: Wiring,
@@ -413,7 +410,7 @@ impl Relayed {
             &self.wiring.engine,
             client,
             upstream,
-            self.timeouts,
+            self.identity.timeouts,
             totals,
             &mut self.wiring.shutdown,
             from,
@@ -423,12 +420,7 @@ impl Relayed {
             Ended::Closed(transfer) => transfer,
             Ended::Parked(relay) => {
                 let parked = ParkedConnection {
-                    route: self.route,
-                    peer: self.peer,
-                    upstream: self.upstream,
-                    proxied_client: self.proxied_client,
-                    link_id: self.link_id,
-                    timeouts: self.timeouts,
+                    identity: self.identity,
                     relay,
                 };
                 if let Err(mpsc::error::SendError(lost)) = self.wiring.parking.send(parked) {
@@ -436,23 +428,23 @@ impl Relayed {
                     crate::net::reset(lost.relay.client);
                     crate::net::reset(lost.relay.upstream);
                     stats.record(Outcome::Reset);
-                    tracing::warn!(route = %lost.route, client = %lost.peer, end = "reset", "parked for an upgrade that is no longer under way; both sides reset");
+                    tracing::warn!(route = %lost.identity.route, client = %lost.identity.peer, end = "reset", "parked for an upgrade that is no longer under way; both sides reset");
                 }
                 return;
             }
         };
         stats.record(transfer.outcome);
         tracing::info!(
-            route = %self.route,
-            client = %self.peer,
-            upstream = %self.upstream,
+            route = %self.identity.route,
+            client = %self.identity.peer,
+            upstream = %self.identity.upstream,
             bytes_up = transfer.up,
             bytes_down = transfer.down,
             duration_ms = self.started.elapsed().as_millis() as u64,
             end = transfer.outcome.name(),
             error = transfer.detail.as_deref(),
-            proxied_client = self.proxied_client.map(|c| c.to_string()),
-            link_id = self.link_id,
+            proxied_client = self.identity.proxied_client.map(|c| c.to_string()),
+            link_id = self.identity.link_id,
             "connection closed"
         );
     }
