@@ -9,7 +9,7 @@
 //!
 //! A live upgrade uses the same signal with a second meaning: [`Shutdown::parking`] asks each
 //! connection to stop where no byte lives only in this process's memory and hand itself to the
-//! daemon, which passes it on to the next program image (see `crate::handover`).
+//! daemon, which passes it on to the next program image (the live upgrade).
 
 use std::time::Duration;
 

@@ -95,15 +95,7 @@ fn sigterm_drains_a_transfer_in_flight() {
         let pattern = Pattern::new(9);
         let mut sent = 0;
         while sent < TOTAL {
-            pattern
-                .send(
-                    &mut SkipWriter {
-                        inner: &mut stream,
-                        skip: sent,
-                    },
-                    sent + TOTAL / 16,
-                )
-                .unwrap();
+            pattern.send_range(&mut stream, sent, TOTAL / 16).unwrap();
             sent += TOTAL / 16;
             std::thread::sleep(Duration::from_millis(60));
         }
@@ -276,30 +268,6 @@ fn exhaust_descriptors(fd_limit: u64) -> bool {
     let count: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
     assert!(count >= 1.0, "{line}");
     waiting
-}
-
-/// Writes to `inner` while skipping the first `skip` bytes of what it is given, so a pattern
-/// can be sent in slices.
-struct SkipWriter<'a, W: Write> {
-    inner: &'a mut W,
-    skip: u64,
-}
-
-impl<W: Write> Write for SkipWriter<'_, W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if self.skip >= buf.len() as u64 {
-            self.skip -= buf.len() as u64;
-            return Ok(buf.len());
-        }
-        let from = self.skip as usize;
-        self.skip = 0;
-        self.inner.write_all(&buf[from..])?;
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
 }
 
 /// A stream still flowing when the drain timeout cuts it did not end on its own: both sides get

@@ -83,7 +83,7 @@ fn paced_send(pattern: &Pattern, stream: &mut impl Write, total: u64, seconds: f
     let mut sent = 0;
     while sent < total {
         let n = STEP.min(total - sent);
-        pattern_slice_send(pattern, stream, sent, n)?;
+        pattern.send_range(stream, sent, n)?;
         sent += n;
         let due = Duration::from_secs_f64(seconds * sent as f64 / total as f64);
         if let Some(wait) = due.checked_sub(started.elapsed()) {
@@ -91,38 +91,6 @@ fn paced_send(pattern: &Pattern, stream: &mut impl Write, total: u64, seconds: f
         }
     }
     Ok(())
-}
-
-/// Sends bytes `from..from + n` of the pattern's stream.
-fn pattern_slice_send(pattern: &Pattern, stream: &mut impl Write, from: u64, n: u64) -> io::Result<()> {
-    let mut skip = SkipWriter {
-        skip: from,
-        inner: stream,
-    };
-    pattern.send(&mut skip, from + n)
-}
-
-/// A writer that drops the first `skip` bytes written to it.
-struct SkipWriter<'a, W: Write> {
-    skip: u64,
-    inner: &'a mut W,
-}
-
-impl<W: Write> Write for SkipWriter<'_, W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if self.skip >= buf.len() as u64 {
-            self.skip -= buf.len() as u64;
-            return Ok(buf.len());
-        }
-        let from = self.skip as usize;
-        self.skip = 0;
-        self.inner.write_all(&buf[from..])?;
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
 }
 
 /// Bytes each way through the relay, counted by the clients, to compare with ferryd's counters.
@@ -184,20 +152,7 @@ impl Installed {
 
     fn start(&self, config: &str) -> Daemon {
         let exe = self.path();
-        let daemon = Daemon::spawn_command(config, |config| {
-            let mut command = Command::new(&exe);
-            command.args(["run", "--config"]).arg(config);
-            for var in [
-                "JOURNAL_STREAM",
-                "NOTIFY_SOCKET",
-                "WATCHDOG_USEC",
-                "LISTEN_FDS",
-                "LISTEN_PID",
-            ] {
-                command.env_remove(var);
-            }
-            command
-        });
+        let daemon = Daemon::spawn_command(config, |config| common::run_command(&exe, config));
         assert!(
             daemon
                 .wait_for_log(" ready config=", Duration::from_secs(10))
@@ -215,6 +170,16 @@ fn upgrade(daemon: &Daemon) -> std::process::Output {
         .arg(&daemon.config)
         .output()
         .expect("run ferryd upgrade")
+}
+
+/// What `ferryd status` prints (its exit status is about systemd, absent here).
+fn summary(daemon: &Daemon) -> String {
+    let out = Command::new(BIN)
+        .args(["status", "--config"])
+        .arg(&daemon.config)
+        .output()
+        .expect("ferryd status");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn status(daemon: &Daemon) -> serde_json::Value {
@@ -483,13 +448,8 @@ fn a_binary_that_cannot_take_over_changes_nothing() {
         "{}",
         daemon.log()
     );
-    // `ferryd status` says so too (its exit status is about systemd, absent here).
-    let summary = Command::new(BIN)
-        .args(["status", "--config"])
-        .arg(&daemon.config)
-        .output()
-        .expect("ferryd status");
-    let summary = String::from_utf8_lossy(&summary.stdout);
+    // `ferryd status` says so too.
+    let summary = summary(&daemon);
     assert!(
         summary.contains("upgrade:  0 live upgrade(s) of 3 asked for")
             && summary.contains("FAILED (the binary at"),
@@ -563,12 +523,7 @@ fn a_sigusr2_during_an_upgrade_is_applied_after_it() {
     let status = status(&daemon);
     assert_eq!(status["pid"], daemon.pid());
     assert_eq!(status["upgrade"]["completed"], 2, "{status}");
-    let summary = Command::new(BIN)
-        .args(["status", "--config"])
-        .arg(&daemon.config)
-        .output()
-        .expect("ferryd status");
-    let summary = String::from_utf8_lossy(&summary.stdout);
+    let summary = summary(&daemon);
     assert!(
         summary.contains("upgrade:  2 live upgrade(s) of 2 asked for")
             && summary.contains("connection(s) moved, pause"),

@@ -21,7 +21,7 @@ pub struct Passed {
 
 impl Passed {
     /// Takes the passed sockets named by LISTEN_PID, LISTEN_FDS and LISTEN_FDNAMES, as
-    /// [`crate::daemon::Inherited`] took them out of the environment (so no child process inherits
+    /// the daemon took them out of the environment (so no child process inherits
     /// them). Nothing is passed when LISTEN_PID is not this process.
     pub fn from_vars(pid: Option<String>, fds: Option<String>, names: Option<String>) -> Passed {
         let mine = pid.map(|p| p.trim() == std::process::id().to_string());

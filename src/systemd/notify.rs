@@ -20,7 +20,7 @@ pub struct Notifier {
 }
 
 impl Notifier {
-    /// A notifier for NOTIFY_SOCKET as [`crate::daemon::Inherited`] took it out of the
+    /// A notifier for NOTIFY_SOCKET as the daemon took it out of the
     /// environment (so no child process inherits it): a path, or an abstract socket written with
     /// a leading '@'.
     pub fn from_var(name: Option<std::ffi::OsString>) -> Notifier {

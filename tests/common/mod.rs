@@ -23,6 +23,23 @@ pub fn free_port() -> u16 {
     listener.local_addr().expect("local addr").port()
 }
 
+/// `exe run --config config`, without the systemd variables of the test's own environment
+/// (a test may set them on purpose afterwards).
+pub fn run_command(exe: &Path, config: &Path) -> Command {
+    let mut command = Command::new(exe);
+    command.args(["run", "--config"]).arg(config);
+    for var in [
+        "JOURNAL_STREAM",
+        "NOTIFY_SOCKET",
+        "WATCHDOG_USEC",
+        "LISTEN_FDS",
+        "LISTEN_PID",
+    ] {
+        command.env_remove(var);
+    }
+    command
+}
+
 /// A directory removed when dropped.
 pub struct TempDir(PathBuf);
 
@@ -78,19 +95,7 @@ impl Daemon {
     /// Starts `ferryd run` without waiting for anything.
     pub fn spawn_with(config: &str, adjust: impl FnOnce(&mut Command)) -> Daemon {
         Self::spawn_command(config, |path| {
-            let mut command = Command::new(BIN);
-            command.args(["run", "--config"]).arg(path);
-            // The test's own environment must not leak systemd variables into the daemon;
-            // `adjust` may set them on purpose.
-            for var in [
-                "JOURNAL_STREAM",
-                "NOTIFY_SOCKET",
-                "WATCHDOG_USEC",
-                "LISTEN_FDS",
-                "LISTEN_PID",
-            ] {
-                command.env_remove(var);
-            }
+            let mut command = run_command(Path::new(BIN), path);
             adjust(&mut command);
             command
         })
@@ -416,6 +421,18 @@ impl Pattern {
         Ok(())
     }
 
+    /// Writes bytes `from..from + n` of the pattern's stream (a slice of what [`Pattern::send`]
+    /// writes), so a test can send it in paced steps.
+    pub fn send_range(&self, stream: &mut impl Write, from: u64, n: u64) -> io::Result<()> {
+        self.send(
+            &mut SkipWriter {
+                inner: stream,
+                skip: from,
+            },
+            from + n,
+        )
+    }
+
     /// Reads until EOF and checks every byte against the pattern; returns how many matched.
     pub fn verify(&self, stream: &mut impl Read) -> io::Result<u64> {
         let mut buf = vec![0u8; 256 * 1024];
@@ -441,6 +458,29 @@ impl Pattern {
             }
             got += n as u64;
         }
+    }
+}
+
+/// Writes to `inner` while dropping the first `skip` bytes it is given.
+struct SkipWriter<'a, W: Write> {
+    inner: &'a mut W,
+    skip: u64,
+}
+
+impl<W: Write> Write for SkipWriter<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.skip >= buf.len() as u64 {
+            self.skip -= buf.len() as u64;
+            return Ok(buf.len());
+        }
+        let from = self.skip as usize;
+        self.skip = 0;
+        self.inner.write_all(&buf[from..])?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
     }
 }
 
