@@ -113,6 +113,18 @@ pub fn at_urgent_mark(socket: &impl AsRawFd) -> bool {
     rc == 0 && at != 0
 }
 
+/// Shuts down the write side of the socket `fd`: the peer gets a FIN once what is queued has
+/// gone. A raw descriptor because the relay passes an end of stream on while its pumps hold
+/// the socket's halves; the caller owns the socket for the duration of the call.
+pub fn shutdown_write(fd: std::os::fd::RawFd) -> io::Result<()> {
+    // SAFETY: shutdown(2) takes no pointers; `fd` is a socket the caller keeps open.
+    if unsafe { libc::shutdown(fd, libc::SHUT_WR) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Closes `stream` with a reset (SO_LINGER 0) instead of a FIN: the peer learns at once that the
 /// connection is refused or was broken, rather than seeing an orderly end of data.
 pub fn reset<S: std::os::fd::AsFd>(stream: S) {

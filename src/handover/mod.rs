@@ -348,12 +348,12 @@ fn take(value: &std::ffi::OsStr) -> Result<Incoming, String> {
                     streaming: *splice,
                     carry: match pipe {
                         None => None,
-                        Some(p) => Some(Carry {
+                        Some(p) => Some(Box::new(Carry {
                             pipe: Pipe::from_fds(own(p.read_fd), own(p.write_fd)).map_err(|e| {
                                 format!("connection from {}: its pipe is unusable: {e}", c.peer)
                             })?,
                             bytes: p.bytes,
-                        }),
+                        })),
                     },
                 }),
             })

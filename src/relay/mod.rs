@@ -15,14 +15,12 @@ mod buffers;
 mod pipe;
 mod pump;
 
-use std::net::Shutdown as Direction;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::Duration;
 
-use socket2::SockRef;
 use tokio::net::TcpStream;
-use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::time::Instant;
 
 pub use pipe::{Pipe, PipePool};
@@ -222,9 +220,14 @@ pub enum Ended {
 
 /// Relays between `client` and `upstream` from `from` (a new connection passes `None`: it starts
 /// from [`Midway::default`]; boxed, because a parameter occupies every connection's task for
-/// its whole life and only a connection moved by an upgrade has one) until the connection ends, then closes both sockets the way the ending
-/// requires (FIN for an orderly end, reset for a broken one); or until a live upgrade parks it.
-pub async fn relay(
+/// its whole life and only a connection moved by an upgrade has one) until the connection
+/// ends, then closes both sockets the way the ending requires (FIN for an orderly end, reset
+/// for a broken one); or until a live upgrade parks it.
+///
+/// What can be worked out before the first await is, outside the returned async block: an
+/// async fn would keep its arguments twice in the connection's task (as arguments, and as
+/// the locals they are moved into), for the connection's whole life.
+pub fn relay(
     engine: &Engine,
     mut client: TcpStream,
     mut upstream: TcpStream,
@@ -232,182 +235,182 @@ pub async fn relay(
     totals: Totals<'_>,
     shutdown: &mut Shutdown,
     from: Option<Box<Midway>>,
-) -> Ended {
-    let from = from.map_or_else(Midway::default, |from| *from);
-    let activity = Activity::since(from.age, from.quiet);
-    let up = AtomicU64::new(from.bytes_up);
-    let down = AtomicU64::new(from.bytes_down);
+) -> impl Future<Output = Ended> {
+    let Midway {
+        up: up_side,
+        down: down_side,
+        age,
+        quiet,
+        bytes_up,
+        bytes_down,
+    } = from.map_or_else(Midway::default, |from| *from);
+    let activity = Activity::since(age, quiet);
+    let up = AtomicU64::new(bytes_up);
+    let down = AtomicU64::new(bytes_down);
+    let mut up_done = matches!(up_side, Side::Done);
+    let mut down_done = matches!(down_side, Side::Done);
+    let start = |side: Side| match side {
+        Side::Open(paused) => paused,
+        Side::Done => Paused::default(),
+    };
+    let (up_from, down_from) = (start(up_side), start(down_side));
+    let pause = shutdown.pause();
+    // For passing an end of stream on while the pumps borrow the sockets.
+    let (client_fd, upstream_fd) = (client.as_raw_fd(), upstream.as_raw_fd());
 
-    let ended = {
-        let flow = |bytes, total| Flow {
-            pipes: engine.pipes(),
-            buffers: &engine.buffers,
-            stats: &engine.stats,
-            bytes,
-            total,
-            activity: &activity,
+    async move {
+        let ended = {
+            let flow = |bytes, total| Flow {
+                pipes: engine.pipes(),
+                buffers: &engine.buffers,
+                stats: &engine.stats,
+                bytes,
+                total,
+                activity: &activity,
+            };
+            // A park wakes the task through the loop's one waiter, and each direction sees the
+            // request at its next poll.
+            let mut park_seen = false;
+            let (mut client_r, mut client_w) = client.split();
+            let (mut upstream_r, mut upstream_w) = upstream.split();
+            let upward = pump::pump(
+                &mut client_r,
+                &mut upstream_w,
+                flow(&up, totals.up),
+                &pause,
+                up_from,
+            );
+            let downward = pump::pump(
+                &mut upstream_r,
+                &mut client_w,
+                flow(&down, totals.down),
+                &pause,
+                down_from,
+            );
+            tokio::pin!(upward, downward);
+            // A direction that parked: it has stopped, and comes back as `Side::Open`.
+            let (mut up_parked, mut down_parked) = (None, None);
+            loop {
+                let quiet_limit = if up_done || down_done {
+                    Some(timeouts.idle.map_or(timeouts.fin, |idle| idle.min(timeouts.fin)))
+                } else {
+                    timeouts.idle
+                };
+                // A limit too far away to represent is no limit.
+                let deadline = quiet_limit.and_then(|limit| activity.last().checked_add(limit));
+                let up_running = !up_done && up_parked.is_none();
+                let down_running = !down_done && down_parked.is_none();
+                tokio::select! {
+                    result = &mut upward, if up_running => match pass_on(result, down_done, upstream_fd, ["client", "upstream"]) {
+                        Ok(Stop::Eof) => up_done = true,
+                        Ok(Stop::Paused(paused)) => up_parked = Some(paused),
+                        Err(detail) => break Err((Outcome::Reset, Some(detail))),
+                    },
+                    result = &mut downward, if down_running => match pass_on(result, up_done, client_fd, ["upstream", "client"]) {
+                        Ok(Stop::Eof) => down_done = true,
+                        Ok(Stop::Paused(paused)) => down_parked = Some(paused),
+                        Err(detail) => break Err((Outcome::Reset, Some(detail))),
+                    },
+                    _ = sleep_until(deadline) => {
+                        if quiet_limit.is_some_and(|limit| activity.last().elapsed() >= limit) {
+                            break Err((Outcome::Idle, None));
+                        }
+                    },
+                    stop = shutdown.closing_or_parking(park_seen) => match stop {
+                        crate::shutdown::Stop::Close => break Err((Outcome::Drain, None)),
+                        crate::shutdown::Stop::Park => park_seen = true,
+                    },
+                }
+                if up_done && down_done {
+                    break Err((Outcome::Eof, None));
+                }
+                let up_stopped = up_done || up_parked.is_some();
+                let down_stopped = down_done || down_parked.is_some();
+                if up_stopped && down_stopped {
+                    let side = |parked: Option<Paused>| parked.map_or(Side::Done, Side::Open);
+                    break Ok((side(up_parked.take()), side(down_parked.take())));
+                }
+            }
         };
-        let mut up_side = from.up;
-        let mut down_side = from.down;
-        let done = |side: &Side| matches!(side, Side::Done);
-        let finished = AtomicU8::new(u8::from(done(&up_side)) + u8::from(done(&down_side)));
-        let mut up_done = done(&up_side);
-        let mut down_done = done(&down_side);
-        let start = |side: &mut Side| match std::mem::replace(side, Side::Done) {
-            Side::Open(paused) => paused,
-            Side::Done => Paused::default(),
+
+        let (outcome, detail) = match ended {
+            Ok((up_side, down_side)) => {
+                let midway = Midway {
+                    up: up_side,
+                    down: down_side,
+                    age: activity.start.elapsed(),
+                    quiet: activity.last().elapsed(),
+                    bytes_up: up.into_inner(),
+                    bytes_down: down.into_inner(),
+                };
+                return match (client.into_std(), upstream.into_std()) {
+                    (Ok(client), Ok(upstream)) => Ended::Parked(Parked {
+                        client,
+                        upstream,
+                        midway,
+                        parked_at: std::time::Instant::now(),
+                    }),
+                    // Taking a socket out of the runtime cannot fail for a registered socket; if it
+                    // did, both are gone with the error, and the connection is reported reset.
+                    (client, upstream) => Ended::Closed(Transfer {
+                        outcome: Outcome::Reset,
+                        detail: Some(format!(
+                            "cannot park for the upgrade: {}",
+                            [client.err(), upstream.err()]
+                                .into_iter()
+                                .flatten()
+                                .map(|e| e.to_string())
+                                .collect::<Vec<_>>()
+                                .join("; ")
+                        )),
+                        up: midway.bytes_up,
+                        down: midway.bytes_down,
+                    }),
+                };
+            }
+            Err(ended) => ended,
         };
-        let (up_from, down_from) = (start(&mut up_side), start(&mut down_side));
-        let (up_pause, down_pause) = (shutdown.pause(), shutdown.pause());
-        // A park wakes the task through the loop's one waiter, and each direction sees the
-        // request at its next poll.
-        let mut park_seen = false;
-        let (mut client_r, mut client_w) = client.split();
-        let (mut upstream_r, mut upstream_w) = upstream.split();
-        let upward = half(
-            &mut client_r,
-            &mut upstream_w,
-            flow(&up, totals.up),
-            &up_pause,
-            up_from,
-            &finished,
-            "client",
-            "upstream",
-        );
-        let downward = half(
-            &mut upstream_r,
-            &mut client_w,
-            flow(&down, totals.down),
-            &down_pause,
-            down_from,
-            &finished,
-            "upstream",
-            "client",
-        );
-        tokio::pin!(upward, downward);
-        // A direction that parked: it has stopped, and comes back as `Side::Open`.
-        let (mut up_parked, mut down_parked) = (None, None);
-        loop {
-            let quiet_limit = if up_done || down_done {
-                Some(timeouts.idle.map_or(timeouts.fin, |idle| idle.min(timeouts.fin)))
-            } else {
-                timeouts.idle
-            };
-            // A limit too far away to represent is no limit.
-            let deadline = quiet_limit.and_then(|limit| activity.last().checked_add(limit));
-            let up_running = !up_done && up_parked.is_none();
-            let down_running = !down_done && down_parked.is_none();
-            tokio::select! {
-                result = &mut upward, if up_running => match result {
-                    Ok(Stop::Eof) => up_done = true,
-                    Ok(Stop::Paused(paused)) => up_parked = Some(paused),
-                    Err(detail) => break Err((Outcome::Reset, Some(detail))),
-                },
-                result = &mut downward, if down_running => match result {
-                    Ok(Stop::Eof) => down_done = true,
-                    Ok(Stop::Paused(paused)) => down_parked = Some(paused),
-                    Err(detail) => break Err((Outcome::Reset, Some(detail))),
-                },
-                _ = sleep_until(deadline) => {
-                    if quiet_limit.is_some_and(|limit| activity.last().elapsed() >= limit) {
-                        break Err((Outcome::Idle, None));
-                    }
-                },
-                stop = shutdown.closing_or_parking(park_seen) => match stop {
-                    crate::shutdown::Stop::Close => break Err((Outcome::Drain, None)),
-                    crate::shutdown::Stop::Park => park_seen = true,
-                },
-            }
-            if up_done && down_done {
-                break Err((Outcome::Eof, None));
-            }
-            let up_stopped = up_done || up_parked.is_some();
-            let down_stopped = down_done || down_parked.is_some();
-            if up_stopped && down_stopped {
-                let side = |parked: Option<Paused>| parked.map_or(Side::Done, Side::Open);
-                break Ok((side(up_parked.take()), side(down_parked.take())));
-            }
-        }
-    };
 
-    let (outcome, detail) = match ended {
-        Ok((up_side, down_side)) => {
-            let midway = Midway {
-                up: up_side,
-                down: down_side,
-                age: activity.start.elapsed(),
-                quiet: activity.last().elapsed(),
-                bytes_up: up.into_inner(),
-                bytes_down: down.into_inner(),
-            };
-            return match (client.into_std(), upstream.into_std()) {
-                (Ok(client), Ok(upstream)) => Ended::Parked(Parked {
-                    client,
-                    upstream,
-                    midway,
-                    parked_at: std::time::Instant::now(),
-                }),
-                // Taking a socket out of the runtime cannot fail for a registered socket; if it
-                // did, both are gone with the error, and the connection is reported reset.
-                (client, upstream) => Ended::Closed(Transfer {
-                    outcome: Outcome::Reset,
-                    detail: Some(format!(
-                        "cannot park for the upgrade: {}",
-                        [client.err(), upstream.err()]
-                            .into_iter()
-                            .flatten()
-                            .map(|e| e.to_string())
-                            .collect::<Vec<_>>()
-                            .join("; ")
-                    )),
-                    up: midway.bytes_up,
-                    down: midway.bytes_down,
-                }),
-            };
+        // A connection that did not end on its own, or that a timer ends with bytes still on their
+        // way (in a burst, or unread in a receive queue), is reset on both sides: neither peer may
+        // mistake a truncated stream for an orderly end. The drain always cuts a stream short.
+        let cut_short = match outcome {
+            Outcome::Reset | Outcome::Drain => true,
+            // Both peers' FINs were read and everything before them written: nothing can
+            // follow a FIN, so nothing is unread, and no system call needs to say so.
+            Outcome::Eof => false,
+            _ => {
+                activity.bytes_in_flight()
+                    || crate::net::unread_bytes(&client) > 0
+                    || crate::net::unread_bytes(&upstream) > 0
+            }
+        };
+        if cut_short {
+            crate::net::reset(client);
+            crate::net::reset(upstream);
         }
-        Err(ended) => ended,
-    };
-
-    // A connection that did not end on its own, or that a timer ends with bytes still on their
-    // way (in a burst, or unread in a receive queue), is reset on both sides: neither peer may
-    // mistake a truncated stream for an orderly end. The drain always cuts a stream short.
-    let cut_short = match outcome {
-        Outcome::Reset | Outcome::Drain => true,
-        _ => {
-            activity.bytes_in_flight()
-                || crate::net::unread_bytes(&client) > 0
-                || crate::net::unread_bytes(&upstream) > 0
-        }
-    };
-    if cut_short {
-        crate::net::reset(client);
-        crate::net::reset(upstream);
+        Ended::Closed(Transfer {
+            outcome,
+            detail,
+            up: up.into_inner(),
+            down: down.into_inner(),
+        })
     }
-    Ended::Closed(Transfer {
-        outcome,
-        detail,
-        up: up.into_inner(),
-        down: down.into_inner(),
-    })
 }
 
-/// One direction, then the half-close that passes its end of stream on. The direction that
-/// finishes second skips the shutdown: both sockets are closed right after, and close sends the
-/// FIN anyway.
-#[allow(clippy::too_many_arguments)]
-async fn half(
-    src: &mut ReadHalf<'_>,
-    dst: &mut WriteHalf<'_>,
-    flow: Flow<'_>,
-    pause: &crate::shutdown::Pause,
-    from: Paused,
-    finished: &AtomicU8,
-    src_name: &str,
-    dst_name: &str,
+/// What the end of one direction means for the connection. An end of stream is passed on as a
+/// shutdown of the write side of `dst` (the socket the direction writes to), unless the other
+/// direction is done too: both sockets are closed right after, and close sends the FIN. An
+/// error is named after the side it came from: `names` is [source, destination].
+fn pass_on(
+    result: Result<Stop, PumpError>,
+    other_done: bool,
+    dst: RawFd,
+    names: [&str; 2],
 ) -> Result<Stop, String> {
-    match pump::pump(src, dst, flow, pause, from).await {
-        Ok(Stop::Eof) if finished.fetch_add(1, Ordering::Relaxed) == 0 => SockRef::from(dst.as_ref())
-            .shutdown(Direction::Write)
+    let [src_name, dst_name] = names;
+    match result {
+        Ok(Stop::Eof) if !other_done => crate::net::shutdown_write(dst)
             .map(|()| Stop::Eof)
             .map_err(|e| format!("{dst_name}: shutdown after {src_name}'s FIN failed: {e}")),
         Ok(stop) => Ok(stop),

@@ -67,8 +67,9 @@ pub struct Flow<'a> {
 pub struct Paused {
     /// The direction had switched to splicing.
     pub streaming: bool,
-    /// Bytes read from `src` and not yet written to `dst`, held in a pipe.
-    pub carry: Option<Carry>,
+    /// Bytes read from `src` and not yet written to `dst`, held in a pipe. Boxed: only a
+    /// parked direction has one, and every direction's task would otherwise carry its room.
+    pub carry: Option<Box<Carry>>,
 }
 
 /// Bytes on their way, in a pipe of their own.
@@ -99,7 +100,7 @@ enum Burst {
     /// `src` sent its FIN and every byte before it was written to `dst`.
     Eof,
     /// A park was asked for; whatever was not yet written is in the carry.
-    Paused(Option<Carry>),
+    Paused(Option<Box<Carry>>),
 }
 
 static NO_PIPE_LOG: RateLimit = RateLimit::new();
@@ -109,84 +110,90 @@ static REFUSED_LOG: RateLimit = RateLimit::new();
 /// once every byte read has been written (or, parked, is in the returned carry); the caller then
 /// shuts down `dst`'s write side. `from` is where a direction parked by the previous program
 /// image stood (the default for a new connection).
-pub async fn pump(
-    src: &mut ReadHalf<'_>,
-    dst: &mut WriteHalf<'_>,
-    flow: Flow<'_>,
-    pause: &Pause,
+///
+/// An async block, not an async fn: an async fn keeps its arguments twice in the connection's
+/// task (as arguments, and as the locals they are moved into), for the direction's whole life.
+pub fn pump<'a>(
+    src: &'a mut ReadHalf<'_>,
+    dst: &'a mut WriteHalf<'_>,
+    flow: Flow<'a>,
+    pause: &'a Pause,
     from: Paused,
-) -> Result<Stop, PumpError> {
+) -> impl Future<Output = Result<Stop, PumpError>> {
     let mut pipes = flow.pipes;
     let mut streaming = from.streaming;
-    if let Some(carry) = from.carry
+    let carried = from.carry;
+    async move {
+        if let Some(carry) = carried
         // Boxed: only a direction moved by an upgrade runs it, and every connection's task would
         // otherwise carry its state.
         && let Some(carry) = Box::pin(drain_carry(carry, dst, &flow, pause)).await?
-    {
-        return Ok(Stop::Paused(Paused {
-            streaming,
-            carry: Some(carry),
-        }));
-    }
-    loop {
-        if pause.is_requested() {
+        {
             return Ok(Stop::Paused(Paused {
                 streaming,
-                carry: None,
+                carry: Some(carry),
             }));
         }
-        // Every burst spends a unit of tokio's cooperative budget, so one busy connection yields
-        // to the others on its worker. It also matters for correctness: a read refused for lack
-        // of budget looks like "drained" to `copy_burst`, and without this yield the loop would
-        // find the socket still readable and spin.
-        tokio::task::consume_budget().await;
-        match ready_or_park(src.as_ref(), pause, Interest::READABLE).await {
-            Some(ready) => ready.map_err(PumpError::Read)?,
-            None => {
+        loop {
+            if pause.is_requested() {
                 return Ok(Stop::Paused(Paused {
                     streaming,
                     carry: None,
                 }));
             }
-        }
-        let lease = match (streaming, pipes) {
-            (true, Some(pool)) => match pool.take() {
-                Ok(Some(lease)) => Some(lease),
-                Ok(None) => {
-                    no_pipe(&flow, pool, None);
-                    None
+            // Every burst spends a unit of tokio's cooperative budget, so one busy connection yields
+            // to the others on its worker. It also matters for correctness: a read refused for lack
+            // of budget looks like "drained" to `copy_burst`, and without this yield the loop would
+            // find the socket still readable and spin.
+            tokio::task::consume_budget().await;
+            match ready_or_park(src.as_ref(), pause, Interest::READABLE).await {
+                Some(ready) => ready.map_err(PumpError::Read)?,
+                None => {
+                    return Ok(Stop::Paused(Paused {
+                        streaming,
+                        carry: None,
+                    }));
                 }
-                Err(e) => {
-                    no_pipe(&flow, pool, Some(e));
-                    None
-                }
-            },
-            _ => None,
-        };
-        let burst = match lease {
-            Some(lease) => match splice_burst(src, dst, lease, &flow, pause).await {
-                Err(PumpError::Read(e)) if splice_refused(&e) => {
-                    flow.stats.fallback_refused.fetch_add(1, Ordering::Relaxed);
-                    if let Some(suppressed) = REFUSED_LOG.admit() {
-                        tracing::warn!(error = %e, suppressed, "kernel refused splice on this connection; copying through a buffer instead");
-                    }
-                    pipes = None;
-                    copy_burst(src, dst, &flow, pause).await?
-                }
-                other => other?,
-            },
-            None => copy_burst(src, dst, &flow, pause).await?,
-        };
-        match burst {
-            Burst::Eof => {
-                // The FIN is activity: fin_timeout counts from here, not from the last byte.
-                flow.activity.touch();
-                return Ok(Stop::Eof);
             }
-            Burst::Streaming => streaming = true,
-            Burst::Trickle => streaming = false,
-            Burst::Drained => {}
-            Burst::Paused(carry) => return Ok(Stop::Paused(Paused { streaming, carry })),
+            let lease = match (streaming, pipes) {
+                (true, Some(pool)) => match pool.take() {
+                    Ok(Some(lease)) => Some(lease),
+                    Ok(None) => {
+                        no_pipe(&flow, pool, None);
+                        None
+                    }
+                    Err(e) => {
+                        no_pipe(&flow, pool, Some(e));
+                        None
+                    }
+                },
+                _ => None,
+            };
+            let burst = match lease {
+                Some(lease) => match splice_burst(src, dst, lease, &flow, pause).await {
+                    Err(PumpError::Read(e)) if splice_refused(&e) => {
+                        flow.stats.fallback_refused.fetch_add(1, Ordering::Relaxed);
+                        if let Some(suppressed) = REFUSED_LOG.admit() {
+                            tracing::warn!(error = %e, suppressed, "kernel refused splice on this connection; copying through a buffer instead");
+                        }
+                        pipes = None;
+                        copy_burst(src, dst, &flow, pause).await?
+                    }
+                    other => other?,
+                },
+                None => copy_burst(src, dst, &flow, pause).await?,
+            };
+            match burst {
+                Burst::Eof => {
+                    // The FIN is activity: fin_timeout counts from here, not from the last byte.
+                    flow.activity.touch();
+                    return Ok(Stop::Eof);
+                }
+                Burst::Streaming => streaming = true,
+                Burst::Trickle => streaming = false,
+                Burst::Drained => {}
+                Burst::Paused(carry) => return Ok(Stop::Paused(Paused { streaming, carry })),
+            }
         }
     }
 }
@@ -194,11 +201,11 @@ pub async fn pump(
 /// Writes out what a parked direction left in its pipe. Returns the rest when parked again
 /// before it is all out.
 async fn drain_carry(
-    mut carry: Carry,
+    mut carry: Box<Carry>,
     dst: &mut WriteHalf<'_>,
     flow: &Flow<'_>,
     pause: &Pause,
-) -> Result<Option<Carry>, PumpError> {
+) -> Result<Option<Box<Carry>>, PumpError> {
     let out = dst.as_ref();
     flow.activity.carrying();
     while carry.bytes > 0 {
@@ -243,63 +250,69 @@ fn splice_refused(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOSYS))
 }
 
-async fn splice_burst(
-    src: &mut ReadHalf<'_>,
-    dst: &mut WriteHalf<'_>,
-    mut lease: Lease<'_>,
-    flow: &Flow<'_>,
-    pause: &Pause,
-) -> Result<Burst, PumpError> {
-    let src = src.as_ref();
+/// One splice burst: socket → pipe → socket until `src` is drained. (An async block, not an
+/// async fn, for the reason [`pump`] gives.)
+fn splice_burst<'a>(
+    src: &'a mut ReadHalf<'_>,
+    dst: &'a mut WriteHalf<'_>,
+    mut lease: Lease<'a>,
+    flow: &'a Flow<'_>,
+    pause: &'a Pause,
+) -> impl Future<Output = Result<Burst, PumpError>> {
+    let src: &'a tokio::net::TcpStream = (*src).as_ref();
     let mut moved = 0;
-    loop {
-        let n = match src.try_io(Interest::READABLE, || lease.fill_from(src)) {
-            // splice stops at TCP's urgent mark, answering EAGAIN there (or 0 when a FIN
-            // follows) with bytes still queued: read past the mark by copying.
-            // Boxed: urgent data is rare, and its state would otherwise weigh on every task.
-            Ok(0) | Err(_) if at_urgent_mark(src) => {
-                return Box::pin(copy_past_mark(src, dst, flow, pause)).await;
-            }
-            Ok(0) => return Ok(Burst::Eof),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock && moved < STREAMING_READ => {
-                return Ok(Burst::Trickle);
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Burst::Drained),
-            Err(e) => return Err(PumpError::Read(e)),
-        };
-        moved += n;
-        flow.activity.carrying();
-        let out = dst.as_ref();
-        while lease.pending() > 0 {
-            match out.try_io(Interest::WRITABLE, || lease.drain_to(out)) {
-                // Partial progress counts: a slow reader is not an idle connection.
-                Ok(_) => flow.activity.touch(),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    match ready_or_park(out, pause, Interest::WRITABLE).await {
-                        Some(ready) => ready.map_err(PumpError::Write)?,
-                        None => {
-                            // What went out is counted now; the rest travels in the pipe.
-                            let left = lease.pending();
-                            flow.stats
-                                .spliced_bytes
-                                .fetch_add((n - left) as u64, Ordering::Relaxed);
-                            flow.account(n - left);
-                            let carry = lease.detach().map(|(pipe, bytes)| Carry { pipe, bytes });
-                            return Ok(Burst::Paused(carry));
+    async move {
+        loop {
+            let n = match src.try_io(Interest::READABLE, || lease.fill_from(src)) {
+                // splice stops at TCP's urgent mark, answering EAGAIN there (or 0 when a FIN
+                // follows) with bytes still queued: read past the mark by copying.
+                // Boxed: urgent data is rare, and its state would otherwise weigh on every task.
+                Ok(0) | Err(_) if at_urgent_mark(src) => {
+                    return Box::pin(copy_past_mark(src, dst, flow, pause)).await;
+                }
+                Ok(0) => return Ok(Burst::Eof),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && moved < STREAMING_READ => {
+                    return Ok(Burst::Trickle);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Burst::Drained),
+                Err(e) => return Err(PumpError::Read(e)),
+            };
+            moved += n;
+            flow.activity.carrying();
+            let out = dst.as_ref();
+            while lease.pending() > 0 {
+                match out.try_io(Interest::WRITABLE, || lease.drain_to(out)) {
+                    // Partial progress counts: a slow reader is not an idle connection.
+                    Ok(_) => flow.activity.touch(),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        match ready_or_park(out, pause, Interest::WRITABLE).await {
+                            Some(ready) => ready.map_err(PumpError::Write)?,
+                            None => {
+                                // What went out is counted now; the rest travels in the pipe.
+                                let left = lease.pending();
+                                flow.stats
+                                    .spliced_bytes
+                                    .fetch_add((n - left) as u64, Ordering::Relaxed);
+                                flow.account(n - left);
+                                let carry = lease
+                                    .detach()
+                                    .map(|(pipe, bytes)| Box::new(Carry { pipe, bytes }));
+                                return Ok(Burst::Paused(carry));
+                            }
                         }
                     }
+                    Err(e) => return Err(PumpError::Write(e)),
                 }
-                Err(e) => return Err(PumpError::Write(e)),
             }
+            flow.activity.delivered();
+            flow.stats.spliced_bytes.fetch_add(n as u64, Ordering::Relaxed);
+            flow.account(n);
+            if pause.is_requested() {
+                return Ok(Burst::Paused(None));
+            }
+            tokio::task::consume_budget().await;
         }
-        flow.activity.delivered();
-        flow.stats.spliced_bytes.fetch_add(n as u64, Ordering::Relaxed);
-        flow.account(n);
-        if pause.is_requested() {
-            return Ok(Burst::Paused(None));
-        }
-        tokio::task::consume_budget().await;
     }
 }
 
@@ -308,58 +321,65 @@ async fn splice_burst(
 /// interactive burst costs one read and one write, without a read that only returns EAGAIN.
 /// The one short read that proves nothing is one that stopped at TCP's urgent mark; then the
 /// burst reads on past it directly.
-async fn copy_burst(
-    src: &mut ReadHalf<'_>,
-    dst: &mut WriteHalf<'_>,
-    flow: &Flow<'_>,
-    pause: &Pause,
-) -> Result<Burst, PumpError> {
-    let mut buf = flow.buffers.take();
-    // Once a read stopped at the urgent mark, tokio's readiness is cleared with bytes still
-    // queued: read directly until the socket is really drained, never leaving the burst before.
-    let mut past_mark = false;
-    loop {
-        let attempt = if past_mark {
-            Some(recv_now(src.as_ref(), &mut buf))
-        } else {
-            // One attempt, never a wait: waiting happens in `pump`, without a buffer held.
-            std::future::poll_fn(|cx| {
-                let mut read = ReadBuf::new(&mut buf);
-                match Pin::new(&mut *src).poll_read(cx, &mut read) {
-                    Poll::Ready(Ok(())) => Poll::Ready(Some(Ok(read.filled().len()))),
-                    Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e))),
-                    Poll::Pending => Poll::Ready(None),
-                }
-            })
-            .await
-        };
-        let n = match attempt {
-            None => return Ok(Burst::Drained),
-            Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Burst::Drained),
-            Some(Ok(0)) => return Ok(Burst::Eof),
-            Some(Ok(n)) => n,
-            Some(Err(e)) => return Err(PumpError::Read(e)),
-        };
-        if let Some(carry) = write_all(dst, &buf[..n], flow, pause).await? {
-            return Ok(Burst::Paused(Some(carry)));
-        }
-        if pause.is_requested() {
-            return Ok(Burst::Paused(None));
-        }
-        if past_mark {
-            if n < buf.len() && !at_urgent_mark(src.as_ref()) {
-                return Ok(Burst::Drained);
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn would keep its arguments twice"
+)]
+fn copy_burst<'a>(
+    src: &'a mut ReadHalf<'_>,
+    dst: &'a mut WriteHalf<'_>,
+    flow: &'a Flow<'_>,
+    pause: &'a Pause,
+) -> impl Future<Output = Result<Burst, PumpError>> {
+    // An async block, not an async fn, for the reason [`pump`] gives.
+    async move {
+        let mut buf = flow.buffers.take();
+        // Once a read stopped at the urgent mark, tokio's readiness is cleared with bytes still
+        // queued: read directly until the socket is really drained, never leaving the burst before.
+        let mut past_mark = false;
+        loop {
+            let attempt = if past_mark {
+                Some(recv_now(src.as_ref(), &mut buf))
+            } else {
+                // One attempt, never a wait: waiting happens in `pump`, without a buffer held.
+                std::future::poll_fn(|cx| {
+                    let mut read = ReadBuf::new(&mut buf);
+                    match Pin::new(&mut *src).poll_read(cx, &mut read) {
+                        Poll::Ready(Ok(())) => Poll::Ready(Some(Ok(read.filled().len()))),
+                        Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e))),
+                        Poll::Pending => Poll::Ready(None),
+                    }
+                })
+                .await
+            };
+            let n = match attempt {
+                None => return Ok(Burst::Drained),
+                Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Burst::Drained),
+                Some(Ok(0)) => return Ok(Burst::Eof),
+                Some(Ok(n)) => n,
+                Some(Err(e)) => return Err(PumpError::Read(e)),
+            };
+            if let Some(carry) = write_all(dst, &buf[..n], flow, pause).await? {
+                return Ok(Burst::Paused(Some(carry)));
             }
-            continue;
-        }
-        if n >= STREAMING_READ && flow.pipes.is_some() {
-            return Ok(Burst::Streaming);
-        }
-        if n < buf.len() {
-            past_mark = at_urgent_mark(src.as_ref());
-            if !past_mark {
-                // A short read drained the socket (tokio cleared its readiness).
-                return Ok(Burst::Drained);
+            if pause.is_requested() {
+                return Ok(Burst::Paused(None));
+            }
+            if past_mark {
+                if n < buf.len() && !at_urgent_mark(src.as_ref()) {
+                    return Ok(Burst::Drained);
+                }
+                continue;
+            }
+            if n >= STREAMING_READ && flow.pipes.is_some() {
+                return Ok(Burst::Streaming);
+            }
+            if n < buf.len() {
+                past_mark = at_urgent_mark(src.as_ref());
+                if !past_mark {
+                    // A short read drained the socket (tokio cleared its readiness).
+                    return Ok(Burst::Drained);
+                }
             }
         }
     }
@@ -396,54 +416,61 @@ async fn copy_past_mark(
 /// A park asked for while `dst` is full puts the unwritten rest into a fresh pipe and returns it
 /// (the written part is counted); a pipe that cannot be made fails the write, and the connection
 /// is reset rather than losing the bytes silently.
-async fn write_all(
-    dst: &mut WriteHalf<'_>,
-    bytes: &[u8],
-    flow: &Flow<'_>,
-    pause: &Pause,
-) -> Result<Option<Carry>, PumpError> {
-    flow.activity.carrying();
-    let mut written = 0;
-    while written < bytes.len() {
-        // Partial progress counts: a slow reader is not an idle connection.
-        let rest = &bytes[written..];
-        let wrote = std::future::poll_fn(|cx| {
-            if pause.is_requested() {
-                return Poll::Ready(None);
-            }
-            Pin::new(&mut *dst).poll_write(cx, rest).map(Some)
-        })
-        .await;
-        let Some(wrote) = wrote else {
-            flow.stats
-                .copied_bytes
-                .fetch_add(written as u64, Ordering::Relaxed);
-            flow.account(written);
-            let pipe = Pipe::new().and_then(|pipe| pipe.put(rest).map(|()| pipe));
-            return match pipe {
-                Ok(pipe) => Ok(Some(Carry {
-                    pipe,
-                    bytes: rest.len(),
-                })),
-                Err(e) => Err(PumpError::Write(io::Error::new(
-                    e.kind(),
-                    format!("cannot park unwritten bytes for the upgrade: {e}"),
-                ))),
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn would keep its arguments twice"
+)]
+fn write_all<'a>(
+    dst: &'a mut WriteHalf<'_>,
+    bytes: &'a [u8],
+    flow: &'a Flow<'_>,
+    pause: &'a Pause,
+) -> impl Future<Output = Result<Option<Box<Carry>>, PumpError>> {
+    // An async block, not an async fn, for the reason [`pump`] gives.
+    async move {
+        flow.activity.carrying();
+        let mut written = 0;
+        while written < bytes.len() {
+            // Partial progress counts: a slow reader is not an idle connection.
+            let rest = &bytes[written..];
+            let wrote = std::future::poll_fn(|cx| {
+                if pause.is_requested() {
+                    return Poll::Ready(None);
+                }
+                Pin::new(&mut *dst).poll_write(cx, rest).map(Some)
+            })
+            .await;
+            let Some(wrote) = wrote else {
+                flow.stats
+                    .copied_bytes
+                    .fetch_add(written as u64, Ordering::Relaxed);
+                flow.account(written);
+                let pipe = Pipe::new().and_then(|pipe| pipe.put(rest).map(|()| pipe));
+                return match pipe {
+                    Ok(pipe) => Ok(Some(Box::new(Carry {
+                        pipe,
+                        bytes: rest.len(),
+                    }))),
+                    Err(e) => Err(PumpError::Write(io::Error::new(
+                        e.kind(),
+                        format!("cannot park unwritten bytes for the upgrade: {e}"),
+                    ))),
+                };
             };
-        };
-        match wrote {
-            Ok(0) => return Err(PumpError::Write(io::ErrorKind::WriteZero.into())),
-            Ok(m) => written += m,
-            Err(e) => return Err(PumpError::Write(e)),
+            match wrote {
+                Ok(0) => return Err(PumpError::Write(io::ErrorKind::WriteZero.into())),
+                Ok(m) => written += m,
+                Err(e) => return Err(PumpError::Write(e)),
+            }
+            flow.activity.touch();
         }
-        flow.activity.touch();
+        flow.activity.delivered();
+        flow.stats
+            .copied_bytes
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        flow.account(bytes.len());
+        Ok(None)
     }
-    flow.activity.delivered();
-    flow.stats
-        .copied_bytes
-        .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-    flow.account(bytes.len());
-    Ok(None)
 }
 
 /// Waits until `socket` is ready for `interest`, or a park is asked for (`None`). The park is

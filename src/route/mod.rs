@@ -194,15 +194,25 @@ impl RouteListener {
             }
             return;
         }
-        let connection = Connection {
+        // Boxed: what the task captures keeps its room for the task's whole life, and the box
+        // is freed once the connection is open.
+        let connection = Box::new(Connection {
             live: LiveGuard::new(self.stats.clone()),
             client: stream,
             peer,
             settings,
             wiring: self.wiring.clone(),
             quiet: self.quiet.clone(),
-        };
-        tokio::spawn(connection.run());
+        });
+        // Two phases in sequence, not one nested in the other: what opening the connection
+        // needs (the PROXY header, the dial, the settings) is gone before relaying starts, so
+        // an idle connection's task holds only the relay's state.
+        tokio::spawn(async move {
+            let Some((relayed, client, upstream)) = connection.open().await else {
+                return;
+            };
+            relayed.run(client, upstream, None).await;
+        });
     }
 }
 
@@ -222,7 +232,7 @@ impl Drop for LiveGuard {
     }
 }
 
-/// One admitted client, from dialling the upstream to the log line at the end.
+/// One admitted client, until its upstream is dialled (or the attempt has ended and been logged).
 struct Connection {
     live: LiveGuard,
     client: TcpStream,
@@ -233,27 +243,37 @@ struct Connection {
 }
 
 impl Connection {
-    async fn run(mut self) {
+    /// Reads the PROXY header if the route expects one, dials the upstream and sends it a
+    /// PROXY header if the route says so. `None` when the connection ended here: it has been
+    /// closed, counted and logged.
+    async fn open(self: Box<Self>) -> Option<(Relayed, TcpStream, TcpStream)> {
+        let mut this = *self;
         let started = Instant::now();
-        let route = &self.settings.route;
-        let stats = &self.live.0;
+        let route = &this.settings.route;
+        let stats = &this.live.0;
 
         let proxied = match &route.proxy {
             Some(proxy) => {
                 let admitted = proxied::admit(
-                    &mut self.client,
-                    self.peer,
+                    &mut this.client,
+                    this.peer,
                     &route.name,
                     proxy,
                     stats,
-                    &self.quiet,
-                    &mut self.wiring.shutdown,
+                    &this.quiet,
+                    &mut this.wiring.shutdown,
                 )
                 .await;
                 match admitted {
                     Ok(header) => Some(header),
-                    Err(proxied::Close::Fin) => return drop(self.client),
-                    Err(proxied::Close::Reset) => return crate::net::reset(self.client),
+                    Err(proxied::Close::Fin) => {
+                        drop(this.client);
+                        return None;
+                    }
+                    Err(proxied::Close::Reset) => {
+                        crate::net::reset(this.client);
+                        return None;
+                    }
                 }
             }
             None => None,
@@ -262,11 +282,11 @@ impl Connection {
         let dial_started = Instant::now();
         let dialled = tokio::select! {
             dialled = crate::upstream::dial(&route.upstream, route.connect_timeout, &route.keepalive) => dialled,
-            _ = self.wiring.shutdown.closing() => {
-                crate::net::reset(self.client);
+            _ = this.wiring.shutdown.closing() => {
+                crate::net::reset(this.client);
                 stats.record(Outcome::Drain);
-                tracing::info!(route = %route.name, client = %self.peer, upstream = %route.upstream, end = "drain", "closed while dialling at shutdown");
-                return;
+                tracing::info!(route = %route.name, client = %this.peer, upstream = %route.upstream, end = "drain", "closed while dialling at shutdown");
+                return None;
             }
         };
         let (mut upstream, upstream_addr) = match dialled {
@@ -278,16 +298,16 @@ impl Connection {
                 ok
             }
             Err(e) => {
-                crate::net::reset(self.client);
+                crate::net::reset(this.client);
                 stats.record(e.outcome);
                 stats.upstream_failed(format!("{}: {}", e.outcome.name(), e.reason));
-                if let Some(suppressed) = self.quiet.upstream.admit() {
+                if let Some(suppressed) = this.quiet.upstream.admit() {
                     let upstream = e
                         .addr
                         .map_or_else(|| route.upstream.to_string(), |a| a.to_string());
                     tracing::warn!(
                         route = %route.name,
-                        client = %self.peer,
+                        client = %this.peer,
                         upstream,
                         end = e.outcome.name(),
                         error = %e.reason,
@@ -296,7 +316,7 @@ impl Connection {
                         "upstream connect failed; client reset"
                     );
                 }
-                return;
+                return None;
             }
         };
 
@@ -308,7 +328,7 @@ impl Connection {
                 addresses: proxied
                     .as_ref()
                     .and_then(|h| h.addresses)
-                    .or_else(|| self.client.local_addr().ok().map(|local| (self.peer, local))),
+                    .or_else(|| this.client.local_addr().ok().map(|local| (this.peer, local))),
                 tlvs: proxied.as_ref().map(|h| h.tlvs.clone()).unwrap_or_default(),
                 link_id: proxied.as_ref().and_then(|h| h.link_id),
             };
@@ -318,18 +338,18 @@ impl Connection {
             )
             .await;
             if !matches!(sent, Ok(Ok(()))) {
-                crate::net::reset(self.client);
+                crate::net::reset(this.client);
                 crate::net::reset(upstream);
                 stats.record(Outcome::Reset);
-                tracing::warn!(route = %route.name, client = %self.peer, upstream = %upstream_addr, end = "reset", "cannot send the PROXY v2 header to the upstream; both sides reset");
-                return;
+                tracing::warn!(route = %route.name, client = %this.peer, upstream = %upstream_addr, end = "reset", "cannot send the PROXY v2 header to the upstream; both sides reset");
+                return None;
             }
         }
 
         let relayed = Relayed {
             identity: Identity {
                 route: route.name.clone(),
-                peer: self.peer,
+                peer: this.peer,
                 upstream: upstream_addr,
                 proxied_client: proxied.as_ref().and_then(Header::client),
                 link_id: proxied.as_ref().and_then(|h| h.link_id),
@@ -339,10 +359,10 @@ impl Connection {
                 },
             },
             started,
-            live: self.live,
-            wiring: self.wiring,
+            live: this.live,
+            wiring: this.wiring,
         };
-        relayed.run(self.client, upstream, None).await;
+        Some((relayed, this.client, upstream))
     }
 }
 
@@ -400,52 +420,66 @@ struct Relayed {
 }
 
 impl Relayed {
-    async fn run(mut self, client: TcpStream, upstream: TcpStream, from: Option<Box<Midway>>) {
-        let stats = self.live.0.clone();
-        let totals = Totals {
-            up: &stats.bytes_up,
-            down: &stats.bytes_down,
-        };
-        let ended = relay::relay(
-            &self.wiring.engine,
-            client,
-            upstream,
-            self.identity.timeouts,
-            totals,
-            &mut self.wiring.shutdown,
-            from,
-        )
-        .await;
-        let transfer = match ended {
-            Ended::Closed(transfer) => transfer,
-            Ended::Parked(relay) => {
-                let parked = ParkedConnection {
-                    identity: self.identity,
-                    relay,
-                };
-                if let Err(mpsc::error::SendError(lost)) = self.wiring.parking.send(parked) {
-                    // Nobody takes it over: never let the peers mistake that for an orderly end.
-                    crate::net::reset(lost.relay.client);
-                    crate::net::reset(lost.relay.upstream);
-                    stats.record(Outcome::Reset);
-                    tracing::warn!(route = %lost.identity.route, client = %lost.identity.peer, end = "reset", "parked for an upgrade that is no longer under way; both sides reset");
+    /// Relays until the connection ends (and logs it) or a live upgrade parks it (and sends it
+    /// to the daemon). An async block rather than an async fn: an async fn keeps a second copy
+    /// of its arguments in the task for as long as it runs (they are moved into locals), and
+    /// this one runs for the connection's whole life.
+    fn run(
+        self,
+        client: TcpStream,
+        upstream: TcpStream,
+        from: Option<Box<Midway>>,
+    ) -> impl Future<Output = ()> {
+        let Relayed {
+            identity,
+            started,
+            live,
+            mut wiring,
+        } = self;
+        async move {
+            let stats = &live.0;
+            let totals = Totals {
+                up: &stats.bytes_up,
+                down: &stats.bytes_down,
+            };
+            let ended = relay::relay(
+                &wiring.engine,
+                client,
+                upstream,
+                identity.timeouts,
+                totals,
+                &mut wiring.shutdown,
+                from,
+            )
+            .await;
+            let transfer = match ended {
+                Ended::Closed(transfer) => transfer,
+                Ended::Parked(relay) => {
+                    let parked = ParkedConnection { identity, relay };
+                    if let Err(mpsc::error::SendError(lost)) = wiring.parking.send(parked) {
+                        // Nobody takes it over: never let the peers mistake that for an orderly end.
+                        crate::net::reset(lost.relay.client);
+                        crate::net::reset(lost.relay.upstream);
+                        stats.record(Outcome::Reset);
+                        tracing::warn!(route = %lost.identity.route, client = %lost.identity.peer, end = "reset", "parked for an upgrade that is no longer under way; both sides reset");
+                    }
+                    return;
                 }
-                return;
-            }
-        };
-        stats.record(transfer.outcome);
-        tracing::info!(
-            route = %self.identity.route,
-            client = %self.identity.peer,
-            upstream = %self.identity.upstream,
-            bytes_up = transfer.up,
-            bytes_down = transfer.down,
-            duration_ms = self.started.elapsed().as_millis() as u64,
-            end = transfer.outcome.name(),
-            error = transfer.detail.as_deref(),
-            proxied_client = self.identity.proxied_client.map(|c| c.to_string()),
-            link_id = self.identity.link_id,
-            "connection closed"
-        );
+            };
+            stats.record(transfer.outcome);
+            tracing::info!(
+                route = %identity.route,
+                client = %identity.peer,
+                upstream = %identity.upstream,
+                bytes_up = transfer.up,
+                bytes_down = transfer.down,
+                duration_ms = started.elapsed().as_millis() as u64,
+                end = transfer.outcome.name(),
+                error = transfer.detail.as_deref(),
+                proxied_client = identity.proxied_client.map(|c| c.to_string()),
+                link_id = identity.link_id,
+                "connection closed"
+            );
+        }
     }
 }
