@@ -235,6 +235,14 @@ fn packaged_binary_is_static_and_package_is_complete() {
         !String::from_utf8_lossy(&dynamic.stdout).contains("libc.so"),
         "needs libc.so"
     );
+    // Relocated at start-up from a packed table (.cargo/config.toml): without it the
+    // 126 KiB RELA table of the static PIE is read into memory at every start.
+    let sections = Command::new("readelf").arg("-SW").arg(&bin).output().unwrap();
+    let sections = String::from_utf8_lossy(&sections.stdout);
+    assert!(
+        sections.contains(".relr.dyn"),
+        "the packaged binary has no packed relocations (RELR):\n{sections}"
+    );
     // The test-only faults (the `test-faults` feature) never reach the package.
     let image = std::fs::read(&bin).unwrap();
     for marker in [&b"FERRYD_TEST_FAULTS"[..], b"test fault:"] {
