@@ -91,12 +91,16 @@ pub fn tune_socket(sock: SockRef<'_>, keepalive: &Keepalive) -> io::Result<()> {
     sock.set_tcp_keepalive(&params)
 }
 
-/// Bytes waiting in `socket`'s receive queue (FIONREAD); zero when it cannot be read.
-pub fn unread_bytes(socket: &impl AsRawFd) -> usize {
+/// Bytes waiting in `socket`'s receive queue (FIONREAD). A received FIN is not counted.
+pub fn unread_bytes(socket: &impl AsRawFd) -> io::Result<usize> {
     let mut n: libc::c_int = 0;
     // SAFETY: FIONREAD writes one int through the pointer, which points at a live c_int.
     let rc = unsafe { libc::ioctl(socket.as_raw_fd(), libc::FIONREAD as _, &mut n) };
-    if rc == 0 { n.max(0) as usize } else { 0 }
+    if rc == 0 {
+        Ok(n.max(0) as usize)
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// The ioctl that asks whether a socket's read position is at the urgent mark

@@ -380,9 +380,9 @@ pub fn relay(
             // follow a FIN, so nothing is unread, and no system call needs to say so.
             Outcome::Eof => false,
             _ => {
-                activity.bytes_in_flight()
-                    || crate::net::unread_bytes(&client) > 0
-                    || crate::net::unread_bytes(&upstream) > 0
+                // A socket that cannot say counts as holding nothing: it is closed either way.
+                let unread = |socket: &TcpStream| crate::net::unread_bytes(socket).unwrap_or(0);
+                activity.bytes_in_flight() || unread(&client) > 0 || unread(&upstream) > 0
             }
         };
         if cut_short {

@@ -198,6 +198,11 @@ impl<'a> Lease<'a> {
         self.pending
     }
 
+    /// The most one splice into the pipe moves.
+    pub fn capacity(&self) -> usize {
+        self.pipe.as_ref().map_or(0, |pipe| pipe.chunk)
+    }
+
     /// Moves up to a pipe's capacity from `socket` into the pipe. `Ok(0)` is end of stream.
     /// Call only with an empty pipe: then EAGAIN can only mean "socket empty".
     pub fn fill_from(&mut self, socket: impl AsFd) -> io::Result<usize> {

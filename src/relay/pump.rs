@@ -311,9 +311,33 @@ fn splice_burst<'a>(
             if pause.is_requested() {
                 return Ok(Burst::Paused(None));
             }
+            // A splice that moved less than the pipe holds has usually emptied the socket:
+            // asking costs one ioctl, where splicing again costs a splice that answers EAGAIN
+            // and the urgent-mark check after it. A socket with bytes left (the pipe ran out
+            // of slots, or the splice stopped at the urgent mark) is spliced again.
+            if n < lease.capacity() && drained(src) {
+                return Ok(if moved < STREAMING_READ {
+                    Burst::Trickle
+                } else {
+                    Burst::Drained
+                });
+            }
             tokio::task::consume_budget().await;
         }
     }
+}
+
+/// Whether `src` has nothing queued to read (FIONREAD). If so, its readiness is cleared as an
+/// EAGAIN would clear it, so the direction waits for the next bytes. An end of stream still
+/// shows: a FIN is not counted as a queued byte, but tokio never clears a socket's read-closed
+/// readiness, so the next wait returns at once and the next splice reads the end. When the
+/// question cannot be answered, the socket is taken to have bytes left.
+fn drained(src: &tokio::net::TcpStream) -> bool {
+    src.try_io(Interest::READABLE, || match crate::net::unread_bytes(src) {
+        Ok(0) => Err(io::ErrorKind::WouldBlock.into()),
+        _ => Ok(()),
+    })
+    .is_err()
 }
 
 /// Copies through a pooled buffer while `src` has data. Reads go through tokio's `AsyncRead`,
