@@ -320,17 +320,22 @@ pub(crate) fn report(
             );
         }
     }
-    let _ = writeln!(out);
-    let _ = writeln!(
-        out,
-        "Direct, for reference: {:.2} Gbit/s (1 stream), {:.2} Gbit/s (8 streams); ferryd reaches {:.0}% and {:.0}% of it.",
+    // Without a direct run (`--only` left it out) there is nothing to compare with.
+    let direct = (
         med(results, Kind::Direct, Metric::Gbps1),
         med(results, Kind::Direct, Metric::Gbps8),
-        100.0 * med(results, Kind::Ferryd, Metric::Gbps1)
-            / med(results, Kind::Direct, Metric::Gbps1).max(1e-9),
-        100.0 * med(results, Kind::Ferryd, Metric::Gbps8)
-            / med(results, Kind::Direct, Metric::Gbps8).max(1e-9)
     );
+    if direct.0 > 0.0 && direct.1 > 0.0 {
+        let _ = writeln!(out);
+        let _ = writeln!(
+            out,
+            "Direct, for reference: {:.2} Gbit/s (1 stream), {:.2} Gbit/s (8 streams); ferryd reaches {:.0}% and {:.0}% of it.",
+            direct.0,
+            direct.1,
+            100.0 * med(results, Kind::Ferryd, Metric::Gbps1) / direct.0,
+            100.0 * med(results, Kind::Ferryd, Metric::Gbps8) / direct.1
+        );
+    }
     out
 }
 
