@@ -70,11 +70,16 @@ pub async fn listen_with_retry(addr: SocketAddr, window: Duration) -> io::Result
 
 /// TCP_NODELAY (SSH keystrokes and WinRM requests are small and latency-bound), keepalive
 /// (Azure silently drops flows idle for about 4 minutes) and SO_OOBINLINE on a listening socket;
-/// Linux copies them into every socket it accepts. A failure is logged: the relay still works, only quiet
-/// sessions become exposed to the idle cut.
-pub fn tune_listener(listener: &tokio::net::TcpListener, keepalive: &Keepalive) {
-    if let Err(e) = tune_socket(SockRef::from(listener), keepalive) {
-        tracing::warn!(error = %e, "cannot set TCP_NODELAY and keepalive on the listening socket");
+/// Linux copies them into every socket it accepts. Returns whether they took; a failure is
+/// logged, and the caller then sets them on each accepted socket itself, because the relay
+/// relies on SO_OOBINLINE on both legs (see `relay::pump`).
+pub fn tune_listener(listener: &tokio::net::TcpListener, keepalive: &Keepalive) -> bool {
+    match tune_socket(SockRef::from(listener), keepalive) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot set TCP_NODELAY, SO_OOBINLINE and keepalive on the listening socket; setting them on each accepted socket instead");
+            false
+        }
     }
 }
 
@@ -117,16 +122,9 @@ pub fn at_urgent_mark(socket: &impl AsRawFd) -> bool {
     rc == 0 && at != 0
 }
 
-/// Shuts down the write side of the socket `fd`: the peer gets a FIN once what is queued has
-/// gone. A raw descriptor because the relay passes an end of stream on while its pumps hold
-/// the socket's halves; the caller owns the socket for the duration of the call.
-pub fn shutdown_write(fd: std::os::fd::RawFd) -> io::Result<()> {
-    // SAFETY: shutdown(2) takes no pointers; `fd` is a socket the caller keeps open.
-    if unsafe { libc::shutdown(fd, libc::SHUT_WR) } == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+/// Shuts down the write side of `socket`: the peer gets a FIN once what is queued has gone.
+pub fn shutdown_write(socket: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
+    SockRef::from(&socket).shutdown(std::net::Shutdown::Write)
 }
 
 /// Closes `stream` with a reset (SO_LINGER 0) instead of a FIN: the peer learns at once that the

@@ -53,8 +53,8 @@ impl Shutdown {
         }
     }
 
-    /// A receiver for one direction of a relayed connection, which waits on it beside its
-    /// socket readiness (see [`Pause::requested`]).
+    /// A receiver for a relayed connection's two directions, which check it between bursts
+    /// and at every poll of their socket waits (see [`Pause::is_requested`]).
     pub fn pause(&self) -> Pause {
         Pause(self.signal.clone())
     }

@@ -15,7 +15,7 @@ mod buffers;
 mod pipe;
 mod pump;
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::Duration;
@@ -219,9 +219,7 @@ pub enum Ended {
 }
 
 /// Relays between `client` and `upstream` from `from` (a new connection passes `None`: it starts
-/// from [`Midway::default`]; boxed, because a parameter occupies every connection's task for
-/// its whole life and only a connection moved by an upgrade has one) until the connection
-/// ends, then closes both sockets the way the ending requires (FIN for an orderly end, reset
+/// from [`Midway::default`]) until the connection ends, then closes both sockets the way the ending requires (FIN for an orderly end, reset
 /// for a broken one); or until a live upgrade parks it.
 ///
 /// What can be worked out before the first await is, outside the returned async block: an
@@ -255,8 +253,6 @@ pub fn relay(
     };
     let (up_from, down_from) = (start(up_side), start(down_side));
     let pause = shutdown.pause();
-    // For passing an end of stream on while the pumps borrow the sockets.
-    let (client_fd, upstream_fd) = (client.as_raw_fd(), upstream.as_raw_fd());
 
     async move {
         let ended = {
@@ -271,6 +267,15 @@ pub fn relay(
             // A park wakes the task through the loop's one waiter, and each direction sees the
             // request at its next poll.
             let mut park_seen = false;
+            // For passing an end of stream on while the pumps borrow the sockets.
+            // SAFETY: both sockets belong to this block and stay open until after the loop,
+            // the only place these are used.
+            let (client_fd, upstream_fd) = unsafe {
+                (
+                    BorrowedFd::borrow_raw(client.as_raw_fd()),
+                    BorrowedFd::borrow_raw(upstream.as_raw_fd()),
+                )
+            };
             let (mut client_r, mut client_w) = client.split();
             let (mut upstream_r, mut upstream_w) = upstream.split();
             let upward = pump::pump(
@@ -405,7 +410,7 @@ pub fn relay(
 fn pass_on(
     result: Result<Stop, PumpError>,
     other_done: bool,
-    dst: RawFd,
+    dst: BorrowedFd<'_>,
     names: [&str; 2],
 ) -> Result<Stop, String> {
     let [src_name, dst_name] = names;

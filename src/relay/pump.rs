@@ -330,8 +330,10 @@ fn splice_burst<'a>(
 /// Whether `src` has nothing queued to read (FIONREAD). If so, its readiness is cleared as an
 /// EAGAIN would clear it, so the direction waits for the next bytes. An end of stream still
 /// shows: a FIN is not counted as a queued byte, but tokio never clears a socket's read-closed
-/// readiness, so the next wait returns at once and the next splice reads the end. When the
-/// question cannot be answered, the socket is taken to have bytes left.
+/// readiness, so the next wait returns at once and the next splice reads the end. An urgent
+/// byte counts as queued only with SO_OOBINLINE, which both legs have (the route refuses a
+/// socket that cannot take it), so a burst stopped at the urgent mark splices again and finds
+/// it. When the question cannot be answered, the socket is taken to have bytes left.
 fn drained(src: &tokio::net::TcpStream) -> bool {
     src.try_io(Interest::READABLE, || match crate::net::unread_bytes(src) {
         Ok(0) => Err(io::ErrorKind::WouldBlock.into()),

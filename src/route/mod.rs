@@ -55,6 +55,7 @@ struct Quiet {
     probe: RateLimit,
     upstream: RateLimit,
     header: RateLimit,
+    tune: RateLimit,
 }
 
 /// Where parked connections go: the daemon, which hands them to the next program image.
@@ -105,6 +106,9 @@ pub struct RouteListener {
     stats: Arc<RouteStats>,
     wiring: Wiring,
     quiet: Arc<Quiet>,
+    /// Whether the listening socket took TCP_NODELAY, SO_OOBINLINE and keepalive, so that every
+    /// accepted socket inherits them; if not, each accepted socket is set up on its own.
+    tuned: bool,
 }
 
 impl RouteListener {
@@ -117,7 +121,7 @@ impl RouteListener {
         stats: Arc<RouteStats>,
         wiring: Wiring,
     ) -> Self {
-        crate::net::tune_listener(&listener, &settings.borrow().route.keepalive);
+        let tuned = crate::net::tune_listener(&listener, &settings.borrow().route.keepalive);
         let name = settings.borrow().route.name.clone();
         RouteListener {
             accept: AcceptLoop::new(listener, &name),
@@ -130,7 +134,9 @@ impl RouteListener {
                 probe: RateLimit::with(1, PROBE_LOG_WINDOW),
                 upstream: RateLimit::new(),
                 header: RateLimit::new(),
+                tune: RateLimit::new(),
             }),
+            tuned,
         }
     }
 
@@ -141,7 +147,10 @@ impl RouteListener {
             match self.accept.next(self.settings.changed()).await {
                 Next::Connection(stream, peer) => self.admit(stream, peer),
                 Next::Control(Ok(())) => {
-                    crate::net::tune_listener(self.accept.listener(), &self.settings.borrow().route.keepalive)
+                    self.tuned = crate::net::tune_listener(
+                        self.accept.listener(),
+                        &self.settings.borrow().route.keepalive,
+                    )
                 }
                 Next::Control(Err(_)) => break,
             }
@@ -191,6 +200,18 @@ impl RouteListener {
             crate::net::reset(stream);
             if let Some(suppressed) = self.quiet.limit.admit() {
                 tracing::warn!(route = %route.name, client = %peer, end = "limit", live, max_connections = route.max_connections, suppressed, "route at max_connections; connection reset");
+            }
+            return;
+        }
+        // The relay needs SO_OOBINLINE on both legs (urgent data would otherwise stall a
+        // direction); a socket that cannot have it is refused rather than relayed without.
+        if !self.tuned
+            && let Err(e) = crate::net::tune_socket(socket2::SockRef::from(&stream), &route.keepalive)
+        {
+            self.stats.record(Outcome::Reset);
+            crate::net::reset(stream);
+            if let Some(suppressed) = self.quiet.tune.admit() {
+                tracing::warn!(route = %route.name, client = %peer, end = "reset", error = %e, suppressed, "cannot set TCP_NODELAY, SO_OOBINLINE and keepalive on the accepted socket; connection reset");
             }
             return;
         }
