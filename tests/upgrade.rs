@@ -232,11 +232,20 @@ fn ten_upgrades_under_load_move_every_connection_and_refuse_none() {
             got
         })
     };
-    // A reader that stops reading: the upstream fills every buffer on the way, so each upgrade
+    // A reader that all but stops: the upstream fills every buffer on the way, so each upgrade
     // finds bytes read from the upstream and not yet written to the client, which must cross in
-    // a pipe. It reads everything once the upgrades are over.
+    // a pipe. It reads everything once the upgrades are over. Until then it takes 1 MiB every
+    // half second: a reader that stops altogether is silent, and the 4 s idle timeout rightly
+    // cuts it when ten upgrades take longer than the 2 s left (they do on a busy machine).
     let stalled_total: u64 = 48 << 20;
-    let stalled_stream = connect(listen, &format!("BLAST {stalled_total}"), &tally);
+    let release = Arc::new(AtomicBool::new(false));
+    let stalled = {
+        let mut reader = Trickle {
+            inner: connect(listen, &format!("BLAST {stalled_total}"), &tally),
+            go: release.clone(),
+        };
+        std::thread::spawn(move || Pattern::new(4).verify(&mut reader))
+    };
     // A half-closed connection: the client is done, the upstream goes on sending for a while.
     let half = {
         let tally = tally.clone();
@@ -331,10 +340,11 @@ fn ten_upgrades_under_load_move_every_connection_and_refuse_none() {
     println!("{}", reports.join("\n"));
 
     // The stalled reader reads now: every byte, in order.
-    let mut stalled_stream = stalled_stream;
-    let got = Pattern::new(4)
-        .verify(&mut stalled_stream)
-        .expect("the stalled connection's bytes, in order");
+    release.store(true, Ordering::Relaxed);
+    let got = stalled
+        .join()
+        .expect("stalled reader thread")
+        .unwrap_or_else(|e| panic!("the stalled connection's bytes, in order: {e}\n{}", daemon.log()));
     assert_eq!(got, stalled_total);
     tally.add(0, got as usize);
     let carried = carried(&daemon);
@@ -529,4 +539,39 @@ fn a_sigusr2_during_an_upgrade_is_applied_after_it() {
             && summary.contains("connection(s) moved, pause"),
         "{summary}"
     );
+}
+
+/// A reader that takes at most [`Trickle::CHUNK`] bytes every [`Trickle::PAUSE`] until `go` is
+/// set, then reads at full speed: to the sender, a stalled reader; to the relay's idle timer,
+/// a live connection.
+struct Trickle {
+    inner: TcpStream,
+    go: Arc<AtomicBool>,
+}
+
+impl Trickle {
+    /// The most taken at once (the verifier asks for 256 KiB at a time): enough for the
+    /// receiver to open its zero window again, which Linux does only once a good part of the
+    /// receive buffer is free.
+    const CHUNK: usize = 1 << 20;
+    /// Well inside the idle timeout.
+    const PAUSE: Duration = Duration::from_millis(500);
+}
+
+impl Read for Trickle {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.go.load(Ordering::Relaxed) {
+            return self.inner.read(buf);
+        }
+        std::thread::sleep(Self::PAUSE);
+        let n = buf.len().min(Self::CHUNK);
+        let mut got = 0;
+        while got < n {
+            match self.inner.read(&mut buf[got..n])? {
+                0 => break,
+                m => got += m,
+            }
+        }
+        Ok(got)
+    }
 }
