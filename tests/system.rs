@@ -54,8 +54,15 @@ fn deb() -> Option<PathBuf> {
     deb.exists().then_some(deb)
 }
 
-/// The cached bullseye root, made on first use.
+/// The cached bullseye root, made on first use. The tests run on several threads: the first
+/// makes the root and the others wait for it (on a fresh machine, two of them once ran
+/// debootstrap into the same temporary directory at once, and both failed).
 fn bullseye_root() -> PathBuf {
+    static ROOT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    ROOT.get_or_init(make_bullseye_root).clone()
+}
+
+fn make_bullseye_root() -> PathBuf {
     let root = cache_dir().join("bullseye-v1");
     if root.join("usr/bin/systemctl").exists() {
         return root;
