@@ -219,12 +219,13 @@ pub enum Ended {
 }
 
 /// Relays between `client` and `upstream` from `from` (a new connection passes `None`: it starts
-/// from [`Midway::default`]) until the connection ends, then closes both sockets the way the ending requires (FIN for an orderly end, reset
-/// for a broken one); or until a live upgrade parks it.
+/// from [`Midway::default`]) until the connection ends, then closes both sockets the way the
+/// ending requires (FIN for an orderly end, reset for a broken one); or until a live upgrade
+/// parks it.
 ///
-/// What can be worked out before the first await is, outside the returned async block: an
-/// async fn would keep its arguments twice in the connection's task (as arguments, and as
-/// the locals they are moved into), for the connection's whole life.
+/// What can be worked out before the first await is worked out outside the returned async
+/// block: an async fn would keep its arguments twice in the connection's task (as arguments,
+/// and as the locals they are moved into), for the connection's whole life.
 pub fn relay(
     engine: &Engine,
     mut client: TcpStream,

@@ -103,6 +103,18 @@ enum Burst {
     Paused(Option<Box<Carry>>),
 }
 
+impl Burst {
+    /// How a splice burst that emptied `src` after moving `moved` bytes ends: a stream that
+    /// has slowed to a trickle goes back to copying.
+    fn splice_drained(moved: usize) -> Burst {
+        if moved < STREAMING_READ {
+            Burst::Trickle
+        } else {
+            Burst::Drained
+        }
+    }
+}
+
 static NO_PIPE_LOG: RateLimit = RateLimit::new();
 static REFUSED_LOG: RateLimit = RateLimit::new();
 
@@ -272,10 +284,9 @@ fn splice_burst<'a>(
                 }
                 Ok(0) => return Ok(Burst::Eof),
                 Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock && moved < STREAMING_READ => {
-                    return Ok(Burst::Trickle);
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return Ok(Burst::splice_drained(moved));
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Burst::Drained),
                 Err(e) => return Err(PumpError::Read(e)),
             };
             moved += n;
@@ -316,11 +327,7 @@ fn splice_burst<'a>(
             // and the urgent-mark check after it. A socket with bytes left (the pipe ran out
             // of slots, or the splice stopped at the urgent mark) is spliced again.
             if n < lease.capacity() && drained(src) {
-                return Ok(if moved < STREAMING_READ {
-                    Burst::Trickle
-                } else {
-                    Burst::Drained
-                });
+                return Ok(Burst::splice_drained(moved));
             }
             tokio::task::consume_budget().await;
         }
