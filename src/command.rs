@@ -10,6 +10,17 @@ use std::os::unix::process::CommandExt as _;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// Held (shared) while a child is forked, and (exclusive) by a live upgrade while descriptors are
+/// inheritable for its exec: a child forked then would hold every connection and listener open
+/// for as long as it runs.
+static FORKS: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+/// Keeps any command from starting until the guard is dropped (or the process image replaced).
+/// A command being started is waited for; that takes a fork and an exec, not the command's run.
+pub fn forbid_forks() -> std::sync::RwLockWriteGuard<'static, ()> {
+    FORKS.write().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// How often a running command is checked for having finished.
 const POLL_EVERY: Duration = Duration::from_millis(10);
 
@@ -44,7 +55,8 @@ pub fn run_bounded(
     limit: Duration,
 ) -> Result<String, CommandError> {
     let shown = format!("{program} {}", args.join(" "));
-    let mut child = Command::new(program)
+    let forking = FORKS.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let spawned = Command::new(program)
         .args(args)
         .stdin(if stdin.is_some() {
             Stdio::piped()
@@ -54,11 +66,12 @@ pub fn run_bounded(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
-        .spawn()
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => CommandError::Missing(shown.clone()),
-            _ => CommandError::Failed(format!("`{shown}` could not start: {e}")),
-        })?;
+        .spawn();
+    drop(forking);
+    let mut child = spawned.map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => CommandError::Missing(shown.clone()),
+        _ => CommandError::Failed(format!("`{shown}` could not start: {e}")),
+    })?;
     let deadline = Instant::now() + limit;
     // Input and output move on threads of their own, so a command that neither reads nor exits
     // cannot hold this one past the deadline.

@@ -5,7 +5,9 @@
 //!
 //! `FERRYD_TEST_FAULTS` arms one fault, which SIGUSR1 then triggers: `stall` blocks every worker
 //! thread; `kill-accept` aborts the first route's accept loop. SIGUSR2 is never used: it is
-//! reserved for the live upgrade.
+//! reserved for the live upgrade. `handover-emfile` fires by itself, once, in the first live
+//! upgrade, after the new binary's check passed: the open-file limit drops so that no descriptor
+//! can be had, and the hand-over document cannot be created.
 
 /// The environment variable that arms a fault.
 pub const ENV: &str = "FERRYD_TEST_FAULTS";
@@ -26,4 +28,28 @@ pub fn armed() -> Option<Fault> {
         "kill-accept" => Some(Fault::KillAccept),
         _ => None,
     }
+}
+
+/// Just before a live upgrade writes its document: with `handover-emfile` armed, the first time,
+/// lowers the soft open-file limit to the lowest free descriptor number, so that no new
+/// descriptor can be had (the limit bounds the numbers, and every one below it is taken).
+pub fn before_handover() {
+    static FIRED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if std::env::var(ENV).ok().as_deref() != Some("handover-emfile")
+        || FIRED.swap(true, std::sync::atomic::Ordering::Relaxed)
+    {
+        return;
+    }
+    let Ok(probe) = std::fs::File::open("/dev/null") else {
+        return;
+    };
+    let lowest_free = std::os::fd::AsRawFd::as_raw_fd(&probe) as u64;
+    drop(probe);
+    let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .unwrap_or((lowest_free, lowest_free));
+    let _ = nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, lowest_free, hard);
+    tracing::warn!(
+        limit = lowest_free,
+        "test fault: the open-file limit is now the lowest free descriptor"
+    );
 }

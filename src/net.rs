@@ -174,6 +174,12 @@ impl AcceptLoop {
         &self.listener
     }
 
+    /// The listening socket, out of the runtime: a live upgrade keeps it for taking the route
+    /// back should the hand-over fail, when no new descriptor may be had.
+    pub fn into_listener(self) -> Option<std::net::TcpListener> {
+        self.listener.into_std().ok()
+    }
+
     /// Accept failures that paused the loop since the last call, for the caller's counter.
     pub fn take_failures(&mut self) -> u64 {
         std::mem::take(&mut self.failures)

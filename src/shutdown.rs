@@ -130,18 +130,33 @@ impl Drain {
     }
 
     /// Asks every connection to park and waits up to `timeout` for every handle to be dropped
-    /// (each parked connection drops its own). The ones still running then are told to close
-    /// (they reset both sides) and get up to `grace` to do so. Returns whether all of them
-    /// parked; the daemon is committed to the upgrade either way.
-    pub async fn park(mut self, timeout: Duration, grace: Duration) -> bool {
+    /// (each parked connection drops its own). `Err` with the ones still running then: the
+    /// daemon counts them and has them closed ([`Stragglers::close`]).
+    pub async fn park(mut self, timeout: Duration) -> Result<(), Stragglers> {
         drop(self.alive_tx);
         let _ = self.signal.send(Signal::Park);
         if tokio::time::timeout(timeout, self.alive_rx.recv()).await.is_ok() {
-            return true;
+            return Ok(());
         }
+        Err(Stragglers {
+            signal: self.signal,
+            alive_rx: self.alive_rx,
+        })
+    }
+}
+
+/// Connections that did not park in time.
+#[derive(Debug)]
+pub struct Stragglers {
+    signal: watch::Sender<Signal>,
+    alive_rx: mpsc::Receiver<()>,
+}
+
+impl Stragglers {
+    /// Tells them to close (they reset both sides) and waits up to `grace` for them to go.
+    pub async fn close(mut self, grace: Duration) {
         let _ = self.signal.send(Signal::Close);
         let _ = tokio::time::timeout(grace, self.alive_rx.recv()).await;
-        false
     }
 }
 

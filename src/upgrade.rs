@@ -16,7 +16,8 @@ use crate::status::{StatusDocument, fetch_status, health_preamble, local_target}
 const POLL_EVERY: Duration = Duration::from_millis(100);
 
 /// Signals the daemon and waits up to `timeout` for the outcome. Exit 0 when a new image took
-/// over, 1 with the reason otherwise.
+/// over every connection, 1 with the reason otherwise (refused, failed, or any connection reset
+/// instead of moved).
 pub fn run(config_path: &Path, timeout: Duration) -> ExitCode {
     match upgrade(config_path, timeout) {
         Ok(summary) => {
@@ -81,18 +82,25 @@ fn upgrade(config_path: &Path, timeout: Duration) -> Result<String, String> {
 /// The outcome of the attempt that `before` → `now` shows, if it has ended.
 fn outcome(before: &StatusDocument, now: &StatusDocument) -> Option<Result<String, String>> {
     let last = now.upgrade.last.as_ref()?;
+    // A new image that refused the hand-over started its counters afresh: they went back.
+    if now.upgrade.attempts < before.upgrade.attempts {
+        return Some(Err(format!("failed: {}", last.detail)));
+    }
     if now.upgrade.attempts <= before.upgrade.attempts || last.attempt <= before.upgrade.attempts {
         return None;
     }
-    Some(if last.ok {
-        Ok(format!(
-            "ferryd upgraded in place (pid {}): {}; {} connection(s) moved, pause {} ms",
-            now.pid,
-            last.detail,
-            last.moved.unwrap_or(0),
-            last.pause_ms.unwrap_or(0)
-        ))
-    } else {
-        Err(format!("refused, nothing changed: {}", last.detail))
+    let moved = crate::status::moved_phrase(last.moved.unwrap_or(0), last.not_moved.unwrap_or(0));
+    let pause = last.pause_ms.unwrap_or(0);
+    Some(match (last.ok, last.moved, last.not_moved.unwrap_or(0)) {
+        (true, _, 0) => Ok(format!(
+            "ferryd upgraded in place (pid {}): {}; {moved}, pause {pause} ms",
+            now.pid, last.detail
+        )),
+        (true, _, _) => Err(format!(
+            "upgraded in place (pid {}), but not every connection: {}; {moved}, pause {pause} ms (the log says which and why)",
+            now.pid, last.detail
+        )),
+        (false, None, _) => Err(format!("refused, nothing changed: {}", last.detail)),
+        (false, Some(_), _) => Err(format!("failed: {}; {moved}, pause {pause} ms", last.detail)),
     })
 }

@@ -20,7 +20,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::{Config, HEALTH_SOCKET_NAME, Route};
@@ -31,7 +31,7 @@ mod reload;
 mod upgrade;
 use crate::handover::Incoming;
 use crate::relay::Engine;
-use crate::route::{ParkedConnection, RouteListener, RouteSettings, Wiring};
+use crate::route::{Parking, ParkingLot, RouteListener, RouteSettings, Wiring};
 use crate::shutdown::Drain;
 use crate::signals::{Sig, Signals};
 use crate::state::{EngineView, NatStatus, Phase, RouteStats, RouteView, State};
@@ -52,15 +52,16 @@ const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
 pub fn run(path: &Path, inherited: Inherited) -> anyhow::Result<()> {
     let args: Vec<OsString> = std::env::args_os().collect();
     // The hand-over comes first: a refused one closes what it left open before anything is bound.
-    let incoming = match Incoming::from_var(inherited.handover) {
-        None => None,
-        Some(Ok(incoming)) => Some(incoming),
-        Some(Err(reason)) => {
+    let (incoming, refused) = match Incoming::from_var(inherited.handover) {
+        None => (None, None),
+        Some(Ok(incoming)) => (Some(incoming), None),
+        Some(Err(refusal)) => {
             tracing::error!(
-                reason,
-                "the previous program image's hand-over was refused; starting afresh, its connections are lost"
+                reason = refusal.reason,
+                message_id = ids::UPGRADE_REFUSED,
+                "the previous program image's hand-over was refused; starting afresh, its connections were reset"
             );
-            None
+            (None, Some(refusal))
         }
     };
     // What a live upgrade re-executes: the binary at the path the first image was started from
@@ -100,7 +101,7 @@ pub fn run(path: &Path, inherited: Inherited) -> anyhow::Result<()> {
             // reload once ready; a SIGTERM stops start-up cleanly.
             let mut signals = Signals::open().context("cannot read signals (signalfd)")?;
             let stopper = notifier.clone();
-            let program = Program { exe, args };
+            let program = Program { exe, args, refused };
             let daemon = tokio::select! {
                 started = Daemon::start(config, notifier, passed, incoming, program) => started?,
                 name = signals.stop_requested() => {
@@ -124,6 +125,8 @@ struct Program {
     exe: PathBuf,
     /// The arguments it was started with.
     args: Vec<OsString>,
+    /// The hand-over this image refused, if it was started by one: reported once ready.
+    refused: Option<crate::handover::Refusal>,
 }
 
 /// A listening route as the daemon tracks it, by name: a reload that moves a route to another
@@ -137,7 +140,8 @@ struct Running {
     socket: std::net::TcpListener,
     settings: watch::Sender<Arc<RouteSettings>>,
     stats: Arc<RouteStats>,
-    task: JoinHandle<()>,
+    /// The accept loop; it returns its descriptor of the socket when it stops.
+    task: JoinHandle<Option<std::net::TcpListener>>,
 }
 
 /// A listener made ready for a route during a reload, before anything changes.
@@ -155,10 +159,7 @@ struct Daemon {
     /// A second descriptor of the health endpoint's socket, for a live upgrade to hand over.
     health_socket: Option<std::net::TcpListener>,
     /// Connections parked by a live upgrade arrive here.
-    parking: (
-        mpsc::UnboundedSender<ParkedConnection>,
-        mpsc::UnboundedReceiver<ParkedConnection>,
-    ),
+    parking: (Parking, ParkingLot),
     routes: Vec<Running>,
     state: Arc<State>,
     notifier: Arc<Notifier>,
@@ -181,6 +182,9 @@ impl Daemon {
             passed.adopt(std::mem::take(&mut incoming.listeners));
             engine.stats.carry_on(&incoming.relay);
             state.carry_on(&incoming.daemon);
+        }
+        if let Some(daemon) = program.refused.as_ref().and_then(|r| r.daemon.as_ref()) {
+            state.carry_on(daemon);
         }
 
         let health = &config.health;
@@ -218,7 +222,7 @@ impl Daemon {
             drain: Drain::new(),
             program,
             health_socket,
-            parking: mpsc::unbounded_channel(),
+            parking: crate::route::parking(),
             routes: Vec::new(),
             state,
             notifier,
@@ -299,7 +303,10 @@ impl Daemon {
         daemon.notifier.ready(&status);
         daemon.last_status = status;
         if let Some(moved) = moved {
-            daemon.upgraded(moved);
+            daemon.upgraded(moved, None);
+        }
+        if let Some(refusal) = daemon.program.refused.take() {
+            daemon.refused_hand_over(refusal);
         }
         if let Some(interval) = notify::watchdog_interval() {
             // Beat several times per ping period so one late tick never costs a ping.
@@ -404,8 +411,9 @@ impl Daemon {
                     break;
                 }
                 Ok(Sig::User1) => self.user1(),
-                // Returns only when nothing changed; a completed upgrade goes on in a new image.
-                Ok(Sig::User2) => self = self.upgrade().await?,
+                // Returns when the upgrade was refused or failed; a completed one goes on in a
+                // new image.
+                Ok(Sig::User2) => self = self.upgrade().await,
                 Err(e) => {
                     // Without signals the daemon cannot be stopped cleanly: stop now, cleanly.
                     tracing::error!(error = %e, "cannot read signals; stopping");

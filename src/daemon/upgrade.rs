@@ -19,20 +19,21 @@ use crate::handover::{self, Incoming, Outgoing};
 use crate::logging::ids;
 use crate::state::{EngineView, RouteStats, UpgradeReport};
 
-/// Beyond the longest PROXY header wait, upstream dial and header write (which a connection
-/// finishes before it parks), how long parking may take: every parked direction stops at its next
-/// await point, so this is a bound for a stuck task, not a wait anyone should see.
-const PARK_SLACK: Duration = Duration::from_secs(1);
+/// How long parking may take. Every connection parks at its next await point, whatever phase
+/// it is in (reading its PROXY header, dialling, relaying), so this bounds a stuck task, not a
+/// wait anyone should see.
+const PARK_LIMIT: Duration = Duration::from_secs(1);
 
 /// Environment variables that belong to one program image and must not reach the next: the
 /// hand-over's own, and socket activation's (the next image is not a fresh start by systemd).
 const NOT_INHERITED: [&str; 4] = [handover::ENV, "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"];
 
 impl Daemon {
-    /// SIGUSR2. Returns the daemon unchanged when the binary at its path cannot take over;
-    /// otherwise does not return (the process goes on as the new image), except with the error
-    /// of an exec that failed twice.
-    pub(super) async fn upgrade(self) -> anyhow::Result<Daemon> {
+    /// SIGUSR2. Returns the daemon unchanged when the binary at its path cannot take over, and
+    /// the daemon with every listener and connection taken back when the hand-over failed after
+    /// the check (the failure is reported); otherwise does not return: the process goes on as the
+    /// new image.
+    pub(super) async fn upgrade(self) -> Daemon {
         let attempt = self.state.upgrade_attempts.fetch_add(1, Ordering::Relaxed) + 1;
         let exe = self.program.exe.clone();
         let config = self.config.path.clone();
@@ -57,61 +58,67 @@ impl Daemon {
                 at: SystemTime::now(),
                 pause_ms: None,
                 moved: None,
+                not_moved: None,
             });
-            return Ok(self);
+            return self;
         }
-        Err(self.hand_over().await)
+        self.hand_over().await
     }
 
-    /// Parks everything and execs the binary at the daemon's path. Returns only if that failed.
-    async fn hand_over(mut self) -> anyhow::Error {
+    /// Parks everything and execs the binary at the daemon's path. Returns only if the new image
+    /// could not be started: then this image has taken everything back.
+    async fn hand_over(mut self) -> Daemon {
         let parked_at = handover::monotonic_ns();
         self.notifier.reloading();
         // Stop accepting; each route's second descriptor keeps its socket (and backlog) open.
         let mut listeners = Vec::new();
+        let mut stats = BTreeMap::new();
+        // The accept loops' own descriptors of the sockets, kept (close-on-exec) so that taking a
+        // failed hand-over back needs no new descriptor: it may fail for want of one.
+        let mut kept = BTreeMap::new();
         for running in std::mem::take(&mut self.routes) {
             drop(running.settings);
-            let _ = running.task.await;
-            listeners.push((running.name, running.socket, running.stats));
+            if let Ok(Some(own)) = running.task.await {
+                kept.insert(running.name.clone(), own);
+            }
+            stats.insert(running.name.clone(), running.stats);
+            listeners.push((running.name, running.socket));
         }
-        // A connection finishes reading its PROXY header, dialling and sending the upstream its
-        // own header before it parks; each step has its own bound.
-        let park_limit = self
-            .config
-            .routes
-            .iter()
-            .map(|r| r.connect_timeout * 2 + r.proxy.as_ref().map_or(Duration::ZERO, |p| p.header_timeout))
-            .max()
-            .unwrap_or_default()
-            + PARK_SLACK;
         self.state.beat();
+        let mut not_moved = 0;
         let drain = std::mem::take(&mut self.drain);
-        if !drain.park(park_limit, CLOSE_GRACE).await {
+        if let Err(stragglers) = drain.park(PARK_LIMIT).await {
+            // Each one still running holds its route's live count.
+            let late: usize = stats.values().map(|s| s.live.load(Ordering::Relaxed)).sum();
+            not_moved += late as u64;
             tracing::warn!(
-                limit_ms = park_limit.as_millis() as u64,
-                "some connections did not park in time; they were reset"
+                late,
+                limit_ms = PARK_LIMIT.as_millis() as u64,
+                "some connections did not park in time; they are reset"
             );
+            stragglers.close(CLOSE_GRACE).await;
         }
         self.state.beat();
-        // From here on a connection that parks late finds the channel closed and resets itself.
-        self.parking.1.close();
+        // From here on a connection that parks late finds the lot closed and resets itself.
+        let (parked, lost) = self.parking.1.close();
+        not_moved += lost;
         let mut outgoing = Outgoing::new(parked_at, &self.program.exe);
-        while let Ok(parked) = self.parking.1.try_recv() {
-            outgoing.connection(parked);
+        for connection in parked {
+            outgoing.connection(connection);
         }
+        outgoing.not_moved(not_moved);
         if let Some(health) = self.health_socket.take() {
             outgoing.listener(HEALTH_SOCKET_NAME, health);
         }
-        let mut routes = std::collections::BTreeMap::new();
-        for (name, socket, stats) in listeners {
-            routes.insert(name.clone(), stats.carry());
+        for (name, socket) in listeners {
             outgoing.listener(&name, socket);
         }
+        let routes = stats.iter().map(|(name, s)| (name.clone(), s.carry())).collect();
         outgoing.counters(routes, self.engine.counters().carry(), self.state.carry());
-        let moved = outgoing.connections();
         tracing::info!(
             exe = %self.program.exe.display(),
-            connections = moved,
+            connections = outgoing.connections(),
+            not_moved,
             carried_bytes = outgoing.carried_bytes(),
             parked_ms = (handover::monotonic_ns().saturating_sub(parked_at)) / 1_000_000,
             "handing over to the binary at ferryd's path"
@@ -121,8 +128,60 @@ impl Daemon {
         // The watchdog's clock restarts here; the new image pings again as soon as it starts.
         self.notifier.watchdog();
         let env = self.exec_env();
-        let e = outgoing.exec(&self.program.exe, &self.program.args, env);
-        anyhow::anyhow!("live upgrade failed, and the connections are lost: {e}")
+        let (error, incoming) = outgoing.exec(&self.program.exe, &self.program.args, env);
+        self.take_back(incoming, &stats, kept, error.to_string())
+    }
+
+    /// After a hand-over that failed before the new image ran: goes on with everything it held,
+    /// the way a new image would have (the same resume of every connection), and reports the
+    /// upgrade failed with `reason`.
+    fn take_back(
+        mut self,
+        mut incoming: Incoming,
+        stats: &BTreeMap<String, Arc<RouteStats>>,
+        mut kept: BTreeMap<String, std::net::TcpListener>,
+        reason: String,
+    ) -> Daemon {
+        self.drain = crate::shutdown::Drain::new();
+        self.parking = crate::route::parking();
+        let moved = self.take_over(&mut incoming, stats);
+        let mut sockets: BTreeMap<String, std::net::TcpListener> =
+            std::mem::take(&mut incoming.listeners).into_iter().collect();
+        self.health_socket = sockets.remove(HEALTH_SOCKET_NAME);
+        for route in self.config.routes.clone() {
+            let Some(socket) = sockets.remove(&route.name) else {
+                tracing::error!(route = %route.name, "no listening socket to take back; the route is not served until a restart");
+                continue;
+            };
+            let own = match kept.remove(&route.name) {
+                Some(own) => Ok(own),
+                None => socket.try_clone(),
+            };
+            let prepared = own.and_then(|own| {
+                Ok(super::Prepared {
+                    route: route.clone(),
+                    socket,
+                    listener: tokio::net::TcpListener::from_std(own)?,
+                })
+            });
+            let route_stats = stats
+                .get(&route.name)
+                .cloned()
+                .unwrap_or_else(|| self.new_stats(&route.name));
+            match prepared {
+                Ok(prepared) => self.spawn(prepared, route_stats),
+                Err(e) => {
+                    tracing::error!(route = %route.name, error = %e, "cannot take the listening socket back; the route is not served until a restart")
+                }
+            }
+        }
+        self.publish_routes();
+        self.state.beat();
+        let status = self.status_line();
+        self.notifier.ready(&status);
+        self.last_status = status;
+        self.upgraded(moved, Some(reason));
+        self
     }
 
     /// The environment of the next image: this one's, without what belongs to this image only,
@@ -137,10 +196,10 @@ impl Daemon {
         env
     }
 
-    /// In the new image, before any route binds: resumes every connection the previous image
-    /// parked, on its route's counters (by name). A connection whose route a reload removed
-    /// before the upgrade goes on like it did in the old image, with the timers it was accepted
-    /// with, on counters of its own.
+    /// Resumes every connection a hand-over parked, on its route's counters (by name): in a new
+    /// image before any route binds, or in this one taking a failed hand-over back. A connection
+    /// whose route a reload removed before the upgrade goes on like it did before, with the
+    /// timers it was accepted with, on counters of its own.
     pub(super) fn take_over(
         &mut self,
         incoming: &mut Incoming,
@@ -148,7 +207,8 @@ impl Daemon {
     ) -> Moved {
         let wiring = self.wiring();
         let connections = std::mem::take(&mut incoming.connections);
-        let moved = connections.len();
+        let mut moved = 0;
+        let mut not_moved = incoming.not_moved;
         for parked in connections {
             let who = &parked.identity;
             let route_stats = match stats.get(&who.route) {
@@ -158,35 +218,39 @@ impl Daemon {
                     self.new_stats(&who.route)
                 }
             };
-            crate::route::resume(parked, route_stats, wiring.clone());
+            if crate::route::resume(parked, route_stats, wiring.clone()) {
+                moved += 1;
+            } else {
+                not_moved += 1;
+            }
         }
         Moved {
             connections: moved,
+            not_moved: not_moved as usize,
             from: incoming.written_by.clone(),
             pause_ms: incoming.pause_ms(),
-            exec_failed: incoming.exec_failed.take(),
         }
     }
 
-    /// In the new image, once READY=1 is sent: counts and reports the upgrade. When the new
-    /// binary could not be exec'd and this is the old image again, the upgrade failed, and says
-    /// why; the connections were taken back all the same.
-    pub(super) fn upgraded(&self, moved: Moved) {
+    /// Once READY=1 is sent: counts and reports the upgrade. `failed` is why the hand-over did
+    /// not happen, when this image took it back.
+    pub(super) fn upgraded(&self, moved: Moved, failed: Option<String>) {
         let attempt = self.state.upgrade_attempts.load(Ordering::Relaxed);
         let to = env!("CARGO_PKG_VERSION");
         let Moved {
             connections,
+            not_moved,
             from,
             pause_ms,
-            exec_failed,
         } = moved;
-        let (ok, detail) = match exec_failed {
+        let (ok, detail) = match failed {
             None => {
                 let completed = self.state.upgrades.fetch_add(1, Ordering::Relaxed) + 1;
                 tracing::info!(
                     from_version = %from,
                     to_version = to,
                     moved = connections,
+                    not_moved,
                     pause_ms,
                     upgrades = completed,
                     message_id = ids::UPGRADED,
@@ -198,13 +262,14 @@ impl Daemon {
                 tracing::error!(
                     reason,
                     moved = connections,
+                    not_moved,
                     pause_ms,
                     message_id = ids::UPGRADE_REFUSED,
-                    "live upgrade failed: the new binary could not start, so the running one took every listener and connection back"
+                    "live upgrade failed after the check: the running version took every listener and connection back"
                 );
                 (
                     false,
-                    format!("{reason}; the running version {to} took every connection back"),
+                    format!("{reason}; the running version {to} took every listener and connection back"),
                 )
             }
         };
@@ -215,14 +280,37 @@ impl Daemon {
             at: SystemTime::now(),
             pause_ms: Some(pause_ms),
             moved: Some(connections),
+            not_moved: Some(not_moved),
         });
     }
 }
 
-/// What a new image took over, for its report.
+impl Daemon {
+    /// In a new image that refused the previous image's hand-over (its connections were reset,
+    /// its listeners closed and bound again): reports the upgrade failed.
+    pub(super) fn refused_hand_over(&self, refusal: handover::Refusal) {
+        // Without the previous counters this is the first attempt as far as anyone can tell.
+        let attempt = self.state.upgrade_attempts.load(Ordering::Relaxed).max(1);
+        self.state.upgrade_attempts.store(attempt, Ordering::Relaxed);
+        self.state.upgrade_ended(UpgradeReport {
+            attempt,
+            ok: false,
+            detail: format!(
+                "the new image refused the hand-over ({}); it started afresh and the connections were reset",
+                refusal.reason
+            ),
+            at: SystemTime::now(),
+            pause_ms: None,
+            moved: Some(0),
+            not_moved: None,
+        });
+    }
+}
+
+/// What a hand-over moved, for its report.
 pub(super) struct Moved {
     connections: usize,
+    not_moved: usize,
     from: String,
     pause_ms: u64,
-    exec_failed: Option<String>,
 }

@@ -15,14 +15,18 @@ use crate::state::CarriedDaemon;
 use crate::state::counters::{CarriedRelay, CarriedRoute};
 
 /// The version this binary writes. Bump it for any change an older reader would misread.
-pub const VERSION: u32 = 1;
+/// Version 2 carries a copy buffer's unwritten rest as bytes (`held`), which a version 1 reader
+/// would drop without a word.
+pub const VERSION: u32 = 2;
 
 /// The versions this binary can read, printed by `ferryd handover-check` for the running daemon
-/// to compare with the version it writes.
-pub const ACCEPTED: &[u32] = &[VERSION];
+/// to compare with the version it writes. A version 1 document is a version 2 one without
+/// `held`.
+pub const ACCEPTED: &[u32] = &[1, VERSION];
 
-/// The largest document read: far above any real one (a few hundred bytes per connection).
-pub const MAX_LEN: usize = 64 * 1024 * 1024;
+/// The largest document read or written: far above any real one (a few hundred bytes per
+/// connection, and twice the bytes a stuck copy buffer holds, at most 32 KiB a direction).
+pub const MAX_LEN: usize = 256 * 1024 * 1024;
 
 /// What a parked direction can hold: a copy buffer's rest (16 KiB) or a pipe's worth (the
 /// biggest pipe is 1 MiB unless an administrator raised fs.pipe-max-size).
@@ -44,9 +48,6 @@ pub struct Document {
     /// The binary's path as the first image was started with it: what the next upgrade execs
     /// (after a fallback to the running image, /proc/self/exe names a deleted file).
     pub exe: std::path::PathBuf,
-    /// Set when the new binary could not be exec'd and the running image was exec'd again
-    /// instead: why. The connections are taken back all the same; the upgrade is reported failed.
-    pub exec_failed: Option<String>,
     /// Listening sockets by name: a route's name, or the health endpoint's.
     pub listeners: Vec<ListenerEntry>,
     /// Relayed connections.
@@ -57,6 +58,9 @@ pub struct Document {
     pub relay: CarriedRelay,
     /// The daemon's own counters and start time.
     pub daemon: CarriedDaemon,
+    /// Connections the park cost: reset instead of moved (version 2).
+    #[serde(default)]
+    pub not_moved: u64,
 }
 
 /// One listening socket.
@@ -115,7 +119,33 @@ pub enum SideEntry {
         splice: bool,
         /// Bytes on their way, in a pipe.
         pipe: Option<PipeEntry>,
+        /// Bytes on their way that were in a copy buffer, in hexadecimal (version 2).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        held: Option<String>,
     },
+}
+
+/// `bytes` as lowercase hexadecimal, for [`SideEntry::Open::held`].
+pub fn to_hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)] as char);
+        out.push(DIGITS[usize::from(b & 0xf)] as char);
+    }
+    out
+}
+
+/// The bytes [`to_hex`] wrote; `None` for anything else.
+pub fn from_hex(text: &str) -> Option<Vec<u8>> {
+    let digit = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    let text = text.as_bytes();
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    text.chunks_exact(2)
+        .map(|pair| Some(digit(pair[0])? << 4 | digit(pair[1])?))
+        .collect()
 }
 
 /// A pipe holding bytes on their way.
@@ -213,6 +243,25 @@ impl Document {
                 {
                     return Err(Refused(format!("a pipe said to hold {} bytes", p.bytes)));
                 }
+                if let SideEntry::Open {
+                    held: Some(held),
+                    pipe,
+                    ..
+                } = side
+                {
+                    if pipe.is_some() {
+                        return Err(Refused(format!(
+                            "connection from {}: a direction carries both a pipe and held bytes",
+                            c.peer
+                        )));
+                    }
+                    if from_hex(held).is_none() {
+                        return Err(Refused(format!(
+                            "connection from {}: held bytes are not hexadecimal",
+                            c.peer
+                        )));
+                    }
+                }
             }
             if c.quiet_ms > c.age_ms {
                 return Err(Refused(format!(
@@ -236,7 +285,6 @@ mod tests {
             parked_at_ns: 123,
             written_at_ns: 456,
             exe: "/usr/bin/ferryd".into(),
-            exec_failed: None,
             listeners: vec![ListenerEntry {
                 name: "ssh".into(),
                 fd: 7,
@@ -251,7 +299,11 @@ mod tests {
                 fin_timeout_ms: 30_000,
                 client_fd: 8,
                 upstream_fd: 9,
-                up: SideEntry::Done,
+                up: SideEntry::Open {
+                    splice: false,
+                    pipe: None,
+                    held: Some(to_hex(&[0, 1, 0x7f, 0x80, 0xff])),
+                },
                 down: SideEntry::Open {
                     splice: true,
                     pipe: Some(PipeEntry {
@@ -259,6 +311,7 @@ mod tests {
                         write_fd: 11,
                         bytes: 4096,
                     }),
+                    held: None,
                 },
                 age_ms: 5000,
                 quiet_ms: 10,
@@ -268,6 +321,7 @@ mod tests {
             routes: BTreeMap::new(),
             relay: CarriedRelay::default(),
             daemon: CarriedDaemon::default(),
+            not_moved: 3,
         }
     }
 
@@ -276,6 +330,28 @@ mod tests {
         let doc = sample();
         assert_eq!(Document::decode(&doc.encode()).unwrap(), doc);
         assert_eq!(doc.descriptors(), vec![7, 8, 9, 10, 11]);
+    }
+
+    #[test]
+    fn held_bytes_round_trip_and_damaged_ones_are_refused() {
+        let all: Vec<u8> = (0..=255).collect();
+        assert_eq!(from_hex(&to_hex(&all)), Some(all));
+        assert_eq!(from_hex("0g"), None);
+        assert_eq!(from_hex("abc"), None);
+        let mut value: serde_json::Value = serde_json::from_slice(&sample().encode()).unwrap();
+        value["connections"][0]["up"]["held"] = "zz".into();
+        let refused = Document::decode(value.to_string().as_bytes()).unwrap_err();
+        assert!(refused.0.contains("not hexadecimal"), "{refused}");
+    }
+
+    #[test]
+    fn a_version_1_document_is_read() {
+        let mut value: serde_json::Value = serde_json::from_slice(&sample().encode()).unwrap();
+        value["version"] = 1.into();
+        value["connections"][0]["up"] = serde_json::json!({"state": "done"});
+        let doc = Document::decode(value.to_string().as_bytes()).unwrap();
+        assert_eq!(doc.version, 1);
+        assert!(matches!(doc.connections[0].up, SideEntry::Done));
     }
 
     #[test]

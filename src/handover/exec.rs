@@ -42,6 +42,15 @@ pub fn inherit(fd: RawFd) -> io::Result<()> {
     Ok(())
 }
 
+/// Makes `fd` close-on-exec again, after an exec that failed: nothing this image forks may
+/// inherit it. A descriptor that cannot take the flag is left as it is (it was open a moment ago;
+/// the only error is EBADF).
+pub fn keep_private(fd: RawFd) {
+    // SAFETY: fcntl on a number; an unknown descriptor is an EBADF error, not undefined behaviour.
+    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let _ = fcntl(borrowed, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC));
+}
+
 /// Whether `fd` is open and crossed execve (FD_CLOEXEC clear).
 pub fn inherited(fd: RawFd) -> bool {
     // SAFETY: F_GETFD only reads the descriptor's flags.

@@ -68,11 +68,19 @@ fn parse_versions(out: &str) -> Option<Vec<u32>> {
     line.split_whitespace().map(|v| v.parse().ok()).collect()
 }
 
-/// What the old image hands over, being assembled. Every descriptor it holds is kept open (and
-/// owned here) until the execve.
+/// What the old image hands over, being assembled: the listeners, the parked connections and
+/// the counters, each still owned here. The document that names their descriptors is written
+/// only at the exec; if anything fails before the new image runs, [`Outgoing::exec`] gives all
+/// of it back as an [`Incoming`], for this image to go on with.
 pub struct Outgoing {
-    doc: Document,
-    keep: Vec<OwnedFd>,
+    parked_at_ns: u64,
+    exe: std::path::PathBuf,
+    listeners: Vec<(String, TcpListener)>,
+    connections: Vec<ParkedConnection>,
+    routes: std::collections::BTreeMap<String, crate::state::CarriedRoute>,
+    relay: crate::state::CarriedRelay,
+    daemon: crate::state::CarriedDaemon,
+    not_moved: u64,
 }
 
 impl Outgoing {
@@ -80,20 +88,14 @@ impl Outgoing {
     /// binary first started as `exe`.
     pub fn new(parked_at_ns: u64, exe: &Path) -> Outgoing {
         Outgoing {
-            doc: Document {
-                version: VERSION,
-                written_by: env!("CARGO_PKG_VERSION").to_string(),
-                parked_at_ns,
-                written_at_ns: 0,
-                exe: exe.to_path_buf(),
-                exec_failed: None,
-                listeners: Vec::new(),
-                connections: Vec::new(),
-                routes: Default::default(),
-                relay: Default::default(),
-                daemon: Default::default(),
-            },
-            keep: Vec::new(),
+            parked_at_ns,
+            exe: exe.to_path_buf(),
+            listeners: Vec::new(),
+            connections: Vec::new(),
+            routes: Default::default(),
+            relay: Default::default(),
+            daemon: Default::default(),
+            not_moved: 0,
         }
     }
 
@@ -104,145 +106,203 @@ impl Outgoing {
         relay: crate::state::CarriedRelay,
         daemon: crate::state::CarriedDaemon,
     ) {
-        self.doc.routes = routes;
-        self.doc.relay = relay;
-        self.doc.daemon = daemon;
-    }
-
-    fn keep(&mut self, fd: impl Into<OwnedFd>) -> RawFd {
-        let fd: OwnedFd = fd.into();
-        let raw = fd.as_raw_fd();
-        self.keep.push(fd);
-        raw
+        self.routes = routes;
+        self.relay = relay;
+        self.daemon = daemon;
     }
 
     /// A listening socket, by the name it is claimed under (a route's, or the health endpoint's).
     pub fn listener(&mut self, name: &str, socket: TcpListener) {
-        let fd = self.keep(socket);
-        self.doc.listeners.push(doc::ListenerEntry {
-            name: name.to_string(),
-            fd,
-        });
+        self.listeners.push((name.to_string(), socket));
     }
 
     /// A parked connection.
     pub fn connection(&mut self, parked: ParkedConnection) {
-        let ParkedConnection { identity, relay } = parked;
-        let Identity {
-            route,
-            peer,
-            upstream,
-            proxied_client,
-            link_id,
-            timeouts,
-        } = identity;
-        let Parked {
-            client,
-            upstream: upstream_socket,
-            midway,
-            parked_at,
-        } = relay;
-        // The clocks were read when the connection parked; the document is as of now.
-        let since = parked_at.elapsed();
-        let (age, quiet) = (midway.age + since, midway.quiet + since);
-        let client_fd = self.keep(client);
-        let upstream_fd = self.keep(upstream_socket);
-        let up = self.side(midway.up);
-        let down = self.side(midway.down);
-        self.doc.connections.push(ConnectionEntry {
-            route,
-            peer,
-            upstream,
-            proxied_client,
-            link_id,
-            idle_timeout_ms: timeouts.idle.map(|d| d.as_millis() as u64),
-            fin_timeout_ms: timeouts.fin.as_millis() as u64,
-            client_fd,
-            upstream_fd,
-            up,
-            down,
-            age_ms: age.as_millis() as u64,
-            quiet_ms: (quiet.as_millis() as u64).min(age.as_millis() as u64),
-            bytes_up: midway.bytes_up,
-            bytes_down: midway.bytes_down,
-        });
+        self.connections.push(parked);
     }
 
-    fn side(&mut self, side: Side) -> SideEntry {
-        match side {
-            Side::Done => SideEntry::Done,
-            Side::Open(paused) => SideEntry::Open {
-                splice: paused.streaming,
-                pipe: paused.carry.map(|carry| {
-                    let (read, write) = carry.pipe.into_fds();
-                    PipeEntry {
-                        read_fd: self.keep(read),
-                        write_fd: self.keep(write),
-                        bytes: carry.bytes,
-                    }
-                }),
-            },
-        }
+    /// Connections the park cost (reset instead of moved), for the new image's report.
+    pub fn not_moved(&mut self, n: u64) {
+        self.not_moved += n;
     }
 
-    /// Connections in the document.
+    /// Connections to move.
     pub fn connections(&self) -> usize {
-        self.doc.connections.len()
+        self.connections.len()
     }
 
-    /// Bytes on their way in pipes (read from one peer, not yet written to the other).
+    /// Bytes on their way (read from one peer, not yet written to the other), in pipes or held.
     pub fn carried_bytes(&self) -> usize {
-        self.doc
-            .connections
+        self.connections
             .iter()
-            .flat_map(|c| [&c.up, &c.down])
+            .flat_map(|c| [&c.relay.midway.up, &c.relay.midway.down])
             .map(|side| match side {
-                SideEntry::Open { pipe: Some(p), .. } => p.bytes,
+                Side::Open(Paused {
+                    carry: Some(carry), ..
+                }) => carry.len(),
                 _ => 0,
             })
             .sum()
     }
 
+    /// The document as of now, naming the descriptors this hand-over owns.
+    fn document(&self) -> Document {
+        let connections = self
+            .connections
+            .iter()
+            .map(|parked| {
+                let Identity {
+                    route,
+                    peer,
+                    upstream,
+                    proxied_client,
+                    link_id,
+                    timeouts,
+                } = &parked.identity;
+                let Parked {
+                    client,
+                    upstream: upstream_socket,
+                    midway,
+                    parked_at,
+                } = &parked.relay;
+                // The clocks were read when the connection parked; the document is as of now.
+                let since = parked_at.elapsed();
+                let (age, quiet) = (midway.age + since, midway.quiet + since);
+                ConnectionEntry {
+                    route: route.clone(),
+                    peer: *peer,
+                    upstream: *upstream,
+                    proxied_client: *proxied_client,
+                    link_id: *link_id,
+                    idle_timeout_ms: timeouts.idle.map(|d| d.as_millis() as u64),
+                    fin_timeout_ms: timeouts.fin.as_millis() as u64,
+                    client_fd: client.as_raw_fd(),
+                    upstream_fd: upstream_socket.as_raw_fd(),
+                    up: side_entry(&midway.up),
+                    down: side_entry(&midway.down),
+                    age_ms: age.as_millis() as u64,
+                    quiet_ms: (quiet.as_millis() as u64).min(age.as_millis() as u64),
+                    bytes_up: midway.bytes_up,
+                    bytes_down: midway.bytes_down,
+                }
+            })
+            .collect();
+        Document {
+            version: VERSION,
+            written_by: env!("CARGO_PKG_VERSION").to_string(),
+            parked_at_ns: self.parked_at_ns,
+            written_at_ns: monotonic_ns(),
+            exe: self.exe.clone(),
+            listeners: self
+                .listeners
+                .iter()
+                .map(|(name, socket)| doc::ListenerEntry {
+                    name: name.clone(),
+                    fd: socket.as_raw_fd(),
+                })
+                .collect(),
+            connections,
+            routes: self.routes.clone(),
+            relay: self.relay.clone(),
+            daemon: self.daemon.clone(),
+            not_moved: self.not_moved,
+        }
+    }
+
     /// Writes the document, lets exactly its descriptors cross, and execs `exe` with `args` and
-    /// `env` (plus [`ENV`]). Should `exe` fail to start, the image this process runs now is
-    /// exec'd instead (/proc/self/exe works even when the file was replaced or deleted), so the
-    /// connections are taken back either way. Returns only if both fail.
-    pub fn exec(mut self, exe: &Path, args: &[OsString], env: Vec<(OsString, OsString)>) -> std::io::Error {
-        let first = match self.exec_once(exe, args, &env) {
+    /// `env` (plus [`ENV`]). Returns only if the new image could not be started: with why, and
+    /// with everything this hand-over held, close-on-exec again, for this image to take back.
+    pub fn exec(
+        self,
+        exe: &Path,
+        args: &[OsString],
+        env: Vec<(OsString, OsString)>,
+    ) -> (std::io::Error, Incoming) {
+        let error = match self.exec_once(exe, args, &env) {
             Ok(never) => match never {},
             Err(e) => e,
         };
-        tracing::error!(exe = %exe.display(), error = %first, "cannot exec the new binary; taking the connections back into the running one");
-        crate::logging::flush(Duration::from_secs(1));
-        self.doc.exec_failed = Some(format!("cannot exec {}: {first}", exe.display()));
-        let second = match self.exec_once(Path::new("/proc/self/exe"), args, &env) {
-            Ok(never) => match never {},
-            Err(e) => e,
-        };
-        std::io::Error::other(format!(
-            "{first}; and the running binary could not be exec'd again: {second}"
-        ))
+        (error, self.into_incoming())
     }
 
     fn exec_once(
-        &mut self,
+        &self,
         exe: &Path,
         args: &[OsString],
         env: &[(OsString, OsString)],
     ) -> Result<std::convert::Infallible, std::io::Error> {
-        self.doc.written_at_ns = monotonic_ns();
-        let memfd = exec::memfd_with(&self.doc.encode())?;
-        for fd in self
-            .keep
+        #[cfg(feature = "test-faults")]
+        crate::faults::before_handover();
+        let doc = self.document();
+        let bytes = doc.encode();
+        // What the new image would refuse is never sent: this image goes on instead.
+        Document::decode(&bytes).map_err(|e| std::io::Error::other(format!("this image's own {e}")))?;
+        let memfd = exec::memfd_with(&bytes).map_err(|e| {
+            std::io::Error::new(e.kind(), format!("cannot write the hand-over document: {e}"))
+        })?;
+        let crossing: Vec<RawFd> = doc.descriptors().into_iter().chain([memfd.as_raw_fd()]).collect();
+        // No child may be forked while these are inheritable: it would hold every connection
+        // open for as long as it runs (an iptables run of the NAT loop, for one).
+        let _no_forks = crate::command::forbid_forks();
+        let made_inheritable = crossing
             .iter()
-            .map(AsRawFd::as_raw_fd)
-            .chain([memfd.as_raw_fd()])
-        {
-            exec::inherit(fd)?;
+            .try_for_each(|fd| exec::inherit(*fd))
+            .map_err(|e| std::io::Error::new(e.kind(), format!("cannot let a descriptor cross: {e}")));
+        let error = match made_inheritable {
+            Ok(()) => {
+                let mut env = env.to_vec();
+                env.push((ENV.into(), memfd.as_raw_fd().to_string().into()));
+                let e = exec::execve(exe, args, &env);
+                std::io::Error::new(e.kind(), format!("cannot exec {}: {e}", exe.display()))
+            }
+            Err(e) => e,
+        };
+        for fd in &crossing {
+            exec::keep_private(*fd);
         }
-        let mut env = env.to_vec();
-        env.push((ENV.into(), memfd.as_raw_fd().to_string().into()));
-        Err(exec::execve(exe, args, &env))
+        Err(error)
+    }
+
+    /// Everything held, as the new image would have taken it: for this image to go on with.
+    fn into_incoming(self) -> Incoming {
+        Incoming {
+            listeners: self.listeners,
+            connections: self.connections,
+            routes: self.routes,
+            relay: self.relay,
+            daemon: self.daemon,
+            written_by: env!("CARGO_PKG_VERSION").to_string(),
+            parked_at_ns: self.parked_at_ns,
+            exe: self.exe,
+            not_moved: self.not_moved,
+        }
+    }
+}
+
+/// One direction as the document describes it.
+fn side_entry(side: &Side) -> SideEntry {
+    match side {
+        Side::Done => SideEntry::Done,
+        Side::Open(paused) => {
+            let (pipe, held) = match paused.carry.as_deref() {
+                None => (None, None),
+                Some(Carry::Pipe { pipe, bytes }) => {
+                    let (read_fd, write_fd) = pipe.raw_fds();
+                    let entry = PipeEntry {
+                        read_fd,
+                        write_fd,
+                        bytes: *bytes,
+                    };
+                    (Some(entry), None)
+                }
+                Some(Carry::Bytes(bytes)) => (None, Some(doc::to_hex(bytes))),
+            };
+            SideEntry::Open {
+                splice: paused.streaming,
+                pipe,
+                held,
+            }
+        }
     }
 }
 
@@ -265,8 +325,9 @@ pub struct Incoming {
     pub parked_at_ns: u64,
     /// The binary's path as first started: what the next upgrade execs.
     pub exe: std::path::PathBuf,
-    /// Why the new binary could not be exec'd, when this image is the old one again.
-    pub exec_failed: Option<String>,
+    /// Connections the park cost (reset instead of moved), counted by the previous image, and by
+    /// this one as it takes over.
+    pub not_moved: u64,
 }
 
 impl Drop for Incoming {
@@ -284,10 +345,11 @@ impl Incoming {
     /// Takes the hand-over named by [`ENV`] (as the daemon took it out of the
     /// environment, so no child inherits it), if any. `None`: a normal start. An error: there was
     /// a document and it was refused; everything the previous image left open has then been
-    /// closed (connected sockets reset), and the daemon starts afresh.
-    pub fn from_var(value: Option<OsString>) -> Option<Result<Incoming, String>> {
+    /// closed (connected sockets reset, never closed with a FIN), and the daemon starts afresh.
+    pub fn from_var(value: Option<OsString>) -> Option<Result<Incoming, Refusal>> {
         let value = value?;
-        let taken = take(&value);
+        let mut daemon = None;
+        let taken = take(&value, &mut daemon).map_err(|reason| Refusal { reason, daemon });
         if taken.is_err() {
             let closed = exec::close_inherited();
             tracing::warn!(
@@ -304,7 +366,22 @@ impl Incoming {
     }
 }
 
-fn take(value: &std::ffi::OsStr) -> Result<Incoming, String> {
+/// A hand-over this image refused: why, and the daemon's counters if the document had them in a
+/// form this image reads (so the upgrade's report and the counters go on).
+#[derive(Debug)]
+pub struct Refusal {
+    /// Why.
+    pub reason: String,
+    /// The previous image's daemon counters, when they could be read.
+    pub daemon: Option<crate::state::CarriedDaemon>,
+}
+
+/// Reads and takes the document. When it is refused, `salvaged` gets the daemon's counters if
+/// the document has them in a form this image reads.
+fn take(
+    value: &std::ffi::OsStr,
+    salvaged: &mut Option<crate::state::CarriedDaemon>,
+) -> Result<Incoming, String> {
     let fd: RawFd = value
         .to_str()
         .and_then(|v| v.trim().parse().ok())
@@ -314,10 +391,16 @@ fn take(value: &std::ffi::OsStr) -> Result<Incoming, String> {
     let memfd = unsafe { OwnedFd::from_raw_fd(fd) };
     let bytes =
         exec::read_all(memfd, doc::MAX_LEN).map_err(|e| format!("cannot read the handover document: {e}"))?;
-    let doc = Document::decode(&bytes).map_err(|e| e.to_string())?;
+    let doc = Document::decode(&bytes).map_err(|e| {
+        *salvaged = serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .and_then(|mut value| serde_json::from_value(value.get_mut("daemon")?.take()).ok());
+        e.to_string()
+    })?;
     // Only descriptors the previous image let cross: open, and not close-on-exec (everything this
     // image opened itself is), so a stale or stray document cannot take one of this image's own.
     if let Some(fd) = doc.descriptors().into_iter().find(|fd| !exec::inherited(*fd)) {
+        *salvaged = Some(doc.daemon.clone());
         return Err(format!(
             "the handover document names descriptor {fd}, which is not one the previous image left open"
         ));
@@ -336,6 +419,7 @@ fn take(value: &std::ffi::OsStr) -> Result<Incoming, String> {
         listeners.push((entry.name.clone(), TcpListener::from(socket)));
     }
     let mut connections = Vec::new();
+    let mut lost = 0;
     for c in &doc.connections {
         let client = own(c.client_fd);
         let upstream = own(c.upstream_fd);
@@ -344,16 +428,18 @@ fn take(value: &std::ffi::OsStr) -> Result<Incoming, String> {
         let side = |entry: &SideEntry| -> Result<Side, String> {
             Ok(match entry {
                 SideEntry::Done => Side::Done,
-                SideEntry::Open { splice, pipe } => Side::Open(Paused {
+                SideEntry::Open { splice, pipe, held } => Side::Open(Paused {
                     streaming: *splice,
-                    carry: match pipe {
-                        None => None,
-                        Some(p) => Some(Box::new(Carry {
+                    carry: match (pipe, held) {
+                        (Some(p), _) => Some(Box::new(Carry::Pipe {
                             pipe: Pipe::from_fds(own(p.read_fd), own(p.write_fd)).map_err(|e| {
                                 format!("connection from {}: its pipe is unusable: {e}", c.peer)
                             })?,
                             bytes: p.bytes,
                         })),
+                        // `decode` checked it is hexadecimal.
+                        (None, Some(held)) => doc::from_hex(held).map(|bytes| Box::new(Carry::Bytes(bytes))),
+                        (None, None) => None,
                     },
                 }),
             })
@@ -364,6 +450,7 @@ fn take(value: &std::ffi::OsStr) -> Result<Incoming, String> {
             (Err(e), _) | (_, Err(e)) => {
                 crate::net::reset(client);
                 crate::net::reset(upstream);
+                lost += 1;
                 tracing::warn!(route = %c.route, client = %c.peer, end = "reset", error = %e, "cannot take over a connection moved by the upgrade");
                 continue;
             }
@@ -404,7 +491,7 @@ fn take(value: &std::ffi::OsStr) -> Result<Incoming, String> {
         written_by: doc.written_by,
         parked_at_ns: doc.parked_at_ns,
         exe: doc.exe,
-        exec_failed: doc.exec_failed,
+        not_moved: doc.not_moved + lost,
     })
 }
 

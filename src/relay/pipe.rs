@@ -37,9 +37,8 @@ pub struct Pipe {
 }
 
 impl Pipe {
-    /// A fresh pipe, outside the pool: what a parked direction puts the unwritten part of a
-    /// copy buffer into (see `pump`).
-    pub fn new() -> io::Result<Pipe> {
+    /// A fresh pipe, enlarged to [`PIPE_SIZE`] when the kernel allows it.
+    fn new() -> io::Result<Pipe> {
         let (read, write) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
         let chunk = fcntl(&write, FcntlArg::F_SETPIPE_SZ(PIPE_SIZE as i32))
             .or_else(|_| fcntl(&write, FcntlArg::F_GETPIPE_SZ))
@@ -62,24 +61,10 @@ impl Pipe {
         Ok(Pipe { read, write, chunk })
     }
 
-    /// The two ends, read then write, for handing over.
-    pub fn into_fds(self) -> (OwnedFd, OwnedFd) {
-        (self.read, self.write)
-    }
-
-    /// Writes `bytes` into the pipe, all of them or an error: a parked direction's unwritten
-    /// copy buffer (at most 16 KiB) into an empty pipe (at least 64 KiB) always fits.
-    pub fn put(&self, bytes: &[u8]) -> io::Result<()> {
-        let mut written = 0;
-        while written < bytes.len() {
-            match nix::unistd::write(&self.write, &bytes[written..]) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => written += n,
-                Err(nix::errno::Errno::EINTR) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Ok(())
+    /// The two ends' numbers, read then write, for the hand-over document.
+    pub fn raw_fds(&self) -> (std::os::fd::RawFd, std::os::fd::RawFd) {
+        use std::os::fd::AsRawFd;
+        (self.read.as_raw_fd(), self.write.as_raw_fd())
     }
 
     /// Moves up to `len` bytes of what the pipe holds into `socket`; how many went.
@@ -98,6 +83,11 @@ pub struct PipePool {
     alive: AtomicUsize,
     created: AtomicU64,
     max: usize,
+    /// The largest capacity a pipe of this pool has had. A pipe made while the user was over
+    /// the pipe budget has a page or two and cannot be enlarged; kept in the pool it would make
+    /// every burst that borrows it slow for the rest of the daemon's life, so it is closed when
+    /// given back, and a later pipe can have the full size once the budget allows.
+    largest: AtomicUsize,
 }
 
 impl PipePool {
@@ -108,6 +98,7 @@ impl PipePool {
             alive: AtomicUsize::new(0),
             created: AtomicU64::new(0),
             max,
+            largest: AtomicUsize::new(0),
         }
     }
 
@@ -126,6 +117,7 @@ impl PipePool {
         match Pipe::new() {
             Ok(pipe) => {
                 self.created.fetch_add(1, Ordering::Relaxed);
+                self.largest.fetch_max(pipe.chunk, Ordering::Relaxed);
                 Ok(Some(Lease::new(self, pipe)))
             }
             Err(e) => {
@@ -133,6 +125,18 @@ impl PipePool {
                 Err(e)
             }
         }
+    }
+
+    /// Lends `pipe`, which holds `pending` bytes and crossed a live upgrade, as if this pool had
+    /// made it: it counts among the pipes that exist (even past `max`: the previous image's
+    /// pipes were within it, and this image's pool starts empty), and goes back to the pool, or
+    /// is closed, like any other once dropped.
+    pub fn adopt(&self, pipe: Pipe, pending: usize) -> Lease<'_> {
+        self.alive.fetch_add(1, Ordering::AcqRel);
+        self.largest.fetch_max(pipe.chunk, Ordering::Relaxed);
+        let mut lease = Lease::new(self, pipe);
+        lease.pending = pending;
+        lease
     }
 
     /// Pipes that exist now, lent or idle.
@@ -161,14 +165,14 @@ impl PipePool {
     }
 
     fn give_back(&self, pipe: Pipe, empty: bool) {
-        if empty {
+        if empty && pipe.chunk >= self.largest.load(Ordering::Relaxed) {
             let mut idle = self.lock_idle();
             if idle.len() < IDLE_PIPES_KEPT {
                 idle.push(pipe);
                 return;
             }
         }
-        // Not empty (an error cut a transfer short) or the pool is full: close it.
+        // Not empty (an error cut a transfer short), undersized, or the pool is full: close it.
         drop(pipe);
         self.alive.fetch_sub(1, Ordering::AcqRel);
     }

@@ -11,10 +11,10 @@
 //! kernel refuses splice, it copies, counted and logged. It must not close sockets or decide how
 //! a connection ends: it reports end of stream or an error, and the connection decides.
 //!
-//! A live upgrade parks a direction ([`Stop::Paused`]) only where no byte lives in this process's
-//! memory alone: waiting for `src`, between two bursts, or waiting for `dst` with the unwritten
-//! bytes in a pipe (a copy buffer's rest is first written into a fresh pipe). The next program
-//! image resumes the direction from that state ([`Paused`]), draining the pipe first.
+//! A live upgrade parks a direction ([`Stop::Paused`]) waiting for `src`, between two bursts, or
+//! waiting for `dst`, with the unwritten bytes in a [`Carry`]: the splice burst's pipe, or a copy
+//! buffer's rest as bytes for the hand-over document. The next program image resumes the
+//! direction from that state ([`Paused`]), writing the carry out first.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -72,13 +72,38 @@ pub struct Paused {
     pub carry: Option<Box<Carry>>,
 }
 
-/// Bytes on their way, in a pipe of their own.
+/// Bytes a parked direction read from `src` and has not written to `dst` yet: they cross the
+/// upgrade with the connection and are written out first by the next program image.
 #[derive(Debug)]
-pub struct Carry {
-    /// The pipe that holds them.
-    pub pipe: Pipe,
-    /// How many.
-    pub bytes: usize,
+pub enum Carry {
+    /// In the pipe a splice burst was draining: the pipe itself crosses, and goes back to the
+    /// next image's pool once it is empty.
+    Pipe {
+        /// The pipe that holds them.
+        pipe: Pipe,
+        /// How many.
+        bytes: usize,
+    },
+    /// The unwritten rest of a copy buffer (at most one buffer), carried as bytes in the hand-over
+    /// document. Not in a new pipe: a pipe made at the upgrade counts against the user's pipe
+    /// budget, and past it the kernel gives a page or two, too small for the rest, so the
+    /// connection would have to be reset.
+    Bytes(Vec<u8>),
+}
+
+impl Carry {
+    /// How many bytes it holds.
+    pub fn len(&self) -> usize {
+        match self {
+            Carry::Pipe { bytes, .. } => *bytes,
+            Carry::Bytes(bytes) => bytes.len(),
+        }
+    }
+
+    /// Whether it holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// Why a pump returned without an error.
@@ -210,27 +235,46 @@ pub fn pump<'a>(
     }
 }
 
-/// Writes out what a parked direction left in its pipe. Returns the rest when parked again
-/// before it is all out.
+/// Writes out what a parked direction carried across the upgrade. Returns the rest when parked
+/// again before it is all out. A carried pipe is counted in the pool while it drains and goes
+/// back to it once empty, so the pipes in use never exceed `max_pipes` (and the user's pipe
+/// budget) however many crossed.
 async fn drain_carry(
-    mut carry: Box<Carry>,
+    carry: Box<Carry>,
     dst: &mut WriteHalf<'_>,
     flow: &Flow<'_>,
     pause: &Pause,
 ) -> Result<Option<Box<Carry>>, PumpError> {
+    let (pipe, bytes) = match *carry {
+        Carry::Bytes(bytes) => return write_all(dst, &bytes, flow, pause).await,
+        Carry::Pipe { pipe, bytes } => (pipe, bytes),
+    };
+    // With splice off there is no pool; a pool of its own then closes the pipe once empty.
+    let own;
+    let pool = match flow.pipes {
+        Some(pool) => pool,
+        None => {
+            own = PipePool::new(0);
+            &own
+        }
+    };
+    let mut lease = pool.adopt(pipe, bytes);
     let out = dst.as_ref();
     flow.activity.carrying();
-    while carry.bytes > 0 {
-        match out.try_io(Interest::WRITABLE, || carry.pipe.drain_to(out, carry.bytes)) {
+    while lease.pending() > 0 {
+        match out.try_io(Interest::WRITABLE, || lease.drain_to(out)) {
             Ok(n) => {
-                carry.bytes -= n.min(carry.bytes);
                 flow.stats.spliced_bytes.fetch_add(n as u64, Ordering::Relaxed);
                 flow.account(n);
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 match ready_or_park(out, pause, Interest::WRITABLE).await {
                     Some(ready) => ready.map_err(PumpError::Write)?,
-                    None => return Ok(Some(carry)),
+                    None => {
+                        return Ok(lease
+                            .detach()
+                            .map(|(pipe, bytes)| Box::new(Carry::Pipe { pipe, bytes })));
+                    }
                 }
             }
             Err(e) => return Err(PumpError::Write(e)),
@@ -308,7 +352,7 @@ fn splice_burst<'a>(
                                 flow.account(n - left);
                                 let carry = lease
                                     .detach()
-                                    .map(|(pipe, bytes)| Box::new(Carry { pipe, bytes }));
+                                    .map(|(pipe, bytes)| Box::new(Carry::Pipe { pipe, bytes }));
                                 return Ok(Burst::Paused(carry));
                             }
                         }
@@ -446,9 +490,8 @@ async fn copy_past_mark(
 }
 
 /// Writes all of `bytes` to `dst`, marking them in flight until they are out, and counts them.
-/// A park asked for while `dst` is full puts the unwritten rest into a fresh pipe and returns it
-/// (the written part is counted); a pipe that cannot be made fails the write, and the connection
-/// is reset rather than losing the bytes silently.
+/// A park asked for while `dst` is full returns the unwritten rest as a [`Carry::Bytes`] (the
+/// written part is counted): nothing to allocate from the kernel, so nothing can refuse it.
 #[allow(
     clippy::manual_async_fn,
     reason = "an async fn would keep its arguments twice"
@@ -478,17 +521,7 @@ fn write_all<'a>(
                     .copied_bytes
                     .fetch_add(written as u64, Ordering::Relaxed);
                 flow.account(written);
-                let pipe = Pipe::new().and_then(|pipe| pipe.put(rest).map(|()| pipe));
-                return match pipe {
-                    Ok(pipe) => Ok(Some(Box::new(Carry {
-                        pipe,
-                        bytes: rest.len(),
-                    }))),
-                    Err(e) => Err(PumpError::Write(io::Error::new(
-                        e.kind(),
-                        format!("cannot park unwritten bytes for the upgrade: {e}"),
-                    ))),
-                };
+                return Ok(Some(Box::new(Carry::Bytes(rest.to_vec()))));
             };
             match wrote {
                 Ok(0) => return Err(PumpError::Write(io::ErrorKind::WriteZero.into())),

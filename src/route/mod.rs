@@ -15,7 +15,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt as _;
@@ -58,8 +58,61 @@ struct Quiet {
     tune: RateLimit,
 }
 
-/// Where parked connections go: the daemon, which hands them to the next program image.
-pub type Parking = mpsc::UnboundedSender<ParkedConnection>;
+/// Where parked connections go: the daemon, which hands them to the next program image. Each
+/// connection task holds one.
+#[derive(Clone, Debug)]
+pub struct Parking {
+    to: mpsc::UnboundedSender<ParkedConnection>,
+    lost: Arc<AtomicU64>,
+}
+
+/// The daemon's end of [`Parking`]: the parked connections, and the count of those a park cost.
+#[derive(Debug)]
+pub struct ParkingLot {
+    from: mpsc::UnboundedReceiver<ParkedConnection>,
+    lost: Arc<AtomicU64>,
+}
+
+/// A new, empty [`Parking`] and its [`ParkingLot`].
+pub fn parking() -> (Parking, ParkingLot) {
+    let (to, from) = mpsc::unbounded_channel();
+    let lost = Arc::new(AtomicU64::new(0));
+    (
+        Parking {
+            to,
+            lost: lost.clone(),
+        },
+        ParkingLot { from, lost },
+    )
+}
+
+impl Parking {
+    /// Hands a parked connection to the daemon. One that arrives after the daemon stopped
+    /// waiting is reset on both sides (never a FIN: the peers must not take a cut stream for a
+    /// whole one), and counted as not moved.
+    fn park(&self, parked: ParkedConnection, stats: &RouteStats) {
+        if let Err(mpsc::error::SendError(lost)) = self.to.send(parked) {
+            crate::net::reset(lost.relay.client);
+            crate::net::reset(lost.relay.upstream);
+            stats.record(Outcome::Reset);
+            self.lost.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(route = %lost.identity.route, client = %lost.identity.peer, end = "reset", "parked for an upgrade that is no longer under way; both sides reset");
+        }
+    }
+}
+
+impl ParkingLot {
+    /// Takes every connection parked so far and closes the lot: a connection that parks later
+    /// is reset by its own task. Returns them, with the count of those lost since the last call.
+    pub fn close(&mut self) -> (Vec<ParkedConnection>, u64) {
+        self.from.close();
+        let mut parked = Vec::new();
+        while let Ok(connection) = self.from.try_recv() {
+            parked.push(connection);
+        }
+        (parked, self.lost.swap(0, Ordering::Relaxed))
+    }
+}
 
 /// Who a relayed connection is and the timers it was accepted with: what its log line says,
 /// and what a live upgrade carries across with its sockets.
@@ -140,9 +193,10 @@ impl RouteListener {
         }
     }
 
-    /// Accepts until the route is removed or the daemon drains; then closes the listening socket
-    /// (new connections are refused by the kernel) and returns. Running connections go on.
-    pub async fn run(mut self) {
+    /// Accepts until the route is removed or the daemon drains; then returns its descriptor of
+    /// the listening socket (the daemon closes it, or keeps it while a live upgrade is under
+    /// way). Running connections go on.
+    pub async fn run(mut self) -> Option<std::net::TcpListener> {
         loop {
             match self.accept.next(self.settings.changed()).await {
                 Next::Connection(stream, peer) => self.admit(stream, peer),
@@ -163,6 +217,7 @@ impl RouteListener {
             Ok(listen) => tracing::info!(route = %self.name(), %listen, "stopped listening"),
             Err(_) => tracing::info!(route = %self.name(), "stopped listening"),
         }
+        self.accept.into_listener()
     }
 
     fn name(&self) -> String {
@@ -387,20 +442,25 @@ impl Connection {
     }
 }
 
-/// Runs a connection the previous program image parked, on `stats`' route, from where it
-/// stopped. Its sockets come in as handed over (blocking or not); a socket the runtime cannot
-/// take is reset with its peer, and the connection is logged as reset.
-pub fn resume(parked: ParkedConnection, stats: Arc<RouteStats>, wiring: Wiring) {
+/// Runs a connection the previous program image parked (or this one, taking back a hand-over
+/// that failed), on `stats`' route, from where it stopped. Its sockets come in as handed over
+/// (blocking or not); a socket the runtime cannot take is reset with its peer, and the
+/// connection is logged as reset: then it returns false.
+pub fn resume(parked: ParkedConnection, stats: Arc<RouteStats>, wiring: Wiring) -> bool {
     let ParkedConnection {
         identity,
         relay:
             relay::Parked {
                 client,
                 upstream: upstream_socket,
-                midway,
-                parked_at: _,
+                mut midway,
+                parked_at,
             },
     } = parked;
+    // Its clocks stood still while it was parked: the deadlines stay where they were.
+    let since = parked_at.elapsed();
+    midway.age += since;
+    midway.quiet += since;
     let started = Instant::now()
         .checked_sub(midway.age)
         .unwrap_or_else(Instant::now);
@@ -422,12 +482,14 @@ pub fn resume(parked: ParkedConnection, stats: Arc<RouteStats>, wiring: Wiring) 
     match sockets {
         Ok((client, upstream)) => {
             tokio::spawn(relayed.run(client, upstream, Some(Box::new(midway))));
+            true
         }
         Err(e) => {
             // The sockets were closed with the failed conversion.
             relayed.live.0.record(Outcome::Reset);
             let who = &relayed.identity;
             tracing::warn!(route = %who.route, client = %who.peer, upstream = %who.upstream, end = "reset", error = %e, "cannot take over a connection moved by the upgrade");
+            false
         }
     }
 }
@@ -476,14 +538,7 @@ impl Relayed {
             let transfer = match ended {
                 Ended::Closed(transfer) => transfer,
                 Ended::Parked(relay) => {
-                    let parked = ParkedConnection { identity, relay };
-                    if let Err(mpsc::error::SendError(lost)) = wiring.parking.send(parked) {
-                        // Nobody takes it over: never let the peers mistake that for an orderly end.
-                        crate::net::reset(lost.relay.client);
-                        crate::net::reset(lost.relay.upstream);
-                        stats.record(Outcome::Reset);
-                        tracing::warn!(route = %lost.identity.route, client = %lost.identity.peer, end = "reset", "parked for an upgrade that is no longer under way; both sides reset");
-                    }
+                    wiring.parking.park(ParkedConnection { identity, relay }, stats);
                     return;
                 }
             };

@@ -146,6 +146,8 @@ pub struct UpgradeReport {
     pub pause_ms: Option<u64>,
     /// Connections moved.
     pub moved: Option<usize>,
+    /// Connections the park cost: reset instead of moved.
+    pub not_moved: Option<usize>,
 }
 
 /// Daemon-wide counters a live upgrade carries to the next program image.

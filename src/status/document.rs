@@ -69,8 +69,10 @@ pub struct LastUpgrade {
     pub seconds_ago: u64,
     /// From parking the first connection to the new image's READY=1.
     pub pause_ms: Option<u64>,
-    /// Connections moved to the new image.
+    /// Connections moved to the new image (or taken back, when it failed).
     pub moved: Option<usize>,
+    /// Connections the upgrade cost: reset instead of moved.
+    pub not_moved: Option<usize>,
 }
 
 /// One route.
@@ -328,6 +330,7 @@ impl StatusDocument {
                     seconds_ago: ago(now, u.at),
                     pause_ms: u.pause_ms,
                     moved: u.moved,
+                    not_moved: u.not_moved,
                 }),
             },
         }

@@ -166,11 +166,23 @@ fn summarize(doc: &StatusDocument) -> String {
             last.seconds_ago,
             if last.ok { "done" } else { "FAILED" },
             match (last.moved, last.pause_ms) {
-                (Some(moved), Some(pause)) =>
-                    format!("{}; {moved} connection(s) moved, pause {pause} ms", last.detail),
+                (Some(moved), Some(pause)) => format!(
+                    "{}; {}, pause {pause} ms",
+                    last.detail,
+                    moved_phrase(moved, last.not_moved.unwrap_or(0))
+                ),
                 _ => last.detail.clone(),
             }
         ));
     }
     out
+}
+
+/// "N connection(s) moved, none reset" (or "M reset"): what a live upgrade did with the
+/// connections, as `ferryd status` and `ferryd upgrade` say it.
+pub fn moved_phrase(moved: usize, not_moved: usize) -> String {
+    match not_moved {
+        0 => format!("{moved} connection(s) moved, none reset"),
+        n => format!("{moved} connection(s) moved, {n} reset instead"),
+    }
 }

@@ -40,6 +40,48 @@ pub fn run_command(exe: &Path, config: &Path) -> Command {
     command
 }
 
+/// Runs the child as the shipped unit runs ferryd: an ordinary uid with no capabilities and
+/// `no_new_privs`, where the kernel's per-user limits apply (the pipe budget above all; root is
+/// exempt from it, so a suite run as root would never see it). When the suite runs as root, each
+/// call picks a uid of its own, so that daemons running side by side do not share one budget;
+/// otherwise the child keeps the suite's own (already unprivileged) uid.
+pub fn unprivileged(command: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        // Far above any uid a distribution hands out; no passwd entry is needed.
+        let uid = 3_000_000
+            + (std::process::id() % 10_000) * 100
+            + NEXT.fetch_add(1, Ordering::Relaxed) as u32 % 100;
+        // std drops the supplementary groups when it leaves root; setuid from root clears the
+        // permitted, effective and ambient capability sets.
+        command.uid(uid).gid(uid);
+    }
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec here.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// The capability sets of process `pid` as `/proc/PID/status` shows them, by name (CapEff, ...).
+pub fn capabilities(pid: i32) -> Vec<(String, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .filter_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            let name = name.strip_prefix("Cap")?;
+            Some((format!("Cap{name}"), u64::from_str_radix(value.trim(), 16).ok()?))
+        })
+        .collect()
+}
+
 /// A directory removed when dropped.
 pub struct TempDir(PathBuf);
 
