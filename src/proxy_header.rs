@@ -282,21 +282,65 @@ pub fn azure_link_tlv(link_id: u32) -> (u8, Vec<u8>) {
     (AZURE_TLV, value)
 }
 
-/// Reads exactly one header from `stream` within `timeout`, and not one byte more: what follows
-/// stays in the socket, so the relay (splice included) starts right after it. A stream whose
-/// first bytes cannot start a v2 header is refused at once.
+/// The bytes of a header read so far. It belongs to the caller, so that reading can stop at
+/// any await (a live upgrade parks the connection) and go on later, in this program image or the
+/// next, from where it stopped.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Partial {
+    bytes: Vec<u8>,
+}
+
+impl Partial {
+    /// What was read before (carried across a live upgrade).
+    pub fn from_bytes(bytes: Vec<u8>) -> Partial {
+        Partial { bytes }
+    }
+
+    /// The bytes read so far.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// How many bytes the header has in all, as far as the bytes so far tell; `Ok(None)` while
+    /// its fixed part is incomplete.
+    fn wanted(&self) -> Result<Option<usize>, Refusal> {
+        match self.bytes.get(..FIXED_LEN) {
+            Some(fixed) => {
+                let fixed: &[u8; FIXED_LEN] = fixed.try_into().map_err(|_| Refusal::Truncated)?;
+                header_len(fixed).map(Some)
+            }
+            None => Ok(None),
+        }
+    }
+}
+
+/// Reads exactly one header from `stream` within `timeout` (see [`read_into`]).
 pub async fn read(stream: &mut tokio::net::TcpStream, timeout: Duration) -> Result<Header, Refusal> {
-    tokio::time::timeout(timeout, read_unbounded(stream))
+    let mut partial = Partial::default();
+    tokio::time::timeout(timeout, read_into(stream, &mut partial))
         .await
         .unwrap_or(Err(Refusal::Timeout))
 }
 
-async fn read_unbounded(stream: &mut tokio::net::TcpStream) -> Result<Header, Refusal> {
-    let mut bytes = vec![0u8; FIXED_LEN];
-    let mut got = 0;
-    while got < FIXED_LEN {
+/// Reads exactly one header from `stream` into `partial`, and not one byte more: what follows
+/// stays in the socket, so the relay (splice included) starts right after it. A stream whose
+/// first bytes cannot start a v2 header is refused at once. Cancel-safe: dropped at any await,
+/// every byte read so far is in `partial`. The caller bounds the wait (header_timeout).
+pub async fn read_into(stream: &mut tokio::net::TcpStream, partial: &mut Partial) -> Result<Header, Refusal> {
+    loop {
+        let got = partial.bytes.len();
+        if got > 0 {
+            could_be_header(&partial.bytes[..got.min(FIXED_LEN)])?;
+        }
+        let wanted = partial.wanted()?.unwrap_or(FIXED_LEN);
+        if got >= wanted {
+            return parse(&partial.bytes[..wanted]);
+        }
+        // A read into a chunk of its own, appended once it returned: a read that never returns
+        // (the wait was dropped) appended nothing.
+        let mut chunk = [0u8; 64];
         let n = stream
-            .read(&mut bytes[got..FIXED_LEN])
+            .read(&mut chunk[..(wanted - got).min(64)])
             .await
             .map_err(|_| Refusal::Truncated)?;
         if n == 0 {
@@ -306,17 +350,8 @@ async fn read_unbounded(stream: &mut tokio::net::TcpStream) -> Result<Header, Re
                 Refusal::Truncated
             });
         }
-        got += n;
-        could_be_header(&bytes[..got])?;
+        partial.bytes.extend_from_slice(&chunk[..n]);
     }
-    let fixed: [u8; FIXED_LEN] = bytes[..FIXED_LEN].try_into().map_err(|_| Refusal::Truncated)?;
-    let len = header_len(&fixed)?;
-    bytes.resize(len, 0);
-    stream
-        .read_exact(&mut bytes[FIXED_LEN..])
-        .await
-        .map_err(|_| Refusal::Truncated)?;
-    parse(&bytes)
 }
 
 #[cfg(test)]

@@ -2,22 +2,23 @@
 //! tells the daemon when they have.
 //!
 //! This module owns the two halves of an orderly stop. [`Shutdown`] is handed to every
-//! connection task, which selects on [`Shutdown::closing`] beside its own work; [`Drain`] is kept
-//! by the daemon, which waits on it for the connections to finish and fires it when the drain
-//! timeout runs out. It must not decide *when* to stop (signals are the daemon's business) nor
-//! close listeners (dropping a route's settings sender does that).
+//! connection task, which selects on [`Shutdown::closing_or_parking`] beside its own work;
+//! [`Drain`] is kept by the daemon, which waits on it for the connections to finish and fires it
+//! when the drain timeout runs out. It must not decide *when* to stop (signals are the daemon's
+//! business) nor close listeners (dropping a route's settings sender does that).
 //!
-//! A live upgrade uses the same signal with a second meaning: [`Shutdown::parking`] asks each
-//! connection to stop where no byte lives only in this process's memory and hand itself to the
-//! daemon, which passes it on to the next program image (the live upgrade).
+//! A live upgrade uses the same signal with a second meaning: [`Drain::park`] asks each
+//! connection to stop where it stands, whatever phase it is in, and hand itself to the daemon,
+//! which passes it on to the next program image (the live upgrade).
 
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 
-/// Handed to each connection task: resolves [`Shutdown::closing`] when the daemon gives up
-/// waiting and live connections must close now. Holding one also keeps the daemon's
-/// [`Drain::finish`] from returning early, so the task's lifetime is the connection's.
+/// Handed to each connection task: resolves [`Shutdown::closing_or_parking`] when the daemon
+/// gives up waiting and live connections must close now, or must park. Holding one also keeps
+/// the daemon's [`Drain::finish`] from returning early, so the task's lifetime is the
+/// connection's.
 #[derive(Debug, Clone)]
 pub struct Shutdown {
     signal: watch::Receiver<Signal>,
@@ -36,12 +37,6 @@ enum Signal {
 }
 
 impl Shutdown {
-    /// Completes when live connections must be closed. Never completes while the daemon runs.
-    pub async fn closing(&mut self) {
-        // An error means the daemon dropped the sender: the process is going away, so close too.
-        let _ = self.signal.wait_for(|s| *s == Signal::Close).await;
-    }
-
     /// Completes when live connections must close (`Close`), or, unless `park_seen`, when they
     /// must park (`Park`): one waiter for both, so a connection's task carries one.
     pub async fn closing_or_parking(&mut self, park_seen: bool) -> Stop {
@@ -174,7 +169,7 @@ mod tests {
             drop(quick);
         });
         let forced = tokio::spawn(async move {
-            stubborn.closing().await;
+            stubborn.closing_or_parking(true).await;
         });
         let all_on_their_own = drain
             .finish(Duration::from_millis(100), Duration::from_secs(1))

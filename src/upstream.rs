@@ -26,14 +26,17 @@ pub struct DialError {
     pub reason: String,
 }
 
-/// Connects to `upstream` within `timeout` (resolution included), trying each resolved address
-/// in turn, with keepalive and TCP_NODELAY set before the SYN goes out.
+/// Connects to `upstream` within what is left of `timeout` once `spent` has gone by (an attempt
+/// a live upgrade cut short goes on with the rest), resolution included, trying each resolved
+/// address in turn, with keepalive and TCP_NODELAY set before the SYN goes out.
 pub async fn dial(
     upstream: &Upstream,
     timeout: Duration,
+    spent: Duration,
     keepalive: &Keepalive,
 ) -> Result<(TcpStream, SocketAddr), DialError> {
-    match tokio::time::timeout(timeout, dial_inner(upstream, keepalive)).await {
+    let left = timeout.saturating_sub(spent);
+    match tokio::time::timeout(left, dial_inner(upstream, keepalive)).await {
         Ok(result) => result,
         Err(_) => Err(DialError {
             outcome: Outcome::UpstreamTimeout,

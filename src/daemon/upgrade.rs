@@ -209,6 +209,22 @@ impl Daemon {
         let connections = std::mem::take(&mut incoming.connections);
         let mut moved = 0;
         let mut not_moved = incoming.not_moved;
+        for opening in std::mem::take(&mut incoming.opening) {
+            let route = self.config.routes.iter().find(|r| r.name == opening.route);
+            let (Some(route), Some(route_stats)) = (route, stats.get(&opening.route)) else {
+                // Not admitted on any route now: nothing tells where it should go.
+                tracing::warn!(route = %opening.route, client = %opening.peer, end = "reset", "moved a connection not relaying yet whose route is no longer configured; reset");
+                crate::net::reset(opening.client);
+                not_moved += 1;
+                continue;
+            };
+            let settings = self.settings_for(route);
+            if crate::route::resume_opening(opening, settings, route_stats.clone(), wiring.clone()) {
+                moved += 1;
+            } else {
+                not_moved += 1;
+            }
+        }
         for parked in connections {
             let who = &parked.identity;
             let route_stats = match stats.get(&who.route) {

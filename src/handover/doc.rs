@@ -52,6 +52,9 @@ pub struct Document {
     pub listeners: Vec<ListenerEntry>,
     /// Relayed connections.
     pub connections: Vec<ConnectionEntry>,
+    /// Admitted connections not relaying yet: reading their PROXY header or dialling (version 2).
+    #[serde(default)]
+    pub opening: Vec<OpeningEntry>,
     /// Counters by route name.
     pub routes: BTreeMap<String, CarriedRoute>,
     /// The relay engine's counters.
@@ -105,6 +108,25 @@ pub struct ConnectionEntry {
     pub bytes_up: u64,
     /// Bytes upstream → client so far.
     pub bytes_down: u64,
+}
+
+/// One admitted connection that was not relaying yet.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OpeningEntry {
+    /// The route it was accepted on.
+    pub route: String,
+    /// The TCP peer.
+    pub peer: SocketAddr,
+    /// The accepted socket.
+    pub client_fd: i32,
+    /// The PROXY v2 header's bytes read so far, in hexadecimal.
+    pub header: String,
+    /// Whether the header (if the route expects one) was read and admitted.
+    pub admitted: bool,
+    /// Milliseconds since it was accepted, when the document was written.
+    pub age_ms: u64,
+    /// Milliseconds it had spent dialling.
+    pub dialled_ms: u64,
 }
 
 /// One direction of a connection.
@@ -211,6 +233,7 @@ impl Document {
     /// Every descriptor the document names, in order.
     pub fn descriptors(&self) -> Vec<i32> {
         let mut fds: Vec<i32> = self.listeners.iter().map(|l| l.fd).collect();
+        fds.extend(self.opening.iter().map(|o| o.client_fd));
         for c in &self.connections {
             fds.push(c.client_fd);
             fds.push(c.upstream_fd);
@@ -234,6 +257,14 @@ impl Document {
             }
             if !seen.insert(fd) {
                 return Err(Refused(format!("descriptor {fd} is named twice")));
+            }
+        }
+        for o in &self.opening {
+            if from_hex(&o.header).is_none_or(|h| h.len() > crate::proxy_header::MAX_HEADER_LEN) {
+                return Err(Refused(format!(
+                    "connection from {}: its PROXY header bytes are not hexadecimal or too long",
+                    o.peer
+                )));
             }
         }
         for c in &self.connections {
@@ -318,6 +349,15 @@ mod tests {
                 bytes_up: 1,
                 bytes_down: 2,
             }],
+            opening: vec![OpeningEntry {
+                route: "ssh".into(),
+                peer: "10.0.0.5:40001".parse().unwrap(),
+                client_fd: 12,
+                header: to_hex(b"\r\n\r\n"),
+                admitted: false,
+                age_ms: 300,
+                dialled_ms: 0,
+            }],
             routes: BTreeMap::new(),
             relay: CarriedRelay::default(),
             daemon: CarriedDaemon::default(),
@@ -329,7 +369,7 @@ mod tests {
     fn round_trips() {
         let doc = sample();
         assert_eq!(Document::decode(&doc.encode()).unwrap(), doc);
-        assert_eq!(doc.descriptors(), vec![7, 8, 9, 10, 11]);
+        assert_eq!(doc.descriptors(), vec![7, 12, 8, 9, 10, 11]);
     }
 
     #[test]

@@ -19,10 +19,10 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::time::Duration;
 
-pub use doc::{ACCEPTED, ConnectionEntry, Document, PipeEntry, Refused, SideEntry, VERSION};
+pub use doc::{ACCEPTED, ConnectionEntry, Document, OpeningEntry, PipeEntry, Refused, SideEntry, VERSION};
 
 use crate::relay::{Carry, Midway, Parked, Paused, Pipe, Side, Timeouts};
-use crate::route::{Identity, ParkedConnection};
+use crate::route::{Identity, OpeningConnection, Parked as ParkedTask, ParkedConnection};
 
 /// The environment variable that carries the document's descriptor number to the new image.
 pub const ENV: &str = "FERRYD_HANDOVER_FD";
@@ -77,6 +77,7 @@ pub struct Outgoing {
     exe: std::path::PathBuf,
     listeners: Vec<(String, TcpListener)>,
     connections: Vec<ParkedConnection>,
+    opening: Vec<OpeningConnection>,
     routes: std::collections::BTreeMap<String, crate::state::CarriedRoute>,
     relay: crate::state::CarriedRelay,
     daemon: crate::state::CarriedDaemon,
@@ -92,6 +93,7 @@ impl Outgoing {
             exe: exe.to_path_buf(),
             listeners: Vec::new(),
             connections: Vec::new(),
+            opening: Vec::new(),
             routes: Default::default(),
             relay: Default::default(),
             daemon: Default::default(),
@@ -116,9 +118,12 @@ impl Outgoing {
         self.listeners.push((name.to_string(), socket));
     }
 
-    /// A parked connection.
-    pub fn connection(&mut self, parked: ParkedConnection) {
-        self.connections.push(parked);
+    /// A parked connection, in whichever phase it parked.
+    pub fn connection(&mut self, parked: ParkedTask) {
+        match parked {
+            ParkedTask::Relaying(relaying) => self.connections.push(relaying),
+            ParkedTask::Opening(opening) => self.opening.push(opening),
+        }
     }
 
     /// Connections the park cost (reset instead of moved), for the new image's report.
@@ -126,9 +131,9 @@ impl Outgoing {
         self.not_moved += n;
     }
 
-    /// Connections to move.
+    /// Connections to move, relaying or not yet.
     pub fn connections(&self) -> usize {
-        self.connections.len()
+        self.connections.len() + self.opening.len()
     }
 
     /// Bytes on their way (read from one peer, not yet written to the other), in pipes or held.
@@ -202,6 +207,19 @@ impl Outgoing {
                 })
                 .collect(),
             connections,
+            opening: self
+                .opening
+                .iter()
+                .map(|o| OpeningEntry {
+                    route: o.route.clone(),
+                    peer: o.peer,
+                    client_fd: o.client.as_raw_fd(),
+                    header: doc::to_hex(&o.header),
+                    admitted: o.admitted,
+                    age_ms: (o.age + o.parked_at.elapsed()).as_millis() as u64,
+                    dialled_ms: o.dialled.as_millis() as u64,
+                })
+                .collect(),
             routes: self.routes.clone(),
             relay: self.relay.clone(),
             daemon: self.daemon.clone(),
@@ -268,6 +286,7 @@ impl Outgoing {
         Incoming {
             listeners: self.listeners,
             connections: self.connections,
+            opening: self.opening,
             routes: self.routes,
             relay: self.relay,
             daemon: self.daemon,
@@ -313,6 +332,8 @@ pub struct Incoming {
     pub listeners: Vec<(String, TcpListener)>,
     /// Parked connections, their sockets and pipes owned again.
     pub connections: Vec<ParkedConnection>,
+    /// Admitted connections that were not relaying yet.
+    pub opening: Vec<OpeningConnection>,
     /// Counters by route name.
     pub routes: std::collections::BTreeMap<String, crate::state::CarriedRoute>,
     /// The relay engine's counters.
@@ -337,6 +358,9 @@ impl Drop for Incoming {
         for parked in self.connections.drain(..) {
             crate::net::reset(parked.relay.client);
             crate::net::reset(parked.relay.upstream);
+        }
+        for opening in self.opening.drain(..) {
+            crate::net::reset(opening.client);
         }
     }
 }
@@ -482,9 +506,29 @@ fn take(
             },
         });
     }
+    let opening = doc
+        .opening
+        .iter()
+        .map(|o| {
+            let client = own(o.client_fd);
+            let _ = set_cloexec(&client);
+            OpeningConnection {
+                route: o.route.clone(),
+                peer: o.peer,
+                client: std::net::TcpStream::from(client),
+                // `decode` checked it is hexadecimal.
+                header: doc::from_hex(&o.header).unwrap_or_default(),
+                admitted: o.admitted,
+                age: Duration::from_millis(o.age_ms) + crossing,
+                dialled: Duration::from_millis(o.dialled_ms),
+                parked_at: std::time::Instant::now(),
+            }
+        })
+        .collect();
     Ok(Incoming {
         listeners,
         connections,
+        opening,
         routes: doc.routes,
         relay: doc.relay,
         daemon: doc.daemon,

@@ -7,11 +7,11 @@
 //! daemon, and the listener stops when that channel's sender is dropped (route removed, or
 //! drain begun). Connections already running keep the settings they were accepted with.
 //!
-//! For a live upgrade, a relayed connection that the relay parks is sent to the daemon as a
-//! [`ParkedConnection`] over the [`Parking`] channel, and [`resume`] runs one that the previous
-//! program image parked. A connection still reading its PROXY header or dialling when the park
-//! is asked for finishes that first (both are bounded by their timeouts), then parks before its
-//! first byte is relayed.
+//! For a live upgrade, every connection parks where it stands and goes to the daemon over the
+//! [`Parking`] channel: a relayed one as a [`ParkedConnection`] (the relay parks it), one still
+//! reading its PROXY header or dialling as an [`OpeningConnection`], so that no connection waiting
+//! on a slow peer or a hung dial holds the others' pause. [`resume`] and [`resume_opening`] run
+//! them in the next program image, each timer counting on from where it stood.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,9 +26,9 @@ use crate::allow::Allowlist;
 use crate::config::{ProxyProtocol, Route};
 use crate::logging::RateLimit;
 use crate::net::{AcceptLoop, Next};
-use crate::proxy_header::{Command, Header};
+use crate::proxy_header::{self, Command, Header, Partial, Refusal};
 use crate::relay::{self, Ended, Engine, Midway, Timeouts, Totals};
-use crate::shutdown::Shutdown;
+use crate::shutdown::{Shutdown, Stop};
 use crate::state::{Outcome, RouteStats};
 
 mod proxied;
@@ -58,19 +58,67 @@ struct Quiet {
     tune: RateLimit,
 }
 
+impl Quiet {
+    fn new() -> Quiet {
+        Quiet {
+            denied: RateLimit::new(),
+            limit: RateLimit::new(),
+            probe: RateLimit::with(1, PROBE_LOG_WINDOW),
+            upstream: RateLimit::new(),
+            header: RateLimit::new(),
+            tune: RateLimit::new(),
+        }
+    }
+}
+
+/// A connection a live upgrade parked, in the phase it was in.
+#[derive(Debug)]
+pub enum Parked {
+    /// Relaying.
+    Relaying(ParkedConnection),
+    /// Admitted, and not relaying yet: reading its PROXY header or dialling.
+    Opening(OpeningConnection),
+}
+
 /// Where parked connections go: the daemon, which hands them to the next program image. Each
 /// connection task holds one.
 #[derive(Clone, Debug)]
 pub struct Parking {
-    to: mpsc::UnboundedSender<ParkedConnection>,
+    to: mpsc::UnboundedSender<Parked>,
     lost: Arc<AtomicU64>,
 }
 
 /// The daemon's end of [`Parking`]: the parked connections, and the count of those a park cost.
 #[derive(Debug)]
 pub struct ParkingLot {
-    from: mpsc::UnboundedReceiver<ParkedConnection>,
+    from: mpsc::UnboundedReceiver<Parked>,
     lost: Arc<AtomicU64>,
+}
+
+/// An admitted connection parked before its first byte was relayed: its client socket, the
+/// PROXY header bytes it had read, and its clocks. The next image reads the rest of the header
+/// (within what is left of header_timeout) and dials afresh (within what is left of
+/// connect_timeout): a dial in progress is not carried, because the socket of a connect() in
+/// flight cannot be told from a connected one by the next image, and a SYN sent again costs
+/// nothing a waiting client notices.
+#[derive(Debug)]
+pub struct OpeningConnection {
+    /// The route it was accepted on.
+    pub route: String,
+    /// The TCP peer.
+    pub peer: SocketAddr,
+    /// The accepted socket.
+    pub client: std::net::TcpStream,
+    /// The PROXY v2 header's bytes read so far (all of them once admitted).
+    pub header: Vec<u8>,
+    /// Whether the header (if the route expects one) was read and admitted.
+    pub admitted: bool,
+    /// Time since it was accepted, when it parked.
+    pub age: Duration,
+    /// Time spent dialling, when it parked.
+    pub dialled: Duration,
+    /// When it parked: the clocks above are as of this moment.
+    pub parked_at: Instant,
 }
 
 /// A new, empty [`Parking`] and its [`ParkingLot`].
@@ -88,23 +136,38 @@ pub fn parking() -> (Parking, ParkingLot) {
 
 impl Parking {
     /// Hands a parked connection to the daemon. One that arrives after the daemon stopped
-    /// waiting is reset on both sides (never a FIN: the peers must not take a cut stream for a
-    /// whole one), and counted as not moved.
-    fn park(&self, parked: ParkedConnection, stats: &RouteStats) {
-        if let Err(mpsc::error::SendError(lost)) = self.to.send(parked) {
-            crate::net::reset(lost.relay.client);
-            crate::net::reset(lost.relay.upstream);
-            stats.record(Outcome::Reset);
-            self.lost.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(route = %lost.identity.route, client = %lost.identity.peer, end = "reset", "parked for an upgrade that is no longer under way; both sides reset");
-        }
+    /// waiting is reset (never a FIN: the peers must not take a cut stream for a whole one), and
+    /// counted as not moved.
+    fn park(&self, parked: Parked, stats: &RouteStats) {
+        let Err(mpsc::error::SendError(lost)) = self.to.send(parked) else {
+            return;
+        };
+        stats.record(Outcome::Reset);
+        self.lost.fetch_add(1, Ordering::Relaxed);
+        let (route, peer) = match lost {
+            Parked::Relaying(lost) => {
+                crate::net::reset(lost.relay.client);
+                crate::net::reset(lost.relay.upstream);
+                (lost.identity.route, lost.identity.peer)
+            }
+            Parked::Opening(lost) => {
+                crate::net::reset(lost.client);
+                (lost.route, lost.peer)
+            }
+        };
+        tracing::warn!(route, client = %peer, end = "reset", "parked for an upgrade that is no longer under way; reset");
+    }
+
+    /// Counts a connection that could not park (its socket could not leave the runtime).
+    fn lost(&self) {
+        self.lost.fetch_add(1, Ordering::Relaxed);
     }
 }
 
 impl ParkingLot {
     /// Takes every connection parked so far and closes the lot: a connection that parks later
     /// is reset by its own task. Returns them, with the count of those lost since the last call.
-    pub fn close(&mut self) -> (Vec<ParkedConnection>, u64) {
+    pub fn close(&mut self) -> (Vec<Parked>, u64) {
         self.from.close();
         let mut parked = Vec::new();
         while let Ok(connection) = self.from.try_recv() {
@@ -181,14 +244,7 @@ impl RouteListener {
             settings,
             stats,
             wiring,
-            quiet: Arc::new(Quiet {
-                denied: RateLimit::new(),
-                limit: RateLimit::new(),
-                probe: RateLimit::with(1, PROBE_LOG_WINDOW),
-                upstream: RateLimit::new(),
-                header: RateLimit::new(),
-                tune: RateLimit::new(),
-            }),
+            quiet: Arc::new(Quiet::new()),
             tuned,
         }
     }
@@ -279,6 +335,10 @@ impl RouteListener {
             settings,
             wiring: self.wiring.clone(),
             quiet: self.quiet.clone(),
+            started: Instant::now(),
+            header: Partial::default(),
+            admitted: false,
+            dialled: Duration::ZERO,
         });
         // Two phases in sequence, not one nested in the other: what opening the connection
         // needs (the PROXY header, the dial, the settings) is gone before relaying starts, so
@@ -308,7 +368,8 @@ impl Drop for LiveGuard {
     }
 }
 
-/// One admitted client, until its upstream is dialled (or the attempt has ended and been logged).
+/// One admitted client, until its upstream is dialled (or the attempt has ended and been
+/// logged, or a live upgrade parked it).
 struct Connection {
     live: LiveGuard,
     client: TcpStream,
@@ -316,30 +377,39 @@ struct Connection {
     settings: Arc<RouteSettings>,
     wiring: Wiring,
     quiet: Arc<Quiet>,
+    /// When it was accepted (earlier than this image, for one moved by a live upgrade).
+    started: Instant,
+    /// Its PROXY v2 header, as far as it has been read.
+    header: Partial,
+    /// Whether its header (if the route expects one) has been read and admitted.
+    admitted: bool,
+    /// Time spent dialling before a live upgrade cut the attempt short.
+    dialled: Duration,
 }
 
 impl Connection {
     /// Reads the PROXY header if the route expects one, dials the upstream and sends it a
-    /// PROXY header if the route says so. `None` when the connection ended here: it has been
-    /// closed, counted and logged.
+    /// PROXY header if the route says so. `None` when the connection ended here (it has been
+    /// closed, counted and logged) or parked for a live upgrade (it has gone to the daemon).
+    /// Each wait may be cut by a park: the connection then parks where it stands, at once.
     async fn open(self: Box<Self>) -> Option<(Relayed, TcpStream, TcpStream)> {
         let mut this = *self;
-        let started = Instant::now();
-        let route = &this.settings.route;
-        let stats = &this.live.0;
+        let settings = this.settings.clone();
+        let route = &settings.route;
 
         let proxied = match &route.proxy {
-            Some(proxy) => {
-                let admitted = proxied::admit(
-                    &mut this.client,
-                    this.peer,
-                    &route.name,
-                    proxy,
-                    stats,
-                    &this.quiet,
-                    &mut this.wiring.shutdown,
-                )
-                .await;
+            Some(proxy) if !this.admitted => {
+                let deadline = tokio::time::Instant::from_std(this.started + proxy.header_timeout);
+                let read = tokio::select! {
+                    read = tokio::time::timeout_at(deadline, proxy_header::read_into(&mut this.client, &mut this.header)) => {
+                        read.unwrap_or(Err(Refusal::Timeout))
+                    }
+                    stop = this.wiring.shutdown.closing_or_parking(false) => {
+                        this.stop(stop, "reading its PROXY header");
+                        return None;
+                    }
+                };
+                let admitted = proxied::admit(read, this.peer, &route.name, proxy, &this.live.0, &this.quiet);
                 match admitted {
                     Ok(header) => Some(header),
                     Err(proxied::Close::Fin) => {
@@ -352,25 +422,36 @@ impl Connection {
                     }
                 }
             }
+            // Admitted before a live upgrade moved it here.
+            Some(_) => match proxy_header::parse(this.header.bytes()) {
+                Ok(header) => Some(header),
+                Err(e) => {
+                    crate::net::reset(this.client);
+                    this.live.0.record(Outcome::Reset);
+                    tracing::warn!(route = %route.name, client = %this.peer, end = "reset", error = %e, "the PROXY header carried by the upgrade does not parse; connection reset");
+                    return None;
+                }
+            },
             None => None,
         };
+        this.admitted = true;
 
         let dial_started = Instant::now();
         let dialled = tokio::select! {
-            dialled = crate::upstream::dial(&route.upstream, route.connect_timeout, &route.keepalive) => dialled,
-            _ = this.wiring.shutdown.closing() => {
-                crate::net::reset(this.client);
-                stats.record(Outcome::Drain);
-                tracing::info!(route = %route.name, client = %this.peer, upstream = %route.upstream, end = "drain", "closed while dialling at shutdown");
+            dialled = crate::upstream::dial(&route.upstream, route.connect_timeout, this.dialled, &route.keepalive) => dialled,
+            stop = this.wiring.shutdown.closing_or_parking(false) => {
+                this.dialled += dial_started.elapsed();
+                this.stop(stop, "dialling");
                 return None;
             }
         };
+        let stats = &this.live.0;
         let (mut upstream, upstream_addr) = match dialled {
             Ok(ok) => {
                 stats.relayed.fetch_add(1, Ordering::Relaxed);
                 stats
                     .connect_seconds
-                    .observe(dial_started.elapsed().as_secs_f64());
+                    .observe((this.dialled + dial_started.elapsed()).as_secs_f64());
                 ok
             }
             Err(e) => {
@@ -387,7 +468,7 @@ impl Connection {
                         upstream,
                         end = e.outcome.name(),
                         error = %e.reason,
-                        duration_ms = started.elapsed().as_millis() as u64,
+                        duration_ms = this.started.elapsed().as_millis() as u64,
                         suppressed,
                         "upstream connect failed; client reset"
                     );
@@ -398,7 +479,8 @@ impl Connection {
 
         if route.upstream_proxy_protocol == ProxyProtocol::V2 {
             // The upstream learns who is really connecting: the client from the header we
-            // read (its TLVs too), or else the TCP peer.
+            // read (its TLVs too), or else the TCP peer. A few dozen bytes into a socket that
+            // has just connected: its send buffer is empty, so this never waits in practice.
             let header = Header {
                 command: Command::Proxy,
                 addresses: proxied
@@ -434,12 +516,110 @@ impl Connection {
                     fin: route.fin_timeout,
                 },
             },
-            started,
+            started: this.started,
             live: this.live,
             wiring: this.wiring,
         };
         Some((relayed, this.client, upstream))
     }
+
+    /// Parks the connection for a live upgrade, or closes it for the drain, while it was `doing`
+    /// what the log line says.
+    fn stop(self, stop: Stop, doing: &str) {
+        let Connection {
+            live,
+            client,
+            peer,
+            settings,
+            wiring,
+            started,
+            header,
+            admitted,
+            dialled,
+            ..
+        } = self;
+        let route = &settings.route.name;
+        match stop {
+            Stop::Close => {
+                crate::net::reset(client);
+                live.0.record(Outcome::Drain);
+                tracing::info!(route, client = %peer, upstream = %settings.route.upstream, end = "drain", "closed while {doing} at shutdown");
+            }
+            Stop::Park => match client.into_std() {
+                Ok(client) => {
+                    let opening = OpeningConnection {
+                        route: route.clone(),
+                        peer,
+                        client,
+                        header: header.bytes().to_vec(),
+                        admitted,
+                        age: started.elapsed(),
+                        dialled,
+                        parked_at: Instant::now(),
+                    };
+                    wiring.parking.park(Parked::Opening(opening), &live.0);
+                }
+                Err(e) => {
+                    // The socket went with the error: closed, not moved.
+                    live.0.record(Outcome::Reset);
+                    wiring.parking.lost();
+                    tracing::warn!(route, client = %peer, end = "reset", error = %e, "cannot park a connection {doing} for the upgrade");
+                }
+            },
+        }
+    }
+}
+
+/// Goes on with an admitted connection that a live upgrade parked before its first byte was
+/// relayed (see [`OpeningConnection`]), on `settings` (its route's now) and `stats`. Returns
+/// false when its socket cannot join the runtime (it was closed).
+pub fn resume_opening(
+    opening: OpeningConnection,
+    settings: Arc<RouteSettings>,
+    stats: Arc<RouteStats>,
+    wiring: Wiring,
+) -> bool {
+    let OpeningConnection {
+        route: _,
+        peer,
+        client,
+        header,
+        admitted,
+        age,
+        dialled,
+        parked_at,
+    } = opening;
+    let age = age + parked_at.elapsed();
+    let client = match client
+        .set_nonblocking(true)
+        .and_then(|()| TcpStream::from_std(client))
+    {
+        Ok(client) => client,
+        Err(e) => {
+            stats.record(Outcome::Reset);
+            tracing::warn!(route = %settings.route.name, client = %peer, end = "reset", error = %e, "cannot take over a connection moved by the upgrade");
+            return false;
+        }
+    };
+    let connection = Box::new(Connection {
+        live: LiveGuard::new(stats),
+        client,
+        peer,
+        settings,
+        wiring,
+        quiet: Arc::new(Quiet::new()),
+        started: Instant::now().checked_sub(age).unwrap_or_else(Instant::now),
+        header: Partial::from_bytes(header),
+        admitted,
+        dialled,
+    });
+    tokio::spawn(async move {
+        let Some((relayed, client, upstream)) = connection.open().await else {
+            return;
+        };
+        relayed.run(client, upstream, None).await;
+    });
+    true
 }
 
 /// Runs a connection the previous program image parked (or this one, taking back a hand-over
@@ -538,7 +718,9 @@ impl Relayed {
             let transfer = match ended {
                 Ended::Closed(transfer) => transfer,
                 Ended::Parked(relay) => {
-                    wiring.parking.park(ParkedConnection { identity, relay }, stats);
+                    wiring
+                        .parking
+                        .park(Parked::Relaying(ParkedConnection { identity, relay }), stats);
                     return;
                 }
             };

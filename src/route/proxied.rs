@@ -1,6 +1,7 @@
-//! Admission by the PROXY v2 header, on a route with `proxy_protocol = "v2"`: read exactly one
-//! header within header_timeout, answer LOCAL (the balancer's own probes) here, and admit a
-//! PROXY connection only if its LinkID and client address are allowed.
+//! Admission by the PROXY v2 header, on a route with `proxy_protocol = "v2"`: once the connection
+//! has read its one header (or failed to, within header_timeout), answer LOCAL (the balancer's
+//! own probes) here, and admit a PROXY connection only if its LinkID and client address are
+//! allowed.
 //!
 //! It runs in the connection's task, after the TCP peer has passed the route's allowlist, the
 //! probe check and max_connections, so a client that sends nothing costs one connection slot
@@ -8,40 +9,29 @@
 
 use std::net::SocketAddr;
 
-use tokio::net::TcpStream;
-
 use super::Quiet;
 use crate::config::ProxyV2;
-use crate::proxy_header::{self, Command, Header};
-use crate::shutdown::Shutdown;
+use crate::proxy_header::{Command, Header, Refusal};
 use crate::state::{Outcome, RouteStats};
 
 /// How a connection that is not relayed is closed.
 pub(super) enum Close {
     /// An orderly FIN: a LOCAL probe was answered.
     Fin,
-    /// A reset: refused, or cut by the drain.
+    /// A reset: refused.
     Reset,
 }
 
-/// Reads and checks the header. `Ok(header)`: relay. `Err(close)`: the connection was answered,
-/// refused or cut here, counted and logged; the caller closes it as `close` says.
-pub(super) async fn admit(
-    client: &mut TcpStream,
+/// Judges what reading the header gave. `Ok(header)`: relay. `Err(close)`: the connection was
+/// answered or refused here, counted and logged; the caller closes it as `close` says.
+pub(super) fn admit(
+    read: Result<Header, Refusal>,
     peer: SocketAddr,
     route: &str,
     proxy: &ProxyV2,
     stats: &RouteStats,
     quiet: &Quiet,
-    shutdown: &mut Shutdown,
 ) -> Result<Header, Close> {
-    let read = tokio::select! {
-        read = proxy_header::read(client, proxy.header_timeout) => read,
-        _ = shutdown.closing() => {
-            stats.record(Outcome::Drain);
-            return Err(Close::Reset);
-        }
-    };
     let header = match read {
         Ok(header) => header,
         Err(refusal) => {
