@@ -70,15 +70,42 @@ pub async fn listen_with_retry(addr: SocketAddr, window: Duration) -> io::Result
 
 /// TCP_NODELAY (SSH keystrokes and WinRM requests are small and latency-bound), keepalive
 /// (Azure silently drops flows idle for about 4 minutes) and SO_OOBINLINE on a listening socket;
-/// Linux copies them into every socket it accepts. Returns whether they took; a failure is
-/// logged, and the caller then sets them on each accepted socket itself, because the relay
-/// relies on SO_OOBINLINE on both legs (see `relay::pump`).
-pub fn tune_listener(listener: &tokio::net::TcpListener, keepalive: &Keepalive) -> bool {
+/// Linux copies them into every socket it completes a handshake for from then on. Returns how
+/// many accepted sockets to set up one by one: those the kernel had already queued (a socket
+/// passed by systemd or a previous image, or the moment between listen() and now: the options
+/// are copied at the handshake, not at accept(), and the queue is first in, first out), or
+/// every one, when the listening socket would not take the options (a failure is logged), because
+/// the relay relies on SO_OOBINLINE on both legs (see `relay::pump`).
+pub fn tune_listener(listener: &tokio::net::TcpListener, keepalive: &Keepalive) -> Untuned {
     match tune_socket(SockRef::from(listener), keepalive) {
-        Ok(()) => true,
+        // A queue that cannot be measured is taken to be as long as it can be.
+        Ok(()) => Untuned::First(accept_queue_len(listener).unwrap_or(LISTEN_BACKLOG as u32)),
         Err(e) => {
             tracing::warn!(error = %e, "cannot set TCP_NODELAY, SO_OOBINLINE and keepalive on the listening socket; setting them on each accepted socket instead");
-            false
+            Untuned::All
+        }
+    }
+}
+
+/// Which accepted sockets lack the listening socket's options: see [`tune_listener`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Untuned {
+    /// The next N accepted (queued before the options were set).
+    First(u32),
+    /// Every one.
+    All,
+}
+
+impl Untuned {
+    /// Whether the socket just accepted needs setting up; counts it.
+    pub fn take_one(&mut self) -> bool {
+        match self {
+            Untuned::All => true,
+            Untuned::First(0) => false,
+            Untuned::First(n) => {
+                *n -= 1;
+                true
+            }
         }
     }
 }
@@ -94,6 +121,29 @@ pub fn tune_socket(sock: SockRef<'_>, keepalive: &Keepalive) -> io::Result<()> {
     sock.set_tcp_nodelay(true)?;
     sock.set_out_of_band_inline(true)?;
     sock.set_tcp_keepalive(&params)
+}
+
+/// Connections waiting in `listener`'s accept queue: TCP_INFO's `tcpi_unacked` holds the queue's
+/// length for a listening socket (Linux 2.6.18 on, so Ubuntu 18.04's 4.15 too).
+pub fn accept_queue_len(listener: &impl AsRawFd) -> io::Result<u32> {
+    // SAFETY: tcp_info is plain data; all zeroes is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `info`, which is that large.
+    let rc = unsafe {
+        libc::getsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(info.tcpi_unacked)
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// Bytes waiting in `socket`'s receive queue (FIONREAD). A received FIN is not counted.

@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::io::Write as _;
 use std::net::TcpListener;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixDatagram;
@@ -360,5 +361,79 @@ fn a_passed_socket_at_an_old_address_is_not_used() {
     assert!(
         std::net::TcpStream::connect(local(stale_port)).is_err(),
         "the stale socket is still open in ferryd"
+    );
+}
+
+/// A connection the kernel accepted into the passed socket's queue before ferryd ran never
+/// inherited the options ferryd sets on the listening socket (they are copied at the
+/// handshake): ferryd must set them on it, or its urgent byte is lost (no SO_OOBINLINE) and
+/// Azure's idle cut takes it (no keepalive).
+#[test]
+fn a_connection_queued_before_start_gets_the_socket_options() {
+    if Command::new("ss").arg("-V").output().is_err() {
+        eprintln!(
+            "SKIPPED a_connection_queued_before_start_gets_the_socket_options: `ss` (iproute2) is not installed"
+        );
+        return;
+    }
+    // An upstream that hands over everything it reads on its first connection.
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    let tx = std::sync::Mutex::new(Some(tx));
+    let upstream = Upstream::start(move |mut stream| {
+        let Some(tx) = tx.lock().unwrap().take() else {
+            return;
+        };
+        let mut got = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut stream, &mut got);
+        let _ = tx.send(got);
+    });
+    let passed = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = passed.local_addr().unwrap().port();
+    let mut early = std::net::TcpStream::connect(local(port)).unwrap();
+    let config = config_one_route(port, upstream.addr, "", "keepalive_time = \"45s\"");
+    let daemon = spawn_with_passed_socket(&config, &passed, "test");
+    assert!(
+        daemon
+            .wait_for_log(" ready config=", Duration::from_secs(5))
+            .is_some(),
+        "{}",
+        daemon.log()
+    );
+    early.set_nodelay(true).unwrap();
+    early.write_all(b"ab").unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    socket2::SockRef::from(&early).send_out_of_band(b"!").unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    early.write_all(b"cd").unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    // ferryd's side of the early connection carries the 45 s keepalive timer.
+    let client_port = early.local_addr().unwrap().port();
+    let out = Command::new("ss")
+        .args(["-tnoH", "state", "established"])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    let leg = table
+        .lines()
+        .find(|line| {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            cols.len() >= 4
+                && cols[2].ends_with(&format!(":{port}"))
+                && cols[3].ends_with(&format!(":{client_port}"))
+        })
+        .unwrap_or_else(|| panic!("ferryd's side of the early connection in:\n{table}"))
+        .to_string();
+    early.shutdown(std::net::Shutdown::Write).unwrap();
+    let got = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the upstream's bytes");
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        "ab!cd",
+        "the urgent byte of a connection queued before start"
+    );
+    assert!(
+        leg.contains("timer:(keepalive,4"),
+        "no 45 s keepalive on a connection queued before start: {leg}"
     );
 }

@@ -222,22 +222,24 @@ pub struct RouteListener {
     stats: Arc<RouteStats>,
     wiring: Wiring,
     quiet: Arc<Quiet>,
-    /// Whether the listening socket took TCP_NODELAY, SO_OOBINLINE and keepalive, so that every
-    /// accepted socket inherits them; if not, each accepted socket is set up on its own.
-    tuned: bool,
+    /// Accepted sockets that do not have TCP_NODELAY, SO_OOBINLINE and keepalive from the
+    /// listening socket: each is set up on its own.
+    untuned: crate::net::Untuned,
 }
 
 impl RouteListener {
     /// Prepares the accept loop of one route. The listener stops when every sender of
-    /// `settings` is gone. Accepted sockets inherit TCP_NODELAY and the keepalive settings from
-    /// the listening socket, so they are set here once instead of on every accepted socket.
+    /// `settings` is gone. Accepted sockets inherit TCP_NODELAY, SO_OOBINLINE and the keepalive
+    /// settings from the listening socket, so they are set here once instead of on every
+    /// accepted socket; those the kernel queued before (see [`crate::net::tune_listener`]) are
+    /// set up one by one.
     pub fn new(
         listener: TcpListener,
         settings: watch::Receiver<Arc<RouteSettings>>,
         stats: Arc<RouteStats>,
         wiring: Wiring,
     ) -> Self {
-        let tuned = crate::net::tune_listener(&listener, &settings.borrow().route.keepalive);
+        let untuned = crate::net::tune_listener(&listener, &settings.borrow().route.keepalive);
         let name = settings.borrow().route.name.clone();
         RouteListener {
             accept: AcceptLoop::new(listener, &name),
@@ -245,7 +247,7 @@ impl RouteListener {
             stats,
             wiring,
             quiet: Arc::new(Quiet::new()),
-            tuned,
+            untuned,
         }
     }
 
@@ -257,7 +259,7 @@ impl RouteListener {
             match self.accept.next(self.settings.changed()).await {
                 Next::Connection(stream, peer) => self.admit(stream, peer),
                 Next::Control(Ok(())) => {
-                    self.tuned = crate::net::tune_listener(
+                    self.untuned = crate::net::tune_listener(
                         self.accept.listener(),
                         &self.settings.borrow().route.keepalive,
                     )
@@ -280,7 +282,9 @@ impl RouteListener {
         self.settings.borrow().route.name.clone()
     }
 
-    fn admit(&self, stream: TcpStream, peer: SocketAddr) {
+    fn admit(&mut self, stream: TcpStream, peer: SocketAddr) {
+        // Counted for every accepted socket, relayed or not: the queue is first in, first out.
+        let untuned = self.untuned.take_one();
         let settings = self.settings.borrow().clone();
         let route = &settings.route;
         let source = peer.ip().to_canonical();
@@ -316,8 +320,7 @@ impl RouteListener {
         }
         // The relay needs SO_OOBINLINE on both legs (urgent data would otherwise stall a
         // direction); a socket that cannot have it is refused rather than relayed without.
-        if !self.tuned
-            && let Err(e) = crate::net::tune_socket(socket2::SockRef::from(&stream), &route.keepalive)
+        if untuned && let Err(e) = crate::net::tune_socket(socket2::SockRef::from(&stream), &route.keepalive)
         {
             self.stats.record(Outcome::Reset);
             crate::net::reset(stream);
