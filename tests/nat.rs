@@ -617,3 +617,63 @@ fn turning_nat_off_removes_the_rules_at_reload_and_at_start() {
     assert!(!topo.save("nat").contains("FERRYD"));
     assert_eq!(topo.sh("proxy", "cat /proc/sys/net/ipv4/ip_forward").trim(), "0");
 }
+
+/// NAT's state crosses a live upgrade: with `require_nat`, the probe answers 200 right after the
+/// upgrade, rather than 503 ("nat: not applied yet") until the new image's first reconcile has
+/// run iptables (made slow here, as on a busy VM).
+#[test]
+fn nat_state_crosses_a_live_upgrade() {
+    if !can_run() {
+        return;
+    }
+    let Some((iptables, save, restore)) = real_tools() else {
+        eprintln!("SKIPPED nat_state_crosses_a_live_upgrade: no iptables-restore");
+        return;
+    };
+    let topo = Topology::new();
+    let slow = stand_ins(&[
+        ("iptables", format!("sleep 1\nexec {iptables} \"$@\"\n")),
+        ("iptables-save", format!("sleep 1\nexec {save} \"$@\"\n")),
+        ("iptables-restore", format!("sleep 1\nexec {restore} \"$@\"\n")),
+    ]);
+    let config = nat_config("reconcile_interval = \"60s\"").replace(
+        "[health]\nlisten = \"127.0.0.1:60080\"\n",
+        "[health]\nlisten = \"127.0.0.1:60080\"\nrequire_nat = true\n",
+    );
+    assert!(config.contains("require_nat"), "{config}");
+    let daemon = topo.daemon(&config, Some(&path_with(&slow)));
+    assert!(
+        daemon
+            .wait_for_log("NAT rules installed", Duration::from_secs(30))
+            .is_some(),
+        "{}",
+        daemon.log()
+    );
+    assert!(health_in_proxy(&topo, "/healthz").starts_with("200"));
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &topo.ns("proxy"),
+            BIN,
+            "upgrade",
+            "--timeout",
+            "20",
+            "--config",
+        ])
+        .arg(&daemon.config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        daemon.log()
+    );
+    let probe = health_in_proxy(&topo, "/healthz");
+    assert!(
+        probe.starts_with("200"),
+        "the probe right after the upgrade: {probe}\n{}",
+        daemon.log()
+    );
+}

@@ -1073,3 +1073,131 @@ fn a_connection_reading_its_proxy_header_parks_and_goes_on() {
     let status = status(&daemon);
     assert_eq!(status["routes"][0]["link_ids"]["7"], 1, "{status}");
 }
+
+/// Every counter sample of a `/metrics` scrape (`name{labels}` → value), histograms left out (a
+/// histogram cannot be carried: its buckets can only be observed into).
+fn counters(port: u16) -> std::collections::BTreeMap<String, f64> {
+    let scrape = common::http_from(
+        std::net::Ipv4Addr::LOCALHOST,
+        port,
+        "GET /metrics HTTP/1.0\r\n\r\n",
+    )
+    .expect("GET /metrics");
+    let body = scrape.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+    let mut samples = std::collections::BTreeMap::new();
+    let mut counters = std::collections::BTreeSet::new();
+    for line in body.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut words = rest.split_whitespace();
+            if let (Some(name), Some("counter")) = (words.next(), words.next()) {
+                counters.insert(name.to_string());
+            }
+            continue;
+        }
+        let Some((key, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let name = key.split('{').next().unwrap_or(key);
+        let family = name.strip_suffix("_total").unwrap_or(name);
+        if counters.contains(family) && !name.starts_with("process_") {
+            samples.insert(key.to_string(), value.parse().unwrap_or(f64::NAN));
+        }
+    }
+    samples
+}
+
+/// Every counter continues across an upgrade, whichever set it belongs to: per-LinkID counts,
+/// log lines dropped (here every line: ferryd's stderr is a pipe with no reader), outcomes,
+/// bytes, reloads, probes. A counter left out of what the upgrade carries would start again
+/// from zero, and this test names it.
+#[test]
+fn every_counter_continues_across_an_upgrade() {
+    let echo = Upstream::echo();
+    let port = free_port();
+    let health_port = free_port();
+    let installed = Installed::new();
+    let dir = TempDir::new("counters");
+    let config = dir.path().join("ferryd.toml");
+    std::fs::write(
+        &config,
+        common::with_health(
+            &config_one_route(
+                port,
+                echo.addr,
+                "",
+                "proxy_protocol = \"v2\"\nheader_timeout = \"2s\"",
+            ),
+            health_port,
+        ),
+    )
+    .unwrap();
+    // Every line fails to be written: a pipe whose reader is gone.
+    let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+    drop(read_end);
+    let mut command = common::run_command(&installed.path(), &config);
+    command
+        .env("FERRYD_LOG", "debug")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::from(write_end));
+    common::unprivileged(&mut command);
+    let mut child = command.spawn().expect("spawn ferryd");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while common::http_from(
+        std::net::Ipv4Addr::LOCALHOST,
+        health_port,
+        "GET /healthz HTTP/1.0\r\n\r\n",
+    )
+    .map_or(true, |r| !r.contains(" 200 "))
+    {
+        assert!(Instant::now() < deadline, "ferryd did not become ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Traffic of several kinds: relayed through two LinkIDs, and refused headers.
+    for (i, link_id) in [7u32, 7, 9, 7, 9, 11].into_iter().enumerate() {
+        let header = ferryd::proxy_header::encode(&ferryd::proxy_header::Header {
+            command: ferryd::proxy_header::Command::Proxy,
+            addresses: Some(("203.0.113.7:50123".parse().unwrap(), local(port))),
+            tlvs: vec![ferryd::proxy_header::azure_link_tlv(link_id)],
+            link_id: Some(link_id),
+        });
+        let mut client = TcpStream::connect(local(port)).expect("connect");
+        client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        client.write_all(&header).unwrap();
+        common::echo_roundtrip(&mut client, format!("hello {i}").as_bytes()).expect("relayed");
+    }
+    let mut refused = TcpStream::connect(local(port)).expect("connect");
+    refused.write_all(b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\n").unwrap();
+    let _ = refused.read(&mut [0u8; 8]);
+    std::thread::sleep(Duration::from_millis(300));
+    let before = counters(health_port);
+    assert!(
+        before.keys().any(|k| k.contains("link_id=\"9\"")),
+        "no per-LinkID counter before the upgrade: {before:?}"
+    );
+    assert!(
+        before
+            .get("ferryd_log_lines_dropped_total")
+            .is_some_and(|n| *n > 0.0),
+        "no dropped lines before the upgrade: {before:?}"
+    );
+    installed.replace_with(Path::new(BIN));
+    let out = Command::new(BIN)
+        .args(["upgrade", "--timeout", "20", "--config"])
+        .arg(&config)
+        .output()
+        .expect("run ferryd upgrade");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let after = counters(health_port);
+    let _ = child.kill();
+    let _ = child.wait();
+    let restarted: Vec<String> = before
+        .iter()
+        .filter(|(key, value)| after.get(*key).is_none_or(|now| now < *value))
+        .map(|(key, value)| format!("{key}: {value} before, {:?} after", after.get(key)))
+        .collect();
+    assert!(
+        restarted.is_empty(),
+        "counters that did not continue: {restarted:#?}"
+    );
+}

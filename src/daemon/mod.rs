@@ -34,7 +34,7 @@ use crate::relay::Engine;
 use crate::route::{Parking, ParkingLot, RouteListener, RouteSettings, Wiring};
 use crate::shutdown::Drain;
 use crate::signals::{Sig, Signals};
-use crate::state::{EngineView, NatStatus, Phase, RouteStats, RouteView, State};
+use crate::state::{EngineView, NatStatus, Phase, RouteStats, RouteView, State, restore};
 use crate::systemd::activation::Passed;
 use crate::systemd::notify::{self, Notifier};
 pub use inherited::Inherited;
@@ -176,15 +176,19 @@ impl Daemon {
         mut incoming: Option<Incoming>,
         program: Program,
     ) -> anyhow::Result<Daemon> {
-        let engine = Engine::new(config.splice, config.max_pipes);
-        let state = State::new(engine.clone(), config.health.clone());
+        // Whatever a live upgrade carried, the counters start from it.
+        let relay = incoming
+            .as_ref()
+            .map_or_else(Default::default, |i| restore(&i.relay));
+        let engine = Engine::new(config.splice, config.max_pipes, relay);
+        let carried = match (&incoming, &program.refused) {
+            (Some(incoming), _) => Some(restore(&incoming.daemon)),
+            (None, Some(refusal)) => refusal.daemon.as_ref().map(restore),
+            (None, None) => None,
+        };
+        let state = State::new(engine.clone(), config.health.clone(), carried);
         if let Some(incoming) = &mut incoming {
             passed.adopt(std::mem::take(&mut incoming.listeners));
-            engine.stats.carry_on(&incoming.relay);
-            state.carry_on(&incoming.daemon);
-        }
-        if let Some(daemon) = program.refused.as_ref().and_then(|r| r.daemon.as_ref()) {
-            state.carry_on(daemon);
         }
 
         let health = &config.health;
@@ -235,19 +239,17 @@ impl Daemon {
         // on their routes' counters, before a route that must bind can make them wait.
         let mut stats: std::collections::BTreeMap<String, Arc<RouteStats>> = routes
             .iter()
-            .map(|r| (r.name.clone(), daemon.new_stats(&r.name)))
+            .map(|r| {
+                let counters = incoming
+                    .as_ref()
+                    .and_then(|i| i.routes.get(&r.name))
+                    .map_or_else(Default::default, restore);
+                (r.name.clone(), daemon.stats_from(&r.name, counters))
+            })
             .collect();
-        let moved = match incoming.as_mut() {
-            Some(incoming) => {
-                for (name, route_stats) in &stats {
-                    if let Some(carried) = incoming.routes.get(name) {
-                        route_stats.carry_on(carried);
-                    }
-                }
-                Some(daemon.take_over(incoming, &stats))
-            }
-            None => None,
-        };
+        let moved = incoming
+            .as_mut()
+            .map(|incoming| daemon.take_over(incoming, &stats));
         drop(incoming);
         for route in &routes {
             let (listener, passed_name) = match passed.claim(&route.name, route.listen) {
@@ -336,7 +338,12 @@ impl Daemon {
     }
 
     fn new_stats(&self, name: &str) -> Arc<RouteStats> {
-        Arc::new(RouteStats::new(self.state.connect_times.of(name)))
+        self.stats_from(name, Default::default())
+    }
+
+    /// Stats of the route `name` starting from `counters` (carried by a live upgrade).
+    fn stats_from(&self, name: &str, counters: crate::state::RouteCounters) -> Arc<RouteStats> {
+        Arc::new(RouteStats::new(self.state.connect_times.of(name), counters))
     }
 
     /// Starts the accept loop of `prepared` with `stats` (fresh, or carried over from the route
@@ -509,7 +516,10 @@ impl Daemon {
         if !finished {
             tracing::warn!("drain timeout reached; remaining connections were closed");
         }
-        let relayed: u64 = stats.iter().map(|s| s.relayed.load(Ordering::Relaxed)).sum();
+        let relayed: u64 = stats
+            .iter()
+            .map(|s| s.counters.relayed.load(Ordering::Relaxed))
+            .sum();
         let relay = engine.counters();
         tracing::info!(
             relayed,

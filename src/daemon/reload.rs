@@ -17,8 +17,12 @@ impl Daemon {
     pub(super) async fn reload(&mut self) {
         self.notifier.reloading();
         match self.apply_reload().await {
-            Ok(()) => self.state.reloads_ok.fetch_add(1, Ordering::Relaxed),
-            Err(()) => self.state.reloads_rejected.fetch_add(1, Ordering::Relaxed),
+            Ok(()) => self.state.counters.reloads_ok.fetch_add(1, Ordering::Relaxed),
+            Err(()) => self
+                .state
+                .counters
+                .reloads_rejected
+                .fetch_add(1, Ordering::Relaxed),
         };
         let status = self.status_line();
         self.notifier.ready(&status);

@@ -34,7 +34,12 @@ impl Daemon {
     /// the check (the failure is reported); otherwise does not return: the process goes on as the
     /// new image.
     pub(super) async fn upgrade(self) -> Daemon {
-        let attempt = self.state.upgrade_attempts.fetch_add(1, Ordering::Relaxed) + 1;
+        let attempt = self
+            .state
+            .counters
+            .upgrade_attempts
+            .fetch_add(1, Ordering::Relaxed)
+            + 1;
         let exe = self.program.exe.clone();
         let config = self.config.path.clone();
         tracing::info!(exe = %exe.display(), attempt, "SIGUSR2: live upgrade requested; checking the binary");
@@ -113,8 +118,15 @@ impl Daemon {
         for (name, socket) in listeners {
             outgoing.listener(&name, socket);
         }
-        let routes = stats.iter().map(|(name, s)| (name.clone(), s.carry())).collect();
-        outgoing.counters(routes, self.engine.counters().carry(), self.state.carry());
+        let routes = stats
+            .iter()
+            .map(|(name, s)| (name.clone(), crate::state::carry(&s.counters)))
+            .collect();
+        outgoing.counters(
+            routes,
+            crate::state::carry(self.engine.counters()),
+            self.state.carry(),
+        );
         tracing::info!(
             exe = %self.program.exe.display(),
             connections = outgoing.connections(),
@@ -251,7 +263,7 @@ impl Daemon {
     /// Once READY=1 is sent: counts and reports the upgrade. `failed` is why the hand-over did
     /// not happen, when this image took it back.
     pub(super) fn upgraded(&self, moved: Moved, failed: Option<String>) {
-        let attempt = self.state.upgrade_attempts.load(Ordering::Relaxed);
+        let attempt = self.state.counters.upgrade_attempts.load(Ordering::Relaxed);
         let to = env!("CARGO_PKG_VERSION");
         let Moved {
             connections,
@@ -261,7 +273,7 @@ impl Daemon {
         } = moved;
         let (ok, detail) = match failed {
             None => {
-                let completed = self.state.upgrades.fetch_add(1, Ordering::Relaxed) + 1;
+                let completed = self.state.counters.upgrades.fetch_add(1, Ordering::Relaxed) + 1;
                 tracing::info!(
                     from_version = %from,
                     to_version = to,
@@ -306,8 +318,16 @@ impl Daemon {
     /// its listeners closed and bound again): reports the upgrade failed.
     pub(super) fn refused_hand_over(&self, refusal: handover::Refusal) {
         // Without the previous counters this is the first attempt as far as anyone can tell.
-        let attempt = self.state.upgrade_attempts.load(Ordering::Relaxed).max(1);
-        self.state.upgrade_attempts.store(attempt, Ordering::Relaxed);
+        let attempt = self
+            .state
+            .counters
+            .upgrade_attempts
+            .load(Ordering::Relaxed)
+            .max(1);
+        self.state
+            .counters
+            .upgrade_attempts
+            .store(attempt, Ordering::Relaxed);
         self.state.upgrade_ended(UpgradeReport {
             attempt,
             ok: false,

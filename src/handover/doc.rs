@@ -11,9 +11,6 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::state::CarriedDaemon;
-use crate::state::counters::{CarriedRelay, CarriedRoute};
-
 /// The version this binary writes. Bump it for any change an older reader would misread.
 /// Version 2 carries a copy buffer's unwritten rest as bytes (`held`), which a version 1 reader
 /// would drop without a word.
@@ -55,12 +52,12 @@ pub struct Document {
     /// Admitted connections not relaying yet: reading their PROXY header or dialling (version 2).
     #[serde(default)]
     pub opening: Vec<OpeningEntry>,
-    /// Counters by route name.
-    pub routes: BTreeMap<String, CarriedRoute>,
-    /// The relay engine's counters.
-    pub relay: CarriedRelay,
-    /// The daemon's own counters and start time.
-    pub daemon: CarriedDaemon,
+    /// Each route's counters by its name, as [`crate::state::carry`] writes them.
+    pub routes: BTreeMap<String, serde_json::Value>,
+    /// The relay engine's counters, likewise.
+    pub relay: serde_json::Value,
+    /// The daemon's counters, start time, NAT state and log drops, likewise.
+    pub daemon: serde_json::Value,
     /// Connections the park cost: reset instead of moved (version 2).
     #[serde(default)]
     pub not_moved: u64,
@@ -359,8 +356,8 @@ mod tests {
                 dialled_ms: 0,
             }],
             routes: BTreeMap::new(),
-            relay: CarriedRelay::default(),
-            daemon: CarriedDaemon::default(),
+            relay: serde_json::json!({"spliced_bytes": 5}),
+            daemon: serde_json::json!({"reloads_ok": 2}),
             not_moved: 3,
         }
     }

@@ -78,9 +78,9 @@ pub struct Outgoing {
     listeners: Vec<(String, TcpListener)>,
     connections: Vec<ParkedConnection>,
     opening: Vec<OpeningConnection>,
-    routes: std::collections::BTreeMap<String, crate::state::CarriedRoute>,
-    relay: crate::state::CarriedRelay,
-    daemon: crate::state::CarriedDaemon,
+    routes: std::collections::BTreeMap<String, serde_json::Value>,
+    relay: serde_json::Value,
+    daemon: serde_json::Value,
     not_moved: u64,
 }
 
@@ -104,9 +104,9 @@ impl Outgoing {
     /// The counters to carry.
     pub fn counters(
         &mut self,
-        routes: std::collections::BTreeMap<String, crate::state::CarriedRoute>,
-        relay: crate::state::CarriedRelay,
-        daemon: crate::state::CarriedDaemon,
+        routes: std::collections::BTreeMap<String, serde_json::Value>,
+        relay: serde_json::Value,
+        daemon: serde_json::Value,
     ) {
         self.routes = routes;
         self.relay = relay;
@@ -335,11 +335,11 @@ pub struct Incoming {
     /// Admitted connections that were not relaying yet.
     pub opening: Vec<OpeningConnection>,
     /// Counters by route name.
-    pub routes: std::collections::BTreeMap<String, crate::state::CarriedRoute>,
+    pub routes: std::collections::BTreeMap<String, serde_json::Value>,
     /// The relay engine's counters.
-    pub relay: crate::state::CarriedRelay,
+    pub relay: serde_json::Value,
     /// The daemon's counters.
-    pub daemon: crate::state::CarriedDaemon,
+    pub daemon: serde_json::Value,
     /// The ferryd version that handed over.
     pub written_by: String,
     /// CLOCK_MONOTONIC when the pause began.
@@ -396,16 +396,14 @@ impl Incoming {
 pub struct Refusal {
     /// Why.
     pub reason: String,
-    /// The previous image's daemon counters, when they could be read.
-    pub daemon: Option<crate::state::CarriedDaemon>,
+    /// The previous image's daemon counters (as [`crate::state::carry`] wrote them), when the
+    /// document could be read that far.
+    pub daemon: Option<serde_json::Value>,
 }
 
 /// Reads and takes the document. When it is refused, `salvaged` gets the daemon's counters if
 /// the document has them in a form this image reads.
-fn take(
-    value: &std::ffi::OsStr,
-    salvaged: &mut Option<crate::state::CarriedDaemon>,
-) -> Result<Incoming, String> {
+fn take(value: &std::ffi::OsStr, salvaged: &mut Option<serde_json::Value>) -> Result<Incoming, String> {
     let fd: RawFd = value
         .to_str()
         .and_then(|v| v.trim().parse().ok())
@@ -418,7 +416,7 @@ fn take(
     let doc = Document::decode(&bytes).map_err(|e| {
         *salvaged = serde_json::from_slice::<serde_json::Value>(&bytes)
             .ok()
-            .and_then(|mut value| serde_json::from_value(value.get_mut("daemon")?.take()).ok());
+            .and_then(|mut value| Some(value.get_mut("daemon")?.take()));
         e.to_string()
     })?;
     // Only descriptors the previous image let cross: open, and not close-on-exec (everything this

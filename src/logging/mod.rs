@@ -19,7 +19,7 @@ use tracing::level_filters::LevelFilter;
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::prelude::*;
 
-pub use queue::{dropped, flush};
+pub use queue::{carry_on_dropped, dropped, flush};
 
 /// The environment variable that sets the log level (error, warn, info, debug, trace).
 pub const LEVEL_ENV: &str = "FERRYD_LOG";

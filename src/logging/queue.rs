@@ -30,7 +30,9 @@ pub enum Sink {
 }
 
 enum Item {
-    Line(Vec<u8>),
+    /// A line, and how many dropped lines it reports: if it is lost too, they are reported by
+    /// the next one.
+    Line(Vec<u8>, u64),
     Flush(std::sync::mpsc::Sender<()>),
 }
 
@@ -84,7 +86,7 @@ pub fn submit(build: impl FnOnce(u64) -> Vec<u8>) {
         return;
     }
     let before = queue.pending_drops.swap(0, Ordering::Relaxed);
-    if queue.tx.send(Item::Line(build(before))).is_err() {
+    if queue.tx.send(Item::Line(build(before), before)).is_err() {
         // The writer thread is gone: nothing will take this line or the ones after it.
         queue.waiting.fetch_sub(1, Ordering::AcqRel);
         queue.pending_drops.fetch_add(before + 1, Ordering::Relaxed);
@@ -95,6 +97,14 @@ pub fn submit(build: impl FnOnce(u64) -> Vec<u8>) {
 /// Lines dropped since start because the sink did not keep up.
 pub fn dropped() -> u64 {
     QUEUE.get().map_or(0, |q| q.dropped.load(Ordering::Relaxed))
+}
+
+/// Adds lines a previous program image dropped (a live upgrade carries the count), so
+/// `ferryd_log_lines_dropped_total` goes on rather than restarting.
+pub fn carry_on_dropped(n: u64) {
+    if let Some(queue) = QUEUE.get() {
+        queue.dropped.fetch_add(n, Ordering::Relaxed);
+    }
 }
 
 /// Waits up to `timeout` for every queued line to be written (at exit, so the last lines are
@@ -111,17 +121,16 @@ fn write_all(rx: Receiver<Item>, sink: Sink) {
     let mut stderr = std::io::stderr();
     for item in rx {
         match item {
-            Item::Line(bytes) => {
+            Item::Line(bytes, reports) => {
                 if let Some(queue) = QUEUE.get() {
                     queue.waiting.fetch_sub(1, Ordering::AcqRel);
-                }
-                let written = match &sink {
-                    Sink::Stderr => stderr.write_all(&bytes).is_ok(),
-                    Sink::Journal(socket) => socket.send_to(&bytes, JOURNAL_SOCKET).is_ok(),
-                };
-                if !written && let Some(queue) = QUEUE.get() {
-                    queue.dropped.fetch_add(1, Ordering::Relaxed);
-                    queue.pending_drops.fetch_add(1, Ordering::Relaxed);
+                    let written = match &sink {
+                        Sink::Stderr => stderr.write_all(&bytes).is_ok(),
+                        Sink::Journal(socket) => socket.send_to(&bytes, JOURNAL_SOCKET).is_ok(),
+                    };
+                    if !written {
+                        queue.lost(reports);
+                    }
                 }
             }
             Item::Flush(done) => {
@@ -129,5 +138,34 @@ fn write_all(rx: Receiver<Item>, sink: Sink) {
                 let _ = done.send(());
             }
         }
+    }
+}
+
+impl Queue {
+    /// A queued line could not be written: it counts as dropped, and so do the dropped lines it
+    /// was to report, which the next line that gets through reports instead.
+    fn lost(&self, reports: u64) {
+        self.dropped.fetch_add(1, Ordering::Relaxed);
+        self.pending_drops.fetch_add(1 + reports, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lost_line_hands_on_the_drops_it_reported() {
+        let (tx, _rx) = channel();
+        let queue = Queue {
+            tx,
+            waiting: AtomicUsize::new(0),
+            pending_drops: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+        };
+        // A line that reported 5 dropped lines is lost itself: 6 are still to be reported.
+        queue.lost(5);
+        assert_eq!(queue.pending_drops.load(Ordering::Relaxed), 6);
+        assert_eq!(queue.dropped.load(Ordering::Relaxed), 1);
     }
 }

@@ -87,7 +87,7 @@ pub fn render(state: &State) -> String {
                 })
                 .inc_by(value);
         };
-        outcome("relayed", stats.relayed.load(Ordering::Relaxed));
+        outcome("relayed", stats.counters.relayed.load(Ordering::Relaxed));
         for o in Outcome::ALL {
             if o.is_end() {
                 ends.get_or_create(&EndLabels {
@@ -104,7 +104,10 @@ pub fn render(state: &State) -> String {
         limit
             .get_or_create(&RouteLabel { route: route.clone() })
             .set(view.route.max_connections as i64);
-        for (direction, counter) in [("up", &stats.bytes_up), ("down", &stats.bytes_down)] {
+        for (direction, counter) in [
+            ("up", &stats.counters.bytes_up),
+            ("down", &stats.counters.bytes_down),
+        ] {
             bytes
                 .get_or_create(&DirectionLabels {
                     route: route.clone(),
@@ -114,7 +117,7 @@ pub fn render(state: &State) -> String {
         }
         accept_errors
             .get_or_create(&RouteLabel { route: route.clone() })
-            .inc_by(stats.accept_errors.load(Ordering::Relaxed));
+            .inc_by(stats.counters.accept_errors.load(Ordering::Relaxed));
         if view.route.proxy.is_some() {
             for (reason, n) in stats.header_refusals() {
                 refusals
@@ -216,7 +219,7 @@ pub fn render(state: &State) -> String {
         );
     }
     let probes = Counter::<u64>::default();
-    probes.inc_by(state.health_probes.load(Ordering::Relaxed));
+    probes.inc_by(state.counters.health_probes.load(Ordering::Relaxed));
     registry.register(
         "health_probes",
         "Requests for the health path from the probe sources: the load balancer's probes arriving",
@@ -236,7 +239,10 @@ pub fn render(state: &State) -> String {
         "SIGHUP reloads, by result",
         counters(
             "result",
-            &[("ok", &state.reloads_ok), ("rejected", &state.reloads_rejected)],
+            &[
+                ("ok", &state.counters.reloads_ok),
+                ("rejected", &state.counters.reloads_rejected),
+            ],
         ),
     );
     registry.register(
@@ -244,7 +250,10 @@ pub fn render(state: &State) -> String {
         "NAT reconciles that found drift and repaired it, or failed",
         counters(
             "event",
-            &[("repaired", &state.nat_repairs), ("failed", &state.nat_failures)],
+            &[
+                ("repaired", &state.counters.nat_repairs),
+                ("failed", &state.counters.nat_failures),
+            ],
         ),
     );
 

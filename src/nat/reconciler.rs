@@ -64,13 +64,13 @@ async fn enforce(nat: &Nat, state: &State) {
                 Applied::InSync => {}
                 Applied::Installed => tracing::info!(sources = ?sources(nat), "NAT rules installed"),
                 Applied::Repaired(reason) => {
-                    state.nat_repairs.fetch_add(1, Ordering::Relaxed);
+                    state.counters.nat_repairs.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(drift = %reason, "NAT state had drifted; repaired");
                 }
             }
         }
         Err(e) => {
-            state.nat_failures.fetch_add(1, Ordering::Relaxed);
+            state.counters.nat_failures.fetch_add(1, Ordering::Relaxed);
             let reason = first_line(&e.0);
             let before = state.set_nat(NatStatus::Failed(reason.clone()));
             if before != NatStatus::Failed(reason) {
@@ -101,7 +101,7 @@ async fn clear(state: &State) {
         }
         Ok(false) => {}
         Err(e) => {
-            state.nat_failures.fetch_add(1, Ordering::Relaxed);
+            state.counters.nat_failures.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(error = %e, "NAT is off in the configuration, but ferryd cannot check for or remove rules an earlier configuration left (`ferryd nat down` does it by hand)");
         }
     }

@@ -42,12 +42,12 @@ pub struct Engine {
 
 impl Engine {
     /// An engine that splices through at most `max_pipes` pipes, or only copies when `splice`
-    /// is false.
-    pub fn new(splice: bool, max_pipes: usize) -> Arc<Engine> {
+    /// is false, counting from `stats` (fresh, or carried by a live upgrade).
+    pub fn new(splice: bool, max_pipes: usize, stats: RelayStats) -> Arc<Engine> {
         Arc::new(Engine {
             pipes: splice.then(|| PipePool::new(max_pipes)),
             buffers: buffers::BufferPool::default(),
-            stats: RelayStats::default(),
+            stats,
         })
     }
 

@@ -268,7 +268,10 @@ impl RouteListener {
             }
             let failures = self.accept.take_failures();
             if failures > 0 {
-                self.stats.accept_errors.fetch_add(failures, Ordering::Relaxed);
+                self.stats
+                    .counters
+                    .accept_errors
+                    .fetch_add(failures, Ordering::Relaxed);
             }
         }
         match self.accept.listener().local_addr() {
@@ -451,7 +454,7 @@ impl Connection {
         let stats = &this.live.0;
         let (mut upstream, upstream_addr) = match dialled {
             Ok(ok) => {
-                stats.relayed.fetch_add(1, Ordering::Relaxed);
+                stats.counters.relayed.fetch_add(1, Ordering::Relaxed);
                 stats
                     .connect_seconds
                     .observe((this.dialled + dial_started.elapsed()).as_secs_f64());
@@ -705,8 +708,8 @@ impl Relayed {
         async move {
             let stats = &live.0;
             let totals = Totals {
-                up: &stats.bytes_up,
-                down: &stats.bytes_down,
+                up: &stats.counters.bytes_up,
+                down: &stats.counters.bytes_down,
             };
             let ended = relay::relay(
                 &wiring.engine,

@@ -58,7 +58,7 @@ impl Outcome {
     ];
 
     /// The outcome's name in logs, `/status` and metrics.
-    pub fn name(self) -> &'static str {
+    pub const fn name(self) -> &'static str {
         match self {
             Outcome::Eof => "eof",
             Outcome::Reset => "reset",
@@ -88,17 +88,39 @@ impl Outcome {
 }
 
 /// Counters of one route. They follow the route by name across reloads, a move to another
-/// listen address included.
+/// listen address included, and across live upgrades (its [`RouteCounters`]).
 #[derive(Debug)]
 pub struct RouteStats {
     /// Connections currently relayed or dialling; admission compares it with max_connections.
     pub live: AtomicUsize,
-    /// Connections whose upstream dial succeeded.
-    pub relayed: AtomicU64,
-    /// Time to connect to the upstream, for successful dials (seconds).
+    /// The counters a live upgrade carries.
+    pub counters: RouteCounters,
+    /// Time to connect to the upstream, for successful dials (seconds). Not carried by a live
+    /// upgrade: a histogram's buckets cannot be set, only observed into, so the series starts
+    /// again (Prometheus's rate() takes that as a counter reset).
     pub connect_seconds: Histogram,
     /// The most recent failed dial: when, and why.
     pub last_upstream_error: Mutex<Option<(SystemTime, String)>>,
+    /// The latest connection admitted by its PROXY v2 header: when, the TCP peer, the client
+    /// and the LinkID the header named.
+    last_proxied: Mutex<Option<Proxied>>,
+    /// The latest probe answered on this route: when, and from where.
+    last_probe: Mutex<Option<(SystemTime, std::net::IpAddr)>>,
+    /// The sources denied most often.
+    denied: Mutex<DeniedSources>,
+}
+
+/// A route's counters: the one declaration of what a live upgrade carries for a route. Every
+/// field crosses, by serde (see [`super::carry`]); a counter added here crosses with no other
+/// change, and one that must not cross belongs in [`RouteStats`] instead.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct RouteCounters {
+    /// Connections whose dial succeeded.
+    pub relayed: AtomicU64,
+    /// Connections by outcome, by [`Outcome::name`] (a name another version does not know is
+    /// skipped).
+    #[serde(with = "by_name::outcomes")]
     outcomes: [AtomicU64; Outcome::ALL.len()],
     /// Bytes from clients to the upstream.
     pub bytes_up: AtomicU64,
@@ -107,17 +129,88 @@ pub struct RouteStats {
     /// Accepts that failed for lack of descriptors or memory (each one pauses the listener).
     pub accept_errors: AtomicU64,
     /// PROXY v2 headers refused, by [`crate::proxy_header::Refusal::REASONS`].
+    #[serde(with = "by_name::refusals")]
     header_refusals: [AtomicU64; 6],
     /// Relayed connections by the LinkID in their PROXY v2 header, for at most [`MAX_LINK_IDS`]
     /// distinct ones.
     link_ids: Mutex<BTreeMap<u32, u64>>,
-    /// The latest connection admitted by its PROXY v2 header: when, the TCP peer, the client
-    /// and the LinkID the header named.
-    last_proxied: Mutex<Option<Proxied>>,
-    /// The latest probe answered on this route: when, and from where.
-    last_probe: Mutex<Option<(SystemTime, std::net::IpAddr)>>,
-    /// The sources denied most often.
-    denied: Mutex<DeniedSources>,
+}
+
+/// Arrays of counters carried as maps by name, so that a version with more or fewer names, or
+/// another order, reads them right.
+mod by_name {
+    use std::collections::BTreeMap;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    fn serialize<S: Serializer>(names: &[&str], counters: &[AtomicU64], s: S) -> Result<S::Ok, S::Error> {
+        let map: BTreeMap<&str, u64> = names
+            .iter()
+            .zip(counters)
+            .map(|(name, n)| (*name, n.load(Ordering::Relaxed)))
+            .collect();
+        map.serialize(s)
+    }
+
+    fn deserialize<'de, D: Deserializer<'de>, const N: usize>(
+        names: &[&str],
+        d: D,
+    ) -> Result<[AtomicU64; N], D::Error> {
+        let map = BTreeMap::<String, u64>::deserialize(d)?;
+        let counters: [AtomicU64; N] = std::array::from_fn(|_| AtomicU64::new(0));
+        for (name, n) in map {
+            if let Some(i) = names.iter().position(|known| *known == name)
+                && let Some(counter) = counters.get(i)
+            {
+                counter.store(n, Ordering::Relaxed);
+            }
+        }
+        Ok(counters)
+    }
+
+    /// [`super::Outcome`]s by name.
+    pub mod outcomes {
+        use super::*;
+        use crate::state::counters::Outcome;
+
+        const NAMES: [&str; Outcome::ALL.len()] = {
+            let mut names = [""; Outcome::ALL.len()];
+            let mut i = 0;
+            while i < names.len() {
+                names[i] = Outcome::ALL[i].name();
+                i += 1;
+            }
+            names
+        };
+
+        pub fn serialize<S: Serializer>(
+            c: &[AtomicU64; Outcome::ALL.len()],
+            s: S,
+        ) -> Result<S::Ok, S::Error> {
+            super::serialize(&NAMES, c, s)
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<[AtomicU64; Outcome::ALL.len()], D::Error> {
+            super::deserialize(&NAMES, d)
+        }
+    }
+
+    /// PROXY header refusals by reason.
+    pub mod refusals {
+        use super::*;
+        use crate::proxy_header::Refusal;
+
+        pub fn serialize<S: Serializer>(c: &[AtomicU64; 6], s: S) -> Result<S::Ok, S::Error> {
+            super::serialize(&Refusal::REASONS, c, s)
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[AtomicU64; 6], D::Error> {
+            super::deserialize(&Refusal::REASONS, d)
+        }
+    }
 }
 
 /// Sources denied on a route, the most frequent few: enough for `ferryd doctor` to show which
@@ -194,117 +287,15 @@ pub struct Proxied {
 /// bound keeps a forged-header flood from growing the map (later ones are not counted by id).
 pub const MAX_LINK_IDS: usize = 64;
 
-/// A route's counters as a live upgrade carries them to the next program image, so `/metrics`
-/// counters continue rather than restart from zero. The connect-time histogram, the latest-seen
-/// records and the denied-sources table start afresh.
-#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(default)]
-pub struct CarriedRoute {
-    /// Connections whose dial succeeded.
-    pub relayed: u64,
-    /// Connections by outcome, keyed by [`Outcome::name`].
-    pub outcomes: BTreeMap<String, u64>,
-    /// Bytes client → upstream.
-    pub bytes_up: u64,
-    /// Bytes upstream → client.
-    pub bytes_down: u64,
-    /// Failed accepts.
-    pub accept_errors: u64,
-    /// Refused PROXY v2 headers by reason.
-    pub header_refusals: BTreeMap<String, u64>,
-}
-
-/// The relay engine's counters as a live upgrade carries them.
-#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(default)]
-pub struct CarriedRelay {
-    /// Bytes spliced.
-    pub spliced_bytes: u64,
-    /// Bytes copied.
-    pub copied_bytes: u64,
-    /// Bursts copied for want of a pipe.
-    pub fallback_no_pipe: u64,
-    /// Directions that copied because the kernel refused splice.
-    pub fallback_refused: u64,
-}
-
-impl RelayStats {
-    /// The counters to carry across a live upgrade.
-    pub fn carry(&self) -> CarriedRelay {
-        CarriedRelay {
-            spliced_bytes: self.spliced_bytes.load(Ordering::Relaxed),
-            copied_bytes: self.copied_bytes.load(Ordering::Relaxed),
-            fallback_no_pipe: self.fallback_no_pipe.load(Ordering::Relaxed),
-            fallback_refused: self.fallback_refused.load(Ordering::Relaxed),
-        }
-    }
-
-    /// Adds counters carried from the previous program image.
-    pub fn carry_on(&self, carried: &CarriedRelay) {
-        self.spliced_bytes
-            .fetch_add(carried.spliced_bytes, Ordering::Relaxed);
-        self.copied_bytes
-            .fetch_add(carried.copied_bytes, Ordering::Relaxed);
-        self.fallback_no_pipe
-            .fetch_add(carried.fallback_no_pipe, Ordering::Relaxed);
-        self.fallback_refused
-            .fetch_add(carried.fallback_refused, Ordering::Relaxed);
-    }
-}
-
 impl RouteStats {
-    /// The counters to carry across a live upgrade.
-    pub fn carry(&self) -> CarriedRoute {
-        CarriedRoute {
-            relayed: self.relayed.load(Ordering::Relaxed),
-            outcomes: Outcome::ALL
-                .iter()
-                .map(|o| (o.name().to_string(), self.count(*o)))
-                .filter(|(_, n)| *n > 0)
-                .collect(),
-            bytes_up: self.bytes_up.load(Ordering::Relaxed),
-            bytes_down: self.bytes_down.load(Ordering::Relaxed),
-            accept_errors: self.accept_errors.load(Ordering::Relaxed),
-            header_refusals: self
-                .header_refusals()
-                .into_iter()
-                .filter(|(_, n)| *n > 0)
-                .map(|(reason, n)| (reason.to_string(), n))
-                .collect(),
-        }
-    }
-
-    /// Adds counters carried from the previous program image. Names this version does not know
-    /// are skipped.
-    pub fn carry_on(&self, carried: &CarriedRoute) {
-        self.relayed.fetch_add(carried.relayed, Ordering::Relaxed);
-        for (name, n) in &carried.outcomes {
-            if let Some(outcome) = Outcome::ALL.iter().find(|o| o.name() == name) {
-                self.outcomes[outcome.index()].fetch_add(*n, Ordering::Relaxed);
-            }
-        }
-        self.bytes_up.fetch_add(carried.bytes_up, Ordering::Relaxed);
-        self.bytes_down.fetch_add(carried.bytes_down, Ordering::Relaxed);
-        self.accept_errors
-            .fetch_add(carried.accept_errors, Ordering::Relaxed);
-        for (reason, n) in &carried.header_refusals {
-            self.header_refused_by(reason, *n);
-        }
-    }
-
-    /// Fresh counters; `connect_seconds` is the route's series of the shared histogram family.
-    pub fn new(connect_seconds: Histogram) -> Self {
+    /// A route's stats starting from `counters` (fresh, or carried by a live upgrade);
+    /// `connect_seconds` is the route's series of the shared histogram family.
+    pub fn new(connect_seconds: Histogram, counters: RouteCounters) -> Self {
         RouteStats {
             live: AtomicUsize::new(0),
-            relayed: AtomicU64::new(0),
+            counters,
             connect_seconds,
             last_upstream_error: Mutex::new(None),
-            outcomes: Default::default(),
-            bytes_up: AtomicU64::new(0),
-            bytes_down: AtomicU64::new(0),
-            accept_errors: AtomicU64::new(0),
-            header_refusals: Default::default(),
-            link_ids: Mutex::new(BTreeMap::new()),
             last_proxied: Mutex::new(None),
             last_probe: Mutex::new(None),
             denied: Mutex::new(DeniedSources::default()),
@@ -350,13 +341,9 @@ impl RouteStats {
 
     /// Counts a refused PROXY v2 header by its reason.
     pub fn header_refused(&self, reason: &str) {
-        self.header_refused_by(reason, 1);
-    }
-
-    fn header_refused_by(&self, reason: &str, n: u64) {
         let reasons = crate::proxy_header::Refusal::REASONS;
         if let Some(i) = reasons.iter().position(|r| *r == reason) {
-            self.header_refusals[i].fetch_add(n, Ordering::Relaxed);
+            self.counters.header_refusals[i].fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -364,7 +351,7 @@ impl RouteStats {
     pub fn header_refusals(&self) -> Vec<(&'static str, u64)> {
         crate::proxy_header::Refusal::REASONS
             .iter()
-            .zip(&self.header_refusals)
+            .zip(&self.counters.header_refusals)
             .map(|(r, n)| (*r, n.load(Ordering::Relaxed)))
             .collect()
     }
@@ -372,7 +359,7 @@ impl RouteStats {
     /// Notes a connection admitted by its PROXY v2 header.
     pub fn proxied(&self, peer: std::net::SocketAddr, header: &crate::proxy_header::Header) {
         if let Some(id) = header.link_id {
-            let mut ids = self.link_ids.lock().unwrap_or_else(|p| p.into_inner());
+            let mut ids = self.counters.link_ids.lock().unwrap_or_else(|p| p.into_inner());
             if ids.len() < MAX_LINK_IDS || ids.contains_key(&id) {
                 *ids.entry(id).or_default() += 1;
             }
@@ -387,7 +374,7 @@ impl RouteStats {
 
     /// Connections by LinkID.
     pub fn link_ids(&self) -> Vec<(u32, u64)> {
-        let ids = self.link_ids.lock().unwrap_or_else(|p| p.into_inner());
+        let ids = self.counters.link_ids.lock().unwrap_or_else(|p| p.into_inner());
         ids.iter().map(|(id, n)| (*id, *n)).collect()
     }
 
@@ -401,12 +388,12 @@ impl RouteStats {
 
     /// Counts one connection that ended with `outcome`.
     pub fn record(&self, outcome: Outcome) {
-        self.outcomes[outcome.index()].fetch_add(1, Ordering::Relaxed);
+        self.counters.outcomes[outcome.index()].fetch_add(1, Ordering::Relaxed);
     }
 
     /// How many connections ended with `outcome`.
     pub fn count(&self, outcome: Outcome) -> u64 {
-        self.outcomes[outcome.index()].load(Ordering::Relaxed)
+        self.counters.outcomes[outcome.index()].load(Ordering::Relaxed)
     }
 }
 
@@ -449,8 +436,10 @@ impl ConnectTimes {
     }
 }
 
-/// Counters of the relay engine, shared by every route.
-#[derive(Debug, Default)]
+/// Counters of the relay engine, shared by every route: the one declaration of what a live
+/// upgrade carries of them (every field crosses, by serde; see [`super::carry`]).
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct RelayStats {
     /// Bytes moved socket → pipe → socket.
     pub spliced_bytes: AtomicU64,

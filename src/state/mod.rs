@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
-pub use counters::{CarriedRelay, CarriedRoute, ConnectTimes, Outcome, RelayStats, RouteStats};
+pub use counters::{ConnectTimes, Outcome, RelayStats, RouteCounters, RouteStats};
 
 use crate::config::{Health, Route};
 
@@ -50,7 +50,10 @@ pub enum Phase {
 
 /// NAT as the reconcile loop last found it. It is reported beside the relay's health, not in it:
 /// by default a NAT failure never makes the probe fail (`[health] require_nat` changes that).
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A live upgrade carries it, so the next image does not report NAT pending (and fail a probe
+/// with `require_nat`) until its first reconcile.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum NatStatus {
     /// `[nat]` is off in the configuration.
     Disabled,
@@ -110,24 +113,12 @@ pub struct State {
     nat: Mutex<NatStatus>,
     /// The relay engine's counters and gauges.
     pub engine: Arc<dyn EngineView>,
-    /// SIGHUP reloads applied.
-    pub reloads_ok: AtomicU64,
-    /// SIGHUP reloads rejected (invalid file, unbindable address).
-    pub reloads_rejected: AtomicU64,
-    /// Health-path requests from the probe sources: the balancer's probes arriving.
-    pub health_probes: AtomicU64,
-    /// The latest of them: when, and from where.
+    /// The daemon's own counters.
+    pub counters: DaemonCounters,
+    /// The latest health-path request from a probe source: when, and from where.
     last_health_probe: Mutex<Option<(SystemTime, std::net::IpAddr)>>,
-    /// NAT drift repaired by the reconcile loop.
-    pub nat_repairs: AtomicU64,
-    /// NAT reconciles that failed (iptables missing or refusing).
-    pub nat_failures: AtomicU64,
     /// Upstream connect times by route, shared with the routes' counters.
     pub connect_times: ConnectTimes,
-    /// Live upgrades completed since the process first started.
-    pub upgrades: AtomicU64,
-    /// Live upgrades asked for, completed or not.
-    pub upgrade_attempts: AtomicU64,
     last_upgrade: Mutex<Option<UpgradeReport>>,
 }
 
@@ -150,91 +141,112 @@ pub struct UpgradeReport {
     pub not_moved: Option<usize>,
 }
 
-/// Daemon-wide counters a live upgrade carries to the next program image.
-#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+/// The daemon's own counters: the one declaration of what a live upgrade carries of them. Every
+/// field crosses, by serde (see [`carry`]); a counter added here crosses with no other change.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 #[serde(default)]
-pub struct CarriedDaemon {
+pub struct DaemonCounters {
+    /// SIGHUP reloads applied.
+    pub reloads_ok: AtomicU64,
+    /// SIGHUP reloads rejected (invalid file, unbindable address).
+    pub reloads_rejected: AtomicU64,
+    /// Health-path requests from the probe sources: the balancer's probes arriving.
+    pub health_probes: AtomicU64,
+    /// NAT drift repaired by the reconcile loop.
+    pub nat_repairs: AtomicU64,
+    /// NAT reconciles that failed (iptables missing or refusing).
+    pub nat_failures: AtomicU64,
+    /// Live upgrades completed since the process first started.
+    pub upgrades: AtomicU64,
+    /// Live upgrades asked for, completed or not.
+    pub upgrade_attempts: AtomicU64,
+}
+
+/// What a live upgrade carries of the daemon besides its descriptors: its counters (`C`: the
+/// state's own when written, [`DaemonCounters`] when read back) and what else must outlive a
+/// program image. One serialisable struct: carrying writes it, restoring reads it, and nothing
+/// is named a second time.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct CarriedDaemon<C = DaemonCounters> {
+    /// The counters.
+    #[serde(flatten)]
+    pub counters: C,
     /// When the process first started, in milliseconds since the Unix epoch.
     pub started_at_ms: u64,
     /// How long ago, in milliseconds, when the document was written.
     pub uptime_ms: u64,
-    /// Reloads applied.
-    pub reloads_ok: u64,
-    /// Reloads rejected.
-    pub reloads_rejected: u64,
-    /// Health probes.
-    pub health_probes: u64,
-    /// NAT repairs.
-    pub nat_repairs: u64,
-    /// NAT failures.
-    pub nat_failures: u64,
-    /// Upgrades completed before this one.
-    pub upgrades: u64,
-    /// Upgrade attempts, this one included.
-    pub upgrade_attempts: u64,
+    /// Log lines dropped because the log's reader did not keep up.
+    pub log_lines_dropped: u64,
+    /// NAT's state, so the next image does not start from "pending".
+    pub nat: Option<NatStatus>,
+}
+
+/// A set of counters as a live upgrade carries it: its serialised form. The struct that holds
+/// the counters (with serde) is their one declaration.
+pub fn carry<T: serde::Serialize>(counters: &T) -> serde_json::Value {
+    serde_json::to_value(counters).unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "cannot carry a set of counters; they start again from zero");
+        serde_json::Value::Null
+    })
+}
+
+/// The counters [`carry`] wrote; anything it cannot read starts from zero (and says so), and a
+/// counter the writer did not know starts from zero.
+pub fn restore<T: serde::de::DeserializeOwned + Default>(carried: &serde_json::Value) -> T {
+    if carried.is_null() {
+        return T::default();
+    }
+    T::deserialize(carried).unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "cannot read carried counters; they start again from zero");
+        T::default()
+    })
 }
 
 impl State {
-    /// State of a daemon that has just started.
-    pub fn new(engine: Arc<dyn EngineView>, health: Health) -> Arc<State> {
+    /// State of a daemon that has just started: afresh, or from what a live upgrade carried.
+    pub fn new(engine: Arc<dyn EngineView>, health: Health, carried: Option<CarriedDaemon>) -> Arc<State> {
+        let carried = carried.unwrap_or_default();
+        let now = Instant::now();
+        let origin = if carried.started_at_ms == 0 {
+            (SystemTime::now(), now)
+        } else {
+            (
+                std::time::UNIX_EPOCH + Duration::from_millis(carried.started_at_ms),
+                now.checked_sub(Duration::from_millis(carried.uptime_ms))
+                    .unwrap_or(now),
+            )
+        };
+        crate::logging::carry_on_dropped(carried.log_lines_dropped);
         Arc::new(State {
-            origin: Mutex::new((SystemTime::now(), Instant::now())),
-            started: Instant::now(),
+            origin: Mutex::new(origin),
+            started: now,
             phase: AtomicU8::new(Phase::Starting as u8),
             heartbeat_ms: AtomicU64::new(0),
             problems: Mutex::new(BTreeMap::new()),
             routes: RwLock::new(Vec::new()),
             health: RwLock::new(Arc::new(health)),
-            nat: Mutex::new(NatStatus::Disabled),
+            nat: Mutex::new(carried.nat.unwrap_or(NatStatus::Disabled)),
             engine,
-            reloads_ok: AtomicU64::new(0),
-            reloads_rejected: AtomicU64::new(0),
-            health_probes: AtomicU64::new(0),
+            counters: carried.counters,
             last_health_probe: Mutex::new(None),
-            nat_repairs: AtomicU64::new(0),
-            nat_failures: AtomicU64::new(0),
             connect_times: ConnectTimes::default(),
-            upgrades: AtomicU64::new(0),
-            upgrade_attempts: AtomicU64::new(0),
             last_upgrade: Mutex::new(None),
         })
     }
 
-    /// The counters to carry across a live upgrade.
-    pub fn carry(&self) -> CarriedDaemon {
+    /// What a live upgrade carries of the daemon, as of now.
+    pub fn carry(&self) -> serde_json::Value {
         let (started_at, _) = *self.origin.lock().unwrap_or_else(|p| p.into_inner());
-        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        CarriedDaemon {
+        carry(&CarriedDaemon {
+            counters: &self.counters,
             started_at_ms: started_at
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64),
             uptime_ms: self.uptime().as_millis() as u64,
-            reloads_ok: load(&self.reloads_ok),
-            reloads_rejected: load(&self.reloads_rejected),
-            health_probes: load(&self.health_probes),
-            nat_repairs: load(&self.nat_repairs),
-            nat_failures: load(&self.nat_failures),
-            upgrades: load(&self.upgrades),
-            upgrade_attempts: load(&self.upgrade_attempts),
-        }
-    }
-
-    /// Takes over counters carried from the previous program image.
-    pub fn carry_on(&self, carried: &CarriedDaemon) {
-        let add = |c: &AtomicU64, n: u64| c.fetch_add(n, Ordering::Relaxed);
-        add(&self.reloads_ok, carried.reloads_ok);
-        add(&self.reloads_rejected, carried.reloads_rejected);
-        add(&self.health_probes, carried.health_probes);
-        add(&self.nat_repairs, carried.nat_repairs);
-        add(&self.nat_failures, carried.nat_failures);
-        add(&self.upgrades, carried.upgrades);
-        add(&self.upgrade_attempts, carried.upgrade_attempts);
-        let started_at = std::time::UNIX_EPOCH + Duration::from_millis(carried.started_at_ms);
-        let now = Instant::now();
-        let started = now
-            .checked_sub(Duration::from_millis(carried.uptime_ms))
-            .unwrap_or(now);
-        *self.origin.lock().unwrap_or_else(|p| p.into_inner()) = (started_at, started);
+            log_lines_dropped: crate::logging::dropped(),
+            nat: Some(self.nat()),
+        })
     }
 
     /// Records how the latest upgrade attempt ended.
@@ -321,7 +333,7 @@ impl State {
 
     /// Notes a health probe from `source` (a probe source).
     pub fn health_probed(&self, source: std::net::IpAddr) {
-        self.health_probes.fetch_add(1, Ordering::Relaxed);
+        self.counters.health_probes.fetch_add(1, Ordering::Relaxed);
         *self.last_health_probe.lock().unwrap_or_else(|p| p.into_inner()) = Some((SystemTime::now(), source));
     }
 
@@ -368,5 +380,87 @@ impl State {
     /// How long the daemon has run.
     pub fn uptime(&self) -> Duration {
         self.origin.lock().unwrap_or_else(|p| p.into_inner()).1.elapsed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every number in `value` replaced by a distinct one, counting from `next`.
+    fn distinct(value: &mut serde_json::Value, next: &mut u64) {
+        match value {
+            serde_json::Value::Number(_) => {
+                *value = (*next).into();
+                *next += 1;
+            }
+            serde_json::Value::Object(map) => map.values_mut().for_each(|v| distinct(v, next)),
+            serde_json::Value::Array(items) => items.iter_mut().for_each(|v| distinct(v, next)),
+            _ => {}
+        }
+    }
+
+    /// A set of counters `T` with every counter at a distinct value (`more` adds entries to its
+    /// maps first) crosses through what a live upgrade writes and reads, every value intact; and
+    /// the values are really distinct, so a field read into the wrong counter shows.
+    fn crosses_whole<T>(more: impl FnOnce(&mut serde_json::Value)) -> usize
+    where
+        T: serde::Serialize + serde::de::DeserializeOwned + Default,
+    {
+        let mut carried = carry(&T::default());
+        more(&mut carried);
+        let mut next = 1;
+        distinct(&mut carried, &mut next);
+        let restored: T = restore(&carried);
+        assert_eq!(carry(&restored), carried);
+        (next - 1) as usize
+    }
+
+    #[test]
+    fn every_counter_crosses_a_live_upgrade() {
+        assert_eq!(crosses_whole::<RelayStats>(|_| {}), 4);
+        // Relayed, bytes up and down, accept errors, ten outcomes, six refusal reasons, and the
+        // two LinkIDs added here.
+        let route = crosses_whole::<RouteCounters>(|v| {
+            v["link_ids"]["7"] = 0.into();
+            v["link_ids"]["4000000000"] = 0.into();
+        });
+        assert_eq!(route, 4 + Outcome::ALL.len() + 6 + 2);
+        // Seven counters, the start time and uptime, log drops; NAT's state is not a number.
+        let daemon = crosses_whole::<CarriedDaemon>(|v| {
+            v["nat"] = serde_json::to_value(NatStatus::Failed("iptables: gone".into())).unwrap();
+        });
+        assert_eq!(daemon, 7 + 3);
+    }
+
+    #[test]
+    fn nat_state_crosses_as_it_was() {
+        for nat in [
+            NatStatus::Disabled,
+            NatStatus::Pending,
+            NatStatus::Ok,
+            NatStatus::Failed("why".into()),
+        ] {
+            let carried = carry(&CarriedDaemon::<DaemonCounters> {
+                nat: Some(nat.clone()),
+                ..Default::default()
+            });
+            assert_eq!(restore::<CarriedDaemon>(&carried).nat, Some(nat));
+        }
+    }
+
+    #[test]
+    fn counters_a_version_does_not_know_or_lacks_are_skipped_or_zero() {
+        let carried = serde_json::json!({"relayed": 5, "bytes_up": 6, "outcomes": {"eof": 3, "future": 9}, "new_counter": 1});
+        let restored: RouteCounters = restore(&carried);
+        let back = carry(&restored);
+        assert_eq!(back["relayed"], 5);
+        assert_eq!(back["bytes_up"], 6);
+        assert_eq!(back["bytes_down"], 0);
+        assert_eq!(back["outcomes"]["eof"], 3);
+        assert!(back["outcomes"].get("future").is_none());
+        // Not counters at all: everything starts from zero rather than failing.
+        let restored: RouteCounters = restore(&serde_json::json!("nonsense"));
+        assert_eq!(carry(&restored)["relayed"], 0);
     }
 }

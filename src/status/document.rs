@@ -236,13 +236,13 @@ impl StatusDocument {
                     listen: view.route.listen.to_string(),
                     upstream: view.route.upstream.to_string(),
                     live: stats.live.load(Ordering::Relaxed),
-                    relayed: stats.relayed.load(Ordering::Relaxed),
+                    relayed: stats.counters.relayed.load(Ordering::Relaxed),
                     outcomes: Outcome::ALL
                         .iter()
                         .map(|o| (o.name().to_string(), stats.count(*o)))
                         .collect(),
-                    bytes_up: stats.bytes_up.load(Ordering::Relaxed),
-                    bytes_down: stats.bytes_down.load(Ordering::Relaxed),
+                    bytes_up: stats.counters.bytes_up.load(Ordering::Relaxed),
+                    bytes_down: stats.counters.bytes_down.load(Ordering::Relaxed),
                     last_upstream_error: stats.last_upstream_error().map(|(at, reason)| UpstreamError {
                         at: unix_seconds(at),
                         seconds_ago: now.duration_since(at).map_or(0, |d| d.as_secs()),
@@ -308,21 +308,21 @@ impl StatusDocument {
             nat: NatReport {
                 state: nat.name().to_string(),
                 reason: nat.problem(),
-                repairs: state.nat_repairs.load(Ordering::Relaxed),
-                failures: state.nat_failures.load(Ordering::Relaxed),
+                repairs: state.counters.nat_repairs.load(Ordering::Relaxed),
+                failures: state.counters.nat_failures.load(Ordering::Relaxed),
             },
             health_probe: state.last_health_probe().map(|(at, source)| Seen {
                 source: source.to_string(),
                 seconds_ago: ago(now, at),
             }),
             reloads: Reloads {
-                ok: state.reloads_ok.load(Ordering::Relaxed),
-                rejected: state.reloads_rejected.load(Ordering::Relaxed),
+                ok: state.counters.reloads_ok.load(Ordering::Relaxed),
+                rejected: state.counters.reloads_rejected.load(Ordering::Relaxed),
             },
             pid: std::process::id(),
             upgrade: UpgradeStatus {
-                completed: state.upgrades.load(Ordering::Relaxed),
-                attempts: state.upgrade_attempts.load(Ordering::Relaxed),
+                completed: state.counters.upgrades.load(Ordering::Relaxed),
+                attempts: state.counters.upgrade_attempts.load(Ordering::Relaxed),
                 last: state.last_upgrade().map(|u| LastUpgrade {
                     attempt: u.attempt,
                     ok: u.ok,
