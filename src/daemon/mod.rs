@@ -158,6 +158,8 @@ struct Daemon {
     program: Program,
     /// A second descriptor of the health endpoint's socket, for a live upgrade to hand over.
     health_socket: Option<std::net::TcpListener>,
+    /// Holds the health endpoint still while a live upgrade execs.
+    health_gate: crate::health::Gate,
     /// Connections parked by a live upgrade arrive here.
     parking: (Parking, ParkingLot),
     routes: Vec<Running>,
@@ -189,6 +191,9 @@ impl Daemon {
         let state = State::new(engine.clone(), config.health.clone(), carried);
         if let Some(incoming) = &mut incoming {
             passed.adopt(std::mem::take(&mut incoming.listeners));
+            // The listeners are the previous image's, bound and queueing: nothing here can keep
+            // them from being served, so the probe must not see the new image as starting.
+            state.set_phase(Phase::Ready);
         }
 
         let health = &config.health;
@@ -213,7 +218,8 @@ impl Daemon {
             }
         };
         let health_socket = listener.try_clone().ok();
-        crate::health::spawn(listener, state.clone()).context("cannot start the health endpoint")?;
+        let health_gate =
+            crate::health::spawn(listener, state.clone()).context("cannot start the health endpoint")?;
         tracing::info!(listen = %health.listen, path = %health.path, "health endpoint listening");
 
         // NAT converges beside the relay on its own task; READY=1 never waits for it.
@@ -226,6 +232,7 @@ impl Daemon {
             drain: Drain::new(),
             program,
             health_socket,
+            health_gate,
             parking: crate::route::parking(),
             routes: Vec::new(),
             state,

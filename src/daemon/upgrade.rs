@@ -24,6 +24,11 @@ use crate::state::{EngineView, RouteStats, UpgradeReport};
 /// wait anyone should see.
 const PARK_LIMIT: Duration = Duration::from_secs(1);
 
+/// How long the health endpoint may take to answer the requests under way before the exec: an
+/// answer takes microseconds; only a client still sending its request takes longer, and the
+/// probe's own timeout is seconds.
+const HEALTH_SETTLE: Duration = Duration::from_millis(200);
+
 /// Environment variables that belong to one program image and must not reach the next: the
 /// hand-over's own, and socket activation's (the next image is not a fresh start by systemd).
 const NOT_INHERITED: [&str; 4] = [handover::ENV, "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"];
@@ -135,6 +140,10 @@ impl Daemon {
             parked_ms = (handover::monotonic_ns().saturating_sub(parked_at)) / 1_000_000,
             "handing over to the binary at ferryd's path"
         );
+        // The health endpoint's thread ends with the exec too: no request may be cut there.
+        if !self.health_gate.hold(HEALTH_SETTLE).await {
+            tracing::warn!("a health endpoint request was still being read at the hand-over; it is cut");
+        }
         // Lines are written by a thread the exec ends: let it finish first.
         crate::logging::flush(Duration::from_secs(1));
         // The watchdog's clock restarts here; the new image pings again as soon as it starts.
@@ -154,6 +163,7 @@ impl Daemon {
         mut kept: BTreeMap<String, std::net::TcpListener>,
         reason: String,
     ) -> Daemon {
+        self.health_gate.release();
         self.drain = crate::shutdown::Drain::new();
         self.parking = crate::route::parking();
         let moved = self.take_over(&mut incoming, stats);

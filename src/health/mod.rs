@@ -9,11 +9,11 @@
 
 mod http;
 
-use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 
 use crate::config::ProxyProtocol;
 use crate::logging::RateLimit;
@@ -27,9 +27,38 @@ const PROBE_SLOTS: usize = 16;
 /// reset; the probe sources' slots are untouched.
 const OTHER_SLOTS: usize = 64;
 
+/// The daemon's hold on the endpoint, for a live upgrade: the exec ends this thread with the
+/// rest of the program image, and a request it was answering then would be cut. Held, the
+/// endpoint accepts nothing more (requests wait in the listening socket's backlog, which the
+/// next image serves) and reports once the requests under way are answered.
+#[derive(Debug)]
+pub struct Gate {
+    hold: watch::Sender<bool>,
+    settled: watch::Receiver<bool>,
+}
+
+impl Gate {
+    /// Stops accepting and waits up to `bound` for the requests under way to be answered.
+    /// Returns whether they all were (a client that sends its request slowly may still be
+    /// reading when the bound passes).
+    pub async fn hold(&mut self, bound: Duration) -> bool {
+        let _ = self.hold.send(true);
+        tokio::time::timeout(bound, self.settled.wait_for(|settled| *settled))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Accepts again (the upgrade failed and this image goes on).
+    pub fn release(&self) {
+        let _ = self.hold.send(false);
+    }
+}
+
 /// Starts the endpoint on its own thread. The thread lives as long as the process: during a
 /// drain it keeps answering, with 503.
-pub fn spawn(listener: std::net::TcpListener, state: Arc<State>) -> std::io::Result<()> {
+pub fn spawn(listener: std::net::TcpListener, state: Arc<State>) -> std::io::Result<Gate> {
+    let (hold, hold_rx) = watch::channel(false);
+    let (settled_tx, settled) = watch::channel(false);
     std::thread::Builder::new()
         .name("ferryd-health".into())
         .spawn(move || {
@@ -41,12 +70,17 @@ pub fn spawn(listener: std::net::TcpListener, state: Arc<State>) -> std::io::Res
                     return;
                 }
             };
-            runtime.block_on(serve(listener, state));
+            runtime.block_on(serve(listener, state, hold_rx, settled_tx));
         })?;
-    Ok(())
+    Ok(Gate { hold, settled })
 }
 
-async fn serve(listener: std::net::TcpListener, state: Arc<State>) {
+async fn serve(
+    listener: std::net::TcpListener,
+    state: Arc<State>,
+    mut hold: watch::Receiver<bool>,
+    settled: watch::Sender<bool>,
+) {
     let listener = match TcpListener::from_std(listener) {
         Ok(listener) => listener,
         Err(e) => {
@@ -62,8 +96,25 @@ async fn serve(listener: std::net::TcpListener, state: Arc<State>) {
     let header_log = Arc::new(RateLimit::new());
     let mut accept = AcceptLoop::new(listener, "health");
     loop {
-        // Nothing controls this loop: it lives as long as the process.
-        let Next::Connection(stream, peer) = accept.next(std::future::pending::<Infallible>()).await;
+        // Only a hold interrupts this loop: it lives as long as the process.
+        let held = async { hold.wait_for(|held| *held).await.is_ok() };
+        let (stream, peer) = match accept.next(held).await {
+            Next::Connection(stream, peer) => (stream, peer),
+            // The daemon is gone: the process is ending.
+            Next::Control(false) => std::future::pending().await,
+            Next::Control(true) => {
+                // Every slot back means every request under way was answered.
+                let all = tokio::join!(
+                    probe_slots.acquire_many(PROBE_SLOTS as u32),
+                    other_slots.acquire_many(OTHER_SLOTS as u32)
+                );
+                let _ = settled.send(true);
+                let _ = hold.wait_for(|held| !*held).await;
+                drop(all);
+                let _ = settled.send(false);
+                continue;
+            }
+        };
         let health = state.health();
         let source = peer.ip().to_canonical();
         let access = http::Access {
