@@ -123,16 +123,15 @@ pub fn tune_socket(sock: SockRef<'_>, keepalive: &Keepalive) -> io::Result<()> {
     sock.set_tcp_keepalive(&params)
 }
 
-/// Connections waiting in `listener`'s accept queue: TCP_INFO's `tcpi_unacked` holds the queue's
-/// length for a listening socket (Linux 2.6.18 on, so Ubuntu 18.04's 4.15 too).
-pub fn accept_queue_len(listener: &impl AsRawFd) -> io::Result<u32> {
+/// TCP_INFO of `socket`, fields a kernel older than this build left out at zero.
+fn tcp_info(socket: &impl AsRawFd) -> io::Result<libc::tcp_info> {
     // SAFETY: tcp_info is plain data; all zeroes is a valid value.
     let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
     // SAFETY: the kernel writes at most `len` bytes into `info`, which is that large.
     let rc = unsafe {
         libc::getsockopt(
-            listener.as_raw_fd(),
+            socket.as_raw_fd(),
             libc::IPPROTO_TCP,
             libc::TCP_INFO,
             (&mut info as *mut libc::tcp_info).cast(),
@@ -140,10 +139,41 @@ pub fn accept_queue_len(listener: &impl AsRawFd) -> io::Result<u32> {
         )
     };
     if rc == 0 {
-        Ok(info.tcpi_unacked)
+        Ok(info)
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+/// Why the peer of a connected `socket` is gone, if it is: data sent to it has had no
+/// acknowledgement for `gone.silence` (every retransmission unanswered), or `gone.probes` window
+/// probes in a row went unanswered while data waits for its window to open. A live peer that
+/// only advertises a zero window answers each window probe (which resets the kernel's count of
+/// unanswered ones, `tcpi_probes`) and has nothing unacknowledged in flight, so it is never
+/// taken for a gone one, however long it reads nothing. A socket that cannot say is not gone.
+pub fn peer_gone(socket: std::os::fd::BorrowedFd<'_>, gone: crate::relay::GoneAfter) -> Option<String> {
+    let info = tcp_info(&socket).ok()?;
+    let silence = Duration::from_millis(u64::from(info.tcpi_last_ack_recv));
+    if info.tcpi_unacked > 0 && silence >= gone.silence {
+        return Some(format!(
+            "no acknowledgement for {} s with {} segment(s) unacknowledged: the peer is gone",
+            silence.as_secs(),
+            info.tcpi_unacked
+        ));
+    }
+    if info.tcpi_notsent_bytes > 0 && u32::from(info.tcpi_probes) >= gone.probes.max(1) {
+        return Some(format!(
+            "{} window probes unanswered with {} bytes waiting: the peer is gone",
+            info.tcpi_probes, info.tcpi_notsent_bytes
+        ));
+    }
+    None
+}
+
+/// Connections waiting in `listener`'s accept queue: TCP_INFO's `tcpi_unacked` holds the queue's
+/// length for a listening socket (Linux 2.6.18 on, so Ubuntu 18.04's 4.15 too).
+pub fn accept_queue_len(listener: &impl AsRawFd) -> io::Result<u32> {
+    tcp_info(listener).map(|info| info.tcpi_unacked)
 }
 
 /// Bytes waiting in `socket`'s receive queue (FIONREAD). A received FIN is not counted.

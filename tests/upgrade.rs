@@ -1254,3 +1254,78 @@ fn probes_are_answered_200_throughout_upgrades() {
         answered + bad.len() as u64
     );
 }
+
+/// Pipes (both ends counted once) the process `pid` holds, its stderr pipe left out.
+fn pipes_held(pid: i32) -> usize {
+    let ends = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|fds| {
+            fds.flatten()
+                .filter(|fd| {
+                    std::fs::read_link(fd.path())
+                        .is_ok_and(|target| target.to_string_lossy().starts_with("pipe:"))
+                })
+                .count()
+        })
+        .unwrap_or(0);
+    // The test harness reads the daemon's stderr through a pipe: one end in the daemon.
+    ends.saturating_sub(1) / 2
+}
+
+/// Pipes that cross an upgrade (a stalled reader's bytes in them) count against `max_pipes` in
+/// the new image: new bulk transfers copy instead of creating pipes past the bound, which past
+/// the user's pipe budget would be a page or two each, and stay in the pool for good.
+#[test]
+fn carried_pipes_count_against_max_pipes() {
+    const MAX_PIPES: usize = 4;
+    let upstream = role_upstream();
+    let port = free_port();
+    let installed = Installed::new();
+    let daemon = installed.start(&config_one_route(
+        port,
+        upstream.addr,
+        &format!("max_pipes = {MAX_PIPES}"),
+        "",
+    ));
+    let tally = Tally::default();
+    let stalled: Vec<TcpStream> = (0..MAX_PIPES)
+        .map(|_| connect(local(port), &format!("BLAST {}", 64 << 20), &tally))
+        .collect();
+    std::thread::sleep(Duration::from_secs(1));
+    installed.replace_with(Path::new(BIN));
+    let out = upgrade(&daemon);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let carried = carried(&daemon);
+    assert!(
+        carried.last().is_some_and(|b| *b > 0),
+        "nothing carried: {carried:?}"
+    );
+    // Bulk transfers that would each take a pipe.
+    let bulk: Vec<_> = (0..MAX_PIPES)
+        .map(|_| {
+            let mut stream = connect(local(port), &format!("SOURCE {}", 256 << 20), &tally);
+            std::thread::spawn(move || Pattern::new(2).verify(&mut stream))
+        })
+        .collect();
+    let mut most = 0;
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        most = most.max(pipes_held(daemon.pid()));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for transfer in bulk {
+        assert_eq!(
+            transfer.join().expect("bulk thread").expect("bulk bytes"),
+            256 << 20
+        );
+    }
+    for mut reader in stalled {
+        assert_eq!(
+            Pattern::new(4).verify(&mut reader).expect("stalled bytes"),
+            64 << 20
+        );
+    }
+    assert!(
+        most <= MAX_PIPES,
+        "the daemon held {most} pipes with max_pipes = {MAX_PIPES}"
+    );
+}

@@ -89,6 +89,13 @@ pub struct ConnectionEntry {
     pub idle_timeout_ms: Option<u64>,
     /// fin_timeout it was accepted with, in milliseconds.
     pub fin_timeout_ms: u64,
+    /// How long data may go unacknowledged before its peer counts as gone, in milliseconds
+    /// (version 2; absent, the connection is not watched for a gone peer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gone_after_ms: Option<u64>,
+    /// Window probes unanswered before its peer counts as gone (version 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gone_probes: Option<u32>,
     /// The client socket.
     pub client_fd: i32,
     /// The upstream socket.
@@ -325,6 +332,8 @@ mod tests {
                 link_id: Some(7),
                 idle_timeout_ms: Some(600_000),
                 fin_timeout_ms: 30_000,
+                gone_after_ms: Some(120_000),
+                gone_probes: Some(6),
                 client_fd: 8,
                 upstream_fd: 9,
                 up: SideEntry::Open {

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 pub use doc::{ACCEPTED, ConnectionEntry, Document, OpeningEntry, PipeEntry, Refused, SideEntry, VERSION};
 
-use crate::relay::{Carry, Midway, Parked, Paused, Pipe, Side, Timeouts};
+use crate::relay::{Carry, GoneAfter, Midway, Parked, Paused, Pipe, Side, Timeouts};
 use crate::route::{Identity, OpeningConnection, Parked as ParkedTask, ParkedConnection};
 
 /// The environment variable that carries the document's descriptor number to the new image.
@@ -181,6 +181,8 @@ impl Outgoing {
                     link_id: *link_id,
                     idle_timeout_ms: timeouts.idle.map(|d| d.as_millis() as u64),
                     fin_timeout_ms: timeouts.fin.as_millis() as u64,
+                    gone_after_ms: timeouts.gone.map(|g| g.silence.as_millis() as u64),
+                    gone_probes: timeouts.gone.map(|g| g.probes),
                     client_fd: client.as_raw_fd(),
                     upstream_fd: upstream_socket.as_raw_fd(),
                     up: side_entry(&midway.up),
@@ -487,6 +489,10 @@ fn take(value: &std::ffi::OsStr, salvaged: &mut Option<serde_json::Value>) -> Re
                 timeouts: Timeouts {
                     idle: c.idle_timeout_ms.map(Duration::from_millis),
                     fin: Duration::from_millis(c.fin_timeout_ms),
+                    gone: c.gone_after_ms.zip(c.gone_probes).map(|(ms, probes)| GoneAfter {
+                        silence: Duration::from_millis(ms),
+                        probes,
+                    }),
                 },
             },
             relay: Parked {

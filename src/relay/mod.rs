@@ -82,6 +82,32 @@ pub struct Timeouts {
     pub idle: Option<Duration>,
     /// Silence that closes a half-closed connection.
     pub fin: Duration,
+    /// How a peer that vanished with data outstanding is found (see [`GoneAfter`]); `None` for a
+    /// connection moved by an upgrade from a version that did not carry it.
+    pub gone: Option<GoneAfter>,
+}
+
+/// When a peer counts as gone while data is outstanding towards it: keepalive's own bound,
+/// which Linux does not apply then (it sends no keepalive probe while data is unacknowledged, so
+/// a build VM that vanishes mid-transfer would otherwise hold its session until tcp_retries2,
+/// about 15 minutes). TCP_USER_TIMEOUT would bound it too, but on 4.15 and on current kernels it
+/// also ends a live peer that only advertises a zero window (a reader that stops reading), which
+/// only `idle_timeout` may end; so the relay asks TCP_INFO instead (see
+/// [`crate::net::peer_gone`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GoneAfter {
+    /// Data unacknowledged for this long: keepalive_time + keepalive_interval × keepalive_probes.
+    pub silence: Duration,
+    /// Window probes unanswered in a row: keepalive_probes.
+    pub probes: u32,
+}
+
+impl GoneAfter {
+    /// How often a connection asks: four times per bound, so a gone peer is found within a
+    /// quarter of the bound after it.
+    fn every(self) -> Duration {
+        (self.silence / 4).max(Duration::from_secs(1))
+    }
 }
 
 /// Running byte totals the caller keeps across connections (a route's), updated at every burst.
@@ -296,6 +322,7 @@ pub fn relay(
             tokio::pin!(upward, downward);
             // A direction that parked: it has stopped, and comes back as `Side::Open`.
             let (mut up_parked, mut down_parked) = (None, None);
+            let mut next_look = timeouts.gone.map(|gone| Instant::now() + gone.every());
             loop {
                 let quiet_limit = if up_done || down_done {
                     Some(timeouts.idle.map_or(timeouts.fin, |idle| idle.min(timeouts.fin)))
@@ -303,7 +330,13 @@ pub fn relay(
                     timeouts.idle
                 };
                 // A limit too far away to represent is no limit.
-                let deadline = quiet_limit.and_then(|limit| activity.last().checked_add(limit));
+                let deadline = match (
+                    quiet_limit.and_then(|limit| activity.last().checked_add(limit)),
+                    next_look,
+                ) {
+                    (Some(quiet), Some(look)) => Some(quiet.min(look)),
+                    (quiet, look) => quiet.or(look),
+                };
                 let up_running = !up_done && up_parked.is_none();
                 let down_running = !down_done && down_parked.is_none();
                 tokio::select! {
@@ -320,6 +353,15 @@ pub fn relay(
                     _ = sleep_until(deadline) => {
                         if quiet_limit.is_some_and(|limit| activity.last().elapsed() >= limit) {
                             break Err((Outcome::Idle, None));
+                        }
+                        if let (Some(gone), Some(look)) = (timeouts.gone, next_look)
+                            && Instant::now() >= look
+                        {
+                            next_look = Some(Instant::now() + gone.every());
+                            let ask = |fd, name| crate::net::peer_gone(fd, gone).map(|why| format!("{name}: {why}"));
+                            if let Some(why) = ask(upstream_fd, "upstream").or_else(|| ask(client_fd, "client")) {
+                                break Err((Outcome::Reset, Some(why)));
+                            }
                         }
                     },
                     stop = shutdown.closing_or_parking(park_seen) => match stop {

@@ -358,6 +358,15 @@ impl RouteListener {
     }
 }
 
+/// What keepalive would take to declare an idle peer dead, applied by the relay to a peer with
+/// data outstanding, where Linux sends no keepalive probe.
+fn gone_after(keepalive: &crate::config::Keepalive) -> crate::relay::GoneAfter {
+    crate::relay::GoneAfter {
+        silence: keepalive.time + keepalive.interval * keepalive.probes,
+        probes: keepalive.probes,
+    }
+}
+
 /// Counts a connection as live from admission until its task ends, whatever way it ends.
 struct LiveGuard(Arc<RouteStats>);
 
@@ -520,6 +529,7 @@ impl Connection {
                 timeouts: Timeouts {
                     idle: route.idle_timeout,
                     fin: route.fin_timeout,
+                    gone: Some(gone_after(&route.keepalive)),
                 },
             },
             started: this.started,
