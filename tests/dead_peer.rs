@@ -62,7 +62,7 @@ fn a_peer_that_reads_nothing_is_not_taken_for_gone() {
 }
 
 /// The build VM vanishes (every packet to it dropped) while the client keeps typing: ferryd
-/// finds it within the keepalive bound plus a quarter, and resets the client, instead of holding
+/// finds it within the keepalive bound and a half, and resets the client, instead of holding
 /// the session for tcp_retries2 (about 15 minutes).
 #[test]
 fn a_vanished_build_vm_is_found_in_keepalive_time() {
@@ -144,8 +144,9 @@ while True:
     let (how, after) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
     assert_eq!(how, "reset", "the client's connection: {said}\n{}", daemon.log());
     let after: f64 = after.parse().unwrap_or(f64::MAX);
-    // 5 s of silence, looked at every 1.25 s, and the client's own 100 ms.
-    assert!(after < 8.0, "found after {after:.1} s\n{}", daemon.log());
+    // 5 s of silence, believed on the second of two looks 1.25 s apart, and the client's own
+    // 100 ms.
+    assert!(after < 9.0, "found after {after:.1} s\n{}", daemon.log());
     let line = daemon
         .wait_for_log("the peer is gone", Duration::from_secs(2))
         .unwrap_or_else(|| panic!("{}", daemon.log()));

@@ -247,6 +247,71 @@ out_interface = "lo"
 reconcile_interval = "2s"
 "#;
 
+/// [`TEST_CONFIG`] with a second route, to an echo server, for 1,000 connections.
+const MANY_CONFIG: &str = r#"allow = ["127.0.0.0/8"]
+probe_sources = ["168.63.129.16/32"]
+drain_timeout = "3s"
+
+[[route]]
+name = "ssh"
+listen = "0.0.0.0:60001"
+upstream = "127.0.0.1:22"
+
+[[route]]
+name = "many"
+listen = "127.0.0.1:60000"
+upstream = "127.0.0.1:7777"
+max_connections = 2000
+
+[nat]
+sources = ["10.9.9.9/32"]
+out_interface = "lo"
+reconcile_interval = "2s"
+"#;
+
+/// An echo server for many connections at once (one thread, selectors), on 127.0.0.1:7777.
+const ECHO_SERVER: &str = r#"
+import selectors, socket
+sel = selectors.DefaultSelector()
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.1", 7777)); srv.listen(4096); srv.setblocking(False)
+sel.register(srv, selectors.EVENT_READ)
+while True:
+    for key, _ in sel.select():
+        if key.fileobj is srv:
+            c, _ = srv.accept(); c.setblocking(True); sel.register(c, selectors.EVENT_READ)
+        else:
+            data = key.fileobj.recv(4096)
+            if data:
+                key.fileobj.sendall(data)
+            else:
+                sel.unregister(key.fileobj); key.fileobj.close()
+"#;
+
+/// Opens 1,000 connections through the relay's second route and echoes on each, waits for
+/// /tmp/many-go, echoes on each again, and writes how many came through both times.
+const MANY: &str = r#"
+import os, socket, time
+conns = []
+for i in range(1000):
+    s = socket.create_connection(("127.0.0.1", 60000), timeout=30)
+    s.sendall(b"one %d\n" % i)
+    conns.append(s)
+first = sum(1 for i, s in enumerate(conns) if s.recv(64) == b"one %d\n" % i)
+open("/tmp/many-first", "w").write(str(first))
+while not os.path.exists("/tmp/many-go"):
+    time.sleep(0.1)
+second = 0
+for i, s in enumerate(conns):
+    try:
+        s.sendall(b"two %d\n" % i)
+        if s.recv(64) == b"two %d\n" % i:
+            second += 1
+    except OSError:
+        pass
+open("/tmp/many-second", "w").write(str(second))
+"#;
+
 /// Holds one connection through the relay: reads sshd's banner, waits for /tmp/go, then sends a
 /// client banner and records what sshd answers (its key exchange), proving the connection
 /// outlived whatever happened in between.
@@ -274,6 +339,9 @@ fn package_installs_runs_reloads_stops_and_purges_under_systemd() {
     std::fs::copy(&deb, share.path().join("ferryd.deb")).unwrap();
     std::fs::write(share.path().join("ferryd.toml"), TEST_CONFIG).unwrap();
     std::fs::write(share.path().join("holder.py"), HOLDER).unwrap();
+    std::fs::write(share.path().join("echo.py"), ECHO_SERVER).unwrap();
+    std::fs::write(share.path().join("many.py"), MANY).unwrap();
+    std::fs::write(share.path().join("many.toml"), MANY_CONFIG).unwrap();
     let c = Container::boot(&root, share.path());
 
     // Install: the service is enabled, started, and became ready through notify.
@@ -528,6 +596,51 @@ fn package_installs_runs_reloads_stops_and_purges_under_systemd() {
         pid_before,
         "handed over on upgrade, not restarted"
     );
+
+    // With a short watchdog (2 s) and 1,000 connections through a second route, a live upgrade
+    // keeps every connection and never misses a ping: the unit is not restarted.
+    c.ok("mkdir -p /etc/systemd/system/ferryd.service.d && printf '[Service]\nWatchdogSec=2s\n' > /etc/systemd/system/ferryd.service.d/watchdog.conf && systemctl daemon-reload");
+    c.ok("cp /etc/ferryd/ferryd.toml /root/before-many.toml && cp /mnt/ferryd/many.toml /etc/ferryd/ferryd.toml");
+    c.ok("systemctl restart ferryd");
+    c.wait_for("systemctl is-active ferryd", "active", Duration::from_secs(20));
+    assert_eq!(c.ok("systemctl show -p WatchdogUSec --value ferryd").trim(), "2s");
+    c.ok("rm -f /tmp/many-first /tmp/many-second /tmp/many-go; setsid python3 /mnt/ferryd/echo.py >/tmp/echo.log 2>&1 &");
+    c.wait_for("ss -ltnH", "127.0.0.1:7777", Duration::from_secs(10));
+    c.ok("ulimit -n 4096; setsid python3 /mnt/ferryd/many.py >/tmp/many.log 2>&1 &");
+    let first = c.wait_for(
+        "cat /tmp/many-first 2>/dev/null || cat /tmp/many.log /tmp/echo.log",
+        "1000",
+        Duration::from_secs(60),
+    );
+    assert_eq!(first.trim(), "1000", "{}", c.ok("cat /tmp/many.log"));
+    let pid_before = c.ok("systemctl show -p MainPID --value ferryd");
+    let restarts_before = c.ok("systemctl show -p NRestarts --value ferryd");
+    let said = c.sh("ferryd upgrade --config /etc/ferryd/ferryd.toml");
+    let said_text = String::from_utf8_lossy(&said.stdout).into_owned();
+    assert!(
+        said.status.success() && said_text.contains("1000 connection(s) moved, none reset"),
+        "{said_text}{}",
+        String::from_utf8_lossy(&said.stderr)
+    );
+    println!("1,000 connections, WatchdogSec=2s: {}", said_text.trim());
+    c.ok("touch /tmp/many-go");
+    let second = c.wait_for(
+        "cat /tmp/many-second 2>/dev/null",
+        "1000",
+        Duration::from_secs(60),
+    );
+    assert_eq!(second.trim(), "1000", "{}", c.ok("cat /tmp/many.log"));
+    // Several watchdog periods later: the same process, never restarted.
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(c.ok("systemctl show -p MainPID --value ferryd"), pid_before);
+    assert_eq!(
+        c.ok("systemctl show -p NRestarts --value ferryd"),
+        restarts_before
+    );
+    let journal = c.ok("journalctl -u ferryd --no-pager");
+    assert!(!journal.contains("Watchdog timeout"), "{journal}");
+    c.ok("pkill -f '[m]any.py'; pkill -f '[e]cho.py'; rm -f /etc/systemd/system/ferryd.service.d/watchdog.conf && systemctl daemon-reload && cp /root/before-many.toml /etc/ferryd/ferryd.toml && systemctl restart ferryd");
+    c.wait_for("systemctl is-active ferryd", "active", Duration::from_secs(20));
 
     // An upgrade whose binary rejects the installed configuration (a renamed or unknown key)
     // leaves the running daemon alone and the package configured.

@@ -93,7 +93,8 @@ pub struct Timeouts {
 /// about 15 minutes). TCP_USER_TIMEOUT would bound it too, but on 4.15 and on current kernels it
 /// also ends a live peer that only advertises a zero window (a reader that stops reading), which
 /// only `idle_timeout` may end; so the relay asks TCP_INFO instead (see
-/// [`crate::net::peer_gone`]).
+/// [`crate::net::peer_looks_gone`]), and believes it when two looks a quarter of the bound apart
+/// agree: a gone peer is found between 1¼ and 1½ bounds after its last answer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GoneAfter {
     /// Data unacknowledged for this long: keepalive_time + keepalive_interval × keepalive_probes.
@@ -323,6 +324,8 @@ pub fn relay(
             // A direction that parked: it has stopped, and comes back as `Side::Open`.
             let (mut up_parked, mut down_parked) = (None, None);
             let mut next_look = timeouts.gone.map(|gone| Instant::now() + gone.every());
+            // Whether the last look found a peer that looked gone: believed on the second look.
+            let mut looked_gone = false;
             loop {
                 let quiet_limit = if up_done || down_done {
                     Some(timeouts.idle.map_or(timeouts.fin, |idle| idle.min(timeouts.fin)))
@@ -358,9 +361,10 @@ pub fn relay(
                             && Instant::now() >= look
                         {
                             next_look = Some(Instant::now() + gone.every());
-                            let ask = |fd, name| crate::net::peer_gone(fd, gone).map(|why| format!("{name}: {why}"));
-                            if let Some(why) = ask(upstream_fd, "upstream").or_else(|| ask(client_fd, "client")) {
-                                break Err((Outcome::Reset, Some(why)));
+                            let ask = |fd, name| crate::net::peer_looks_gone(fd, gone).map(|why| format!("{name}: {why}"));
+                            match ask(upstream_fd, "upstream").or_else(|| ask(client_fd, "client")) {
+                                Some(why) if looked_gone => break Err((Outcome::Reset, Some(why))),
+                                gone => looked_gone = gone.is_some(),
                             }
                         }
                     },
