@@ -7,7 +7,9 @@
 //! thread; `kill-accept` aborts the first route's accept loop. SIGUSR2 is never used: it is
 //! reserved for the live upgrade. `handover-emfile` fires by itself, once, in the first live
 //! upgrade, after the new binary's check passed: the open-file limit drops so that no descriptor
-//! can be had, and the hand-over document cannot be created.
+//! can be had, and the hand-over document cannot be created. `slow-exec` holds every live
+//! upgrade for 1.5 s between making descriptors inheritable and the exec, so that a test can see
+//! what a child forked then would inherit.
 
 /// The environment variable that arms a fault.
 pub const ENV: &str = "FERRYD_TEST_FAULTS";
@@ -52,4 +54,12 @@ pub fn before_handover() {
         limit = lowest_free,
         "test fault: the open-file limit is now the lowest free descriptor"
     );
+}
+
+/// Between making the hand-over's descriptors inheritable and the exec: with `slow-exec` armed,
+/// waits 1.5 s.
+pub fn in_exec_window() {
+    if std::env::var(ENV).ok().as_deref() == Some("slow-exec") {
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+    }
 }

@@ -1329,3 +1329,76 @@ fn carried_pipes_count_against_max_pipes() {
         "the daemon held {most} pipes with max_pipes = {MAX_PIPES}"
     );
 }
+
+/// While the hand-over's descriptors are inheritable (held open 1.5 s here by a test fault), no
+/// child is forked: the NAT loop's iptables, run every second, would otherwise hold every
+/// listener and connection open for as long as it runs. Each stand-in iptables run records the
+/// descriptors it was born with.
+#[test]
+fn no_child_inherits_the_hand_over_s_descriptors() {
+    let echo = Upstream::echo();
+    let port = free_port();
+    let installed = Installed::new();
+    let tools = TempDir::new("recording-iptables");
+    let records = tools.path().join("records");
+    std::fs::create_dir(&records).unwrap();
+    std::fs::set_permissions(&records, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    for tool in [
+        "iptables",
+        "iptables-save",
+        "iptables-restore",
+        "iptables-legacy",
+        "iptables-nft",
+    ] {
+        let path = tools.path().join(tool);
+        std::fs::write(
+            &path,
+            format!(
+                "#!/bin/sh\nls -l /proc/$$/fd > {}/{tool}.$$ 2>&1\n[ \"$1\" = --version ] && echo 'iptables v1.8.9 (legacy)'\nexit 1\n",
+                records.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
+    let config = config_one_route(port, echo.addr, "", "").replace(
+        "[[route]]",
+        "[nat]\nsources = [\"10.9.9.9/32\"]\nout_interface = \"lo\"\nreconcile_interval = \"1s\"\n\n[[route]]",
+    );
+    let path = format!(
+        "{}:{}",
+        tools.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let daemon = installed.start_with(&config, |command| {
+        command.env("FERRYD_TEST_FAULTS", "slow-exec").env("PATH", &path);
+    });
+    let mut session = session(port);
+    // The NAT loop is running iptables every second.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_dir(&records).map_or(0, |d| d.count()) < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "no iptables run recorded\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    installed.replace_with(Path::new(BIN));
+    let out = upgrade(&daemon);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    common::echo_roundtrip(&mut session, b"after").expect("the session goes on");
+    // Runs after the exec too, for good measure.
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut runs = 0;
+    for record in std::fs::read_dir(&records).unwrap().flatten() {
+        runs += 1;
+        let fds = std::fs::read_to_string(record.path()).unwrap_or_default();
+        assert!(
+            !fds.contains("socket:["),
+            "{} was born holding sockets:\n{fds}",
+            record.file_name().to_string_lossy()
+        );
+    }
+    assert!(runs >= 4, "only {runs} iptables runs recorded");
+}

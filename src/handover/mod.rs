@@ -268,6 +268,8 @@ impl Outgoing {
             .iter()
             .try_for_each(|fd| exec::inherit(*fd))
             .map_err(|e| std::io::Error::new(e.kind(), format!("cannot let a descriptor cross: {e}")));
+        #[cfg(feature = "test-faults")]
+        crate::faults::in_exec_window();
         let error = match made_inheritable {
             Ok(()) => {
                 let mut env = env.to_vec();
