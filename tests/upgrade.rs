@@ -180,6 +180,51 @@ impl Installed {
     }
 }
 
+impl Installed {
+    /// Starts the installed binary as systemd would with socket activation: `socket` passed as
+    /// descriptor 3 under `name`, while this process keeps its own copy, as systemd's fd store
+    /// does (so the port stays bound whatever ferryd closes).
+    fn start_passed(&self, config: &str, socket: &std::net::TcpListener, name: &str) -> Daemon {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::process::CommandExt;
+        let exe = self.path();
+        let fd = socket.as_raw_fd();
+        let name = name.to_string();
+        let daemon = Daemon::spawn_command(config, |path| {
+            let mut command = Command::new("sh");
+            command
+                .arg("-c")
+                .arg(format!(
+                    "LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES={name} exec \"$0\" run --config \"$1\""
+                ))
+                .arg(&exe)
+                .arg(path);
+            for var in ["JOURNAL_STREAM", "NOTIFY_SOCKET", "WATCHDOG_USEC"] {
+                command.env_remove(var);
+            }
+            common::unprivileged(&mut command);
+            // SAFETY: dup2 is async-signal-safe; the new descriptor 3 is not close-on-exec.
+            unsafe {
+                command.pre_exec(move || {
+                    if libc::dup2(fd, 3) < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+            command
+        });
+        assert!(
+            daemon
+                .wait_for_log(" ready config=", Duration::from_secs(10))
+                .is_some(),
+            "ferryd did not become ready; its log:\n{}",
+            daemon.log()
+        );
+        daemon
+    }
+}
+
 fn upgrade(daemon: &Daemon) -> std::process::Output {
     Command::new(BIN)
         .args(["upgrade", "--timeout", "20", "--config"])
@@ -835,14 +880,17 @@ fn an_exec_that_fails_twice_costs_nothing() {
 
 /// The new image passes the check but refuses the document it is handed (here: it is pointed at
 /// a descriptor that is not the document). It starts afresh: each moved connection is reset,
-/// never ended with a FIN a peer could take for a complete stream, new connections are served,
-/// and `ferryd upgrade` fails with the reason.
+/// never ended with a FIN a peer could take for a complete stream; the listening sockets are kept
+/// and claimed by their address (under systemd, whose fd store holds a copy, binding the port
+/// again would fail for 30 s, then the start), so new connections are served at once; and
+/// `ferryd upgrade` fails with the reason.
 #[test]
 fn a_new_image_that_refuses_the_document_resets_and_serves_on() {
     let upstream = Upstream::echo();
-    let port = free_port();
     let installed = Installed::new();
-    let daemon = installed.start(&config_one_route(port, upstream.addr, "", ""));
+    let passed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = passed.local_addr().unwrap().port();
+    let daemon = installed.start_passed(&config_one_route(port, upstream.addr, "", ""), &passed, "test");
     let mut session = session(port);
     let real = installed.dir.path().join("ferryd.real");
     std::fs::copy(BIN, &real).expect("copy the binary");
@@ -879,6 +927,12 @@ fn a_new_image_that_refuses_the_document_resets_and_serves_on() {
     let mut fresh = TcpStream::connect(local(port)).expect("connect after the refusal");
     fresh.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     common::echo_roundtrip(&mut fresh, b"new").expect("a new connection is relayed");
+    assert!(
+        daemon.log_lines("cannot listen yet").is_empty()
+            && !daemon.log_lines("using the socket handed over").is_empty(),
+        "{}",
+        daemon.log()
+    );
 }
 
 /// An upstream that drops every SYN, like a build VM behind a firewall that drops 22: a

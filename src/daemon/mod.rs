@@ -176,7 +176,7 @@ impl Daemon {
         notifier: Arc<Notifier>,
         mut passed: Passed,
         mut incoming: Option<Incoming>,
-        program: Program,
+        mut program: Program,
     ) -> anyhow::Result<Daemon> {
         // Whatever a live upgrade carried, the counters start from it.
         let relay = incoming
@@ -189,6 +189,10 @@ impl Daemon {
             (None, None) => None,
         };
         let state = State::new(engine.clone(), config.health.clone(), carried);
+        if let Some(refusal) = &mut program.refused {
+            // Nameless: each is claimed by the address it is bound to.
+            passed.adopt(refusal.listeners.drain(..).map(|l| (String::new(), l)).collect());
+        }
         if let Some(incoming) = &mut incoming {
             passed.adopt(std::mem::take(&mut incoming.listeners));
             // The listeners are the previous image's, bound and queueing: nothing here can keep

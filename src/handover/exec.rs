@@ -86,13 +86,17 @@ pub fn execve(exe: &Path, args: &[OsString], env: &[(OsString, OsString)]) -> io
     io::Error::last_os_error()
 }
 
-/// Closes every descriptor above stderr that would have crossed execve (FD_CLOEXEC clear): in
-/// a new image whose handover document was refused, those are the previous image's listeners,
-/// connections and pipes, which nobody will serve. A connected socket is reset, so its peer
-/// learns at once instead of waiting on a silent connection. Returns how many were closed.
-pub fn close_inherited() -> usize {
+/// Closes every descriptor above stderr that crossed execve (FD_CLOEXEC clear), except listening
+/// TCP sockets, which it returns: in a new image whose handover document was refused, the
+/// connections and pipes are the previous image's, which nobody will serve; a connected socket
+/// is reset, so its peer learns at once instead of waiting on a silent connection (and never
+/// takes a cut stream for a complete one). The listeners are kept for the daemon to claim by
+/// their address: closing them would refuse the connects waiting in their backlogs, and under
+/// systemd, whose fd store holds a copy of each, binding their ports again would fail.
+/// Returns how many were closed, and the listeners kept.
+pub fn close_inherited() -> (usize, Vec<std::net::TcpListener>) {
     let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
-        return 0;
+        return (0, Vec::new());
     };
     let fds: Vec<RawFd> = entries
         .flatten()
@@ -100,6 +104,7 @@ pub fn close_inherited() -> usize {
         .filter(|fd| *fd > 2)
         .collect();
     let mut closed = 0;
+    let mut listeners = Vec::new();
     for fd in fds {
         // SAFETY: F_GETFD only reads the descriptor's flags.
         let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
@@ -107,14 +112,21 @@ pub fn close_inherited() -> usize {
             continue;
         }
         // SAFETY: an inherited descriptor no part of this image owns (everything this image
-        // opens is close-on-exec); taking it to close it exactly once.
+        // opens is close-on-exec); taking it to keep or close it exactly once.
         let owned = unsafe { OwnedFd::from_raw_fd(fd) };
         let socket = socket2::SockRef::from(&owned);
-        if socket.r#type().is_ok() && !socket.is_listener().unwrap_or(true) {
+        let tcp = socket.r#type().is_ok_and(|t| t == socket2::Type::STREAM)
+            && socket.local_addr().is_ok_and(|a| a.as_socket().is_some());
+        if tcp && socket.is_listener().unwrap_or(false) {
+            if socket.set_cloexec(true).is_ok() && socket.set_nonblocking(true).is_ok() {
+                listeners.push(std::net::TcpListener::from(owned));
+                continue;
+            }
+        } else if socket.r#type().is_ok() {
             let _ = socket.set_linger(Some(std::time::Duration::ZERO));
         }
         drop(owned);
         closed += 1;
     }
-    closed
+    (closed, listeners)
 }

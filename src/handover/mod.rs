@@ -373,18 +373,24 @@ impl Incoming {
     /// Takes the hand-over named by [`ENV`] (as the daemon took it out of the
     /// environment, so no child inherits it), if any. `None`: a normal start. An error: there was
     /// a document and it was refused; everything the previous image left open has then been
-    /// closed (connected sockets reset, never closed with a FIN), and the daemon starts afresh.
+    /// closed (connected sockets reset, never closed with a FIN) but its listening sockets, and
+    /// the daemon starts afresh on those.
     pub fn from_var(value: Option<OsString>) -> Option<Result<Incoming, Refusal>> {
         let value = value?;
         let mut daemon = None;
-        let taken = take(&value, &mut daemon).map_err(|reason| Refusal { reason, daemon });
-        if taken.is_err() {
-            let closed = exec::close_inherited();
+        let taken = take(&value, &mut daemon).map_err(|reason| {
+            let (closed, listeners) = exec::close_inherited();
             tracing::warn!(
                 closed,
-                "closed the descriptors the previous program image left open"
+                listeners = listeners.len(),
+                "closed the connections the previous program image left open (reset) and kept its listening sockets"
             );
-        }
+            Refusal {
+                reason,
+                daemon,
+                listeners,
+            }
+        });
         Some(taken)
     }
 
@@ -403,6 +409,8 @@ pub struct Refusal {
     /// The previous image's daemon counters (as [`crate::state::carry`] wrote them), when the
     /// document could be read that far.
     pub daemon: Option<serde_json::Value>,
+    /// The listening sockets the previous image left open, to be claimed by their address.
+    pub listeners: Vec<TcpListener>,
 }
 
 /// Reads and takes the document. When it is refused, `salvaged` gets the daemon's counters if
