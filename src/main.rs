@@ -31,9 +31,20 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
             // Also while this is the only thread: the environment it inherited from systemd
-            // (or from the previous image of a live upgrade).
+            // (or from the previous image of a live upgrade), and any capability it was handed
+            // (the relay needs none).
             let inherited = ferryd::daemon::Inherited::take();
+            let dropped = ferryd::daemon::privileges::drop_all();
             ferryd::logging::init();
+            match dropped {
+                Ok(true) => {
+                    tracing::warn!("started with capabilities; dropped them all (the relay needs none)")
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot drop the capabilities this process was started with")
+                }
+            }
             let code = match ferryd::daemon::run(&config, inherited) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -46,6 +57,29 @@ fn main() -> ExitCode {
                 }
             };
             // Lines are written by a thread of their own: let it finish before the process ends.
+            ferryd::logging::flush(std::time::Duration::from_secs(2));
+            code
+        }
+        Command::Nat {
+            action: NatAction::Run { config },
+        } => {
+            if let Err(e) = ferryd::signals::block() {
+                eprintln!("ferryd: cannot block the signals the NAT keeper reads: {e}");
+                return ExitCode::FAILURE;
+            }
+            let notify_socket = ferryd::daemon::Inherited::take().notify_socket();
+            ferryd::logging::init();
+            let code = match ferryd::nat::keeper::run(&config, notify_socket) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    if e.downcast_ref::<ferryd::config::ConfigError>().is_some() {
+                        ExitCode::from(EX_CONFIG)
+                    } else {
+                        ExitCode::FAILURE
+                    }
+                }
+            };
             ferryd::logging::flush(std::time::Duration::from_secs(2));
             code
         }
@@ -120,6 +154,7 @@ fn nat(action: NatAction) -> ExitCode {
                 true
             })
             .map_err(|e| e.to_string()),
+        NatAction::Run { .. } => unreachable!("`ferryd nat run` is dispatched in main"),
         NatAction::Status { config } => {
             let checked = load(&config).and_then(|c| {
                 ferryd::nat::status(&c.nat)

@@ -121,7 +121,9 @@ fn probe(topo: &Topology) {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
-fn start_daemon(topo: &Topology, config: &str) -> Daemon {
+/// The relay and the NAT keeper on `config`.
+fn start_daemon(topo: &Topology, config: &str) -> (Daemon, Daemon) {
+    let keeper = topo.keeper(config, None);
     let daemon = topo.daemon(config, None);
     assert!(
         daemon
@@ -130,7 +132,7 @@ fn start_daemon(topo: &Topology, config: &str) -> Daemon {
         "{}",
         daemon.log()
     );
-    daemon
+    (daemon, keeper)
 }
 
 #[test]
@@ -155,13 +157,13 @@ fn doctor_names_each_failure_and_passes_a_healthy_setup() {
     let path = path.display().to_string();
 
     // Healthy: the daemon runs, NAT is in place, a probe arrived.
-    let mut daemon = start_daemon(&topo, &config("1h"));
+    let (mut daemon, keeper) = start_daemon(&topo, &config("1h"));
     assert!(
-        daemon
+        keeper
             .wait_for_log("NAT rules installed", Duration::from_secs(10))
             .is_some(),
         "{}",
-        daemon.log()
+        keeper.log()
     );
     probe(&topo);
     let healthy = doctor(&topo, &path);

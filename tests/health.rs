@@ -357,24 +357,30 @@ fn status_command_without_a_daemon_says_so() {
     assert!(stdout.contains("daemon:   not answering"), "{stdout}");
 }
 
-/// NAT that cannot be put in place (here: iptables is not on PATH) is loud and contained: the
-/// log, /status, STATUS= material and metrics name it, the probe stays 200 (the relay is what the
-/// balancer needs), and the relay keeps working. READY does not wait for NAT.
+/// NAT that cannot be put in place (here: iptables is not on the NAT keeper's PATH) is loud and
+/// contained: the keeper's log, the relay's /status, STATUS= material and metrics name it, the
+/// probe stays 200 (the relay is what the balancer needs), and the relay keeps working. READY
+/// does not wait for NAT.
 #[test]
 fn nat_failure_is_reported_beside_health_and_the_relay_keeps_working() {
     let upstream = Upstream::echo();
     let relay_port = free_port();
+    let reports = report_dir();
     let config = format!(
-        "{}\n[nat]\nsources = [\"10.0.1.4/32\"]\nout_interface = \"eth0\"\n",
-        config_one_route(relay_port, upstream.addr, "", "")
+        "{}\n[nat]\nsources = [\"10.0.1.4/32\"]\nout_interface = \"eth0\"\nreport_file = \"{}/nat.json\"\n",
+        config_one_route(relay_port, upstream.addr, "", ""),
+        reports.path().display()
     );
-    let daemon = Daemon::start_with(&config, |c| {
+    let keeper = Daemon::keeper(&config, |c| {
         c.env("PATH", "/nonexistent");
     });
-    let logged = daemon
+    let daemon = Daemon::start(&config);
+    let logged = keeper
         .wait_for_log("cannot put the NAT rules in place", Duration::from_secs(5))
         .unwrap();
     assert!(logged.contains("iptables is not installed"), "{logged}");
+    // The relay reads the keeper's report every second.
+    std::thread::sleep(Duration::from_millis(2500));
     let answer = daemon.health_request("GET /healthz HTTP/1.0\r\n\r\n").unwrap();
     assert_eq!(
         status_code(&answer),
@@ -411,16 +417,20 @@ fn require_nat_makes_a_nat_failure_fail_the_probe() {
     let upstream = Upstream::echo();
     let relay_port = free_port();
     let health_port = free_port();
+    let reports = report_dir();
     let config = format!(
-        "{}\n[health]\nlisten = \"127.0.0.1:{health_port}\"\nrequire_nat = true\n\n[nat]\nsources = [\"10.0.1.4/32\"]\nout_interface = \"eth0\"\n",
-        config_one_route(relay_port, upstream.addr, "", "")
+        "{}\n[health]\nlisten = \"127.0.0.1:{health_port}\"\nrequire_nat = true\n\n[nat]\nsources = [\"10.0.1.4/32\"]\nout_interface = \"eth0\"\nreport_file = \"{}/nat.json\"\n",
+        config_one_route(relay_port, upstream.addr, "", ""),
+        reports.path().display()
     );
-    let daemon = Daemon::start_with(&config, |c| {
+    let keeper = Daemon::keeper(&config, |c| {
         c.env("PATH", "/nonexistent");
     });
-    daemon
+    let _daemon = Daemon::start(&config);
+    keeper
         .wait_for_log("cannot put the NAT rules in place", Duration::from_secs(5))
         .unwrap();
+    std::thread::sleep(Duration::from_millis(2500));
     let answer = http_from(
         std::net::Ipv4Addr::LOCALHOST,
         health_port,

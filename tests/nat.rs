@@ -202,6 +202,7 @@ fn daemon_repairs_drift_and_relays_while_the_build_vm_downloads() {
     }
 
     let config = nat_config("reconcile_interval = \"1s\"");
+    let keeper = topo.keeper(&config, None);
     let daemon = topo.daemon(&config, None);
     assert!(
         daemon
@@ -211,11 +212,11 @@ fn daemon_repairs_drift_and_relays_while_the_build_vm_downloads() {
         daemon.log()
     );
     assert!(
-        daemon
+        keeper
             .wait_for_log("NAT rules installed", Duration::from_secs(5))
             .is_some(),
         "{}",
-        daemon.log()
+        keeper.log()
     );
 
     // The load balancer reaches the build VM's port 22 through the relay while the build VM
@@ -243,21 +244,27 @@ fn daemon_repairs_drift_and_relays_while_the_build_vm_downloads() {
     // Someone flushes ferryd's chains and removes a jump: repaired within a reconcile interval.
     topo.sh("proxy", "iptables -F FERRYD-FORWARD && iptables -t nat -F FERRYD-POSTROUTING && iptables -D FORWARD -m comment --comment ferryd -j FERRYD-FORWARD");
     assert!(
-        daemon
+        keeper
             .wait_for_log("NAT state had drifted; repaired", Duration::from_secs(5))
             .is_some(),
         "{}",
-        daemon.log()
+        keeper.log()
     );
     assert_eq!(
         topo.get_from_buildvm("http://192.0.2.1/"),
         Ok("192.0.2.2".to_string())
     );
+    // The relay reads it all from the keeper's report (within two seconds: the keeper writes
+    // it every second, the relay reads it every second), and counts the repair.
+    status_says(&topo, &["\"state\":\"ok\"", "\"repairs\":1"]);
 
-    // SIGKILL leaves NAT in place: the build VM keeps its way out while ferryd is down.
-    let mut daemon = daemon;
+    // SIGKILL of either process leaves NAT in place: the build VM keeps its way out while
+    // ferryd is down.
+    let (mut daemon, mut keeper) = (daemon, keeper);
     daemon.signal(nix::sys::signal::Signal::SIGKILL);
     daemon.wait_exit(Duration::from_secs(5)).expect("killed");
+    keeper.signal(nix::sys::signal::Signal::SIGKILL);
+    keeper.wait_exit(Duration::from_secs(5)).expect("killed");
     assert!(
         topo.save("nat").contains("-j FERRYD-POSTROUTING"),
         "NAT removed by a kill"
@@ -369,6 +376,20 @@ fn path_with(dir: &TempDir) -> String {
         dir.path().display(),
         std::env::var("PATH").unwrap_or_default()
     )
+}
+
+/// Waits (up to 3 s: the keeper writes its report every second, the relay reads it every
+/// second) until the relay's `/status` contains every one of `needles`.
+fn status_says(topo: &Topology, needles: &[&str]) {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let status = health_in_proxy(topo, "/status");
+        if needles.iter().all(|n| status.contains(n)) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "waited for {needles:?} in {status}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// GET on the proxy's health endpoint from inside its namespace: "STATUS BODY".
@@ -486,10 +507,9 @@ fn hung_iptables_is_killed_after_its_bound_and_never_delays_the_relay() {
     let started = Instant::now();
     // The next attempt comes 5 s after the killed one: time enough to look for leftovers and
     // lift the hang before it starts (with 1 s, a loaded machine would see a second hang).
-    let daemon = topo.daemon(
-        &nat_config("reconcile_interval = \"5s\""),
-        Some(&path_with(&tools)),
-    );
+    let config = nat_config("reconcile_interval = \"5s\"");
+    let keeper = topo.keeper(&config, Some(&path_with(&tools)));
+    let daemon = topo.daemon(&config, None);
     assert!(
         daemon
             .wait_for_log(" ready config=", Duration::from_secs(5))
@@ -514,12 +534,12 @@ fn hung_iptables_is_killed_after_its_bound_and_never_delays_the_relay() {
         health_in_proxy(&topo, "/status")
     );
 
-    let killed = daemon
+    let killed = keeper
         .wait_for_log(
             "did not finish within 20s and was killed",
             Duration::from_secs(30),
         )
-        .unwrap_or_else(|| panic!("{}", daemon.log()));
+        .unwrap_or_else(|| panic!("{}", keeper.log()));
     assert!(killed.contains("cannot put the NAT rules in place"), "{killed}");
     let waited = started.elapsed();
     assert!(waited >= Duration::from_secs(19), "killed after {waited:?}");
@@ -532,18 +552,18 @@ fn hung_iptables_is_killed_after_its_bound_and_never_delays_the_relay() {
         "the hung command's processes were left: {}",
         String::from_utf8_lossy(&leftovers.stdout)
     );
-    assert!(health_in_proxy(&topo, "/status").contains("\"state\":\"failed\""));
+    status_says(&topo, &["\"state\":\"failed\""]);
     assert!(health_in_proxy(&topo, "/healthz").starts_with("200"));
 
     std::fs::remove_file(&flag).unwrap();
     assert!(
-        daemon
+        keeper
             .wait_for_log("NAT rules installed", Duration::from_secs(20))
             .is_some(),
         "{}",
-        daemon.log()
+        keeper.log()
     );
-    assert!(health_in_proxy(&topo, "/status").contains("\"state\":\"ok\""));
+    status_says(&topo, &["\"state\":\"ok\""]);
     assert_eq!(topo.sh("proxy", "cat /proc/sys/net/ipv4/ip_forward").trim(), "1");
 }
 
@@ -561,31 +581,38 @@ fn turning_nat_off_removes_the_rules_at_reload_and_at_start() {
     let config = nat_config("reconcile_interval = \"1s\"");
     let without_nat = config[..config.find("[nat]").unwrap()].to_string();
 
-    // Reload.
-    let mut daemon = topo.daemon(&config, Some(&path));
+    // Reload: systemd's PropagatesReloadTo= reloads both processes; here, each by hand.
+    let mut keeper = topo.keeper(&config, Some(&path));
+    let mut daemon = topo.daemon(&config, None);
     assert!(
-        daemon
+        keeper
             .wait_for_log("NAT rules installed", Duration::from_secs(10))
             .is_some(),
         "{}",
-        daemon.log()
+        keeper.log()
     );
     assert_eq!(
         topo.get_from_buildvm("http://192.0.2.1/"),
         Ok("192.0.2.2".to_string())
     );
+    keeper.rewrite_config(&without_nat);
+    keeper.signal(nix::sys::signal::Signal::SIGHUP);
     daemon.rewrite_config(&without_nat);
     daemon.signal(nix::sys::signal::Signal::SIGHUP);
     assert!(
-        daemon
+        keeper
             .wait_for_log(
                 "NAT is off in the configuration: ferryd's rules",
                 Duration::from_secs(10)
             )
             .is_some(),
         "{}",
-        daemon.log()
+        keeper.log()
     );
+    daemon
+        .wait_for_log("configuration reloaded", Duration::from_secs(10))
+        .expect("the relay reloaded");
+    std::thread::sleep(Duration::from_millis(1500));
     assert!(!topo.save("filter").contains("FERRYD"));
     assert!(!topo.save("nat").contains("FERRYD"));
     assert_eq!(topo.sh("proxy", "cat /proc/sys/net/ipv4/ip_forward").trim(), "0");
@@ -593,6 +620,7 @@ fn turning_nat_off_removes_the_rules_at_reload_and_at_start() {
     assert!(health_in_proxy(&topo, "/status").contains("\"state\":\"disabled\""));
     assert!(banner_through_relay(&topo).starts_with("SSH-2.0-"));
     daemon.stop();
+    keeper.stop();
 
     // Start: NAT left in place by a stopped daemon, then a start without [nat].
     let up = topo.ferryd(&[
@@ -603,16 +631,16 @@ fn turning_nat_off_removes_the_rules_at_reload_and_at_start() {
     ]);
     assert!(up.status.success());
     assert!(topo.save("nat").contains("FERRYD"));
-    let daemon = topo.daemon(&without_nat, Some(&path));
+    let keeper = topo.keeper(&without_nat, Some(&path));
     assert!(
-        daemon
+        keeper
             .wait_for_log(
                 "NAT is off in the configuration: ferryd's rules",
                 Duration::from_secs(10)
             )
             .is_some(),
         "{}",
-        daemon.log()
+        keeper.log()
     );
     assert!(!topo.save("nat").contains("FERRYD"));
     assert_eq!(topo.sh("proxy", "cat /proc/sys/net/ipv4/ip_forward").trim(), "0");
@@ -641,15 +669,20 @@ fn nat_state_crosses_a_live_upgrade() {
         "[health]\nlisten = \"127.0.0.1:60080\"\nrequire_nat = true\n",
     );
     assert!(config.contains("require_nat"), "{config}");
-    let daemon = topo.daemon(&config, Some(&path_with(&slow)));
+    let keeper = topo.keeper(&config, Some(&path_with(&slow)));
+    let daemon = topo.daemon(&config, None);
     assert!(
-        daemon
+        keeper
             .wait_for_log("NAT rules installed", Duration::from_secs(30))
             .is_some(),
         "{}",
-        daemon.log()
+        keeper.log()
     );
-    assert!(health_in_proxy(&topo, "/healthz").starts_with("200"));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !health_in_proxy(&topo, "/healthz").starts_with("200") {
+        assert!(Instant::now() < deadline, "{}", daemon.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let out = Command::new("ip")
         .args([
             "netns",
@@ -676,4 +709,62 @@ fn nat_state_crosses_a_live_upgrade() {
         "the probe right after the upgrade: {probe}\n{}",
         daemon.log()
     );
+}
+
+/// The NAT keeper killed: the relay's `/status` says NAT failed, naming the dead keeper, within
+/// a second or two (not a reconcile interval later), the probe turns 503 with `require_nat`, and
+/// SSH keeps being relayed; a keeper started again brings it back.
+#[test]
+fn a_dead_nat_keeper_is_seen_by_the_relay_at_once() {
+    if !can_run() {
+        return;
+    }
+    let mut topo = Topology::new();
+    start_echo_sshd(&mut topo);
+    let config = nat_config("reconcile_interval = \"30s\"").replace(
+        "[health]\nlisten = \"127.0.0.1:60080\"\n",
+        "[health]\nlisten = \"127.0.0.1:60080\"\nrequire_nat = true\n",
+    );
+    let mut keeper = topo.keeper(&config, None);
+    let daemon = topo.daemon(&config, None);
+    daemon
+        .wait_for_log(" ready config=", Duration::from_secs(10))
+        .expect("the relay is ready");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !health_in_proxy(&topo, "/healthz").starts_with("200") {
+        assert!(Instant::now() < deadline, "{}\n{}", daemon.log(), keeper.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    keeper.signal(nix::sys::signal::Signal::SIGKILL);
+    keeper.wait_exit(Duration::from_secs(5)).expect("killed");
+    let killed = Instant::now();
+    let probe = loop {
+        let probe = health_in_proxy(&topo, "/healthz");
+        if probe.starts_with("503") {
+            break probe;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(3),
+            "still {probe} after the keeper died"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        probe.contains("NAT keeper") && probe.contains("not running"),
+        "{probe}"
+    );
+    println!(
+        "keeper killed: the probe said {probe:?} after {:?}",
+        killed.elapsed()
+    );
+    assert!(health_in_proxy(&topo, "/status").contains("\"state\":\"failed\""));
+    assert!(banner_through_relay(&topo).starts_with("SSH-2.0-"));
+    // The rules stayed: the build VM's way out does not depend on the keeper running.
+    assert!(topo.save("nat").contains("FERRYD-POSTROUTING"));
+    let _keeper = topo.keeper(&config, None);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !health_in_proxy(&topo, "/healthz").starts_with("200") {
+        assert!(Instant::now() < deadline, "{}", daemon.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

@@ -49,6 +49,14 @@ const DIRECTIVES: &[(&str, u32)] = &[
     ("RestrictNamespaces", 233),
     ("StateDirectory", 235),
     ("LockPersonality", 235),
+    // Reload propagation is from 2012, long before 237.
+    ("PropagatesReloadTo", 187),
+    ("ReloadPropagatedFrom", 187),
+    ("RuntimeDirectory", 211),
+    ("RuntimeDirectoryMode", 211),
+    ("UMask", 1),
+    ("RemoveIPC", 232),
+    ("IPAddressDeny", 235),
     // Known to be newer than 237: listed so the message says why, not just "unknown".
     ("PrivateMounts", 239),
     ("ProtectHostname", 242),
@@ -88,6 +96,11 @@ const GROUPS_237: &[&str] = &[
 
 fn unit_path() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/ferryd.service")
+}
+
+/// The NAT keeper's unit.
+fn nat_unit_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/ferryd-nat.service")
 }
 
 /// (directive, value) pairs of a unit file.
@@ -130,9 +143,11 @@ fn problems_for_237(text: &str) -> Vec<String> {
 
 #[test]
 fn unit_uses_only_what_systemd_237_applies() {
+    for unit in [unit_path(), nat_unit_path()] {
+        let problems = problems_for_237(&std::fs::read_to_string(&unit).unwrap());
+        assert!(problems.is_empty(), "{}: {problems:#?}", unit.display());
+    }
     let text = std::fs::read_to_string(unit_path()).unwrap();
-    let problems = problems_for_237(&text);
-    assert!(problems.is_empty(), "{problems:#?}");
     // The checker itself catches what it is meant to catch.
     let bad = format!(
         "{text}\nProtectClock=yes\nSystemCallFilter=@system-service\nType=notify-reload\nFrobnicate=1\n"
@@ -141,34 +156,31 @@ fn unit_uses_only_what_systemd_237_applies() {
     assert_eq!(found.len(), 4, "{found:#?}");
 }
 
-#[test]
-fn unit_has_the_required_settings() {
-    let text = std::fs::read_to_string(unit_path()).unwrap();
-    let d = directives(&text);
-    let get = |k: &str| {
-        d.iter()
-            .filter(|(key, _)| key == k)
-            .map(|(_, v)| v.as_str())
-            .collect::<Vec<_>>()
-    };
-    assert_eq!(get("Type"), ["notify"]);
-    assert_eq!(get("NotifyAccess"), ["main"]);
-    assert_eq!(get("User"), ["ferryd"]);
+/// The values of `key` in a unit's text.
+fn values(text: &str, key: &str) -> Vec<String> {
+    directives(text)
+        .into_iter()
+        .filter(|(k, _)| k == key)
+        .map(|(_, v)| v)
+        .collect()
+}
+
+/// What both units must have: notify with the watchdog, a reload that validates first, no
+/// restart loop on a bad file, the ferryd user, and the hardening systemd 237 applies.
+fn common_settings(text: &str, name: &str) {
+    let get = |k: &str| values(text, k);
+    assert_eq!(get("Type"), ["notify"], "{name}");
+    assert_eq!(get("NotifyAccess"), ["main"], "{name}");
+    assert_eq!(get("User"), ["ferryd"], "{name}");
     assert!(
         get("ExecReload")[0].contains("ferryd check"),
-        "reload validates first"
+        "{name}: reload validates first"
     );
-    assert!(get("ExecReload")[1].contains("kill -HUP"));
+    assert!(get("ExecReload")[1].contains("kill -HUP"), "{name}");
     assert_eq!(
         get("RestartPreventExitStatus"),
         ["78"],
-        "a bad configuration must not restart in a loop"
-    );
-    let stop: u64 = get("TimeoutStopSec")[0].trim_end_matches('s').parse().unwrap();
-    let drain = ferryd::config::DEFAULT_DRAIN_TIMEOUT.as_secs();
-    assert!(
-        stop > drain + 2,
-        "TimeoutStopSec {stop}s must exceed drain_timeout {drain}s"
+        "{name}: a bad configuration must not restart in a loop"
     );
     for hardening in [
         "NoNewPrivileges",
@@ -187,9 +199,61 @@ fn unit_has_the_required_settings() {
         "SystemCallArchitectures",
         "SystemCallFilter",
         "WatchdogSec",
+        "CapabilityBoundingSet",
+        "UMask",
+        "RemoveIPC",
     ] {
-        assert_eq!(get(hardening).len(), 1, "{hardening}= missing");
+        assert_eq!(get(hardening).len(), 1, "{name}: {hardening}= missing");
     }
+}
+
+#[test]
+fn unit_has_the_required_settings() {
+    let text = std::fs::read_to_string(unit_path()).unwrap();
+    common_settings(&text, "ferryd.service");
+    let get = |k: &str| values(&text, k);
+    let stop: u64 = get("TimeoutStopSec")[0].trim_end_matches('s').parse().unwrap();
+    let drain = ferryd::config::DEFAULT_DRAIN_TIMEOUT.as_secs();
+    assert!(
+        stop > drain + 2,
+        "TimeoutStopSec {stop}s must exceed drain_timeout {drain}s"
+    );
+    // The relay holds no privilege: an empty bounding set, no ambient capability, no step that
+    // runs with full privileges, nothing writable in /proc/sys.
+    assert_eq!(
+        get("CapabilityBoundingSet"),
+        [""],
+        "the relay's bounding set must be empty"
+    );
+    assert!(get("AmbientCapabilities").is_empty());
+    assert!(
+        get("ExecStartPre").is_empty(),
+        "no privileged step in the relay's unit"
+    );
+    assert!(get("ReadWritePaths").is_empty());
+    assert_eq!(get("PropagatesReloadTo"), ["ferryd-nat.service"]);
+}
+
+#[test]
+fn nat_unit_holds_only_what_nat_needs() {
+    let text = std::fs::read_to_string(nat_unit_path()).unwrap();
+    common_settings(&text, "ferryd-nat.service");
+    let get = |k: &str| values(&text, k);
+    assert_eq!(
+        get("ExecStart"),
+        ["/usr/bin/ferryd nat run --config /etc/ferryd/ferryd.toml"]
+    );
+    assert_eq!(get("CapabilityBoundingSet"), ["CAP_NET_ADMIN CAP_NET_RAW"]);
+    assert_eq!(get("AmbientCapabilities"), ["CAP_NET_ADMIN CAP_NET_RAW"]);
+    // It talks to no one over IP, and opens no IPv6 socket at all.
+    assert_eq!(get("IPAddressDeny"), ["any"]);
+    let families = get("RestrictAddressFamilies");
+    assert!(!families[0].contains("AF_INET6"), "{families:?}");
+    assert_eq!(get("RuntimeDirectory"), ["ferryd-nat"]);
+    assert!(
+        ferryd::config::DEFAULT_NAT_REPORT_FILE.starts_with("/run/ferryd-nat/"),
+        "the report's default path is in the unit's runtime directory"
+    );
 }
 
 /// The built package (packaging/build-deb; .ci/run builds it before the tests).
@@ -254,6 +318,7 @@ fn packaged_binary_is_static_and_package_is_complete() {
     }
     for path in [
         "lib/systemd/system/ferryd.service",
+        "lib/systemd/system/ferryd-nat.service",
         "etc/ferryd/ferryd.toml",
         "usr/lib/sysctl.d/60-ferryd.conf",
         "usr/share/doc/ferryd/README.md",
@@ -342,24 +407,66 @@ fn systemd_analyze_verify_passes() {
         return;
     };
     assert!(probe.status.success());
-    // verify wants the executables to exist: point the unit at this build's binary.
+    // verify wants the executables to exist: point the units at this build's binary.
     let dir = common::TempDir::new("verify");
-    let unit = std::fs::read_to_string(unit_path())
-        .unwrap()
-        .replace("/usr/bin/ferryd", common::BIN);
-    let path = dir.path().join("ferryd.service");
-    std::fs::write(&path, unit).unwrap();
+    for (unit, name) in [
+        (unit_path(), "ferryd.service"),
+        (nat_unit_path(), "ferryd-nat.service"),
+    ] {
+        let text = std::fs::read_to_string(unit)
+            .unwrap()
+            .replace("/usr/bin/ferryd", common::BIN);
+        std::fs::write(dir.path().join(name), text).unwrap();
+    }
     // The man page is installed by the package, not on this host.
     let out = Command::new("systemd-analyze")
         .args(["verify", "--man=no"])
-        .arg(&path)
+        .arg(dir.path().join("ferryd.service"))
+        .arg(dir.path().join("ferryd-nat.service"))
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     // Lines about other units on this host are not ours to judge.
-    let ours: Vec<&str> = stderr.lines().filter(|l| l.contains("ferryd.service")).collect();
+    let ours: Vec<&str> = stderr.lines().filter(|l| l.contains("ferryd")).collect();
     assert!(
         out.status.success() && ours.is_empty(),
         "systemd-analyze verify:\n{stderr}"
     );
+}
+
+/// The exposure score of a unit file, as `systemd-analyze security --offline=yes` gives it
+/// (systemd 250 and later), if that can be had.
+fn exposure(unit: &Path) -> Option<f64> {
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=yes"])
+        .arg(unit)
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().find(|l| l.contains("Overall exposure level"))?;
+    line.split(':').nth(1)?.split_whitespace().next()?.parse().ok()
+}
+
+/// Both units score far better than Debian's own haproxy.service and nginx.service (with only
+/// directives systemd 237 knows); the scores are the ones README quotes.
+#[test]
+fn units_are_less_exposed_than_haproxy_and_nginx() {
+    let Some(relay) = exposure(&unit_path()) else {
+        eprintln!(
+            "SKIPPED units_are_less_exposed_than_haproxy_and_nginx: no `systemd-analyze security --offline` here (systemd 250+)"
+        );
+        return;
+    };
+    let nat = exposure(&nat_unit_path()).expect("the NAT keeper's unit is scored");
+    println!("exposure: ferryd.service {relay}, ferryd-nat.service {nat}");
+    assert!(relay <= 2.5 && nat <= 2.5, "relay {relay}, NAT {nat}");
+    for peer in [
+        "/lib/systemd/system/haproxy.service",
+        "/lib/systemd/system/nginx.service",
+    ] {
+        if let Some(score) = exposure(Path::new(peer)) {
+            println!("exposure: {peer} {score}");
+            assert!(relay < score && nat < score, "{peer} scores {score}");
+        }
+    }
 }

@@ -27,6 +27,8 @@ impl Manager {
         let dir = TempDir::new("notify");
         let path = dir.path().join("notify.sock");
         let socket = UnixDatagram::bind(&path).unwrap();
+        // The daemon runs under a uid of its own: it may write to the socket, as systemd's is.
+        writable_by_all(&path);
         let messages = Arc::new(Mutex::new(Vec::new()));
         let sink = messages.clone();
         std::thread::spawn(move || {
@@ -77,6 +79,12 @@ impl Manager {
     }
 }
 
+/// Lets any user send to the socket at `path` (the daemon runs under a uid of its own).
+fn writable_by_all(path: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777)).unwrap();
+}
+
 /// Starts ferryd with `socket` passed as systemd would (fd 3, LISTEN_FDS=1, LISTEN_FDNAMES=`name`,
 /// LISTEN_PID its own pid: `exec` keeps the shell's pid, so $$ is ferryd's).
 fn spawn_with_passed_socket(config: &str, socket: &TcpListener, name: &str) -> Daemon {
@@ -91,6 +99,7 @@ fn spawn_with_passed_socket(config: &str, socket: &TcpListener, name: &str) -> D
             ))
             .arg(BIN)
             .arg(path);
+        unprivileged(&mut command);
         // SAFETY: dup2 is async-signal-safe; the new fd 3 is not close-on-exec.
         unsafe {
             command.pre_exec(move || {
@@ -254,6 +263,7 @@ fn listening_sockets_go_to_the_fd_store() {
     let dir = TempDir::new("fdstore");
     let path = dir.path().join("notify.sock");
     let socket = UnixDatagram::bind(&path).unwrap();
+    writable_by_all(&path);
     socket.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let upstream = Upstream::echo();
     let port = free_port();
@@ -436,4 +446,53 @@ fn a_connection_queued_before_start_gets_the_socket_options() {
         leg.contains("timer:(keepalive,4"),
         "no 45 s keepalive on a connection queued before start: {leg}"
     );
+}
+
+/// The relay holds no capability even when it is handed some (as a live upgrade from a version
+/// whose relay kept NAT's capabilities does: ambient capabilities survive an execve): the
+/// ambient, inheritable, permitted and effective sets are empty once it runs.
+#[test]
+fn the_relay_drops_capabilities_it_is_handed() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || Command::new("setpriv").arg("--version").output().is_err() {
+        eprintln!("SKIPPED the_relay_drops_capabilities_it_is_handed: needs root and setpriv");
+        return;
+    }
+    let upstream = Upstream::echo();
+    let port = free_port();
+    let uid = unprivileged_uid().to_string();
+    let daemon = Daemon::spawn_command(&config_one_route(port, upstream.addr, "", ""), |path| {
+        let mut command = Command::new("setpriv");
+        command
+            .args(["--reuid", &uid, "--regid", &uid, "--clear-groups"])
+            .args([
+                "--inh-caps=+net_admin,+net_raw",
+                "--ambient-caps=+net_admin,+net_raw",
+            ])
+            .args([BIN, "run", "--config"])
+            .arg(path);
+        for var in ["JOURNAL_STREAM", "NOTIFY_SOCKET", "WATCHDOG_USEC"] {
+            command.env_remove(var);
+        }
+        command
+    });
+    assert!(
+        daemon
+            .wait_for_log(" ready config=", Duration::from_secs(10))
+            .is_some(),
+        "{}",
+        daemon.log()
+    );
+    assert!(
+        !daemon.log_lines("dropped them all").is_empty(),
+        "{}",
+        daemon.log()
+    );
+    let held: Vec<_> = capabilities(daemon.pid())
+        .into_iter()
+        .filter(|(name, value)| *value != 0 && name != "CapBnd")
+        .collect();
+    assert!(held.is_empty(), "the relay holds {held:?}");
+    let mut client = std::net::TcpStream::connect(local(port)).unwrap();
+    echo_roundtrip(&mut client, b"relayed without privilege").unwrap();
 }

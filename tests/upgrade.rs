@@ -1384,12 +1384,14 @@ fn carried_pipes_count_against_max_pipes() {
     );
 }
 
-/// While the hand-over's descriptors are inheritable (held open 1.5 s here by a test fault), no
-/// child is forked: the NAT loop's iptables, run every second, would otherwise hold every
-/// listener and connection open for as long as it runs. Each stand-in iptables run records the
-/// descriptors it was born with.
+/// The relay runs no iptables at all, even with `[nat]` configured and through a live upgrade
+/// whose exec window is held open 1.5 s (a test fault): NAT is the NAT keeper's (`ferryd nat
+/// run`), so no child of the relay can inherit the hand-over's descriptors. (While NAT still ran
+/// in the relay, a stand-in iptables forked in that window was born holding the sockets; the
+/// fork lock that fixed it stays, for any child the relay may run later.) Each stand-in run
+/// would record the descriptors it was born with.
 #[test]
-fn no_child_inherits_the_hand_over_s_descriptors() {
+fn the_relay_runs_no_iptables_even_with_nat_configured() {
     let echo = Upstream::echo();
     let port = free_port();
     let installed = Installed::new();
@@ -1428,31 +1430,25 @@ fn no_child_inherits_the_hand_over_s_descriptors() {
         command.env("FERRYD_TEST_FAULTS", "slow-exec").env("PATH", &path);
     });
     let mut session = session(port);
-    // The NAT loop is running iptables every second.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::fs::read_dir(&records).map_or(0, |d| d.count()) < 2 {
-        assert!(
-            Instant::now() < deadline,
-            "no iptables run recorded\n{}",
-            daemon.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    // Long enough for a reconcile loop at 1 s to have run iptables several times.
+    std::thread::sleep(Duration::from_secs(3));
     installed.replace_with(Path::new(BIN));
     let out = upgrade(&daemon);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     common::echo_roundtrip(&mut session, b"after").expect("the session goes on");
-    // Runs after the exec too, for good measure.
+    // And after the exec.
     std::thread::sleep(Duration::from_millis(1500));
-    let mut runs = 0;
-    for record in std::fs::read_dir(&records).unwrap().flatten() {
-        runs += 1;
-        let fds = std::fs::read_to_string(record.path()).unwrap_or_default();
-        assert!(
-            !fds.contains("socket:["),
-            "{} was born holding sockets:\n{fds}",
-            record.file_name().to_string_lossy()
-        );
-    }
-    assert!(runs >= 4, "only {runs} iptables runs recorded");
+    let runs: Vec<String> = std::fs::read_dir(&records)
+        .unwrap()
+        .flatten()
+        .map(|record| std::fs::read_to_string(record.path()).unwrap_or_default())
+        .collect();
+    assert!(
+        runs.is_empty(),
+        "the relay ran iptables {} time(s): {runs:?}",
+        runs.len()
+    );
+    // It reads NAT's state from the keeper's report instead (no keeper here: pending).
+    let status = status(&daemon);
+    assert_eq!(status["nat"]["state"], "pending", "{status}");
 }

@@ -73,6 +73,11 @@ pub const LOOPBACK: [Cidr; 2] = [
 /// downloads, at the cost of two iptables-save runs.
 pub const DEFAULT_RECONCILE_INTERVAL: Duration = Duration::from_secs(30);
 
+/// Where the NAT keeper publishes NAT's state: the runtime directory systemd makes for
+/// ferryd-nat.service (RuntimeDirectory=ferryd-nat), owned by the ferryd user, readable by the
+/// relay; tmpfs, so a stale file never outlives a reboot.
+pub const DEFAULT_NAT_REPORT_FILE: &str = "/run/ferryd-nat/state.json";
+
 /// Linux caps TCP_KEEPIDLE and TCP_KEEPINTVL at 32767 s: a longer value would be refused by the
 /// kernel at run time instead of by `ferryd check`.
 pub const MAX_KEEPALIVE_SECS: u64 = 32767;

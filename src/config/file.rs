@@ -185,4 +185,5 @@ pub(super) struct FileNat {
     pub(super) out_interface: Option<Spanned<String>>,
     pub(super) allow_destinations: Option<Vec<Destination>>,
     pub(super) reconcile_interval: Option<Spanned<HumanDuration>>,
+    pub(super) report_file: Option<Spanned<String>>,
 }

@@ -99,6 +99,8 @@ pub struct Nat {
     pub allow_destinations: Option<Vec<Destination>>,
     /// How often live rules are compared with the wanted ones.
     pub reconcile_interval: Duration,
+    /// Where the NAT keeper (`ferryd nat run`) publishes NAT's state for the relay to read.
+    pub report_file: PathBuf,
 }
 
 /// An egress destination: a block, optionally limited to a port or port range (TCP and UDP).

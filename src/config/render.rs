@@ -44,6 +44,7 @@ struct NatView {
     #[serde(skip_serializing_if = "Option::is_none")]
     allow_destinations: Option<Vec<String>>,
     reconcile_interval: String,
+    report_file: String,
 }
 
 #[derive(Serialize)]
@@ -105,6 +106,7 @@ pub(super) fn render(config: &Config) -> String {
             out_interface: config.nat.out_interface.clone(),
             allow_destinations: config.nat.allow_destinations.as_deref().map(strings),
             reconcile_interval: duration(config.nat.reconcile_interval),
+            report_file: config.nat.report_file.display().to_string(),
         },
         route: config
             .routes

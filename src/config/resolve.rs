@@ -6,7 +6,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use toml::Spanned;
@@ -217,6 +217,7 @@ fn resolve_nat(loc: &Locator<'_>, file: Option<Spanned<FileNat>>) -> Result<Nat,
             out_interface: None,
             allow_destinations: None,
             reconcile_interval: DEFAULT_RECONCILE_INTERVAL,
+            report_file: PathBuf::from(DEFAULT_NAT_REPORT_FILE),
         });
     };
     let span = file.span();
@@ -274,12 +275,23 @@ fn resolve_nat(loc: &Locator<'_>, file: Option<Spanned<FileNat>>) -> Result<Nat,
         Some(d) => d.into_inner().0,
         None => DEFAULT_RECONCILE_INTERVAL,
     };
+    let report_file = match file.report_file {
+        Some(path) if !path.get_ref().starts_with('/') => {
+            return Err(loc.at(
+                Some(path.span()),
+                format!("[nat] report_file {:?} must be an absolute path", path.get_ref()),
+            ));
+        }
+        Some(path) => PathBuf::from(path.into_inner()),
+        None => PathBuf::from(DEFAULT_NAT_REPORT_FILE),
+    };
     Ok(Nat {
         enabled,
         sources,
         out_interface,
         allow_destinations: file.allow_destinations,
         reconcile_interval,
+        report_file,
     })
 }
 

@@ -19,6 +19,11 @@ pub struct Inherited {
 }
 
 impl Inherited {
+    /// systemd's NOTIFY_SOCKET, for a process that takes nothing else (the NAT keeper).
+    pub fn notify_socket(self) -> Option<OsString> {
+        self.notify_socket
+    }
+
     /// Reads and removes the variables. Call it before any other thread exists (`ferryd run`
     /// does, before logging starts its writer thread).
     pub fn take() -> Inherited {

@@ -27,6 +27,7 @@ use crate::config::{Config, HEALTH_SOCKET_NAME, Route};
 use crate::logging::ids;
 
 mod inherited;
+pub mod privileges;
 mod reload;
 mod upgrade;
 use crate::handover::Incoming;
@@ -226,9 +227,10 @@ impl Daemon {
             crate::health::spawn(listener, state.clone()).context("cannot start the health endpoint")?;
         tracing::info!(listen = %health.listen, path = %health.path, "health endpoint listening");
 
-        // NAT converges beside the relay on its own task; READY=1 never waits for it.
+        // NAT is kept by its own process (`ferryd nat run`); the relay reads its report on a
+        // task of its own, and READY=1 never waits for it.
         let (nat, nat_rx) = watch::channel(config.nat.clone());
-        tokio::spawn(crate::nat::reconciler::run(nat_rx, state.clone()));
+        tokio::spawn(crate::nat::report::watch(nat_rx, state.clone()));
 
         let mut daemon = Daemon {
             nat,

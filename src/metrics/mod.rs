@@ -245,16 +245,16 @@ pub fn render(state: &State) -> String {
             ],
         ),
     );
+    let (repairs, failures) = state.nat_counts();
+    let reconciles = Family::<OneLabel, Counter>::default();
+    reconciles
+        .get_or_create(&one("event", "repaired"))
+        .inc_by(repairs);
+    reconciles.get_or_create(&one("event", "failed")).inc_by(failures);
     registry.register(
         "nat_reconciles",
-        "NAT reconciles that found drift and repaired it, or failed",
-        counters(
-            "event",
-            &[
-                ("repaired", &state.counters.nat_repairs),
-                ("failed", &state.counters.nat_failures),
-            ],
-        ),
+        "NAT reconciles that found drift and repaired it, or failed, as the NAT keeper counts them (they start again when it restarts)",
+        reconciles,
     );
 
     let nat_state = Family::<OneLabel, Gauge>::default();

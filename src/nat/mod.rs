@@ -6,11 +6,15 @@
 //! FERRYD-FORWARD (filter), each reached by one jump at the top of the built-in chain. Changes
 //! go through `iptables-restore --noflush`, atomically per table. It must never flush, delete or
 //! reorder a rule it does not own. It needs CAP_NET_ADMIN (and CAP_NET_RAW for iptables) and,
-//! under the shipped unit's sandbox, /proc/sys/net/ipv4/ip_forward left writable; the relay
-//! needs none of that.
+//! under the shipped unit's sandbox, /proc/sys/net/ipv4/ip_forward left writable: it runs in the
+//! NAT keeper's process ([`keeper`], `ferryd nat run`, ferryd-nat.service) and in the one-shot
+//! `ferryd nat up|down|status`, never in the relay's, which only reads the keeper's
+//! [`report`].
 
 pub(crate) mod iptables;
+pub mod keeper;
 pub(crate) mod reconciler;
+pub mod report;
 mod rules;
 
 use std::fmt;

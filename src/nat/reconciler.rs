@@ -1,25 +1,65 @@
-//! The daemon's NAT loop: apply at start, then compare with the live tables every
+//! The NAT keeper's loop: apply at start, then compare with the live tables every
 //! reconcile_interval and repair drift; with NAT off, remove what an earlier configuration left.
-//! It reports through the daemon's state (NAT status, counters) and the log.
+//! It reports into the keeper's [`Book`] (NAT's state, counters), which the keeper publishes for
+//! the relay (see `report`), and to the log.
 //!
-//! It runs beside the relay and never in its way: READY=1 does not wait for it, every iptables
-//! command it runs is bounded, and its failures are reported as NAT's state, which fails the
-//! health probe only when `[health] require_nat` asks for that.
+//! It runs in the keeper's process, never the relay's: every iptables command it runs is bounded,
+//! and its failures are reported as NAT's state, which fails the relay's health probe only when
+//! `[health] require_nat` asks for that.
 
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::watch;
 
 use super::Applied;
+use super::report::Report;
 use crate::config::Nat;
-use crate::state::{NatStatus, State};
+use crate::state::NatStatus;
+
+/// What the keeper knows of NAT: its state and counts, written by the reconcile loop and read by
+/// the loop that publishes the report.
+#[derive(Debug)]
+pub struct Book {
+    state: Mutex<NatStatus>,
+    repairs: AtomicU64,
+    failures: AtomicU64,
+}
+
+impl Default for Book {
+    fn default() -> Self {
+        Book {
+            state: Mutex::new(NatStatus::Pending),
+            repairs: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Book {
+    fn nat(&self) -> NatStatus {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set_nat(&self, status: NatStatus) -> NatStatus {
+        std::mem::replace(&mut *self.state.lock().unwrap_or_else(|p| p.into_inner()), status)
+    }
+
+    /// The report to publish, as of now.
+    pub fn report(&self) -> Report {
+        Report::now(
+            self.nat(),
+            self.repairs.load(Ordering::Relaxed),
+            self.failures.load(Ordering::Relaxed),
+        )
+    }
+}
 
 /// Reconciles at once, then every `reconcile_interval` and whenever the configuration changes,
 /// until the sender is dropped. With NAT off it cleans up once per configuration (start or
 /// reload).
-pub async fn run(mut config: watch::Receiver<Nat>, state: Arc<State>) {
+pub async fn run(mut config: watch::Receiver<Nat>, state: Arc<Book>) {
     loop {
         let nat = config.borrow_and_update().clone();
         let pause = if nat.enabled {
@@ -46,7 +86,7 @@ async fn sleep(pause: Option<Duration>) {
 /// One reconcile on a blocking thread (it runs iptables), with its outcome reported. A failure is
 /// logged when it is new or its reason changed, so a persistent one does not flood the journal;
 /// the counter and the NAT state carry every occurrence.
-async fn enforce(nat: &Nat, state: &State) {
+async fn enforce(nat: &Nat, state: &Book) {
     if state.nat() == NatStatus::Disabled {
         state.set_nat(NatStatus::Pending);
     }
@@ -64,13 +104,13 @@ async fn enforce(nat: &Nat, state: &State) {
                 Applied::InSync => {}
                 Applied::Installed => tracing::info!(sources = ?sources(nat), "NAT rules installed"),
                 Applied::Repaired(reason) => {
-                    state.counters.nat_repairs.fetch_add(1, Ordering::Relaxed);
+                    state.repairs.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(drift = %reason, "NAT state had drifted; repaired");
                 }
             }
         }
         Err(e) => {
-            state.counters.nat_failures.fetch_add(1, Ordering::Relaxed);
+            state.failures.fetch_add(1, Ordering::Relaxed);
             let reason = first_line(&e.0);
             let before = state.set_nat(NatStatus::Failed(reason.clone()));
             if before != NatStatus::Failed(reason) {
@@ -88,7 +128,7 @@ async fn enforce(nat: &Nat, state: &State) {
 
 /// With NAT off: removes ferryd's rules and restores ip_forward if an earlier configuration left
 /// them.
-async fn clear(state: &State) {
+async fn clear(state: &Book) {
     state.set_nat(NatStatus::Disabled);
     let result = tokio::task::spawn_blocking(super::clear)
         .await
@@ -101,7 +141,7 @@ async fn clear(state: &State) {
         }
         Ok(false) => {}
         Err(e) => {
-            state.counters.nat_failures.fetch_add(1, Ordering::Relaxed);
+            state.failures.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(error = %e, "NAT is off in the configuration, but ferryd cannot check for or remove rules an earlier configuration left (`ferryd nat down` does it by hand)");
         }
     }

@@ -263,6 +263,7 @@ mod tests {
             out_interface: None,
             allow_destinations: destinations.map(|d| d.iter().map(|x| x.parse().unwrap()).collect()),
             reconcile_interval: std::time::Duration::from_secs(30),
+            report_file: crate::config::DEFAULT_NAT_REPORT_FILE.into(),
         }
     }
 

@@ -1,7 +1,8 @@
 //! The daemon's shared state: what it knows about itself, in one place that the health endpoint,
 //! `/status`, `/metrics`, the systemd glue and the NAT reconciler read and write: the phase
 //! (starting, ready, draining), named problems, the heartbeat of the relay runtime, the running
-//! routes with their counters, the engine's counters, NAT's state and the daemon's own counters.
+//! routes with their counters, the engine's counters, NAT's state as the NAT keeper reports it,
+//! and the daemon's own counters.
 //!
 //! The daemon creates and owns it and hands an `Arc` to each part. It depends on no other part of
 //! the daemon (the relay engine shows itself through [`EngineView`]), so every reader depends on
@@ -117,6 +118,9 @@ pub struct State {
     pub counters: DaemonCounters,
     /// The latest health-path request from a probe source: when, and from where.
     last_health_probe: Mutex<Option<(SystemTime, std::net::IpAddr)>>,
+    /// NAT drift repaired and reconciles failed, as the NAT keeper last reported them (its own
+    /// counters: they start again when the keeper restarts).
+    nat_counts: Mutex<(u64, u64)>,
     /// Upstream connect times by route, shared with the routes' counters.
     pub connect_times: ConnectTimes,
     last_upgrade: Mutex<Option<UpgradeReport>>,
@@ -152,10 +156,6 @@ pub struct DaemonCounters {
     pub reloads_rejected: AtomicU64,
     /// Health-path requests from the probe sources: the balancer's probes arriving.
     pub health_probes: AtomicU64,
-    /// NAT drift repaired by the reconcile loop.
-    pub nat_repairs: AtomicU64,
-    /// NAT reconciles that failed (iptables missing or refusing).
-    pub nat_failures: AtomicU64,
     /// Live upgrades completed since the process first started.
     pub upgrades: AtomicU64,
     /// Live upgrades asked for, completed or not.
@@ -230,6 +230,7 @@ impl State {
             engine,
             counters: carried.counters,
             last_health_probe: Mutex::new(None),
+            nat_counts: Mutex::new((0, 0)),
             connect_times: ConnectTimes::default(),
             last_upgrade: Mutex::new(None),
         })
@@ -352,6 +353,16 @@ impl State {
         std::mem::replace(&mut *self.nat.lock().unwrap_or_else(|p| p.into_inner()), status)
     }
 
+    /// Records the NAT keeper's counts: drift repaired, reconciles failed.
+    pub fn set_nat_counts(&self, repairs: u64, failures: u64) {
+        *self.nat_counts.lock().unwrap_or_else(|p| p.into_inner()) = (repairs, failures);
+    }
+
+    /// The NAT keeper's counts as last reported: drift repaired, reconciles failed.
+    pub fn nat_counts(&self) -> (u64, u64) {
+        *self.nat_counts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Replaces the list of running routes.
     pub fn set_routes(&self, routes: Vec<RouteView>) {
         *self.routes.write().unwrap_or_else(|p| p.into_inner()) = routes;
@@ -426,11 +437,11 @@ mod tests {
             v["link_ids"]["4000000000"] = 0.into();
         });
         assert_eq!(route, 4 + Outcome::ALL.len() + 6 + 2);
-        // Seven counters, the start time and uptime, log drops; NAT's state is not a number.
+        // Five counters, the start time and uptime, log drops; NAT's state is not a number.
         let daemon = crosses_whole::<CarriedDaemon>(|v| {
             v["nat"] = serde_json::to_value(NatStatus::Failed("iptables: gone".into())).unwrap();
         });
-        assert_eq!(daemon, 7 + 3);
+        assert_eq!(daemon, 5 + 3);
     }
 
     #[test]

@@ -308,8 +308,8 @@ impl StatusDocument {
             nat: NatReport {
                 state: nat.name().to_string(),
                 reason: nat.problem(),
-                repairs: state.counters.nat_repairs.load(Ordering::Relaxed),
-                failures: state.counters.nat_failures.load(Ordering::Relaxed),
+                repairs: state.nat_counts().0,
+                failures: state.nat_counts().1,
             },
             health_probe: state.last_health_probe().map(|(at, source)| Seen {
                 source: source.to_string(),

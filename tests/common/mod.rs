@@ -2,6 +2,7 @@
 //! configuration, real upstream servers on loopback, and helpers to read its log.
 #![allow(dead_code)]
 
+pub mod container;
 pub mod netns;
 
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -49,11 +50,7 @@ pub fn unprivileged(command: &mut Command) {
     use std::os::unix::process::CommandExt;
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        // Far above any uid a distribution hands out; no passwd entry is needed.
-        let uid = 3_000_000
-            + (std::process::id() % 10_000) * 100
-            + NEXT.fetch_add(1, Ordering::Relaxed) as u32 % 100;
+        let uid = unprivileged_uid();
         // std drops the supplementary groups when it leaves root; setuid from root clears the
         // permitted, effective and ambient capability sets.
         command.uid(uid).gid(uid);
@@ -69,6 +66,13 @@ pub fn unprivileged(command: &mut Command) {
     }
 }
 
+/// A uid no other daemon of this suite has (and a group of the same number): far above any a
+/// distribution hands out, so no passwd entry is needed.
+pub fn unprivileged_uid() -> u32 {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    3_000_000 + (std::process::id() % 10_000) * 100 + NEXT.fetch_add(1, Ordering::Relaxed) as u32 % 100
+}
+
 /// The capability sets of process `pid` as `/proc/PID/status` shows them, by name (CapEff, ...).
 pub fn capabilities(pid: i32) -> Vec<(String, u64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -80,6 +84,15 @@ pub fn capabilities(pid: i32) -> Vec<(String, u64)> {
             Some((format!("Cap{name}"), u64::from_str_radix(value.trim(), 16).ok()?))
         })
         .collect()
+}
+
+/// A directory for the NAT keeper's report that every test uid may write (the keeper and the
+/// relay each run under one of their own).
+pub fn report_dir() -> TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("nat-report");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    dir
 }
 
 /// A directory removed when dropped.
@@ -134,10 +147,34 @@ impl Daemon {
         daemon
     }
 
-    /// Starts `ferryd run` without waiting for anything.
+    /// Starts the NAT keeper (`ferryd nat run`) on `config` under a uid of its own, after `adjust`,
+    /// and waits until it is ready.
+    pub fn keeper(config: &str, adjust: impl FnOnce(&mut Command)) -> Daemon {
+        let keeper = Self::spawn_command(config, |path| {
+            let mut command = Command::new(BIN);
+            command.args(["nat", "run", "--config"]).arg(path);
+            for var in ["JOURNAL_STREAM", "NOTIFY_SOCKET", "WATCHDOG_USEC"] {
+                command.env_remove(var);
+            }
+            unprivileged(&mut command);
+            adjust(&mut command);
+            command
+        });
+        if keeper
+            .wait_for_log("NAT keeper ready", Duration::from_secs(10))
+            .is_none()
+        {
+            panic!("the NAT keeper did not become ready; its log:\n{}", keeper.log());
+        }
+        keeper
+    }
+
+    /// Starts `ferryd run` without waiting for anything, as the shipped unit runs it: an
+    /// ordinary uid with no capabilities (see [`unprivileged`]).
     pub fn spawn_with(config: &str, adjust: impl FnOnce(&mut Command)) -> Daemon {
         Self::spawn_command(config, |path| {
             let mut command = run_command(Path::new(BIN), path);
+            unprivileged(&mut command);
             adjust(&mut command);
             command
         })

@@ -185,23 +185,74 @@ impl Topology {
             .unwrap()
     }
 
-    /// Starts `ferryd run` on `config` in the proxy namespace, with this topology's state
-    /// directory and `path` as PATH (None: the test's own), without waiting for it.
+    /// Where the NAT keeper of this topology reports, for the relay to read.
+    pub fn report_file(&self) -> std::path::PathBuf {
+        self.state.path().join("nat-report.json")
+    }
+
+    /// `config` with this topology's report file in its `[nat]` table, if it has one.
+    fn with_report(&self, config: &str) -> String {
+        if config.contains("report_file") {
+            return config.to_string();
+        }
+        config.replacen(
+            "[nat]\n",
+            &format!("[nat]\nreport_file = \"{}\"\n", self.report_file().display()),
+            1,
+        )
+    }
+
+    /// Starts the relay (`ferryd run`) on `config` in the proxy namespace as the shipped unit
+    /// runs it: an ordinary uid with no capability at all (setpriv), without waiting for it.
     pub fn daemon(&self, config: &str, path: Option<&str>) -> super::Daemon {
+        let ns = self.ns("proxy");
+        let path = path.map(str::to_string);
+        let uid = super::unprivileged_uid().to_string();
+        super::Daemon::spawn_command(&self.with_report(config), |file| {
+            let mut command = Command::new("ip");
+            command
+                .args(["netns", "exec", &ns, "setpriv", "--reuid", &uid, "--regid", &uid])
+                .args([
+                    "--clear-groups",
+                    "--inh-caps=-all",
+                    "--bounding-set=-all",
+                    "--no-new-privs",
+                ])
+                .args([BIN, "run", "--config"])
+                .arg(file);
+            if let Some(path) = &path {
+                command.env("PATH", path);
+            }
+            command
+        })
+    }
+
+    /// Starts the NAT keeper (`ferryd nat run`) on `config` in the proxy namespace, with this
+    /// topology's state directory and `path` as PATH (None: the test's own), and waits until it
+    /// is ready.
+    pub fn keeper(&self, config: &str, path: Option<&str>) -> super::Daemon {
         let ns = self.ns("proxy");
         let state = self.state.path().to_path_buf();
         let path = path.map(str::to_string);
-        super::Daemon::spawn_command(config, |file| {
+        let keeper = super::Daemon::spawn_command(&self.with_report(config), |file| {
             let mut command = Command::new("ip");
             command
-                .args(["netns", "exec", &ns, BIN, "run", "--config"])
+                .args(["netns", "exec", &ns, BIN, "nat", "run", "--config"])
                 .arg(file)
                 .env("STATE_DIRECTORY", &state);
             if let Some(path) = &path {
                 command.env("PATH", path);
             }
             command
-        })
+        });
+        assert!(
+            keeper
+                .wait_for_log("NAT keeper ready", Duration::from_secs(10))
+                .is_some(),
+            "the NAT keeper did not start: {}",
+            keeper.log()
+        );
+        keeper
     }
 
     /// GET from the build VM; Ok(body) or Err(reason).
