@@ -78,6 +78,8 @@ pub enum Refusal {
     Truncated,
     /// The whole header did not arrive within header_timeout.
     Timeout,
+    /// A version 2 header on a route with `proxy_protocol = "off"`.
+    Unexpected,
 }
 
 impl Refusal {
@@ -90,12 +92,20 @@ impl Refusal {
             Refusal::Oversized(_) => "oversized",
             Refusal::Truncated => "truncated",
             Refusal::Timeout => "timeout",
+            Refusal::Unexpected => "unexpected",
         }
     }
 
     /// Every label, for metrics.
-    pub const REASONS: [&'static str; 6] =
-        ["missing", "v1", "malformed", "oversized", "truncated", "timeout"];
+    pub const REASONS: [&'static str; 7] = [
+        "missing",
+        "v1",
+        "malformed",
+        "oversized",
+        "truncated",
+        "timeout",
+        "unexpected",
+    ];
 }
 
 impl fmt::Display for Refusal {
@@ -110,6 +120,7 @@ impl fmt::Display for Refusal {
             ),
             Refusal::Truncated => f.write_str("the connection ended inside the PROXY v2 header"),
             Refusal::Timeout => f.write_str("the PROXY v2 header did not arrive within header_timeout"),
+            Refusal::Unexpected => f.write_str("a PROXY v2 header on a route that expects none"),
         }
     }
 }
@@ -280,6 +291,110 @@ pub fn azure_link_tlv(link_id: u32) -> (u8, Vec<u8>) {
     let mut value = vec![AZURE_LINK_ID];
     value.extend_from_slice(&link_id.to_le_bytes());
     (AZURE_TLV, value)
+}
+
+/// What a connection's first bytes say, on a route that may or may not get a header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum First {
+    /// They are (or begin) the v2 signature: a header to read.
+    Header,
+    /// They are a version 1 (text) header.
+    Version1,
+    /// Anything else: the client's own protocol (SSH, TLS, HTTP), to relay unchanged.
+    Other,
+    /// Nothing came within the wait: a client that waits for the server.
+    Silent,
+    /// The client closed without a byte.
+    Closed,
+}
+
+/// What `prefix` (the first bytes received) says, or `None` while it could still become either
+/// a header or something else.
+pub fn classify(prefix: &[u8]) -> Option<First> {
+    const V1: &[u8] = b"PROXY ";
+    let n = prefix.len();
+    if n >= SIGNATURE.len() {
+        return Some(if prefix[..SIGNATURE.len()] == SIGNATURE {
+            First::Header
+        } else if prefix.starts_with(V1) {
+            First::Version1
+        } else {
+            First::Other
+        });
+    }
+    if n == 0 || prefix == &SIGNATURE[..n] {
+        return None;
+    }
+    if n >= V1.len() {
+        return Some(if prefix.starts_with(V1) {
+            First::Version1
+        } else {
+            First::Other
+        });
+    }
+    if prefix == &V1[..n] {
+        None
+    } else {
+        Some(First::Other)
+    }
+}
+
+/// Looks at the first bytes `stream` has sent without taking any, so that a connection with no
+/// header is relayed from its first byte (zero-copy, as any other). Waits up to `silence` for a
+/// first byte, and up to `more` (from now) for the rest of a prefix that could still be a header
+/// either way; what it cannot tell by then counts as no header (nothing consumed, nothing lost),
+/// except a signature begun, which is a header (a slow one: it is read next, and refused if it
+/// does not come whole). Each wait is woken by a new segment only (the peek runs inside tokio's
+/// readiness check, so "not enough yet" waits for the next edge instead of spinning).
+pub async fn first_bytes(
+    stream: &tokio::net::TcpStream,
+    silence: Duration,
+    more: Duration,
+) -> std::io::Result<First> {
+    let started = tokio::time::Instant::now();
+    let mut buf = [0u8; SIGNATURE.len()];
+    let mut seen = 0;
+    loop {
+        let limit = if seen == 0 { silence } else { more };
+        let waited = tokio::time::timeout_at(started + limit, stream.readable()).await;
+        if waited.is_err() {
+            return Ok(match seen {
+                0 => First::Silent,
+                n if buf[..n] == SIGNATURE[..n] => First::Header,
+                _ => First::Other,
+            });
+        }
+        waited.unwrap_or(Ok(()))?;
+        let peeked = stream.try_io(tokio::io::Interest::READABLE, || {
+            // SAFETY: `buf` is valid for writes of its length; the socket is non-blocking.
+            let n = unsafe {
+                libc::recv(
+                    std::os::fd::AsRawFd::as_raw_fd(stream),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_PEEK,
+                )
+            };
+            if n < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let n = n as usize;
+            match classify(&buf[..n]) {
+                // Not enough yet: clears the readiness, so the next wait is for a new segment.
+                None if n > 0 => {
+                    seen = n;
+                    Err(std::io::ErrorKind::WouldBlock.into())
+                }
+                None => Ok(First::Closed),
+                Some(first) => Ok(first),
+            }
+        });
+        match peeked {
+            Ok(first) => return Ok(first),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// The bytes of a header read so far. It belongs to the caller, so that reading can stop at
@@ -464,5 +579,27 @@ mod tests {
         assert_eq!(could_be_header(b"PRO"), Ok(()));
         assert_eq!(could_be_header(b"SSH-2.0-"), Err(Refusal::Missing));
         assert_eq!(could_be_header(&SIGNATURE[..5]), Ok(()));
+    }
+}
+
+#[cfg(test)]
+mod first_tests {
+    use super::*;
+
+    #[test]
+    fn first_bytes_are_told_apart_as_soon_as_they_can_be() {
+        assert_eq!(classify(&SIGNATURE), Some(First::Header));
+        assert_eq!(classify(&SIGNATURE[..5]), None);
+        assert_eq!(classify(b""), None);
+        assert_eq!(classify(b"SSH-2.0-OpenSSH_9.6\r\n"), Some(First::Other));
+        assert_eq!(classify(&[0x16, 0x03, 0x01]), Some(First::Other));
+        assert_eq!(classify(b"GET / HTTP/1.1\r\n"), Some(First::Other));
+        assert_eq!(classify(b"PROXY TCP4 1.2.3.4"), Some(First::Version1));
+        assert_eq!(classify(b"PROX"), None);
+        assert_eq!(classify(b"PROXZ"), Some(First::Other));
+        assert_eq!(classify(b"\r\n\r\nX"), Some(First::Other));
+        let mut almost = SIGNATURE;
+        almost[11] = b'?';
+        assert_eq!(classify(&almost), Some(First::Other));
     }
 }

@@ -29,6 +29,7 @@ listen = "0.0.0.0:60080"
 [nat]
 sources = ["10.0.1.4/32"]
 reconcile_interval = "{reconcile}"
+check_target = "192.0.2.1:80"
 "#
     )
 }
@@ -146,6 +147,7 @@ fn doctor_names_each_failure_and_passes_a_healthy_setup() {
         "sysctl -qw net.ipv4.ip_local_reserved_ports=60000-60001,60080",
     );
     topo.spawn("buildvm", &["python3", "-c", ECHO]);
+    topo.start_web(80);
     let deadline = Instant::now() + Duration::from_secs(10);
     while !topo.sh("buildvm", "ss -ltnH").contains(":22 ") {
         assert!(Instant::now() < deadline, "port 22 did not open in the build VM");
@@ -166,6 +168,11 @@ fn doctor_names_each_failure_and_passes_a_healthy_setup() {
         keeper.log()
     );
     probe(&topo);
+    // The build VM downloads through NAT: ferryd's MASQUERADE counts it.
+    assert_eq!(
+        topo.get_from_buildvm("http://192.0.2.1/"),
+        Ok("192.0.2.2".to_string())
+    );
     let healthy = doctor(&topo, &path);
     assert_eq!(healthy.code, Some(0), "{}", healthy.text);
     for (check, status, _) in &healthy.json {
@@ -257,4 +264,79 @@ fn doctor_names_each_failure_and_passes_a_healthy_setup() {
     let held = doctor(&topo, &path);
     held.assert_fails("route ssh: listening", "held by python3");
     assert_eq!(held.status_of("daemon"), Some("warn"), "{}", held.text);
+}
+
+/// The proxy VM's own way out, which the build VM's NAT rides on: each way of not having one is
+/// named, with its likely cause; and a build VM whose traffic does not come through the proxy VM
+/// shows as MASQUERADE having counted nothing.
+#[test]
+fn doctor_names_what_keeps_the_proxy_vm_from_getting_out() {
+    if !can_run() {
+        return;
+    }
+    let mut topo = Topology::new();
+    topo.start_web(80);
+    topo.spawn("buildvm", &["python3", "-c", ECHO]);
+    let dir = TempDir::new("doctor-egress");
+    let path = dir.path().join("ferryd.toml");
+    std::fs::write(&path, config("1h")).unwrap();
+    let path = path.display().to_string();
+    let (_daemon, keeper) = start_daemon(&topo, &config("1h"));
+    assert!(
+        keeper
+            .wait_for_log("NAT rules installed", Duration::from_secs(10))
+            .is_some(),
+        "{}",
+        keeper.log()
+    );
+
+    // Out, but the build VM's traffic does not come this way: MASQUERADE counted nothing.
+    topo.sh("buildvm", "ip route replace default dev eth0");
+    let report = doctor(&topo, &path);
+    eprintln!("doctor with the build VM routed elsewhere:\n{}", report.text);
+    assert_eq!(report.status_of("egress"), Some("ok"), "{}", report.text);
+    assert_eq!(
+        report.status_of("nat: masquerade"),
+        Some("warn"),
+        "{}",
+        report.text
+    );
+    assert!(
+        report.detail_of("nat: masquerade").contains("counted no packet"),
+        "{}",
+        report.text
+    );
+
+    // The outside address drops SYNs (a private subnet without default outbound access).
+    topo.sh("internet", "iptables -I INPUT -p tcp --dport 80 -j DROP");
+    let dropped = doctor(&topo, &path);
+    eprintln!("doctor with the way out dropping SYNs:\n{}", dropped.text);
+    dropped.assert_fails("egress", "got no answer");
+    topo.sh("internet", "iptables -D INPUT -p tcp --dport 80 -j DROP");
+
+    // The resolver cannot be reached.
+    let netns_etc = std::path::PathBuf::from("/etc/netns").join(topo.ns("proxy"));
+    std::fs::create_dir_all(&netns_etc).unwrap();
+    std::fs::write(
+        netns_etc.join("resolv.conf"),
+        "nameserver 192.0.2.53\noptions timeout:1 attempts:1\n",
+    )
+    .unwrap();
+    let named = dir.path().join("named.toml");
+    std::fs::write(
+        &named,
+        config("1h").replace("192.0.2.1:80", "downloads.example.test:80"),
+    )
+    .unwrap();
+    let unresolved = doctor(&topo, &named.display().to_string());
+    let _ = std::fs::remove_dir_all(&netns_etc);
+    eprintln!("doctor with the resolver unreachable:\n{}", unresolved.text);
+    unresolved.assert_fails("egress", "cannot resolve downloads.example.test:80");
+    assert!(unresolved.text.contains("168.63.129.16"), "{}", unresolved.text);
+
+    // The uplink is down: no default route at all.
+    topo.sh("proxy", "ip link set eth0 down");
+    let down = doctor(&topo, &path);
+    eprintln!("doctor with the uplink down:\n{}", down.text);
+    down.assert_fails("egress", "no IPv4 default route");
 }

@@ -6,94 +6,15 @@
 
 mod common;
 
-use std::io::{ErrorKind, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, TcpStream};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use common::pp::*;
 use common::*;
 use ferryd::proxy_header::{self, Command as PpCommand, Header};
-
-const LINK_ID: u32 = 587_202_560;
-const BANNER: &[u8] = b"SSH-2.0-upstream-speaks-first\r\n";
-
-/// An upstream that speaks first (like sshd) and reports everything it then receives.
-fn server_first() -> (Upstream, mpsc::Receiver<Vec<u8>>) {
-    let (tx, rx) = mpsc::channel();
-    let tx = std::sync::Mutex::new(tx);
-    let upstream = Upstream::start(move |mut stream| {
-        let tx = tx.lock().unwrap().clone();
-        let _ = stream.write_all(BANNER);
-        let mut got = Vec::new();
-        let mut buf = [0u8; 4096];
-        loop {
-            match stream.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => got.extend_from_slice(&buf[..n]),
-            }
-        }
-        let _ = tx.send(got);
-    });
-    (upstream, rx)
-}
-
-fn header(client: &str, link_id: Option<u32>) -> Vec<u8> {
-    let mut tlvs = vec![(0x04, vec![])];
-    if let Some(id) = link_id {
-        tlvs.push(proxy_header::azure_link_tlv(id));
-    }
-    tlvs.push((0x30, b"other".to_vec()));
-    proxy_header::encode(&Header {
-        command: PpCommand::Proxy,
-        addresses: Some((client.parse().unwrap(), "10.0.0.5:60001".parse().unwrap())),
-        tlvs,
-        link_id,
-    })
-}
-
-fn local_header() -> Vec<u8> {
-    proxy_header::encode(&Header {
-        command: PpCommand::Local,
-        addresses: None,
-        tlvs: vec![],
-        link_id: None,
-    })
-}
-
-fn proxy_route(upstream: SocketAddr, extra: &str) -> (String, u16) {
-    let port = free_port();
-    (
-        config_one_route(port, upstream, "", &format!("proxy_protocol = \"v2\"\n{extra}")),
-        port,
-    )
-}
-
-fn read_banner(stream: &mut TcpStream) {
-    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut banner = vec![0u8; BANNER.len()];
-    stream.read_exact(&mut banner).unwrap();
-    assert_eq!(banner, BANNER);
-}
-
-/// How a connection ended from the client's side: "eof", "reset", or "open" (still open after
-/// `wait`).
-fn end_of(stream: &mut TcpStream, wait: Duration) -> &'static str {
-    stream.set_read_timeout(Some(wait)).unwrap();
-    let mut buf = [0u8; 64];
-    match stream.read(&mut buf) {
-        Ok(0) => "eof",
-        Ok(_) => "data",
-        Err(e) if e.kind() == ErrorKind::ConnectionReset => "reset",
-        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => "open",
-        Err(_) => "error",
-    }
-}
-
-fn status(daemon: &Daemon) -> serde_json::Value {
-    let answer = daemon.health_request("GET /status HTTP/1.0\r\n\r\n").unwrap();
-    serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap()).unwrap()
-}
 
 #[test]
 fn header_then_server_first_traffic_no_header_byte_reaches_the_upstream() {
@@ -238,14 +159,23 @@ fn local_probes_are_answered_and_strangers_refused_without_a_dial() {
     );
 }
 
+/// Keys that only mean something with a header are refused without one ("off"); the filters are
+/// refused with "auto" too (the default): a connection without a header would bypass them.
 #[test]
 fn check_rejects_header_keys_without_proxy_protocol() {
-    for key in [
-        "allow_link_ids = [1]",
-        "allow_clients = [\"10.0.0.0/8\"]",
-        "header_timeout = \"1s\"",
+    for (key, mode) in [
+        ("allow_link_ids = [1]", "off"),
+        ("allow_clients = [\"10.0.0.0/8\"]", "off"),
+        ("header_timeout = \"1s\"", "off"),
+        ("allow_link_ids = [1]", "auto"),
+        ("allow_clients = [\"10.0.0.0/8\"]", "auto"),
     ] {
-        let text = config_one_route(free_port(), "127.0.0.1:22".parse().unwrap(), "", key);
+        let text = config_one_route(
+            free_port(),
+            "127.0.0.1:22".parse().unwrap(),
+            "",
+            &format!("proxy_protocol = \"{mode}\"\n{key}"),
+        );
         let dir = TempDir::new("pp-check");
         let path = dir.path().join("ferryd.toml");
         std::fs::write(&path, text).unwrap();
@@ -256,12 +186,38 @@ fn check_rejects_header_keys_without_proxy_protocol() {
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         let name = key.split(' ').next().unwrap();
-        assert!(!out.status.success(), "{key} accepted without proxy_protocol");
+        assert!(
+            !out.status.success(),
+            "{key} accepted with proxy_protocol = {mode:?}"
+        );
         assert!(
             stderr.contains(name) && stderr.contains("proxy_protocol = \"v2\""),
             "{stderr}"
         );
     }
+}
+
+#[test]
+fn header_timeout_is_accepted_with_auto() {
+    let text = config_one_route(
+        free_port(),
+        "127.0.0.1:22".parse().unwrap(),
+        "",
+        "header_timeout = \"1s\"",
+    );
+    let dir = TempDir::new("pp-check-auto");
+    let path = dir.path().join("ferryd.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("proxy_protocol = \"auto\""),
+        "auto is the default"
+    );
 }
 
 #[test]
@@ -417,15 +373,25 @@ fn haproxy_send_proxy_v2_in_front_of_ferryd_with_sshd_behind() {
     )
     .replace("allow = [\"127.0.0.1/32\"]", "allow = [\"127.0.0.6/32\"]");
     let daemon = Daemon::start(&config);
+    // A second ferryd with the default settings ("auto"): the same sshd through HAProxy (with a
+    // header) and straight from ssh (without).
+    let auto_port = free_port();
+    let auto = Daemon::start(&config_one_route(auto_port, local(sshd_port), "", "").replace(
+        "allow = [\"127.0.0.1/32\"]",
+        "allow = [\"127.0.0.5/32\", \"127.0.0.6/32\"]",
+    ));
 
     let front = free_port();
+    let front_auto = free_port();
     let haproxy_cfg = dir.path().join("haproxy.cfg");
     std::fs::write(
         &haproxy_cfg,
         format!(
             "global\n  maxconn 100\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\
              frontend front\n  bind 127.0.0.1:{front}\n  default_backend relay\n\
-             backend relay\n  server ferryd 127.0.0.1:{ferryd_port} send-proxy-v2 source 127.0.0.6\n"
+             backend relay\n  server ferryd 127.0.0.1:{ferryd_port} send-proxy-v2 source 127.0.0.6\n\
+             frontend front_auto\n  bind 127.0.0.1:{front_auto}\n  default_backend relay_auto\n\
+             backend relay_auto\n  server ferryd 127.0.0.1:{auto_port} send-proxy-v2 source 127.0.0.6\n"
         ),
     )
     .unwrap();
@@ -440,6 +406,7 @@ fn haproxy_send_proxy_v2_in_front_of_ferryd_with_sshd_behind() {
             .unwrap(),
     );
     wait_listening(front);
+    wait_listening(front_auto);
 
     let ssh_opts = |c: &mut Command| {
         c.arg("-i").arg(dir.path().join("client_key")).args([
@@ -504,6 +471,23 @@ fn haproxy_send_proxy_v2_in_front_of_ferryd_with_sshd_behind() {
         line.contains("client=127.0.0.6:"),
         "the TCP peer is HAProxy: {line}"
     );
+
+    // "auto": ssh through HAProxy's header and ssh straight, on the same route.
+    for (port, how) in [(front_auto, "through HAProxy"), (auto_port, "straight")] {
+        let mut ssh = Command::new("ssh");
+        ssh_opts(&mut ssh);
+        let out = ssh
+            .args(["-p", &port.to_string(), "root@127.0.0.1", "echo auto-ok"])
+            .output()
+            .unwrap();
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("auto-ok"),
+            "ssh {how}: {}\nferryd: {}",
+            String::from_utf8_lossy(&out.stderr),
+            auto.log()
+        );
+    }
+    assert_eq!(status(&auto)["routes"][0]["proxy_headers"], "mixed");
 
     // upstream_proxy_protocol: an HAProxy with accept-proxy behind ferryd answers with the
     // source address it was told.

@@ -78,6 +78,10 @@ pub const DEFAULT_RECONCILE_INTERVAL: Duration = Duration::from_secs(30);
 /// relay; tmpfs, so a stale file never outlives a reboot.
 pub const DEFAULT_NAT_REPORT_FILE: &str = "/run/ferryd-nat/state.json";
 
+/// What `ferryd doctor` reaches for to tell whether the proxy VM has a way out: a name (so the
+/// resolver is tried too) that is up, on the port every egress allows.
+pub const DEFAULT_CHECK_TARGET: &str = "www.microsoft.com:443";
+
 /// Linux caps TCP_KEEPIDLE and TCP_KEEPINTVL at 32767 s: a longer value would be refused by the
 /// kernel at run time instead of by `ferryd check`.
 pub const MAX_KEEPALIVE_SECS: u64 = 32767;

@@ -76,9 +76,10 @@ impl<'de> Deserialize<'de> for ProxyProtocol {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         match String::deserialize(deserializer)?.as_str() {
             "off" => Ok(ProxyProtocol::Off),
+            "auto" => Ok(ProxyProtocol::Auto),
             "v2" => Ok(ProxyProtocol::V2),
             other => Err(serde::de::Error::custom(format!(
-                "proxy protocol {other:?}: \"off\" or \"v2\" (version 1 is not supported)"
+                "proxy protocol {other:?}: \"auto\", \"off\" or \"v2\" (version 1 is not supported)"
             ))),
         }
     }
@@ -186,4 +187,5 @@ pub(super) struct FileNat {
     pub(super) allow_destinations: Option<Vec<Destination>>,
     pub(super) reconcile_interval: Option<Spanned<HumanDuration>>,
     pub(super) report_file: Option<Spanned<String>>,
+    pub(super) check_target: Option<Spanned<String>>,
 }

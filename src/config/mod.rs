@@ -101,6 +101,9 @@ pub struct Nat {
     pub reconcile_interval: Duration,
     /// Where the NAT keeper (`ferryd nat run`) publishes NAT's state for the relay to read.
     pub report_file: PathBuf,
+    /// What `ferryd doctor` resolves and connects to, to tell whether the proxy VM itself has a
+    /// way out: `host:port` or `ip:port`.
+    pub check_target: String,
 }
 
 /// An egress destination: a block, optionally limited to a port or port range (TCP and UDP).
@@ -184,18 +187,32 @@ pub struct Route {
     /// TCP keepalive for both legs.
     pub keepalive: Keepalive,
     /// PROXY protocol v2 on this route's connections, when the Private Link Service is set to
-    /// "TCP proxy v2"; `None` when off.
+    /// "TCP proxy v2" (`required`), or may be (`"auto"`); `None` when off.
     pub proxy: Option<ProxyV2>,
     /// Whether to send a PROXY v2 header (the real client, the same TLVs) to the upstream.
     pub upstream_proxy_protocol: ProxyProtocol,
 }
 
+impl Route {
+    /// How the route takes PROXY headers, as the file says it.
+    pub fn proxy_protocol(&self) -> ProxyProtocol {
+        match &self.proxy {
+            None => ProxyProtocol::Off,
+            Some(proxy) if proxy.required => ProxyProtocol::V2,
+            Some(_) => ProxyProtocol::Auto,
+        }
+    }
+}
+
 /// Whether a PROXY protocol header is expected (or sent).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ProxyProtocol {
-    /// No header.
-    #[default]
+    /// No header: a connection that starts with one is refused.
     Off,
+    /// A version 2 header when the connection's first bytes are its signature, none otherwise:
+    /// works whether or not the Private Link Service sends one (routes and the health endpoint
+    /// only; the default there).
+    Auto,
     /// A version 2 header on every connection.
     V2,
 }
@@ -205,14 +222,18 @@ impl ProxyProtocol {
     pub fn name(self) -> &'static str {
         match self {
             ProxyProtocol::Off => "off",
+            ProxyProtocol::Auto => "auto",
             ProxyProtocol::V2 => "v2",
         }
     }
 }
 
-/// What a route with `proxy_protocol = "v2"` checks in the header.
+/// What a route with `proxy_protocol = "v2"` or `"auto"` checks in the header.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ProxyV2 {
+    /// Whether every connection must carry a header (`"v2"`); otherwise (`"auto"`) one that does
+    /// not start with its signature is relayed unchanged.
+    pub required: bool,
     /// The whole header must arrive within this, or the connection is reset.
     pub header_timeout: Duration,
     /// When set, only these private endpoint LinkIDs are relayed.

@@ -45,6 +45,7 @@ struct NatView {
     allow_destinations: Option<Vec<String>>,
     reconcile_interval: String,
     report_file: String,
+    check_target: String,
 }
 
 #[derive(Serialize)]
@@ -107,6 +108,7 @@ pub(super) fn render(config: &Config) -> String {
             allow_destinations: config.nat.allow_destinations.as_deref().map(strings),
             reconcile_interval: duration(config.nat.reconcile_interval),
             report_file: config.nat.report_file.display().to_string(),
+            check_target: config.nat.check_target.clone(),
         },
         route: config
             .routes
@@ -123,7 +125,7 @@ pub(super) fn render(config: &Config) -> String {
                 keepalive_time: duration(route.keepalive.time),
                 keepalive_interval: duration(route.keepalive.interval),
                 keepalive_probes: route.keepalive.probes,
-                proxy_protocol: if route.proxy.is_some() { "v2" } else { "off" },
+                proxy_protocol: route.proxy_protocol().name(),
                 header_timeout: route.proxy.as_ref().map(|p| duration(p.header_timeout)),
                 allow_link_ids: route.proxy.as_ref().and_then(|p| p.allow_link_ids.clone()),
                 allow_clients: route

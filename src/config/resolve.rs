@@ -205,7 +205,7 @@ fn resolve_health(
         metrics_allow,
         probe_sources: probe_sources.clone(),
         require_nat: file.require_nat.unwrap_or(false),
-        proxy_protocol: file.proxy_protocol.unwrap_or_default(),
+        proxy_protocol: file.proxy_protocol.unwrap_or(ProxyProtocol::Auto),
     })
 }
 
@@ -218,6 +218,7 @@ fn resolve_nat(loc: &Locator<'_>, file: Option<Spanned<FileNat>>) -> Result<Nat,
             allow_destinations: None,
             reconcile_interval: DEFAULT_RECONCILE_INTERVAL,
             report_file: PathBuf::from(DEFAULT_NAT_REPORT_FILE),
+            check_target: DEFAULT_CHECK_TARGET.to_string(),
         });
     };
     let span = file.span();
@@ -285,6 +286,25 @@ fn resolve_nat(loc: &Locator<'_>, file: Option<Spanned<FileNat>>) -> Result<Nat,
         Some(path) => PathBuf::from(path.into_inner()),
         None => PathBuf::from(DEFAULT_NAT_REPORT_FILE),
     };
+    let check_target = match file.check_target {
+        Some(target) => {
+            let ok = target
+                .get_ref()
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
+            if !ok {
+                return Err(loc.at(
+                    Some(target.span()),
+                    format!(
+                        "[nat] check_target {:?} is not HOST:PORT (a name or an address, and a port)",
+                        target.get_ref()
+                    ),
+                ));
+            }
+            target.into_inner()
+        }
+        None => DEFAULT_CHECK_TARGET.to_string(),
+    };
     Ok(Nat {
         enabled,
         sources,
@@ -292,6 +312,7 @@ fn resolve_nat(loc: &Locator<'_>, file: Option<Spanned<FileNat>>) -> Result<Nat,
         allow_destinations: file.allow_destinations,
         reconcile_interval,
         report_file,
+        check_target,
     })
 }
 
@@ -397,11 +418,19 @@ fn resolve_route(
         None => DEFAULT_KEEPALIVE_PROBES,
     };
 
-    let proxy = resolve_proxy(loc, &name, &own, defaults, route_span)?;
-    let upstream_proxy_protocol = own
-        .upstream_proxy_protocol
-        .or(defaults.upstream_proxy_protocol)
-        .unwrap_or_default();
+    let proxy = resolve_proxy(loc, &name, &own, defaults, route_span.clone())?;
+    let upstream_proxy_protocol = match own.upstream_proxy_protocol.or(defaults.upstream_proxy_protocol) {
+        Some(ProxyProtocol::Auto) => {
+            return Err(loc.at(
+                Some(route_span),
+                format!(
+                    "route {name:?}: upstream_proxy_protocol = \"auto\" means nothing: ferryd sends the upstream a header (\"v2\") or not (\"off\")"
+                ),
+            ));
+        }
+        Some(p) => p,
+        None => ProxyProtocol::Off,
+    };
 
     Ok(Route {
         name,
@@ -431,15 +460,28 @@ fn resolve_proxy(
     defaults: &FileTunables,
     route_span: Range<usize>,
 ) -> Result<Option<ProxyV2>, ConfigError> {
-    let on = own
+    let mode = own
         .proxy_protocol
         .as_ref()
         .or(defaults.proxy_protocol.as_ref())
-        .is_some_and(|p| *p.get_ref() == ProxyProtocol::V2);
+        .map_or(ProxyProtocol::Auto, |p| *p.get_ref());
     let link_ids = own.allow_link_ids.as_ref().or(defaults.allow_link_ids.as_ref());
     let clients = own.allow_clients.as_ref().or(defaults.allow_clients.as_ref());
     let timeout = own.header_timeout.as_ref().or(defaults.header_timeout.as_ref());
-    if !on {
+    if mode == ProxyProtocol::Auto {
+        // A filter on what the header says is bypassed by a connection that sends none.
+        let filters = [
+            ("allow_link_ids", link_ids.map(|s| s.span())),
+            ("allow_clients", clients.map(|s| s.span())),
+        ];
+        if let Some((key, span)) = filters.into_iter().find(|(_, span)| span.is_some()) {
+            return Err(loc.at(
+                span.or(Some(route_span)),
+                format!("route {name:?}: {key} needs proxy_protocol = \"v2\" on the route: with \"auto\" (the default), a connection without a header would not be checked at all"),
+            ));
+        }
+    }
+    if mode == ProxyProtocol::Off {
         let stray = [
             ("allow_link_ids", link_ids.map(|s| s.span())),
             ("allow_clients", clients.map(|s| s.span())),
@@ -448,7 +490,7 @@ fn resolve_proxy(
         if let Some((key, span)) = stray.into_iter().find(|(_, span)| span.is_some()) {
             return Err(loc.at(
                 span.or(Some(route_span)),
-                format!("route {name:?}: {key} needs proxy_protocol = \"v2\" on the route (without a header there is nothing to check it against)"),
+                format!("route {name:?}: {key} needs proxy_protocol = \"v2\" (or \"auto\", for header_timeout) on the route (without a header there is nothing to check it against)"),
             ));
         }
         return Ok(None);
@@ -476,6 +518,7 @@ fn resolve_proxy(
         ));
     }
     Ok(Some(ProxyV2 {
+        required: mode == ProxyProtocol::V2,
         header_timeout,
         allow_link_ids: link_ids.map(|l| l.get_ref().clone()),
         allow_clients: clients.map(|l| Allowlist::new(l.get_ref().clone())),

@@ -6,6 +6,7 @@
 //! Every check has its own time bound, and the run stays under 10 s. It works without the daemon
 //! (the checks that need it say so) and without root (the checks that need it warn).
 
+mod egress;
 mod firewall;
 mod host;
 mod routes;
@@ -130,6 +131,17 @@ fn checks(config_path: &Path) -> Vec<Finding> {
     // SAFETY: geteuid has no preconditions and cannot fail.
     let root = unsafe { libc::geteuid() } == 0;
 
+    // The proxy VM's own way out, meanwhile (with NAT: the build VM's rides on it).
+    let egress = {
+        let config = config.clone();
+        std::thread::spawn(move || {
+            if config.nat.enabled {
+                egress::egress_check(&config)
+            } else {
+                finding("egress", Status::Ok, "not checked: NAT is off", "")
+            }
+        })
+    };
     // Dial every upstream at the same time, while the rest is checked.
     let dials: Vec<_> = config
         .routes
@@ -176,6 +188,7 @@ fn checks(config_path: &Path) -> Vec<Finding> {
         }));
         if let Ok(doc) = &doc {
             out.push(routes::allowlist_check(route, &config, doc));
+            out.push(routes::proxy_check(route, doc));
         }
     }
     if let Ok(doc) = &doc {
@@ -184,6 +197,14 @@ fn checks(config_path: &Path) -> Vec<Finding> {
     out.push(host::firewall_check(&config, root));
     if config.nat.enabled {
         out.extend(host::nat_checks(&config, root));
+        out.push(
+            egress
+                .join()
+                .unwrap_or_else(|_| finding("egress", Status::Warn, "the check failed", "")),
+        );
+        if root {
+            out.push(egress::masquerade_check());
+        }
     }
     out.push(host::ports_check(&config));
     let unit = service::unit_state();

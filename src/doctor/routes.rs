@@ -187,3 +187,47 @@ pub(super) fn allowlist_check(route: &Route, config: &Config, doc: &StatusDocume
         ),
     )
 }
+
+/// What the latest connections say about the Private Link Service's "TCP proxy v2", from the
+/// daemon's counts: a header on a route that refuses them, none on a route that requires one,
+/// or, with "auto", which it sees.
+pub(super) fn proxy_check(route: &Route, doc: &StatusDocument) -> Finding {
+    let name = format!("route {}: proxy protocol", route.name);
+    let Some(r) = doc.routes.iter().find(|r| r.name == route.name) else {
+        return finding(name, Status::Warn, "the running ferryd has no such route", "");
+    };
+    let refused = |reason: &str| r.header_refusals.get(reason).copied().unwrap_or(0);
+    let seen = r.proxy_headers.as_deref().unwrap_or("nothing yet");
+    match r.proxy_protocol.as_str() {
+        "off" if refused("unexpected") > 0 => finding(
+            name,
+            Status::Fail,
+            format!(
+                "{} connection(s) began with a PROXY v2 header, which proxy_protocol = \"off\" refuses: the Private Link Service sends TCP proxy v2",
+                refused("unexpected")
+            ),
+            format!(
+                "set proxy_protocol = \"auto\" (or \"v2\") on route {}, then `systemctl reload ferryd`",
+                route.name
+            ),
+        ),
+        "v2" if refused("missing") > 0 => finding(
+            name,
+            Status::Fail,
+            format!(
+                "{} connection(s) came without the PROXY v2 header proxy_protocol = \"v2\" requires: the Private Link Service may have TCP proxy v2 off",
+                refused("missing")
+            ),
+            format!(
+                "set proxy_protocol = \"auto\" on route {} (it takes both), or turn TCP proxy v2 on at the service",
+                route.name
+            ),
+        ),
+        mode => finding(
+            name,
+            Status::Ok,
+            format!("proxy_protocol = \"{mode}\"; PROXY v2 headers on the latest connections: {seen}"),
+            "",
+        ),
+    }
+}

@@ -142,12 +142,22 @@ async fn serve(
             continue;
         };
         let state = state.clone();
-        let expect_header = health.proxy_protocol == ProxyProtocol::V2;
+        let mode = health.proxy_protocol;
         let header_log = header_log.clone();
         tokio::spawn(async move {
             let mut stream = stream;
             // With "TCP proxy v2" on, the balancer's probes start with a LOCAL header: read it
-            // (exactly it), then serve HTTP as usual.
+            // (exactly it), then serve HTTP as usual. "auto" reads one when the first bytes are
+            // its signature (an HTTP request never starts so).
+            let expect_header = match mode {
+                ProxyProtocol::V2 => true,
+                ProxyProtocol::Off => false,
+                ProxyProtocol::Auto => matches!(
+                    crate::proxy_header::first_bytes(&stream, http::REQUEST_TIMEOUT, http::REQUEST_TIMEOUT)
+                        .await,
+                    Ok(crate::proxy_header::First::Header)
+                ),
+            };
             if expect_header
                 && let Err(refusal) = crate::proxy_header::read(&mut stream, http::REQUEST_TIMEOUT).await
             {

@@ -118,12 +118,10 @@ pub fn render(state: &State) -> String {
         accept_errors
             .get_or_create(&RouteLabel { route: route.clone() })
             .inc_by(stats.counters.accept_errors.load(Ordering::Relaxed));
-        if view.route.proxy.is_some() {
-            for (reason, n) in stats.header_refusals() {
-                refusals
-                    .get_or_create(&vec![("route", route.clone()), ("reason", reason.to_string())])
-                    .inc_by(n);
-            }
+        for (reason, n) in stats.header_refusals() {
+            refusals
+                .get_or_create(&vec![("route", route.clone()), ("reason", reason.to_string())])
+                .inc_by(n);
         }
         for (id, n) in stats.link_ids() {
             link_ids

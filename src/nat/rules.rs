@@ -264,6 +264,7 @@ mod tests {
             allow_destinations: destinations.map(|d| d.iter().map(|x| x.parse().unwrap()).collect()),
             reconcile_interval: std::time::Duration::from_secs(30),
             report_file: crate::config::DEFAULT_NAT_REPORT_FILE.into(),
+            check_target: crate::config::DEFAULT_CHECK_TARGET.into(),
         }
     }
 

@@ -26,12 +26,19 @@ use crate::allow::Allowlist;
 use crate::config::{ProxyProtocol, Route};
 use crate::logging::RateLimit;
 use crate::net::{AcceptLoop, Next};
-use crate::proxy_header::{self, Command, Header, Partial, Refusal};
+use crate::proxy_header::{self, Command, First, Header, Partial, Refusal};
 use crate::relay::{self, Ended, Engine, Midway, Timeouts, Totals};
 use crate::shutdown::{Shutdown, Stop};
 use crate::state::{Outcome, RouteStats};
 
 mod proxied;
+
+/// With `proxy_protocol = "auto"` (or "off", to catch a header it should not get), how long a
+/// connection may stay silent before it is taken to carry no header and the upstream is dialled.
+/// A Private Link Service puts its header in the connection's first segment, and SSH and TLS
+/// clients speak first, so neither ever waits this long; only a client that waits for the
+/// server (or says nothing at all) does, once, before it gets the upstream's banner.
+pub const SILENT_CLIENT_WAIT: Duration = Duration::from_millis(200);
 
 /// Health probes arrive every few seconds for as long as the VM lives; one line a minute shows
 /// they are arriving, with a count of the rest.
@@ -412,42 +419,101 @@ impl Connection {
         let settings = this.settings.clone();
         let route = &settings.route;
 
-        let proxied = match &route.proxy {
-            Some(proxy) if !this.admitted => {
-                let deadline = tokio::time::Instant::from_std(this.started + proxy.header_timeout);
-                let read = tokio::select! {
-                    read = tokio::time::timeout_at(deadline, proxy_header::read_into(&mut this.client, &mut this.header)) => {
-                        read.unwrap_or(Err(Refusal::Timeout))
-                    }
-                    stop = this.wiring.shutdown.closing_or_parking(false) => {
-                        this.stop(stop, "reading its PROXY header");
-                        return None;
-                    }
-                };
-                let admitted = proxied::admit(read, this.peer, &route.name, proxy, &this.live.0, &this.quiet);
-                match admitted {
+        let proxied = if this.admitted {
+            // Admitted before a live upgrade moved it here: with the header it was admitted by,
+            // if it had one.
+            if this.header.bytes().is_empty() {
+                None
+            } else {
+                match proxy_header::parse(this.header.bytes()) {
                     Ok(header) => Some(header),
-                    Err(proxied::Close::Fin) => {
-                        drop(this.client);
-                        return None;
-                    }
-                    Err(proxied::Close::Reset) => {
+                    Err(e) => {
                         crate::net::reset(this.client);
+                        this.live.0.record(Outcome::Reset);
+                        tracing::warn!(route = %route.name, client = %this.peer, end = "reset", error = %e, "the PROXY header carried by the upgrade does not parse; connection reset");
                         return None;
                     }
                 }
             }
-            // Admitted before a live upgrade moved it here.
-            Some(_) => match proxy_header::parse(this.header.bytes()) {
-                Ok(header) => Some(header),
-                Err(e) => {
-                    crate::net::reset(this.client);
-                    this.live.0.record(Outcome::Reset);
-                    tracing::warn!(route = %route.name, client = %this.peer, end = "reset", error = %e, "the PROXY header carried by the upgrade does not parse; connection reset");
+        } else {
+            // Whether to read a header: always ("v2"), or when the first bytes are its signature
+            // ("auto"); and with "off", whether the client sends one it should not.
+            let header_timeout = route
+                .proxy
+                .as_ref()
+                .map_or(crate::config::DEFAULT_HEADER_TIMEOUT, |p| p.header_timeout);
+            let first = match &route.proxy {
+                Some(proxy) if proxy.required => First::Header,
+                _ => {
+                    let more = (this.started + header_timeout).saturating_duration_since(Instant::now());
+                    let first = tokio::select! {
+                        first = proxy_header::first_bytes(&this.client, SILENT_CLIENT_WAIT, more) => first,
+                        stop = this.wiring.shutdown.closing_or_parking(false) => {
+                            this.stop(stop, "waiting for its first bytes");
+                            return None;
+                        }
+                    };
+                    match first {
+                        Ok(first) => first,
+                        Err(e) => {
+                            crate::net::reset(this.client);
+                            this.live.0.record(Outcome::Reset);
+                            tracing::debug!(route = %route.name, client = %this.peer, end = "reset", error = %e, "client failed before its first byte");
+                            return None;
+                        }
+                    }
+                }
+            };
+            match (&route.proxy, first) {
+                (_, First::Closed) => {
+                    // Connected and closed without a byte (a scanner, a health check of some
+                    // other kind): nothing to relay, nobody dialled.
+                    drop(this.client);
                     return None;
                 }
-            },
-            None => None,
+                (None, First::Header) => {
+                    // "off", and the Private Link Service sends headers: sshd would get 28
+                    // bytes of garbage. Refused with the fix in the log.
+                    this.saw_header(true);
+                    this.live.0.header_refused(Refusal::Unexpected.reason());
+                    this.live.0.record(Outcome::Denied);
+                    if let Some(suppressed) = this.quiet.header.admit() {
+                        tracing::warn!(route = %route.name, client = %this.peer, end = "denied", reason = Refusal::Unexpected.reason(), suppressed, "the Private Link Service sends PROXY protocol v2; set proxy_protocol = \"auto\" or \"v2\" on route {}; connection reset", route.name);
+                    }
+                    crate::net::reset(this.client);
+                    return None;
+                }
+                (Some(proxy), First::Header | First::Version1) => {
+                    let deadline = tokio::time::Instant::from_std(this.started + proxy.header_timeout);
+                    let read = tokio::select! {
+                        read = tokio::time::timeout_at(deadline, proxy_header::read_into(&mut this.client, &mut this.header)) => {
+                            read.unwrap_or(Err(Refusal::Timeout))
+                        }
+                        stop = this.wiring.shutdown.closing_or_parking(false) => {
+                            this.stop(stop, "reading its PROXY header");
+                            return None;
+                        }
+                    };
+                    this.saw_header(!matches!(read, Err(Refusal::Missing)));
+                    let admitted =
+                        proxied::admit(read, this.peer, &route.name, proxy, &this.live.0, &this.quiet);
+                    match admitted {
+                        Ok(header) => Some(header),
+                        Err(proxied::Close::Fin) => {
+                            drop(this.client);
+                            return None;
+                        }
+                        Err(proxied::Close::Reset) => {
+                            crate::net::reset(this.client);
+                            return None;
+                        }
+                    }
+                }
+                (_, First::Other | First::Silent | First::Version1) => {
+                    this.saw_header(false);
+                    None
+                }
+            }
         };
         this.admitted = true;
 
@@ -537,6 +603,24 @@ impl Connection {
             wiring: this.wiring,
         };
         Some((relayed, this.client, upstream))
+    }
+
+    /// Notes whether this connection carried a PROXY v2 header; says so when the route's recent
+    /// connections change from all, to none, to some.
+    fn saw_header(&self, carried: bool) {
+        if let Some(now) = self.live.0.saw_header(carried) {
+            let route = &self.settings.route.name;
+            let what = match now {
+                "seen" => "the Private Link Service sends PROXY v2 headers (TCP proxy v2 is on)",
+                "not seen" => "no PROXY v2 headers arrive (TCP proxy v2 is off at the Private Link Service)",
+                _ => "some connections carry a PROXY v2 header and some do not",
+            };
+            tracing::info!(
+                route,
+                proxy_headers = now,
+                "PROXY headers on route {route}: {what}"
+            );
+        }
     }
 
     /// Parks the connection for a live upgrade, or closes it for the drain, while it was `doing`

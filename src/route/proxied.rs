@@ -38,7 +38,11 @@ pub(super) fn admit(
             stats.header_refused(refusal.reason());
             stats.record(Outcome::Denied);
             if let Some(suppressed) = quiet.header.admit() {
-                tracing::warn!(route, client = %peer, end = "denied", reason = refusal.reason(), error = %refusal, suppressed, "PROXY v2 header refused; connection reset");
+                if refusal == Refusal::Missing {
+                    tracing::warn!(route, client = %peer, end = "denied", reason = refusal.reason(), error = %refusal, suppressed, "PROXY v2 header refused; connection reset: the Private Link Service may have TCP proxy v2 off (proxy_protocol = \"auto\" on route {route} accepts connections with and without one)");
+                } else {
+                    tracing::warn!(route, client = %peer, end = "denied", reason = refusal.reason(), error = %refusal, suppressed, "PROXY v2 header refused; connection reset");
+                }
             }
             return Err(Close::Reset);
         }

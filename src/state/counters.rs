@@ -108,6 +108,9 @@ pub struct RouteStats {
     last_probe: Mutex<Option<(SystemTime, std::net::IpAddr)>>,
     /// The sources denied most often.
     denied: Mutex<DeniedSources>,
+    /// Whether the latest connections carried a PROXY v2 header: one bit each, the newest
+    /// lowest, and how many bits are in use (at most 16).
+    recent_headers: Mutex<(u16, u8)>,
 }
 
 /// A route's counters: the one declaration of what a live upgrade carries for a route. Every
@@ -130,7 +133,7 @@ pub struct RouteCounters {
     pub accept_errors: AtomicU64,
     /// PROXY v2 headers refused, by [`crate::proxy_header::Refusal::REASONS`].
     #[serde(with = "by_name::refusals")]
-    header_refusals: [AtomicU64; 6],
+    header_refusals: [AtomicU64; crate::proxy_header::Refusal::REASONS.len()],
     /// Relayed connections by the LinkID in their PROXY v2 header, for at most [`MAX_LINK_IDS`]
     /// distinct ones.
     link_ids: Mutex<BTreeMap<u32, u64>>,
@@ -203,14 +206,36 @@ mod by_name {
         use super::*;
         use crate::proxy_header::Refusal;
 
-        pub fn serialize<S: Serializer>(c: &[AtomicU64; 6], s: S) -> Result<S::Ok, S::Error> {
+        pub fn serialize<S: Serializer>(
+            c: &[AtomicU64; crate::proxy_header::Refusal::REASONS.len()],
+            s: S,
+        ) -> Result<S::Ok, S::Error> {
             super::serialize(&Refusal::REASONS, c, s)
         }
 
-        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[AtomicU64; 6], D::Error> {
+        pub fn deserialize<'de, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<[AtomicU64; crate::proxy_header::Refusal::REASONS.len()], D::Error> {
             super::deserialize(&Refusal::REASONS, d)
         }
     }
+}
+
+/// "seen", "not seen" or "mixed" for the `count` latest bits of `bits`.
+fn summary((bits, count): (u16, u8)) -> Option<&'static str> {
+    if count == 0 {
+        return None;
+    }
+    let mask = if count >= 16 {
+        u16::MAX
+    } else {
+        (1u16 << count) - 1
+    };
+    Some(match bits & mask {
+        0 => "not seen",
+        b if b == mask => "seen",
+        _ => "mixed",
+    })
 }
 
 /// Sources denied on a route, the most frequent few: enough for `ferryd doctor` to show which
@@ -299,7 +324,27 @@ impl RouteStats {
             last_proxied: Mutex::new(None),
             last_probe: Mutex::new(None),
             denied: Mutex::new(DeniedSources::default()),
+            recent_headers: Mutex::new((0, 0)),
         }
+    }
+
+    /// Notes whether a connection carried a PROXY v2 header. Returns the route's summary when
+    /// this changed it (see [`RouteStats::proxy_headers`]).
+    pub fn saw_header(&self, carried: bool) -> Option<&'static str> {
+        let mut recent = self.recent_headers.lock().unwrap_or_else(|p| p.into_inner());
+        let before = summary(*recent);
+        *recent = (
+            (recent.0 << 1) | u16::from(carried),
+            recent.1.saturating_add(1).min(16),
+        );
+        let now = summary(*recent);
+        (now != before).then_some(now).flatten()
+    }
+
+    /// Whether the latest connections (up to 16) carried PROXY v2 headers: "seen" (all),
+    /// "not seen" (none) or "mixed"; `None` before the first connection.
+    pub fn proxy_headers(&self) -> Option<&'static str> {
+        summary(*self.recent_headers.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Remembers a failed dial for /status.

@@ -436,7 +436,10 @@ mod tests {
             v["link_ids"]["7"] = 0.into();
             v["link_ids"]["4000000000"] = 0.into();
         });
-        assert_eq!(route, 4 + Outcome::ALL.len() + 6 + 2);
+        assert_eq!(
+            route,
+            4 + Outcome::ALL.len() + crate::proxy_header::Refusal::REASONS.len() + 2
+        );
         // Five counters, the start time and uptime, log drops; NAT's state is not a number.
         let daemon = crosses_whole::<CarriedDaemon>(|v| {
             v["nat"] = serde_json::to_value(NatStatus::Failed("iptables: gone".into())).unwrap();

@@ -100,10 +100,13 @@ pub struct RouteStatus {
     /// `off` or `v2`.
     pub proxy_protocol: String,
     /// Refused PROXY v2 headers by reason (missing, v1, malformed, oversized, truncated,
-    /// timeout); empty without proxy_protocol.
+    /// timeout, unexpected).
     pub header_refusals: BTreeMap<String, u64>,
     /// Relayed connections by the LinkID in their header (decimal, as allow_link_ids takes it).
     pub link_ids: BTreeMap<String, u64>,
+    /// Whether the latest connections (up to 16) carried a PROXY v2 header: "seen", "not seen"
+    /// or "mixed"; absent before the first connection. What the Private Link Service is doing.
+    pub proxy_headers: Option<String>,
     /// The latest connection admitted by its PROXY v2 header.
     pub last_proxied: Option<LastProxied>,
     /// The latest probe answered on this route.
@@ -248,21 +251,19 @@ impl StatusDocument {
                         seconds_ago: now.duration_since(at).map_or(0, |d| d.as_secs()),
                         reason,
                     }),
-                    proxy_protocol: if view.route.proxy.is_some() { "v2" } else { "off" }.into(),
-                    header_refusals: if view.route.proxy.is_some() {
-                        stats
-                            .header_refusals()
-                            .into_iter()
-                            .map(|(r, n)| (r.to_string(), n))
-                            .collect()
-                    } else {
-                        BTreeMap::new()
-                    },
+                    proxy_protocol: view.route.proxy_protocol().name().into(),
+                    // Every route can refuse one: "off" refuses an unexpected header.
+                    header_refusals: stats
+                        .header_refusals()
+                        .into_iter()
+                        .map(|(r, n)| (r.to_string(), n))
+                        .collect(),
                     link_ids: stats
                         .link_ids()
                         .into_iter()
                         .map(|(id, n)| (id.to_string(), n))
                         .collect(),
+                    proxy_headers: stats.proxy_headers().map(str::to_string),
                     last_probe: stats.last_probe().map(|(at, source)| Seen {
                         source: source.to_string(),
                         seconds_ago: ago(now, at),

@@ -4,6 +4,7 @@
 
 pub mod container;
 pub mod netns;
+pub mod pp;
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
