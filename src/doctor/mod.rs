@@ -178,14 +178,18 @@ fn checks(config_path: &Path) -> Vec<Finding> {
     out.push(health_check(target, &config, doc.as_ref().ok()));
     for (route, dialled) in config.routes.iter().zip(dials) {
         out.push(routes::listening_check(route, doc.as_ref().ok()));
-        out.push(dialled.join().unwrap_or_else(|_| {
+        let dialled = dialled.join().unwrap_or_else(|_| {
             finding(
                 format!("route {}: upstream", route.name),
                 Status::Warn,
                 "the check failed",
                 "",
             )
-        }));
+        });
+        out.push(match &doc {
+            Ok(doc) => routes::with_history(dialled, route, doc),
+            Err(_) => dialled,
+        });
         if let Ok(doc) = &doc {
             out.push(routes::allowlist_check(route, &config, doc));
             out.push(routes::proxy_check(route, doc));

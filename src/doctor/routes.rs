@@ -231,3 +231,51 @@ pub(super) fn proxy_check(route: &Route, doc: &StatusDocument) -> Finding {
         ),
     }
 }
+
+/// A failed upstream dial, told apart with what the daemon saw since it started: a build VM that
+/// has never answered (still booting, or an NSG drops the port) from one that answered and
+/// stopped (sshd or WinRM stopped, a firewall turned on inside it mid-build).
+pub(super) fn with_history(mut found: Finding, route: &Route, doc: &StatusDocument) -> Finding {
+    if found.status != Status::Fail {
+        return found;
+    }
+    let Some(r) = doc.routes.iter().find(|r| r.name == route.name) else {
+        return found;
+    };
+    let seen = &r.upstream_seen;
+    let failed: Vec<String> = seen
+        .failed_since
+        .iter()
+        .map(|(kind, n)| {
+            let how = match kind.as_str() {
+                "upstream-timeout" => "timed out",
+                "upstream-refused" => "refused",
+                _ => "unreachable",
+            };
+            format!("{how} {n} time(s)")
+        })
+        .collect();
+    let failed = if failed.is_empty() {
+        "no dial failed yet".to_string()
+    } else {
+        failed.join(", ")
+    };
+    let history = match seen.last_answered_at {
+        None => format!(
+            "the build VM has not answered since ferryd started {} min ago ({failed}): still booting, or a network security group drops the port",
+            doc.uptime_seconds / 60
+        ),
+        Some(at) => format!(
+            "it answered until {} UTC, not since ({failed}): the service on the build VM stopped, or a firewall there was turned on",
+            clock(at)
+        ),
+    };
+    found.detail = format!("{}; {history}", found.detail);
+    found
+}
+
+/// HH:MM (UTC) of `epoch_seconds`.
+fn clock(epoch_seconds: u64) -> String {
+    let day = epoch_seconds % 86_400;
+    format!("{:02}:{:02}", day / 3600, day % 3600 / 60)
+}

@@ -530,6 +530,7 @@ impl Connection {
         let (mut upstream, upstream_addr) = match dialled {
             Ok(ok) => {
                 stats.counters.relayed.fetch_add(1, Ordering::Relaxed);
+                stats.upstream_answered();
                 stats
                     .connect_seconds
                     .observe((this.dialled + dial_started.elapsed()).as_secs_f64());
@@ -538,7 +539,7 @@ impl Connection {
             Err(e) => {
                 crate::net::reset(this.client);
                 stats.record(e.outcome);
-                stats.upstream_failed(format!("{}: {}", e.outcome.name(), e.reason));
+                stats.upstream_failed(e.outcome, format!("{}: {}", e.outcome.name(), e.reason));
                 if let Some(suppressed) = this.quiet.upstream.admit() {
                     let upstream = e
                         .addr

@@ -111,6 +111,21 @@ pub struct RouteStats {
     /// Whether the latest connections carried a PROXY v2 header: one bit each, the newest
     /// lowest, and how many bits are in use (at most 16).
     recent_headers: Mutex<(u16, u8)>,
+    /// When the upstream answered, and how dials failed since it last did.
+    upstream: Mutex<UpstreamHistory>,
+}
+
+/// A route's upstream as the dials found it since the daemon started: what tells a build VM
+/// that is not there yet (still booting, or an NSG drops the port) from one that stopped
+/// answering (sshd or WinRM stopped, a firewall turned on mid-build).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UpstreamHistory {
+    /// The first successful dial since start.
+    pub first_answer: Option<SystemTime>,
+    /// The latest successful dial.
+    pub last_answer: Option<SystemTime>,
+    /// Failed dials since the latest success (or since start), by outcome name.
+    pub failures: BTreeMap<&'static str, u64>,
 }
 
 /// A route's counters: the one declaration of what a live upgrade carries for a route. Every
@@ -325,7 +340,22 @@ impl RouteStats {
             last_probe: Mutex::new(None),
             denied: Mutex::new(DeniedSources::default()),
             recent_headers: Mutex::new((0, 0)),
+            upstream: Mutex::new(UpstreamHistory::default()),
         }
+    }
+
+    /// Notes a successful dial.
+    pub fn upstream_answered(&self) {
+        let now = SystemTime::now();
+        let mut history = self.upstream.lock().unwrap_or_else(|p| p.into_inner());
+        history.first_answer.get_or_insert(now);
+        history.last_answer = Some(now);
+        history.failures.clear();
+    }
+
+    /// The upstream's history since start.
+    pub fn upstream_history(&self) -> UpstreamHistory {
+        self.upstream.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Notes whether a connection carried a PROXY v2 header. Returns the route's summary when
@@ -347,8 +377,15 @@ impl RouteStats {
         summary(*self.recent_headers.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
-    /// Remembers a failed dial for /status.
-    pub fn upstream_failed(&self, reason: String) {
+    /// Remembers a failed dial (`outcome`, and why) for /status.
+    pub fn upstream_failed(&self, outcome: Outcome, reason: String) {
+        *self
+            .upstream
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .failures
+            .entry(outcome.name())
+            .or_default() += 1;
         let mut last = self.last_upstream_error.lock().unwrap_or_else(|p| p.into_inner());
         *last = Some((SystemTime::now(), reason));
     }

@@ -97,6 +97,8 @@ pub struct RouteStatus {
     pub bytes_down: u64,
     /// The most recent failed dial.
     pub last_upstream_error: Option<UpstreamError>,
+    /// When the upstream answered since the daemon started, and how dials failed since.
+    pub upstream_seen: UpstreamSeen,
     /// `off` or `v2`.
     pub proxy_protocol: String,
     /// Refused PROXY v2 headers by reason (missing, v1, malformed, oversized, truncated,
@@ -170,6 +172,18 @@ pub struct UpstreamError {
     pub seconds_ago: u64,
     /// The outcome and the error.
     pub reason: String,
+}
+
+/// A route's upstream as the dials found it since the daemon started.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct UpstreamSeen {
+    /// The first successful dial since start, in seconds since the Unix epoch.
+    pub first_answered_at: Option<u64>,
+    /// The latest successful dial, in seconds since the Unix epoch.
+    pub last_answered_at: Option<u64>,
+    /// Failed dials since the latest success (or since start), by outcome.
+    pub failed_since: BTreeMap<String, u64>,
 }
 
 /// The relay engine.
@@ -251,6 +265,18 @@ impl StatusDocument {
                         seconds_ago: now.duration_since(at).map_or(0, |d| d.as_secs()),
                         reason,
                     }),
+                    upstream_seen: {
+                        let history = stats.upstream_history();
+                        UpstreamSeen {
+                            first_answered_at: history.first_answer.map(epoch),
+                            last_answered_at: history.last_answer.map(epoch),
+                            failed_since: history
+                                .failures
+                                .into_iter()
+                                .map(|(k, n)| (k.to_string(), n))
+                                .collect(),
+                        }
+                    },
                     proxy_protocol: view.route.proxy_protocol().name().into(),
                     // Every route can refuse one: "off" refuses an unexpected header.
                     header_refusals: stats
@@ -336,6 +362,12 @@ impl StatusDocument {
             },
         }
     }
+}
+
+/// Seconds since the Unix epoch.
+fn epoch(at: std::time::SystemTime) -> u64 {
+    at.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 #[cfg(test)]
