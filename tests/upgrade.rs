@@ -1452,3 +1452,45 @@ fn the_relay_runs_no_iptables_even_with_nat_configured() {
     let status = status(&daemon);
     assert_eq!(status["nat"]["state"], "pending", "{status}");
 }
+
+/// Every relayed connection has an id, in its "connection opened" line and its "connection
+/// closed" line, the same after a live upgrade, and never given twice in the daemon's life.
+#[test]
+fn a_connection_keeps_its_id_across_an_upgrade() {
+    let echo = Upstream::echo();
+    let port = free_port();
+    let installed = Installed::new();
+    let daemon = installed.start(&config_one_route(port, echo.addr, "", ""));
+    let mut before = session(port);
+    let opened = daemon
+        .wait_for_log("connection opened", Duration::from_secs(2))
+        .expect("an opened line");
+    let id: u64 = common::field(&opened, "conn")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no conn= in {opened}"));
+    assert!(
+        common::field(&opened, "dial_ms").is_some() && opened.contains("route=test"),
+        "{opened}"
+    );
+    installed.replace_with(Path::new(BIN));
+    let out = upgrade(&daemon);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    common::echo_roundtrip(&mut before, b"after").expect("the session goes on");
+    drop(before);
+    let closed = daemon
+        .wait_for_log("connection closed", Duration::from_secs(5))
+        .expect("a closed line");
+    assert_eq!(
+        common::field(&closed, "conn"),
+        Some(id.to_string().as_str()),
+        "{closed}"
+    );
+    let _after = session(port);
+    let next = daemon
+        .wait_for_nth_log("connection opened", 2, Duration::from_secs(2))
+        .expect("a second opened line");
+    let next: u64 = common::field(&next, "conn")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(next > id, "id {next} after {id}: numbering restarted");
+}

@@ -231,7 +231,16 @@ impl Daemon {
         let connections = std::mem::take(&mut incoming.connections);
         let mut moved = 0;
         let mut not_moved = incoming.not_moved;
-        for opening in std::mem::take(&mut incoming.opening) {
+        // An older version numbered nothing: its connections are numbered here.
+        let number = |id: u64| {
+            if id == 0 {
+                self.engine.stats.next_connection_id()
+            } else {
+                id
+            }
+        };
+        for mut opening in std::mem::take(&mut incoming.opening) {
+            opening.id = number(opening.id);
             let route = self.config.routes.iter().find(|r| r.name == opening.route);
             let (Some(route), Some(route_stats)) = (route, stats.get(&opening.route)) else {
                 // Not admitted on any route now: nothing tells where it should go.
@@ -247,7 +256,8 @@ impl Daemon {
                 not_moved += 1;
             }
         }
-        for parked in connections {
+        for mut parked in connections {
+            parked.identity.id = number(parked.identity.id);
             let who = &parked.identity;
             let route_stats = match stats.get(&who.route) {
                 Some(route_stats) => route_stats.clone(),

@@ -75,6 +75,9 @@ pub struct ListenerEntry {
 /// One relayed connection.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ConnectionEntry {
+    /// Its id (version 2; 0 from an older version: the next image numbers it).
+    #[serde(default)]
+    pub id: u64,
     /// The route it was accepted on.
     pub route: String,
     /// The TCP peer.
@@ -117,6 +120,9 @@ pub struct ConnectionEntry {
 /// One admitted connection that was not relaying yet.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct OpeningEntry {
+    /// Its id.
+    #[serde(default)]
+    pub id: u64,
     /// The route it was accepted on.
     pub route: String,
     /// The TCP peer.
@@ -325,6 +331,7 @@ mod tests {
                 fd: 7,
             }],
             connections: vec![ConnectionEntry {
+                id: 41,
                 route: "ssh".into(),
                 peer: "10.0.0.5:40000".parse().unwrap(),
                 upstream: "10.0.1.4:22".parse().unwrap(),
@@ -356,6 +363,7 @@ mod tests {
                 bytes_down: 2,
             }],
             opening: vec![OpeningEntry {
+                id: 42,
                 route: "ssh".into(),
                 peer: "10.0.0.5:40001".parse().unwrap(),
                 client_fd: 12,

@@ -157,6 +157,7 @@ impl Outgoing {
             .iter()
             .map(|parked| {
                 let Identity {
+                    id,
                     route,
                     peer,
                     upstream,
@@ -174,6 +175,7 @@ impl Outgoing {
                 let since = parked_at.elapsed();
                 let (age, quiet) = (midway.age + since, midway.quiet + since);
                 ConnectionEntry {
+                    id: *id,
                     route: route.clone(),
                     peer: *peer,
                     upstream: *upstream,
@@ -213,6 +215,7 @@ impl Outgoing {
                 .opening
                 .iter()
                 .map(|o| OpeningEntry {
+                    id: o.id,
                     route: o.route.clone(),
                     peer: o.peer,
                     client_fd: o.client.as_raw_fd(),
@@ -491,6 +494,7 @@ fn take(value: &std::ffi::OsStr, salvaged: &mut Option<serde_json::Value>) -> Re
         };
         connections.push(ParkedConnection {
             identity: Identity {
+                id: c.id,
                 route: c.route.clone(),
                 peer: c.peer,
                 upstream: c.upstream,
@@ -527,6 +531,7 @@ fn take(value: &std::ffi::OsStr, salvaged: &mut Option<serde_json::Value>) -> Re
             let client = own(o.client_fd);
             let _ = set_cloexec(&client);
             OpeningConnection {
+                id: o.id,
                 route: o.route.clone(),
                 peer: o.peer,
                 client: std::net::TcpStream::from(client),

@@ -110,6 +110,8 @@ pub struct ParkingLot {
 /// nothing a waiting client notices.
 #[derive(Debug)]
 pub struct OpeningConnection {
+    /// Its id.
+    pub id: u64,
     /// The route it was accepted on.
     pub route: String,
     /// The TCP peer.
@@ -151,18 +153,18 @@ impl Parking {
         };
         stats.record(Outcome::Reset);
         self.lost.fetch_add(1, Ordering::Relaxed);
-        let (route, peer) = match lost {
+        let (id, route, peer) = match lost {
             Parked::Relaying(lost) => {
                 crate::net::reset(lost.relay.client);
                 crate::net::reset(lost.relay.upstream);
-                (lost.identity.route, lost.identity.peer)
+                (lost.identity.id, lost.identity.route, lost.identity.peer)
             }
             Parked::Opening(lost) => {
                 crate::net::reset(lost.client);
-                (lost.route, lost.peer)
+                (lost.id, lost.route, lost.peer)
             }
         };
-        tracing::warn!(route, client = %peer, end = "reset", "parked for an upgrade that is no longer under way; reset");
+        tracing::warn!(conn = id, route, client = %peer, end = "reset", "parked for an upgrade that is no longer under way; reset");
     }
 
     /// Counts a connection that could not park (its socket could not leave the runtime).
@@ -188,6 +190,9 @@ impl ParkingLot {
 /// and what a live upgrade carries across with its sockets.
 #[derive(Debug, Clone)]
 pub struct Identity {
+    /// Its id: unique for the daemon's life (live upgrades included), `conn=` in every log line
+    /// about it.
+    pub id: u64,
     /// The route it was accepted on.
     pub route: String,
     /// The TCP peer (the balancer's address with Private Link).
@@ -342,6 +347,7 @@ impl RouteListener {
         // Boxed: what the task captures keeps its room for the task's whole life, and the box
         // is freed once the connection is open.
         let connection = Box::new(Connection {
+            id: self.wiring.engine.stats.next_connection_id(),
             live: LiveGuard::new(self.stats.clone()),
             client: stream,
             peer,
@@ -393,6 +399,8 @@ impl Drop for LiveGuard {
 /// One admitted client, until its upstream is dialled (or the attempt has ended and been
 /// logged, or a live upgrade parked it).
 struct Connection {
+    /// Its id (see [`Identity::id`]).
+    id: u64,
     live: LiveGuard,
     client: TcpStream,
     peer: SocketAddr,
@@ -430,7 +438,7 @@ impl Connection {
                     Err(e) => {
                         crate::net::reset(this.client);
                         this.live.0.record(Outcome::Reset);
-                        tracing::warn!(route = %route.name, client = %this.peer, end = "reset", error = %e, "the PROXY header carried by the upgrade does not parse; connection reset");
+                        tracing::warn!(conn = this.id, route = %route.name, client = %this.peer, end = "reset", error = %e, "the PROXY header carried by the upgrade does not parse; connection reset");
                         return None;
                     }
                 }
@@ -458,7 +466,7 @@ impl Connection {
                         Err(e) => {
                             crate::net::reset(this.client);
                             this.live.0.record(Outcome::Reset);
-                            tracing::debug!(route = %route.name, client = %this.peer, end = "reset", error = %e, "client failed before its first byte");
+                            tracing::debug!(conn = this.id, route = %route.name, client = %this.peer, end = "reset", error = %e, "client failed before its first byte");
                             return None;
                         }
                     }
@@ -478,7 +486,7 @@ impl Connection {
                     this.live.0.header_refused(Refusal::Unexpected.reason());
                     this.live.0.record(Outcome::Denied);
                     if let Some(suppressed) = this.quiet.header.admit() {
-                        tracing::warn!(route = %route.name, client = %this.peer, end = "denied", reason = Refusal::Unexpected.reason(), suppressed, "the Private Link Service sends PROXY protocol v2; set proxy_protocol = \"auto\" or \"v2\" on route {}; connection reset", route.name);
+                        tracing::warn!(conn = this.id, route = %route.name, client = %this.peer, end = "denied", reason = Refusal::Unexpected.reason(), suppressed, "the Private Link Service sends PROXY protocol v2; set proxy_protocol = \"auto\" or \"v2\" on route {}; connection reset", route.name);
                     }
                     crate::net::reset(this.client);
                     return None;
@@ -545,6 +553,7 @@ impl Connection {
                         .addr
                         .map_or_else(|| route.upstream.to_string(), |a| a.to_string());
                     tracing::warn!(
+                        conn = this.id,
                         route = %route.name,
                         client = %this.peer,
                         upstream,
@@ -581,18 +590,31 @@ impl Connection {
                 crate::net::reset(this.client);
                 crate::net::reset(upstream);
                 stats.record(Outcome::Reset);
-                tracing::warn!(route = %route.name, client = %this.peer, upstream = %upstream_addr, end = "reset", "cannot send the PROXY v2 header to the upstream; both sides reset");
+                tracing::warn!(conn = this.id, route = %route.name, client = %this.peer, upstream = %upstream_addr, end = "reset", "cannot send the PROXY v2 header to the upstream; both sides reset");
                 return None;
             }
         }
 
+        let proxied_client = proxied.as_ref().and_then(Header::client);
+        let link_id = proxied.as_ref().and_then(|h| h.link_id);
+        tracing::info!(
+            conn = this.id,
+            route = %route.name,
+            client = %this.peer,
+            upstream = %upstream_addr,
+            dial_ms = (this.dialled + dial_started.elapsed()).as_millis() as u64,
+            proxied_client = proxied_client.map(|c| c.to_string()),
+            link_id,
+            "connection opened"
+        );
         let relayed = Relayed {
             identity: Identity {
+                id: this.id,
                 route: route.name.clone(),
                 peer: this.peer,
                 upstream: upstream_addr,
-                proxied_client: proxied.as_ref().and_then(Header::client),
-                link_id: proxied.as_ref().and_then(|h| h.link_id),
+                proxied_client,
+                link_id,
                 timeouts: Timeouts {
                     idle: route.idle_timeout,
                     fin: route.fin_timeout,
@@ -628,6 +650,7 @@ impl Connection {
     /// what the log line says.
     fn stop(self, stop: Stop, doing: &str) {
         let Connection {
+            id,
             live,
             client,
             peer,
@@ -644,11 +667,12 @@ impl Connection {
             Stop::Close => {
                 crate::net::reset(client);
                 live.0.record(Outcome::Drain);
-                tracing::info!(route, client = %peer, upstream = %settings.route.upstream, end = "drain", "closed while {doing} at shutdown");
+                tracing::info!(conn = id, route, client = %peer, upstream = %settings.route.upstream, end = "drain", "closed while {doing} at shutdown");
             }
             Stop::Park => match client.into_std() {
                 Ok(client) => {
                     let opening = OpeningConnection {
+                        id,
                         route: route.clone(),
                         peer,
                         client,
@@ -664,7 +688,7 @@ impl Connection {
                     // The socket went with the error: closed, not moved.
                     live.0.record(Outcome::Reset);
                     wiring.parking.lost();
-                    tracing::warn!(route, client = %peer, end = "reset", error = %e, "cannot park a connection {doing} for the upgrade");
+                    tracing::warn!(conn = id, route, client = %peer, end = "reset", error = %e, "cannot park a connection {doing} for the upgrade");
                 }
             },
         }
@@ -681,6 +705,7 @@ pub fn resume_opening(
     wiring: Wiring,
 ) -> bool {
     let OpeningConnection {
+        id,
         route: _,
         peer,
         client,
@@ -698,11 +723,12 @@ pub fn resume_opening(
         Ok(client) => client,
         Err(e) => {
             stats.record(Outcome::Reset);
-            tracing::warn!(route = %settings.route.name, client = %peer, end = "reset", error = %e, "cannot take over a connection moved by the upgrade");
+            tracing::warn!(conn = id, route = %settings.route.name, client = %peer, end = "reset", error = %e, "cannot take over a connection moved by the upgrade");
             return false;
         }
     };
     let connection = Box::new(Connection {
+        id,
         live: LiveGuard::new(stats),
         client,
         peer,
@@ -769,7 +795,7 @@ pub fn resume(parked: ParkedConnection, stats: Arc<RouteStats>, wiring: Wiring) 
             // The sockets were closed with the failed conversion.
             relayed.live.0.record(Outcome::Reset);
             let who = &relayed.identity;
-            tracing::warn!(route = %who.route, client = %who.peer, upstream = %who.upstream, end = "reset", error = %e, "cannot take over a connection moved by the upgrade");
+            tracing::warn!(conn = who.id, route = %who.route, client = %who.peer, upstream = %who.upstream, end = "reset", error = %e, "cannot take over a connection moved by the upgrade");
             false
         }
     }
@@ -827,6 +853,7 @@ impl Relayed {
             };
             stats.record(transfer.outcome);
             tracing::info!(
+                conn = identity.id,
                 route = %identity.route,
                 client = %identity.peer,
                 upstream = %identity.upstream,

@@ -531,4 +531,14 @@ pub struct RelayStats {
     pub fallback_no_pipe: AtomicU64,
     /// Connection directions switched to copying because the kernel refused splice.
     pub fallback_refused: AtomicU64,
+    /// Connections numbered so far: the next one gets this plus one. Carried across live
+    /// upgrades, so an id is never given twice in the daemon's life.
+    pub connections_numbered: AtomicU64,
+}
+
+impl RelayStats {
+    /// The id of a new connection: unique for the daemon's life, live upgrades included.
+    pub fn next_connection_id(&self) -> u64 {
+        self.connections_numbered.fetch_add(1, Ordering::Relaxed) + 1
+    }
 }

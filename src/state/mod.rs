@@ -429,7 +429,7 @@ mod tests {
 
     #[test]
     fn every_counter_crosses_a_live_upgrade() {
-        assert_eq!(crosses_whole::<RelayStats>(|_| {}), 4);
+        assert_eq!(crosses_whole::<RelayStats>(|_| {}), 5);
         // Relayed, bytes up and down, accept errors, ten outcomes, six refusal reasons, and the
         // two LinkIDs added here.
         let route = crosses_whole::<RouteCounters>(|v| {
