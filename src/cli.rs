@@ -59,6 +59,28 @@ pub enum Command {
         #[arg(long, default_value = "ferryd.service")]
         unit: String,
     },
+    /// List the relayed connections (from the daemon's /connections), oldest first, or end one.
+    ///
+    /// One line per connection: id (conn= in the log), route, client (the PROXY header's client
+    /// when there is one), upstream, age, time since the last byte, bytes each way, each
+    /// direction's state (open, half-closed, parked), mode (splice, copy) and the bytes it holds,
+    /// and when the idle or fin timer would end it. Exits 0 when the daemon answered, 1 when it
+    /// did not or refused.
+    Connections {
+        /// The configuration file (to find the health endpoint and the control socket).
+        #[arg(short, long, value_name = "PATH", default_value = DEFAULT_PATH)]
+        config: PathBuf,
+        /// Only this route's connections.
+        #[arg(long, value_name = "NAME")]
+        route: Option<String>,
+        /// Print the JSON array the daemon serves instead of the table.
+        #[arg(long)]
+        json: bool,
+        /// End connection ID now, both sides reset (logged with end="closed-by-admin"). Needs
+        /// root or membership of the daemon's group: it goes through the control socket.
+        #[arg(long, value_name = "ID", conflicts_with_all = ["route", "json"])]
+        close: Option<u64>,
+    },
     /// Check everything around the proxy VM that the relay depends on, and say what to fix.
     ///
     /// One line per check: ok, warn or FAIL, the check, what was seen, and the fix. Exits 0 when

@@ -9,7 +9,9 @@
 //! upgrade, after the new binary's check passed: the open-file limit drops so that no descriptor
 //! can be had, and the hand-over document cannot be created. `slow-exec` holds every live
 //! upgrade for 1.5 s between making descriptors inheritable and the exec, so that a test can see
-//! what a child forked then would inherit.
+//! what a child forked then would inherit. `drop-byte` fires by itself, once: the first copy
+//! burst of the process writes one byte fewer than it read, so a test can see the byte
+//! accounting count the loss.
 
 /// The environment variable that arms a fault.
 pub const ENV: &str = "FERRYD_TEST_FAULTS";
@@ -62,4 +64,12 @@ pub fn in_exec_window() {
     if std::env::var(ENV).ok().as_deref() == Some("slow-exec") {
         std::thread::sleep(std::time::Duration::from_millis(1500));
     }
+}
+
+/// With `drop-byte` armed: true once, for the first copy burst that asks.
+pub fn drop_byte() -> bool {
+    static ARMED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    static FIRED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    *ARMED.get_or_init(|| std::env::var(ENV).ok().as_deref() == Some("drop-byte"))
+        && !FIRED.swap(true, std::sync::atomic::Ordering::Relaxed)
 }

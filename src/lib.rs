@@ -10,6 +10,8 @@
 //! - [`upstream`]: dialling the build VM;
 //! - [`proxy_header`]: the PROXY protocol v2 header Private Link can put in front of a connection;
 //! - [`relay`]: moving bytes both ways and ending a connection correctly;
+//! - [`connections`]: the table of relayed connections (`/connections`, `ferryd connections`)
+//!   and [`control`], the local socket through which a privileged user ends one;
 //! - [`daemon`]: start-up, reload, drain and the live upgrade's steps;
 //! - [`signals`]: the signals the daemon acts on, taken from a signalfd;
 //! - [`handover`]: the live upgrade's document, its check and the exec into the next binary;
@@ -27,6 +29,8 @@ pub mod allow;
 pub mod cli;
 mod command;
 pub mod config;
+pub mod connections;
+mod control;
 pub mod daemon;
 pub mod doctor;
 #[cfg(feature = "test-faults")]

@@ -86,6 +86,17 @@ fn main() -> ExitCode {
         Command::Nat { action } => nat(action),
         Command::Status { config, unit } => ferryd::status::run(&config, &unit),
         Command::Doctor { config, json } => ferryd::doctor::run(&config, json),
+        Command::Connections {
+            config,
+            route,
+            json,
+            close,
+        } => ferryd::connections::command::run(ferryd::connections::command::Request {
+            config: &config,
+            route: route.as_deref(),
+            json,
+            close,
+        }),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "ferryd", &mut std::io::stdout());
             ExitCode::SUCCESS

@@ -249,6 +249,25 @@ fn package_installs_runs_reloads_stops_and_purges_under_systemd(release: &'stati
         status.contains("systemd:  ferryd.service active (running)"),
         "{status}"
     );
+    // The control socket as the unit makes it: only root, ferryd and the ferryd group reach it.
+    assert_eq!(c.ok("stat -c '%a %U:%G' /run/ferryd").trim(), "750 ferryd:ferryd");
+    assert_eq!(
+        c.ok("stat -c '%a %U:%G' /run/ferryd/control.sock").trim(),
+        "660 ferryd:ferryd"
+    );
+    let unknown = c.sh("ferryd connections --close 999999");
+    assert!(
+        String::from_utf8_lossy(&unknown.stderr).contains("no relayed connection has id 999999"),
+        "{release}: root reaches the control socket: {unknown:?}"
+    );
+    // (The package's /etc/ferryd/ferryd.toml is not readable by others: a copy that is, so that
+    // the socket itself is what refuses.)
+    c.ok("install -m 0644 /etc/ferryd/ferryd.toml /tmp/readable.toml");
+    let outsider = c.sh("setpriv --reuid=nobody --regid=nogroup --clear-groups ferryd connections --config /tmp/readable.toml --close 1");
+    assert!(
+        !outsider.status.success() && String::from_utf8_lossy(&outsider.stderr).contains("permission denied"),
+        "{release}: a user outside the ferryd group: {outsider:?}"
+    );
 
     // Our configuration (relay to the container's sshd, NAT on): a reload of the relay reaches
     // the NAT keeper too (PropagatesReloadTo=), which applies NAT.
@@ -358,9 +377,11 @@ fn package_installs_runs_reloads_stops_and_purges_under_systemd(release: &'stati
     c.wait_for(status_doc, "\"state\":\"ok\"", Duration::from_secs(10));
 
     // The listeners live in systemd's fd store: a restart with a client connecting in a loop
-    // refuses nothing (connections wait in the kept backlog for the next process).
+    // refuses nothing (connections wait in the kept backlog for the next process). Each client
+    // sends its identification string first, as an OpenSSH client does (RFC 4253 lets both sides
+    // send at once): a silent one would wait out proxy_protocol "auto"'s 200 ms each time.
     c.ok(
-        "rm -f /tmp/refused /tmp/served; (for i in $(seq 1 150); do if (exec 3<>/dev/tcp/127.0.0.1/60001 && head -c 7 <&3 | grep -q SSH) 2>/dev/null; then echo x >> /tmp/served; else echo x >> /tmp/refused; fi; sleep 0.02; done; touch /tmp/loop-done) >/dev/null 2>&1 &",
+        "rm -f /tmp/refused /tmp/served; (for i in $(seq 1 150); do if (exec 3<>/dev/tcp/127.0.0.1/60001 && printf 'SSH-2.0-loop\\r\\n' >&3 && head -c 7 <&3 | grep -q SSH) 2>/dev/null; then echo x >> /tmp/served; else echo x >> /tmp/refused; fi; sleep 0.02; done; touch /tmp/loop-done) >/dev/null 2>&1 &",
     );
     std::thread::sleep(Duration::from_millis(500));
     let pid_before = c.ok("systemctl show -p MainPID --value ferryd");
@@ -519,6 +540,14 @@ fn package_installs_runs_reloads_stops_and_purges_under_systemd(release: &'stati
         String::from_utf8_lossy(&said.stderr)
     );
     println!("1,000 connections, WatchdogSec=2s: {}", said_text.trim());
+    // The moved connections are listed by the new image, which took the control socket over.
+    let listed = c.ok("ferryd connections --route many | tail -n 1");
+    assert_eq!(listed.trim(), "1000 connections", "{release}");
+    let unknown = c.sh("ferryd connections --close 999999");
+    assert!(
+        String::from_utf8_lossy(&unknown.stderr).contains("no relayed connection has id 999999"),
+        "{release}: the control socket after the upgrade: {unknown:?}"
+    );
     c.ok("touch /tmp/many-go");
     let second = c.wait_for(
         "cat /tmp/many-second 2>/dev/null",

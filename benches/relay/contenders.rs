@@ -53,6 +53,8 @@ impl Kind {
 pub(crate) struct Proxy {
     pub(crate) kind: Kind,
     pub(crate) listen: SocketAddr,
+    /// ferryd's health endpoint (/status, /connections).
+    pub(crate) health: Option<SocketAddr>,
     pub(crate) child: Option<Child>,
     pub(crate) _dir: TempDir,
 }
@@ -91,19 +93,22 @@ pub(crate) fn start(kind: Kind, upstream: SocketAddr) -> Option<Proxy> {
         return Some(Proxy {
             kind,
             listen: upstream,
+            health: None,
             child: None,
             _dir: dir,
         });
     }
     let port = free_port();
     let listen: SocketAddr = format!("127.0.0.1:{port}").parse().ok()?;
+    let mut health = None;
     let mut command = match kind {
         Kind::Direct => unreachable!(),
         Kind::Ferryd | Kind::FerrydCopy => {
+            let health_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().ok()?;
+            health = Some(health_addr);
             let config = format!(
-                "allow = [\"127.0.0.0/8\"]\nworkers = 1\nsplice = {}\nmax_connections = 20000\ndrain_timeout = \"1s\"\n\n[[route]]\nname = \"bench\"\nlisten = \"{listen}\"\nupstream = \"{upstream}\"\n\n[health]\nlisten = \"127.0.0.1:{}\"\n",
+                "allow = [\"127.0.0.0/8\"]\nworkers = 1\nsplice = {}\nmax_connections = 20000\ndrain_timeout = \"1s\"\ncontrol_socket = \"\"\n\n[[route]]\nname = \"bench\"\nlisten = \"{listen}\"\nupstream = \"{upstream}\"\n\n[health]\nlisten = \"{health_addr}\"\n",
                 kind == Kind::Ferryd,
-                free_port()
             );
             let path = dir.path().join("ferryd.toml");
             std::fs::write(&path, config).ok()?;
@@ -165,6 +170,7 @@ pub(crate) fn start(kind: Kind, upstream: SocketAddr) -> Option<Proxy> {
     let proxy = Proxy {
         kind,
         listen,
+        health,
         child: Some(child),
         _dir: dir,
     };

@@ -16,6 +16,8 @@
 //! `cargo bench --bench relay` runs the full benchmark and rewrites the results section of
 //! BENCHMARKS.md and BENCHMARKS.svg. `cargo bench --bench relay -- --smoke` runs one short round,
 //! checks that every installed contender starts and moves bytes, and writes nothing.
+//! `cargo bench --bench relay -- --listing` measures what listing `/connections` with 5,000 idle
+//! connections open costs the relay's latency, and writes nothing.
 //! It installs nothing: HAProxy, nginx (with its stream module) and socat come from the
 //! distribution (README says how); a missing one is reported and left out.
 
@@ -24,6 +26,7 @@ mod common;
 
 mod chart;
 mod contenders;
+mod listing;
 mod load;
 mod procfs;
 mod report;
@@ -115,6 +118,11 @@ fn main() {
     let all_cpus = format!("0-{}", cores - 1);
     let held = Arc::new(AtomicUsize::new(0));
     let upstream = start_upstream(held.clone());
+    // `--listing`: what reading /connections with thousands open costs the relay (see listing.rs).
+    if args.iter().any(|a| a == "--listing") {
+        listing::run(upstream, &held, plan.idle_connections, plan.rounds.min(5), 20_000);
+        return;
+    }
 
     let mut proxies = Vec::new();
     let mut missing = Vec::new();

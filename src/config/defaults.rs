@@ -73,6 +73,12 @@ pub const LOOPBACK: [Cidr; 2] = [
 /// downloads, at the cost of two iptables-save runs.
 pub const DEFAULT_RECONCILE_INTERVAL: Duration = Duration::from_secs(30);
 
+/// Where the relay listens for local commands (`ferryd connections --close`): the runtime
+/// directory systemd makes for ferryd.service (RuntimeDirectory=ferryd, mode 0750, owned by the
+/// ferryd user and group). The socket is mode 0660, so only root, the ferryd user and members
+/// of the ferryd group can connect.
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/ferryd/control.sock";
+
 /// Where the NAT keeper publishes NAT's state: the runtime directory systemd makes for
 /// ferryd-nat.service (RuntimeDirectory=ferryd-nat), owned by the ferryd user, readable by the
 /// relay; tmpfs, so a stale file never outlives a reboot.

@@ -132,6 +132,7 @@ macro_rules! file_shapes {
             pub(super) workers: Option<Spanned<usize>>,
             pub(super) splice: Option<bool>,
             pub(super) max_pipes: Option<Spanned<usize>>,
+            pub(super) control_socket: Option<Spanned<String>>,
             #[serde(default)]
             pub(super) route: Vec<Spanned<FileRoute>>,
             $(pub(super) $key: $type,)*

@@ -54,6 +54,9 @@ pub struct Config {
     /// After SIGTERM, how long the relay listeners stay open while the health endpoint already
     /// answers 503, so a balancer with several proxy VMs moves new flows elsewhere first.
     pub shutdown_grace: Duration,
+    /// The local socket through which a privileged user ends a connection
+    /// (`ferryd connections --close`); `None` when turned off (`control_socket = ""`).
+    pub control_socket: Option<PathBuf>,
     /// The health, metrics and status endpoint.
     pub health: Health,
     /// Egress NAT for the build VM.

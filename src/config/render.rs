@@ -19,6 +19,8 @@ struct View {
     splice: bool,
     max_pipes: usize,
     shutdown_grace: String,
+    /// "" means turned off.
+    control_socket: String,
     health: HealthView,
     nat: NatView,
     route: Vec<RouteView>,
@@ -93,6 +95,10 @@ pub(super) fn render(config: &Config) -> String {
         splice: config.splice,
         max_pipes: config.max_pipes,
         shutdown_grace: duration(config.shutdown_grace),
+        control_socket: config
+            .control_socket
+            .as_ref()
+            .map_or_else(String::new, |p| p.display().to_string()),
         health: HealthView {
             listen: config.health.listen.to_string(),
             path: config.health.path.clone(),

@@ -68,6 +68,20 @@ pub(super) fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
     );
     let drain_timeout = file.drain_timeout.map_or(DEFAULT_DRAIN_TIMEOUT, |d| d.0);
     let shutdown_grace = file.shutdown_grace.map_or(Duration::ZERO, |d| d.0);
+    let control_socket = match file.control_socket {
+        None => Some(PathBuf::from(DEFAULT_CONTROL_SOCKET)),
+        Some(path) if path.get_ref().is_empty() => None,
+        Some(path) if !path.get_ref().starts_with('/') => {
+            return Err(loc.at(
+                Some(path.span()),
+                format!(
+                    "control_socket {:?} must be an absolute path (or \"\" to turn the control socket off)",
+                    path.get_ref()
+                ),
+            ));
+        }
+        Some(path) => Some(PathBuf::from(path.into_inner())),
+    };
     let health = resolve_health(&loc, file.health, &probe_sources)?;
     let nat = resolve_nat(&loc, file.nat)?;
     let splice = file.splice.unwrap_or(true);
@@ -145,6 +159,7 @@ pub(super) fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         splice,
         max_pipes,
         shutdown_grace,
+        control_socket,
         health,
         nat,
         routes: routes.into_iter().map(|(r, _)| r).collect(),

@@ -226,6 +226,13 @@ impl Daemon {
         let health_gate =
             crate::health::spawn(listener, state.clone()).context("cannot start the health endpoint")?;
         tracing::info!(listen = %health.listen, path = %health.path, "health endpoint listening");
+        // A relay without its control socket still relays: only `ferryd connections --close`
+        // is lost, and the log says why.
+        if let Some(path) = &config.control_socket
+            && let Err(e) = crate::control::spawn(path, engine.clone())
+        {
+            tracing::warn!(error = %e, "control socket unavailable: `ferryd connections --close` cannot reach this daemon");
+        }
 
         // NAT is kept by its own process (`ferryd nat run`); the relay reads its report on a
         // task of its own, and READY=1 never waits for it.
@@ -540,6 +547,7 @@ impl Daemon {
             copied_bytes = relay.copied_bytes.load(Ordering::Relaxed),
             fallback_no_pipe = relay.fallback_no_pipe.load(Ordering::Relaxed),
             fallback_refused = relay.fallback_refused.load(Ordering::Relaxed),
+            accounting_mismatches = relay.accounting_mismatches.load(Ordering::Relaxed),
             pipes_created = engine.pipe_counts().map_or(0, |(_, _, created)| created),
             message_id = ids::STOPPED,
             "stopped"

@@ -43,6 +43,7 @@ impl Daemon {
             ("splice", new.splice != self.config.splice),
             ("max_pipes", new.max_pipes != self.config.max_pipes),
             ("[health] listen", new.health.listen != self.config.health.listen),
+            ("control_socket", new.control_socket != self.config.control_socket),
         ] {
             if changed {
                 tracing::warn!(
@@ -86,6 +87,7 @@ impl Daemon {
         new.splice = self.config.splice;
         new.max_pipes = self.config.max_pipes;
         new.health.listen = self.config.health.listen;
+        new.control_socket = self.config.control_socket.clone();
         self.config = new;
         self.state.set_health(self.config.health.clone());
         self.nat.send_if_modified(|current| {

@@ -1,5 +1,5 @@
 //! One HTTP/1 connection on the health endpoint, served by hyper: routing, access checks, and
-//! the bodies of `/healthz`, `/metrics` and `/status`.
+//! the bodies of `/healthz`, `/metrics`, `/status` and `/connections`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -30,7 +30,7 @@ const CONNECTION_TIMEOUT: Duration = Duration::from_secs(15);
 pub struct Access {
     /// The health path.
     pub probe: bool,
-    /// /metrics and /status.
+    /// /metrics, /status and /connections.
     pub metrics: bool,
     /// The source is one of the load balancer's probers: its health requests are counted.
     pub prober: bool,
@@ -64,7 +64,7 @@ fn respond(
 ) -> Response<Full<Bytes>> {
     let health = state.health();
     let path = request.uri().path();
-    let known = path == health.path || path == "/metrics" || path == "/status";
+    let known = path == health.path || path == "/metrics" || path == "/status" || path == "/connections";
     if !known {
         return text(StatusCode::NOT_FOUND, "not found\n".into());
     }
@@ -98,6 +98,8 @@ fn respond(
             HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
         );
         response
+    } else if path == "/connections" {
+        json(listing(state))
     } else {
         let document = crate::status::StatusDocument::of(state);
         // Serializing plain data into a String cannot fail; an empty object is the fallback.
@@ -108,6 +110,32 @@ fn respond(
             .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         response
     }
+}
+
+/// `/connections`: every relayed connection, oldest first, as a JSON array. The table is only
+/// locked to copy its pointers; each connection is read after, with relaxed loads, so a listing
+/// of thousands never holds up the relay (and this runs on the endpoint's own thread).
+fn listing(state: &State) -> String {
+    let all = state.engine.connections().snapshot();
+    let mut body = Vec::with_capacity(all.len() * 400 + 2);
+    let views: Vec<crate::connections::ConnectionView> = all
+        .iter()
+        .map(|live| crate::connections::ConnectionView::of(live))
+        .collect();
+    // Serializing plain data cannot fail; an empty array is the fallback.
+    if serde_json::to_writer(&mut body, &views).is_err() {
+        body = b"[]".to_vec();
+    }
+    body.push(b'\n');
+    String::from_utf8(body).unwrap_or_else(|_| "[]\n".into())
+}
+
+fn json(body: String) -> Response<Full<Bytes>> {
+    let mut response = text(StatusCode::OK, body);
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {

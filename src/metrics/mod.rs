@@ -136,7 +136,7 @@ pub fn render(state: &State) -> String {
     );
     registry.register(
         "connection_ends",
-        "Relayed connections that ended, by route and how (eof, reset, idle, drain)",
+        "Relayed connections that ended, by route and how (eof, reset, idle, drain, closed-by-admin)",
         ends,
     );
     registry.register(
@@ -216,6 +216,13 @@ pub fn render(state: &State) -> String {
             gauge,
         );
     }
+    let mismatches = Counter::<u64>::default();
+    mismatches.inc_by(relay.accounting_mismatches.load(Ordering::Relaxed));
+    registry.register(
+        "accounting_mismatches",
+        "Connection directions that ended in order (or parked for a live upgrade) having read bytes they neither wrote nor carried: a lost byte; always zero unless ferryd has a bug",
+        mismatches,
+    );
     let probes = Counter::<u64>::default();
     probes.inc_by(state.counters.health_probes.load(Ordering::Relaxed));
     registry.register(

@@ -17,7 +17,7 @@ mod pump;
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::net::TcpStream;
@@ -27,17 +27,20 @@ pub use pipe::{Pipe, PipePool};
 pub use pump::{Carry, Paused};
 use pump::{Flow, PumpError, Stop};
 
+use crate::connections::{Activity, Direction, DirectionState, Live, Table, Who};
 use crate::shutdown::Shutdown;
 use crate::state::{EngineView, Outcome, RelayStats};
 
 /// What every relayed connection shares: the pipe pool (absent when splice is turned off), the
-/// copy buffers, and the engine counters.
+/// copy buffers, the engine counters and the connection table.
 #[derive(Debug)]
 pub struct Engine {
     pipes: Option<PipePool>,
     buffers: buffers::BufferPool,
     /// Engine-wide counters, read for the exit summary and metrics.
     pub stats: RelayStats,
+    /// Every connection being relayed.
+    pub table: Table,
 }
 
 impl Engine {
@@ -48,6 +51,7 @@ impl Engine {
             pipes: splice.then(|| PipePool::new(max_pipes)),
             buffers: buffers::BufferPool::default(),
             stats,
+            table: Table::default(),
         })
     }
 
@@ -72,6 +76,10 @@ impl EngineView for Engine {
 
     fn pipe_limit(&self) -> Option<usize> {
         self.pipes.as_ref().map(PipePool::limit)
+    }
+
+    fn connections(&self) -> &Table {
+        &self.table
     }
 }
 
@@ -131,55 +139,6 @@ pub struct Transfer {
     pub up: u64,
     /// Bytes upstream → client.
     pub down: u64,
-}
-
-/// When the connection last moved a byte, in milliseconds since it started: one relaxed store per
-/// burst, read only when an idle timer fires.
-#[derive(Debug)]
-pub struct Activity {
-    start: Instant,
-    last_ms: AtomicU64,
-    /// Bursts that have read bytes not yet written out. If a timer ends the connection while
-    /// one is open, those bytes are lost, so the peers get a reset rather than a clean FIN.
-    in_flight: AtomicU8,
-}
-
-impl Activity {
-    /// The clocks of a connection `age` old whose last byte moved `quiet` ago (both zero for a
-    /// new one): a connection moved by a live upgrade keeps its deadlines.
-    fn since(age: Duration, quiet: Duration) -> Self {
-        let now = Instant::now();
-        let start = now.checked_sub(age).unwrap_or(now);
-        let last = age.saturating_sub(quiet);
-        Activity {
-            start,
-            last_ms: AtomicU64::new(last.as_millis() as u64),
-            in_flight: AtomicU8::new(0),
-        }
-    }
-
-    fn touch(&self) {
-        let ms = self.start.elapsed().as_millis() as u64;
-        self.last_ms.store(ms, Ordering::Relaxed);
-    }
-
-    fn last(&self) -> Instant {
-        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
-    }
-
-    /// A burst read bytes it has not written yet.
-    fn carrying(&self) {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// The burst wrote everything it read.
-    fn delivered(&self) {
-        self.in_flight.fetch_sub(1, Ordering::Relaxed);
-    }
-
-    fn bytes_in_flight(&self) -> bool {
-        self.in_flight.load(Ordering::Relaxed) > 0
-    }
 }
 
 /// One direction of a relayed connection as it stands when the connection parks.
@@ -253,8 +212,13 @@ pub enum Ended {
 /// What can be worked out before the first await is worked out outside the returned async
 /// block: an async fn would keep its arguments twice in the connection's task (as arguments,
 /// and as the locals they are moved into), for the connection's whole life.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "each is a different thing the relay needs"
+)]
 pub fn relay(
     engine: &Engine,
+    who: Who,
     mut client: TcpStream,
     mut upstream: TcpStream,
     timeouts: Timeouts,
@@ -270,9 +234,6 @@ pub fn relay(
         bytes_up,
         bytes_down,
     } = from.map_or_else(Midway::default, |from| *from);
-    let activity = Activity::since(age, quiet);
-    let up = AtomicU64::new(bytes_up);
-    let down = AtomicU64::new(bytes_down);
     let mut up_done = matches!(up_side, Side::Done);
     let mut down_done = matches!(down_side, Side::Done);
     let start = |side: Side| match side {
@@ -280,17 +241,38 @@ pub fn relay(
         Side::Done => Paused::default(),
     };
     let (up_from, down_from) = (start(up_side), start(down_side));
+    // What a direction moved by an upgrade carries was read by the previous image and is not
+    // written yet: it counts as read, so the accounting holds across the upgrade.
+    let direction = |written: u64, from: &Paused, done: bool| {
+        let carried = from.carry.as_ref().map_or(0, |c| c.len() as u64);
+        let state = if done {
+            DirectionState::HalfClosed
+        } else {
+            DirectionState::Open
+        };
+        let direction = Direction::new(written + carried, written, state);
+        direction.set_splicing(from.streaming && engine.pipes().is_some());
+        direction
+    };
+    let live = Arc::new(Live::new(
+        who,
+        direction(bytes_up, &up_from, up_done),
+        direction(bytes_down, &down_from, down_done),
+        Activity::since(age, quiet),
+    ));
     let pause = shutdown.pause();
 
     async move {
+        let _listed = engine.table.enter(live.clone());
+        let activity = &live.activity;
         let ended = {
-            let flow = |bytes, total| Flow {
+            let flow = |direction, total| Flow {
                 pipes: engine.pipes(),
                 buffers: &engine.buffers,
                 stats: &engine.stats,
-                bytes,
+                direction,
                 total,
-                activity: &activity,
+                activity,
             };
             // A park wakes the task through the loop's one waiter, and each direction sees the
             // request at its next poll.
@@ -309,14 +291,14 @@ pub fn relay(
             let upward = pump::pump(
                 &mut client_r,
                 &mut upstream_w,
-                flow(&up, totals.up),
+                flow(&live.up, totals.up),
                 &pause,
                 up_from,
             );
             let downward = pump::pump(
                 &mut upstream_r,
                 &mut client_w,
-                flow(&down, totals.down),
+                flow(&live.down, totals.down),
                 &pause,
                 down_from,
             );
@@ -332,6 +314,7 @@ pub fn relay(
                 } else {
                     timeouts.idle
                 };
+                activity.set_limit(quiet_limit);
                 // A limit too far away to represent is no limit.
                 let deadline = match (
                     quiet_limit.and_then(|limit| activity.last().checked_add(limit)),
@@ -344,14 +327,30 @@ pub fn relay(
                 let down_running = !down_done && down_parked.is_none();
                 tokio::select! {
                     result = &mut upward, if up_running => match pass_on(result, down_done, upstream_fd, ["client", "upstream"]) {
-                        Ok(Stop::Eof) => up_done = true,
-                        Ok(Stop::Paused(paused)) => up_parked = Some(paused),
+                        Ok(Stop::Eof) => {
+                            up_done = true;
+                            live.up.set_state(DirectionState::HalfClosed);
+                        }
+                        Ok(Stop::Paused(paused)) => {
+                            up_parked = Some(paused);
+                            live.up.set_state(DirectionState::Parked);
+                        }
                         Err(detail) => break Err((Outcome::Reset, Some(detail))),
                     },
                     result = &mut downward, if down_running => match pass_on(result, up_done, client_fd, ["upstream", "client"]) {
-                        Ok(Stop::Eof) => down_done = true,
-                        Ok(Stop::Paused(paused)) => down_parked = Some(paused),
+                        Ok(Stop::Eof) => {
+                            down_done = true;
+                            live.down.set_state(DirectionState::HalfClosed);
+                        }
+                        Ok(Stop::Paused(paused)) => {
+                            down_parked = Some(paused);
+                            live.down.set_state(DirectionState::Parked);
+                        }
                         Err(detail) => break Err((Outcome::Reset, Some(detail))),
+                    },
+                    () = live.close_requested() => {
+                        let by = live.closed_by().unwrap_or("an administrator");
+                        break Err((Outcome::ClosedByAdmin, Some(format!("closed by {by}"))));
                     },
                     _ = sleep_until(deadline) => {
                         if quiet_limit.is_some_and(|limit| activity.last().elapsed() >= limit) {
@@ -387,13 +386,21 @@ pub fn relay(
 
         let (outcome, detail) = match ended {
             Ok((up_side, down_side)) => {
+                // What a parked direction holds must be exactly what it carries.
+                let carried = |side: &Side| match side {
+                    Side::Open(Paused {
+                        carry: Some(carry), ..
+                    }) => carry.len() as u64,
+                    _ => 0,
+                };
+                audit(engine, &live, "parked", [carried(&up_side), carried(&down_side)]);
                 let midway = Midway {
                     up: up_side,
                     down: down_side,
-                    age: activity.start.elapsed(),
+                    age: activity.age(),
                     quiet: activity.last().elapsed(),
-                    bytes_up: up.into_inner(),
-                    bytes_down: down.into_inner(),
+                    bytes_up: live.up.bytes_written(),
+                    bytes_down: live.down.bytes_written(),
                 };
                 return match (client.into_std(), upstream.into_std()) {
                     (Ok(client), Ok(upstream)) => Ended::Parked(Parked {
@@ -427,7 +434,7 @@ pub fn relay(
         // way (in a burst, or unread in a receive queue), is reset on both sides: neither peer may
         // mistake a truncated stream for an orderly end. The drain always cuts a stream short.
         let cut_short = match outcome {
-            Outcome::Reset | Outcome::Drain => true,
+            Outcome::Reset | Outcome::Drain | Outcome::ClosedByAdmin => true,
             // Both peers' FINs were read and everything before them written: nothing can
             // follow a FIN, so nothing is unread, and no system call needs to say so.
             Outcome::Eof => false,
@@ -440,13 +447,38 @@ pub fn relay(
         if cut_short {
             crate::net::reset(client);
             crate::net::reset(upstream);
+        } else {
+            // An orderly end: every byte read from each side was written to the other.
+            audit(engine, &live, outcome.name(), [0, 0]);
         }
         Ended::Closed(Transfer {
             outcome,
             detail,
-            up: up.into_inner(),
-            down: down.into_inner(),
+            up: live.up.bytes_written(),
+            down: live.down.bytes_written(),
         })
+    }
+}
+
+/// Checks that each direction of `live` holds what it should (`expected`: up, down) now that it
+/// ends or parks (`how`): bytes read from a source and neither written nor carried are bytes
+/// lost. Each mismatch is counted and logged with both counts; the connection is not changed.
+fn audit(engine: &Engine, live: &Live, how: &str, expected: [u64; 2]) {
+    for (name, direction, expected) in [("up", &live.up, expected[0]), ("down", &live.down, expected[1])] {
+        let (read, written) = (direction.bytes_read(), direction.bytes_written());
+        if read != written + expected {
+            engine.stats.accounting_mismatches.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(
+                conn = live.who.id,
+                route = %live.who.route,
+                direction = name,
+                bytes_read = read,
+                bytes_written = written,
+                bytes_carried = expected,
+                end = how,
+                "byte accounting mismatch: the bytes read from one side are not the bytes written to the other"
+            );
+        }
     }
 }
 

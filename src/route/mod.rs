@@ -207,6 +207,20 @@ pub struct Identity {
     pub timeouts: Timeouts,
 }
 
+impl Identity {
+    /// What the connection table lists about it.
+    fn who(&self) -> crate::connections::Who {
+        crate::connections::Who {
+            id: self.id,
+            route: self.route.clone(),
+            client: self.peer,
+            proxied_client: self.proxied_client,
+            link_id: self.link_id,
+            upstream: self.upstream,
+        }
+    }
+}
+
 /// A relayed connection parked by a live upgrade.
 #[derive(Debug)]
 pub struct ParkedConnection {
@@ -834,6 +848,7 @@ impl Relayed {
             };
             let ended = relay::relay(
                 &wiring.engine,
+                identity.who(),
                 client,
                 upstream,
                 identity.timeouts,

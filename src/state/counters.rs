@@ -28,6 +28,9 @@ pub enum Outcome {
     Idle,
     /// Closed because the drain timeout ran out during shutdown.
     Drain,
+    /// Ended on purpose by a privileged local user (`ferryd connections --close`): both sides
+    /// reset.
+    ClosedByAdmin,
     /// The source is not on the route's allowlist: reset before anything was dialled.
     Denied,
     /// A load-balancer probe: accepted and closed with a FIN, never relayed.
@@ -44,11 +47,12 @@ pub enum Outcome {
 
 impl Outcome {
     /// Every outcome, in a fixed order, for counters and metrics.
-    pub const ALL: [Outcome; 10] = [
+    pub const ALL: [Outcome; 11] = [
         Outcome::Eof,
         Outcome::Reset,
         Outcome::Idle,
         Outcome::Drain,
+        Outcome::ClosedByAdmin,
         Outcome::Denied,
         Outcome::Probe,
         Outcome::Limit,
@@ -64,6 +68,7 @@ impl Outcome {
             Outcome::Reset => "reset",
             Outcome::Idle => "idle",
             Outcome::Drain => "drain",
+            Outcome::ClosedByAdmin => "closed-by-admin",
             Outcome::Denied => "denied",
             Outcome::Probe => "probe",
             Outcome::Limit => "limit",
@@ -73,12 +78,12 @@ impl Outcome {
         }
     }
 
-    /// Whether this is how a relayed connection ended (eof, reset, idle, drain), as opposed to
-    /// why a connection was never relayed (admission or dial).
+    /// Whether this is how a relayed connection ended (eof, reset, idle, drain, closed-by-admin),
+    /// as opposed to why a connection was never relayed (admission or dial).
     pub fn is_end(self) -> bool {
         matches!(
             self,
-            Outcome::Eof | Outcome::Reset | Outcome::Idle | Outcome::Drain
+            Outcome::Eof | Outcome::Reset | Outcome::Idle | Outcome::Drain | Outcome::ClosedByAdmin
         )
     }
 
@@ -534,6 +539,10 @@ pub struct RelayStats {
     /// Connections numbered so far: the next one gets this plus one. Carried across live
     /// upgrades, so an id is never given twice in the daemon's life.
     pub connections_numbered: AtomicU64,
+    /// Directions that ended in order (or parked) holding other than what they should: bytes
+    /// read from one side and not written to the other, nor carried. Zero unless a byte was
+    /// lost.
+    pub accounting_mismatches: AtomicU64,
 }
 
 impl RelayStats {

@@ -31,6 +31,8 @@ pub trait EngineView: Send + Sync + Debug {
     fn buffers_lent(&self) -> usize;
     /// The most pipes that may exist (`max_pipes`), or `None` when splice is off.
     fn pipe_limit(&self) -> Option<usize>;
+    /// Every connection being relayed.
+    fn connections(&self) -> &crate::connections::Table;
 }
 
 /// A relay runtime whose heartbeat is older than this is reported as stalled by the health
@@ -429,8 +431,9 @@ mod tests {
 
     #[test]
     fn every_counter_crosses_a_live_upgrade() {
-        assert_eq!(crosses_whole::<RelayStats>(|_| {}), 5);
-        // Relayed, bytes up and down, accept errors, ten outcomes, six refusal reasons, and the
+        // Spliced and copied bytes, two fallbacks, connections numbered, accounting mismatches.
+        assert_eq!(crosses_whole::<RelayStats>(|_| {}), 6);
+        // Relayed, bytes up and down, accept errors, every outcome, six refusal reasons, and the
         // two LinkIDs added here.
         let route = crosses_whole::<RouteCounters>(|v| {
             v["link_ids"]["7"] = 0.into();

@@ -198,6 +198,11 @@ pub struct RelayStatus {
     pub fallback_no_pipe: u64,
     /// Directions switched to copying because the kernel refused splice.
     pub fallback_refused: u64,
+    /// Directions that ended in order holding bytes they neither wrote nor carried: zero unless
+    /// a byte was lost.
+    pub accounting_mismatches: u64,
+    /// Connections being relayed now (listed by /connections).
+    pub connections: usize,
     /// Pipes lent to connections now.
     pub pipes_in_use: usize,
     /// Empty pipes waiting in the pool.
@@ -328,6 +333,8 @@ impl StatusDocument {
                 copied_bytes: counters.copied_bytes.load(Ordering::Relaxed),
                 fallback_no_pipe: counters.fallback_no_pipe.load(Ordering::Relaxed),
                 fallback_refused: counters.fallback_refused.load(Ordering::Relaxed),
+                accounting_mismatches: counters.accounting_mismatches.load(Ordering::Relaxed),
+                connections: state.engine.connections().len(),
                 pipes_in_use: alive.saturating_sub(pooled),
                 pipes_pooled: pooled,
                 buffers_in_use: state.engine.buffers_lent(),

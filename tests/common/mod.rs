@@ -5,6 +5,7 @@
 pub mod container;
 pub mod netns;
 pub mod pp;
+pub mod sshd;
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
@@ -126,6 +127,13 @@ pub struct Daemon {
     pub config: PathBuf,
     /// The health endpoint's port (added on loopback when the configuration has no `[health]`).
     pub health_port: Option<u16>,
+    /// Where its health endpoint listens, as far as the configuration says.
+    health_addr: Option<SocketAddr>,
+    /// Its control socket (in the daemon's temporary directory unless the configuration names
+    /// one).
+    pub control_socket: Option<PathBuf>,
+    /// Byte accounting mismatches the test expects of it (see the `Drop` impl).
+    expected_mismatches: u64,
     lines: Arc<Mutex<Vec<String>>>,
     _dir: TempDir,
 }
@@ -193,6 +201,28 @@ impl Daemon {
             let port = free_port();
             (with_health(config, port), Some(port))
         };
+        // And a control socket of its own, in a directory its uid may write (a top-level key:
+        // before every table).
+        let (config, control_socket) = if config.contains("control_socket") {
+            let named = config
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("control_socket"))
+                .and_then(|rest| rest.split('"').nth(1))
+                .filter(|p| !p.is_empty())
+                .map(PathBuf::from);
+            (config, named)
+        } else {
+            use std::os::unix::fs::PermissionsExt;
+            let run = dir.path().join("run");
+            std::fs::create_dir(&run).expect("create the control socket's directory");
+            std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+            let socket = run.join("control.sock");
+            (
+                format!("control_socket = {:?}\n{config}", socket.display().to_string()),
+                Some(socket),
+            )
+        };
+        let health_addr = health_listen(&config);
         std::fs::write(&path, &config).expect("write config");
         let mut command = make(&path);
         command
@@ -214,6 +244,9 @@ impl Daemon {
             child,
             config: path,
             health_port,
+            health_addr,
+            control_socket,
+            expected_mismatches: 0,
             lines,
             _dir: dir,
         }
@@ -326,11 +359,86 @@ impl Daemon {
     }
 }
 
+impl Daemon {
+    /// The daemon's `ferryd_accounting_mismatches_total`: scraped from /metrics while it runs;
+    /// once it has exited (or when its endpoint cannot be asked plainly), the most its log says
+    /// (the "stopped" summary, or one ERROR line per mismatch).
+    pub fn accounting_mismatches(&self) -> u64 {
+        let running = kill(Pid::from_raw(self.pid()), None).is_ok();
+        if running
+            && let Some(addr) = self.health_addr
+            && let Some(n) = scrape_counter(addr, "ferryd_accounting_mismatches_total")
+        {
+            return n;
+        }
+        let summary = self
+            .log_lines(" stopped")
+            .iter()
+            .filter_map(|l| field(l, "accounting_mismatches")?.parse::<u64>().ok())
+            .max()
+            .unwrap_or(0);
+        summary.max(self.log_lines("byte accounting mismatch").len() as u64)
+    }
+
+    /// Declares that this daemon is expected to have counted `n` accounting mismatches (only a
+    /// test that loses a byte on purpose does).
+    pub fn expect_accounting_mismatches(&mut self, n: u64) {
+        self.expected_mismatches = n;
+    }
+}
+
+/// Every test daemon proves, at the end of its life, that no byte was lost: bytes read from
+/// each side of every connection that ended in order were written to the other. A test that
+/// already failed is not failed twice.
 impl Drop for Daemon {
     fn drop(&mut self) {
+        let mismatches = if std::thread::panicking() {
+            None
+        } else {
+            Some(self.accounting_mismatches())
+        };
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Some(n) = mismatches
+            && n != self.expected_mismatches
+        {
+            panic!(
+                "byte accounting: ferryd counted {n} mismatch(es), the test expected {}; its log:\n{}",
+                self.expected_mismatches,
+                self.log_lines("byte accounting mismatch").join("\n")
+            );
+        }
     }
+}
+
+/// Where the configuration's `[health]` table says the endpoint listens (a wildcard address is
+/// reached on loopback); `None` when it cannot tell.
+fn health_listen(config: &str) -> Option<SocketAddr> {
+    let section = config.split("[health]").nth(1)?;
+    let section = section.split("\n[").next()?;
+    let value = section
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("listen"))?
+        .split('"')
+        .nth(1)?;
+    let addr: SocketAddr = value.parse().ok()?;
+    let ip = if addr.ip().is_unspecified() {
+        std::net::IpAddr::V4(Ipv4Addr::LOCALHOST)
+    } else {
+        addr.ip()
+    };
+    Some(SocketAddr::new(ip, addr.port()))
+}
+
+/// The value of an unlabelled counter on the /metrics page at `addr`, if it can be had quickly.
+pub fn scrape_counter(addr: SocketAddr, name: &str) -> Option<u64> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+    stream.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").ok()?;
+    let mut page = String::new();
+    stream.read_to_string(&mut page).ok()?;
+    page.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse::<u64>().ok())
 }
 
 /// Sends `request` to 127.0.0.1:`port` from source `from` and returns the whole response, or the
