@@ -340,6 +340,19 @@ fn directions_show_half_closed_and_held_bytes_and_a_group_member_may_close() {
         "the fin timer counts now: {half}"
     );
     let half_id = half["id"].as_u64().unwrap();
+    // The listing was built by a thread in the idle scheduling class, which the relay preempts
+    // as soon as it has work (see src/health/listing.rs).
+    let classes = Command::new("ps")
+        .args(["-L", "-o", "cls=,comm=", "-p", &daemon.pid().to_string()])
+        .output()
+        .unwrap();
+    let classes = String::from_utf8_lossy(&classes.stdout);
+    assert!(
+        classes
+            .lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["IDL", "ferryd-listing"]),
+        "{classes}"
+    );
 
     // An upstream that stops reading: what the relay has read and cannot write is held.
     let mut stuck = TcpStream::connect(local(port)).unwrap();

@@ -543,6 +543,14 @@ fn package_installs_runs_reloads_stops_and_purges_under_systemd(release: &'stati
     // The moved connections are listed by the new image, which took the control socket over.
     let listed = c.ok("ferryd connections --route many | tail -n 1");
     assert_eq!(listed.trim(), "1000 connections", "{release}");
+    // The listing is built in the idle scheduling class, which the unit's sandbox allows.
+    let classes = c.ok("ps -L -o cls=,comm= -p $(systemctl show -p MainPID --value ferryd)");
+    assert!(
+        classes
+            .lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["IDL", "ferryd-listing"]),
+        "{release}: {classes}"
+    );
     let unknown = c.sh("ferryd connections --close 999999");
     assert!(
         String::from_utf8_lossy(&unknown.stderr).contains("no relayed connection has id 999999"),

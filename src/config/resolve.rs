@@ -199,7 +199,7 @@ fn resolve_health(
                 ),
             ));
         }
-        Some(p) if ["/metrics", "/status"].contains(&p.get_ref().as_str()) => {
+        Some(p) if ["/metrics", "/status", "/connections"].contains(&p.get_ref().as_str()) => {
             return Err(loc.at(
                 Some(p.span()),
                 format!("health path {:?} is taken by the endpoint itself", p.get_ref()),

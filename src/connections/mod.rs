@@ -5,8 +5,8 @@
 //! destination, so the bytes a direction holds are their difference, and an orderly end proves
 //! nothing was lost), each direction's state and mode, the connection's clocks, and the request
 //! to end it on purpose. The relay writes these (each field has one writer, its direction's
-//! pump or the connection's loop) and the health endpoint, the control socket and the metrics
-//! read them. It must not decide anything about a connection: the relay decides how it ends,
+//! pump or the connection's loop) and the health endpoint (`/connections`, `/status`) and the
+//! control socket read them. It must not decide anything about a connection: the relay decides how it ends,
 //! the route who it is, the control socket who may close it.
 //!
 //! A connection is in the [`Table`] from its first relayed byte (after admission, the PROXY

@@ -39,8 +39,18 @@ pub struct Access {
 /// Serves one request on `stream` and closes it.
 pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, access: Access, state: Arc<State>) {
     let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-        let response = respond(&request, peer, access, &state);
-        async move { Ok::<_, Infallible>(response) }
+        let answer = respond(&request, peer, access, &state);
+        let state = state.clone();
+        async move {
+            let response = match answer {
+                Answer::Now(response) => response,
+                Answer::Listing => match super::listing::connections(state).await {
+                    Ok(body) => json(body),
+                    Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
+                },
+            };
+            Ok::<_, Infallible>(response)
+        }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
@@ -56,7 +66,21 @@ pub async fn serve_connection(stream: TcpStream, peer: SocketAddr, access: Acces
     }
 }
 
-fn respond(
+/// What a request gets: an answer at once, or the connection listing, which is built elsewhere
+/// (see [`super::listing`]).
+enum Answer {
+    Now(Response<Full<Bytes>>),
+    Listing,
+}
+
+fn respond(request: &Request<Incoming>, peer: SocketAddr, access: Access, state: &State) -> Answer {
+    if request.uri().path() == "/connections" && request.method() == Method::GET && access.metrics {
+        return Answer::Listing;
+    }
+    Answer::Now(respond_now(request, peer, access, state))
+}
+
+fn respond_now(
     request: &Request<Incoming>,
     peer: SocketAddr,
     access: Access,
@@ -99,7 +123,8 @@ fn respond(
         );
         response
     } else if path == "/connections" {
-        json(listing(state))
+        // HEAD: the listing's headers, without building it.
+        json(String::new())
     } else {
         let document = crate::status::StatusDocument::of(state);
         // Serializing plain data into a String cannot fail; an empty object is the fallback.
@@ -110,24 +135,6 @@ fn respond(
             .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         response
     }
-}
-
-/// `/connections`: every relayed connection, oldest first, as a JSON array. The table is only
-/// locked to copy its pointers; each connection is read after, with relaxed loads, so a listing
-/// of thousands never holds up the relay (and this runs on the endpoint's own thread).
-fn listing(state: &State) -> String {
-    let all = state.engine.connections().snapshot();
-    let mut body = Vec::with_capacity(all.len() * 400 + 2);
-    let views: Vec<crate::connections::ConnectionView> = all
-        .iter()
-        .map(|live| crate::connections::ConnectionView::of(live))
-        .collect();
-    // Serializing plain data cannot fail; an empty array is the fallback.
-    if serde_json::to_writer(&mut body, &views).is_err() {
-        body = b"[]".to_vec();
-    }
-    body.push(b'\n');
-    String::from_utf8(body).unwrap_or_else(|_| "[]\n".into())
 }
 
 fn json(body: String) -> Response<Full<Bytes>> {

@@ -8,6 +8,7 @@
 //! never delay a probe answer. It must not change the daemon's state, only read it.
 
 mod http;
+mod listing;
 
 use std::sync::Arc;
 use std::time::Duration;
