@@ -27,8 +27,8 @@ use crate::config::{ProxyProtocol, Route};
 use crate::logging::RateLimit;
 use crate::net::{AcceptLoop, Next};
 use crate::proxy_header::{self, Command, First, Header, Partial, Refusal};
-use crate::relay::{self, Ended, Engine, Midway, Timeouts, Totals};
-use crate::shutdown::{Shutdown, Stop};
+use crate::relay::{self, Ended, Engine, Progress, Timeouts, Totals};
+use crate::shutdown::{Request, Shutdown};
 use crate::state::{Outcome, RouteStats};
 
 mod proxied;
@@ -662,7 +662,7 @@ impl Connection {
 
     /// Parks the connection for a live upgrade, or closes it for the drain, while it was `doing`
     /// what the log line says.
-    fn stop(self, stop: Stop, doing: &str) {
+    fn stop(self, request: Request, doing: &str) {
         let Connection {
             id,
             live,
@@ -677,13 +677,13 @@ impl Connection {
             ..
         } = self;
         let route = &settings.route.name;
-        match stop {
-            Stop::Close => {
+        match request {
+            Request::Close => {
                 crate::net::reset(client);
                 live.0.record(Outcome::Drain);
                 tracing::info!(conn = id, route, client = %peer, upstream = %settings.route.upstream, end = "drain", "closed while {doing} at shutdown");
             }
-            Stop::Park => match client.into_std() {
+            Request::Park => match client.into_std() {
                 Ok(client) => {
                     let opening = OpeningConnection {
                         id,
@@ -774,16 +774,16 @@ pub fn resume(parked: ParkedConnection, stats: Arc<RouteStats>, wiring: Wiring) 
             relay::Parked {
                 client,
                 upstream: upstream_socket,
-                mut midway,
+                mut progress,
                 parked_at,
             },
     } = parked;
     // Its clocks stood still while it was parked: the deadlines stay where they were.
     let since = parked_at.elapsed();
-    midway.age += since;
-    midway.quiet += since;
+    progress.age += since;
+    progress.quiet += since;
     let started = Instant::now()
-        .checked_sub(midway.age)
+        .checked_sub(progress.age)
         .unwrap_or_else(Instant::now);
     let relayed = Relayed {
         identity,
@@ -802,7 +802,7 @@ pub fn resume(parked: ParkedConnection, stats: Arc<RouteStats>, wiring: Wiring) 
         });
     match sockets {
         Ok((client, upstream)) => {
-            tokio::spawn(relayed.run(client, upstream, Some(Box::new(midway))));
+            tokio::spawn(relayed.run(client, upstream, Some(Box::new(progress))));
             true
         }
         Err(e) => {
@@ -832,7 +832,7 @@ impl Relayed {
         self,
         client: TcpStream,
         upstream: TcpStream,
-        from: Option<Box<Midway>>,
+        from: Option<Box<Progress>>,
     ) -> impl Future<Output = ()> {
         let Relayed {
             identity,
@@ -867,6 +867,9 @@ impl Relayed {
                 }
             };
             stats.record(transfer.outcome);
+            // No longer live before the line says so: whoever reads the line and then the
+            // gauge sees the connection gone.
+            drop(live);
             tracing::info!(
                 conn = identity.id,
                 route = %identity.route,
