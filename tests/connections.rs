@@ -392,7 +392,7 @@ fn directions_show_half_closed_and_held_bytes_and_a_group_member_may_close() {
             "{seen:?}"
         );
     } else {
-        eprintln!("SKIPPED (part): a group member's --close needs root and setpriv");
+        common::skip::skipped("(part) a group member's --close needs root and setpriv");
     }
     // The half-closed one was not touched.
     assert!(find(&listing(&daemon), half_id).is_some());

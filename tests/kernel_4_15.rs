@@ -17,7 +17,7 @@ fn filter_hides_newer_system_calls() {
     command.args(["-c", "import os; os.pidfd_open(os.getpid())"]);
     as_linux_4_15(&mut command);
     let Ok(out) = command.output() else {
-        eprintln!("SKIPPED filter_hides_newer_system_calls: python3 is not installed");
+        common::skip::skipped("python3 is not installed");
         return;
     };
     assert!(!out.status.success());

@@ -17,7 +17,7 @@ fn repo(path: &str) -> std::path::PathBuf {
 fn promtool() -> bool {
     let found = Command::new("promtool").arg("--version").output().is_ok();
     if !found {
-        eprintln!("SKIPPED: promtool is not installed (Debian's prometheus package; .ci/run installs it)");
+        common::skip::skipped("promtool is not installed (Debian's prometheus package; .ci/run installs it)");
     }
     found
 }

@@ -287,7 +287,7 @@ fn nat_up_with_iptables_1_6_1_holds_the_xtables_lock() {
         .into_iter()
         .find(|p| std::path::Path::new(p).exists())
     else {
-        eprintln!("SKIPPED: no iptables-restore to stand behind the 1.6.1 shims");
+        common::skip::skipped("no iptables-restore to stand behind the 1.6.1 shims");
         return;
     };
     let real_save = real_restore.replace("-restore", "-save");
@@ -432,7 +432,7 @@ fn failed_nat_up_leaves_forwarding_off_and_no_rule_behind() {
         return;
     }
     let Some((_, _, real_restore)) = real_tools() else {
-        eprintln!("SKIPPED: no iptables-restore to stand behind");
+        common::skip::skipped("no iptables-restore to stand behind");
         return;
     };
     let tools = stand_ins(&[(
@@ -488,7 +488,7 @@ fn hung_iptables_is_killed_after_its_bound_and_never_delays_the_relay() {
         return;
     }
     let Some((_, _, real_restore)) = real_tools() else {
-        eprintln!("SKIPPED: no iptables-restore to stand behind");
+        common::skip::skipped("no iptables-restore to stand behind");
         return;
     };
     let hang = TempDir::new("hang-flag");
@@ -655,7 +655,7 @@ fn nat_state_crosses_a_live_upgrade() {
         return;
     }
     let Some((iptables, save, restore)) = real_tools() else {
-        eprintln!("SKIPPED nat_state_crosses_a_live_upgrade: no iptables-restore");
+        common::skip::skipped("no iptables-restore");
         return;
     };
     let topo = Topology::new();

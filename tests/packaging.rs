@@ -268,10 +268,10 @@ fn built_deb() -> Option<PathBuf> {
     if deb.exists() {
         Some(deb)
     } else {
-        eprintln!(
-            "SKIPPED: {} not built; run packaging/build-deb first (.ci/run does)",
+        common::skip::skipped(&format!(
+            "{} not built; run packaging/build-deb first (.ci/run does)",
             deb.display()
-        );
+        ));
         None
     }
 }
@@ -387,7 +387,7 @@ fn lintian_reports_no_errors_and_no_warnings() {
         .arg(&deb)
         .output()
     else {
-        eprintln!("SKIPPED lintian_reports_no_errors: lintian is not installed");
+        common::skip::skipped("lintian is not installed");
         return;
     };
     let report = String::from_utf8_lossy(&out.stdout);
@@ -403,7 +403,7 @@ fn lintian_reports_no_errors_and_no_warnings() {
 #[test]
 fn systemd_analyze_verify_passes() {
     let Ok(probe) = Command::new("systemd-analyze").arg("--version").output() else {
-        eprintln!("SKIPPED systemd_analyze_verify_passes: systemd-analyze is not installed");
+        common::skip::skipped("systemd-analyze is not installed");
         return;
     };
     assert!(probe.status.success());
@@ -452,9 +452,7 @@ fn exposure(unit: &Path) -> Option<f64> {
 #[test]
 fn units_are_less_exposed_than_haproxy_and_nginx() {
     let Some(relay) = exposure(&unit_path()) else {
-        eprintln!(
-            "SKIPPED units_are_less_exposed_than_haproxy_and_nginx: no `systemd-analyze security --offline` here (systemd 250+)"
-        );
+        common::skip::skipped("no `systemd-analyze security --offline` here (systemd 250+)");
         return;
     };
     let nat = exposure(&nat_unit_path()).expect("the NAT keeper's unit is scored");

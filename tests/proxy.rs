@@ -280,13 +280,6 @@ fn upstream_receives_a_header_with_the_real_client() {
     assert_eq!(rest.tlvs[0].1, b"payload");
 }
 
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
-
 struct Child(std::process::Child);
 
 impl Drop for Child {
@@ -310,13 +303,13 @@ fn wait_listening(port: u16) {
 /// upstream HAProxy with `accept-proxy` sees the original client too.
 #[test]
 fn haproxy_send_proxy_v2_in_front_of_ferryd_with_sshd_behind() {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
     let tools = ["haproxy", "ssh", "scp", "ssh-keygen"];
-    if !root || !std::path::Path::new("/usr/sbin/sshd").exists() || !tools.iter().all(|t| have(t)) {
-        eprintln!("SKIPPED: needs root, sshd, ssh, scp and haproxy (CI installs them)");
-        return;
-    }
+    skip_unless!(
+        common::skip::root()
+            && std::path::Path::new("/usr/sbin/sshd").exists()
+            && tools.iter().all(|t| common::skip::have(t)),
+        "needs root, sshd, ssh, scp and haproxy (CI installs them)"
+    );
     let dir = TempDir::new("pp-e2e");
     let keygen = |name: &str| {
         let ok = Command::new("ssh-keygen")

@@ -381,10 +381,7 @@ fn half_closed_connection_is_bounded_by_fin_timeout() {
 /// SSH session), visible as a keepalive timer in `ss`.
 #[test]
 fn both_legs_have_keepalive() {
-    if Command::new("ss").arg("-V").output().is_err() {
-        eprintln!("SKIPPED both_legs_have_keepalive: `ss` (iproute2) is not installed");
-        return;
-    }
+    skip_unless!(common::skip::have("ss"), "`ss` (iproute2) is not installed");
     let upstream = Upstream::echo();
     let port = free_port();
     let _daemon = Daemon::start(&config_one_route(

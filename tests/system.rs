@@ -139,7 +139,7 @@ fn package_installs_runs_reloads_stops_and_purges_under_systemd(release: &'stati
         return;
     }
     let Some(deb) = deb() else {
-        eprintln!("SKIPPED system test: the package is not built (run packaging/build-deb; .ci/run does)");
+        common::skip::skipped("the package is not built (run packaging/build-deb; .ci/run does)");
         return;
     };
     let root = root(release);
@@ -657,7 +657,7 @@ fn offline_install_into_an_image_root_runs_at_first_boot() {
         return;
     }
     let Some(deb) = deb() else {
-        eprintln!("SKIPPED system test: the package is not built (run packaging/build-deb; .ci/run does)");
+        common::skip::skipped("the package is not built (run packaging/build-deb; .ci/run does)");
         return;
     };
     let pristine = root("bullseye");

@@ -380,12 +380,7 @@ fn a_passed_socket_at_an_old_address_is_not_used() {
 /// Azure's idle cut takes it (no keepalive).
 #[test]
 fn a_connection_queued_before_start_gets_the_socket_options() {
-    if Command::new("ss").arg("-V").output().is_err() {
-        eprintln!(
-            "SKIPPED a_connection_queued_before_start_gets_the_socket_options: `ss` (iproute2) is not installed"
-        );
-        return;
-    }
+    skip_unless!(common::skip::have("ss"), "`ss` (iproute2) is not installed");
     // An upstream that hands over everything it reads on its first connection.
     let (tx, rx) = std::sync::mpsc::channel::<Vec<u8>>();
     let tx = std::sync::Mutex::new(Some(tx));
@@ -453,11 +448,10 @@ fn a_connection_queued_before_start_gets_the_socket_options() {
 /// ambient, inheritable, permitted and effective sets are empty once it runs.
 #[test]
 fn the_relay_drops_capabilities_it_is_handed() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 || Command::new("setpriv").arg("--version").output().is_err() {
-        eprintln!("SKIPPED the_relay_drops_capabilities_it_is_handed: needs root and setpriv");
-        return;
-    }
+    skip_unless!(
+        common::skip::root() && common::skip::have("setpriv"),
+        "needs root and setpriv"
+    );
     let upstream = Upstream::echo();
     let port = free_port();
     let uid = unprivileged_uid().to_string();

@@ -21,7 +21,7 @@ pub fn cache_dir() -> PathBuf {
 }
 
 fn skip(why: &str) -> bool {
-    eprintln!("SKIPPED system test: {why}");
+    super::skip::skipped(why);
     false
 }
 

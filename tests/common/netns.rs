@@ -62,7 +62,7 @@ except Exception as e:
 pub fn can_run() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIPPED: NAT tests need root (network namespaces and iptables); CI runs them as root");
+        super::skip::skipped("needs root (network namespaces and iptables); CI runs it as root");
         return false;
     }
     for tool in [["ip", "-V"], ["iptables", "--version"], ["python3", "--version"]] {
@@ -72,7 +72,7 @@ pub fn can_run() -> bool {
             .map(|o| !o.status.success())
             .unwrap_or(true)
         {
-            eprintln!("SKIPPED: NAT tests need `{}`", tool[0]);
+            super::skip::skipped(&format!("needs `{}`", tool[0]));
             return false;
         }
     }

@@ -19,13 +19,7 @@ pub struct Sshd {
     child: Child,
 }
 
-/// Whether `tool` is on the PATH.
-pub fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
+pub use super::skip::have;
 
 impl Sshd {
     /// Starts sshd, or says why it cannot (not root, or OpenSSH or `extra` tools missing) with a
@@ -38,7 +32,9 @@ impl Sshd {
             || !std::path::Path::new("/usr/sbin/sshd").exists()
             || !tools.iter().chain(extra).all(|t| have(t))
         {
-            eprintln!("SKIPPED: needs root, sshd, ssh, scp, ssh-keygen and {extra:?} (CI installs them)");
+            super::skip::skipped(&format!(
+                "needs root, sshd, ssh, scp, ssh-keygen and {extra:?} (CI installs them)"
+            ));
             return None;
         }
         let dir = TempDir::new("sshd");
