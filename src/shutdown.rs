@@ -39,25 +39,25 @@ enum Signal {
 impl Shutdown {
     /// Completes when live connections must close (`Close`), or, unless `park_seen`, when they
     /// must park (`Park`): one waiter for both, so a connection's task carries one.
-    pub async fn closing_or_parking(&mut self, park_seen: bool) -> Stop {
+    pub async fn closing_or_parking(&mut self, park_seen: bool) -> Request {
         let wanted = |s: &Signal| *s == Signal::Close || (!park_seen && *s == Signal::Park);
         match self.signal.wait_for(wanted).await {
-            Ok(s) if *s == Signal::Park => Stop::Park,
+            Ok(s) if *s == Signal::Park => Request::Park,
             // Close, or the daemon dropped the sender: the process is going away.
-            _ => Stop::Close,
+            _ => Request::Close,
         }
     }
 
     /// A receiver for a relayed connection's two directions, which check it between bursts
-    /// and at every poll of their socket waits (see [`Pause::is_requested`]).
-    pub fn pause(&self) -> Pause {
-        Pause(self.signal.clone())
+    /// and at every poll of their socket waits (see [`ParkRequest::is_requested`]).
+    pub fn park_request(&self) -> ParkRequest {
+        ParkRequest(self.signal.clone())
     }
 }
 
 /// What [`Shutdown::closing_or_parking`] saw.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Stop {
+pub enum Request {
     /// Close now.
     Close,
     /// Park for a live upgrade.
@@ -66,9 +66,9 @@ pub enum Stop {
 
 /// The park request as one direction of a connection sees it.
 #[derive(Debug)]
-pub struct Pause(watch::Receiver<Signal>);
+pub struct ParkRequest(watch::Receiver<Signal>);
 
-impl Pause {
+impl ParkRequest {
     /// Whether a park has been asked for, without waiting: checked between bursts, so a stream
     /// that never waits still parks.
     pub fn is_requested(&self) -> bool {

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 pub use doc::{ACCEPTED, ConnectionEntry, Document, OpeningEntry, PipeEntry, Refused, SideEntry, VERSION};
 
-use crate::relay::{Carry, GoneAfter, Midway, Parked, Paused, Pipe, Side, Timeouts};
+use crate::relay::{Carry, GoneAfter, OpenSide, Parked, Pipe, Progress, Side, Timeouts};
 use crate::route::{Identity, OpeningConnection, Parked as ParkedTask, ParkedConnection};
 
 /// The environment variable that carries the document's descriptor number to the new image.
@@ -140,9 +140,9 @@ impl Outgoing {
     pub fn carried_bytes(&self) -> usize {
         self.connections
             .iter()
-            .flat_map(|c| [&c.relay.midway.up, &c.relay.midway.down])
+            .flat_map(|c| [&c.relay.progress.up, &c.relay.progress.down])
             .map(|side| match side {
-                Side::Open(Paused {
+                Side::Open(OpenSide {
                     carry: Some(carry), ..
                 }) => carry.len(),
                 _ => 0,
@@ -168,12 +168,12 @@ impl Outgoing {
                 let Parked {
                     client,
                     upstream: upstream_socket,
-                    midway,
+                    progress,
                     parked_at,
                 } = &parked.relay;
                 // The clocks were read when the connection parked; the document is as of now.
                 let since = parked_at.elapsed();
-                let (age, quiet) = (midway.age + since, midway.quiet + since);
+                let (age, quiet) = (progress.age + since, progress.quiet + since);
                 ConnectionEntry {
                     id: *id,
                     route: route.clone(),
@@ -187,12 +187,12 @@ impl Outgoing {
                     gone_probes: timeouts.gone.map(|g| g.probes),
                     client_fd: client.as_raw_fd(),
                     upstream_fd: upstream_socket.as_raw_fd(),
-                    up: side_entry(&midway.up),
-                    down: side_entry(&midway.down),
+                    up: side_entry(&progress.up),
+                    down: side_entry(&progress.down),
                     age_ms: age.as_millis() as u64,
                     quiet_ms: (quiet.as_millis() as u64).min(age.as_millis() as u64),
-                    bytes_up: midway.bytes_up,
-                    bytes_down: midway.bytes_down,
+                    bytes_up: progress.bytes_up,
+                    bytes_down: progress.bytes_down,
                 }
             })
             .collect();
@@ -309,8 +309,8 @@ impl Outgoing {
 fn side_entry(side: &Side) -> SideEntry {
     match side {
         Side::Done => SideEntry::Done,
-        Side::Open(paused) => {
-            let (pipe, held) = match paused.carry.as_deref() {
+        Side::Open(open) => {
+            let (pipe, held) = match open.carry.as_deref() {
                 None => (None, None),
                 Some(Carry::Pipe { pipe, bytes }) => {
                     let (read_fd, write_fd) = pipe.raw_fds();
@@ -324,7 +324,7 @@ fn side_entry(side: &Side) -> SideEntry {
                 Some(Carry::Bytes(bytes)) => (None, Some(doc::to_hex(bytes))),
             };
             SideEntry::Open {
-                splice: paused.streaming,
+                splice: open.splice,
                 pipe,
                 held,
             }
@@ -465,8 +465,8 @@ fn take(value: &std::ffi::OsStr, salvaged: &mut Option<serde_json::Value>) -> Re
         let side = |entry: &SideEntry| -> Result<Side, String> {
             Ok(match entry {
                 SideEntry::Done => Side::Done,
-                SideEntry::Open { splice, pipe, held } => Side::Open(Paused {
-                    streaming: *splice,
+                SideEntry::Open { splice, pipe, held } => Side::Open(OpenSide {
+                    splice: *splice,
                     carry: match (pipe, held) {
                         (Some(p), _) => Some(Box::new(Carry::Pipe {
                             pipe: Pipe::from_fds(own(p.read_fd), own(p.write_fd)).map_err(|e| {
@@ -512,7 +512,7 @@ fn take(value: &std::ffi::OsStr, salvaged: &mut Option<serde_json::Value>) -> Re
             relay: Parked {
                 client: std::net::TcpStream::from(client),
                 upstream: std::net::TcpStream::from(upstream),
-                midway: Midway {
+                progress: Progress {
                     up,
                     down,
                     age: Duration::from_millis(c.age_ms) + crossing,

@@ -7,28 +7,27 @@
 //! deadline closes what is left. It must not admit, dial or log connections: the route does
 //! that around it.
 //!
-//! A live upgrade parks a connection instead of ending it ([`Ended::Parked`]): both sockets, each
-//! direction's state (done, or where it paused and the bytes it carries in a pipe) and the
-//! connection's clocks and counters, for the next program image to [`relay`] on from.
+//! One word per idea: a live upgrade **parks** a connection ([`Ended::Parked`]) instead of
+//! ending it: both sockets and its [`Progress`] (each direction's [`Side`]: done, or open with
+//! its [`OpenSide`], the mode it was in and the bytes it **carries** ([`Carry`]) in a pipe or a
+//! buffer; the connection's clocks and counters), for the next program image to [`relay`] on
+//! from. [`connection`] is the connection's life (the loop, the park, the close); `pump` is one
+//! direction.
 
 mod buffers;
+mod connection;
 mod pipe;
 mod pump;
 
-use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use tokio::net::TcpStream;
-use tokio::time::Instant;
-
+pub use connection::relay;
 pub use pipe::{Pipe, PipePool};
-pub use pump::{Carry, Paused};
-use pump::{Flow, PumpError, Stop};
+pub use pump::{Carry, OpenSide};
 
-use crate::connections::{Activity, Direction, DirectionState, Live, Table, Who};
-use crate::shutdown::Shutdown;
+use crate::connections::Table;
 use crate::state::{EngineView, Outcome, RelayStats};
 
 /// What every relayed connection shares: the pipe pool (absent when splice is turned off), the
@@ -146,14 +145,14 @@ pub struct Transfer {
 pub enum Side {
     /// Its end of stream was passed on (the connection is half-closed that way).
     Done,
-    /// Still open; where it paused.
-    Open(Paused),
+    /// Still open; where it resumes.
+    Open(OpenSide),
 }
 
-/// Where a relayed connection stands: what a parked connection carries to the next program
-/// image, and what a new one starts from ([`Midway::default`]).
+/// How far a relayed connection has got: what a parked connection carries to the next program
+/// image, and what a new one starts from ([`Progress::default`]).
 #[derive(Debug)]
-pub struct Midway {
+pub struct Progress {
     /// Client → upstream.
     pub up: Side,
     /// Upstream → client.
@@ -168,11 +167,11 @@ pub struct Midway {
     pub bytes_down: u64,
 }
 
-impl Default for Midway {
+impl Default for Progress {
     fn default() -> Self {
-        Midway {
-            up: Side::Open(Paused::default()),
-            down: Side::Open(Paused::default()),
+        Progress {
+            up: Side::Open(OpenSide::default()),
+            down: Side::Open(OpenSide::default()),
             age: Duration::ZERO,
             quiet: Duration::ZERO,
             bytes_up: 0,
@@ -190,8 +189,8 @@ pub struct Parked {
     /// The dialled upstream.
     pub upstream: std::net::TcpStream,
     /// Its directions, clocks and byte counts.
-    pub midway: Midway,
-    /// When it parked: `midway`'s clocks are as of this moment.
+    pub progress: Progress,
+    /// When it parked: `progress`'s clocks are as of this moment.
     pub parked_at: std::time::Instant,
 }
 
@@ -202,310 +201,4 @@ pub enum Ended {
     Closed(Transfer),
     /// A live upgrade parked it; nothing was closed.
     Parked(Parked),
-}
-
-/// Relays between `client` and `upstream` from `from` (a new connection passes `None`: it starts
-/// from [`Midway::default`]) until the connection ends, then closes both sockets the way the
-/// ending requires (FIN for an orderly end, reset for a broken one); or until a live upgrade
-/// parks it.
-///
-/// What can be worked out before the first await is worked out outside the returned async
-/// block: an async fn would keep its arguments twice in the connection's task (as arguments,
-/// and as the locals they are moved into), for the connection's whole life.
-#[allow(
-    clippy::too_many_arguments,
-    reason = "each is a different thing the relay needs"
-)]
-pub fn relay(
-    engine: &Engine,
-    who: Who,
-    mut client: TcpStream,
-    mut upstream: TcpStream,
-    timeouts: Timeouts,
-    totals: Totals<'_>,
-    shutdown: &mut Shutdown,
-    from: Option<Box<Midway>>,
-) -> impl Future<Output = Ended> {
-    let Midway {
-        up: up_side,
-        down: down_side,
-        age,
-        quiet,
-        bytes_up,
-        bytes_down,
-    } = from.map_or_else(Midway::default, |from| *from);
-    let mut up_done = matches!(up_side, Side::Done);
-    let mut down_done = matches!(down_side, Side::Done);
-    let start = |side: Side| match side {
-        Side::Open(paused) => paused,
-        Side::Done => Paused::default(),
-    };
-    let (up_from, down_from) = (start(up_side), start(down_side));
-    // What a direction moved by an upgrade carries was read by the previous image and is not
-    // written yet: it counts as read, so the accounting holds across the upgrade.
-    let direction = |written: u64, from: &Paused, done: bool| {
-        let carried = from.carry.as_ref().map_or(0, |c| c.len() as u64);
-        let state = if done {
-            DirectionState::HalfClosed
-        } else {
-            DirectionState::Open
-        };
-        let direction = Direction::new(written + carried, written, state);
-        direction.set_splicing(from.streaming && engine.pipes().is_some());
-        direction
-    };
-    let live = Arc::new(Live::new(
-        who,
-        direction(bytes_up, &up_from, up_done),
-        direction(bytes_down, &down_from, down_done),
-        Activity::since(age, quiet),
-    ));
-    let pause = shutdown.pause();
-
-    async move {
-        let _listed = engine.table.enter(live.clone());
-        let activity = &live.activity;
-        let ended = {
-            let flow = |direction, total| Flow {
-                pipes: engine.pipes(),
-                buffers: &engine.buffers,
-                stats: &engine.stats,
-                direction,
-                total,
-                activity,
-            };
-            // A park wakes the task through the loop's one waiter, and each direction sees the
-            // request at its next poll.
-            let mut park_seen = false;
-            // For passing an end of stream on while the pumps borrow the sockets.
-            // SAFETY: both sockets belong to this block and stay open until after the loop,
-            // the only place these are used.
-            let (client_fd, upstream_fd) = unsafe {
-                (
-                    BorrowedFd::borrow_raw(client.as_raw_fd()),
-                    BorrowedFd::borrow_raw(upstream.as_raw_fd()),
-                )
-            };
-            let (mut client_r, mut client_w) = client.split();
-            let (mut upstream_r, mut upstream_w) = upstream.split();
-            let upward = pump::pump(
-                &mut client_r,
-                &mut upstream_w,
-                flow(&live.up, totals.up),
-                &pause,
-                up_from,
-            );
-            let downward = pump::pump(
-                &mut upstream_r,
-                &mut client_w,
-                flow(&live.down, totals.down),
-                &pause,
-                down_from,
-            );
-            tokio::pin!(upward, downward);
-            // A direction that parked: it has stopped, and comes back as `Side::Open`.
-            let (mut up_parked, mut down_parked) = (None, None);
-            let mut next_look = timeouts.gone.map(|gone| Instant::now() + gone.every());
-            // Whether the last look found a peer that looked gone: believed on the second look.
-            let mut looked_gone = false;
-            loop {
-                let quiet_limit = if up_done || down_done {
-                    Some(timeouts.idle.map_or(timeouts.fin, |idle| idle.min(timeouts.fin)))
-                } else {
-                    timeouts.idle
-                };
-                activity.set_limit(quiet_limit);
-                // A limit too far away to represent is no limit.
-                let deadline = match (
-                    quiet_limit.and_then(|limit| activity.last().checked_add(limit)),
-                    next_look,
-                ) {
-                    (Some(quiet), Some(look)) => Some(quiet.min(look)),
-                    (quiet, look) => quiet.or(look),
-                };
-                let up_running = !up_done && up_parked.is_none();
-                let down_running = !down_done && down_parked.is_none();
-                tokio::select! {
-                    result = &mut upward, if up_running => match pass_on(result, down_done, upstream_fd, ["client", "upstream"]) {
-                        Ok(Stop::Eof) => {
-                            up_done = true;
-                            live.up.set_state(DirectionState::HalfClosed);
-                        }
-                        Ok(Stop::Paused(paused)) => {
-                            up_parked = Some(paused);
-                            live.up.set_state(DirectionState::Parked);
-                        }
-                        Err(detail) => break Err((Outcome::Reset, Some(detail))),
-                    },
-                    result = &mut downward, if down_running => match pass_on(result, up_done, client_fd, ["upstream", "client"]) {
-                        Ok(Stop::Eof) => {
-                            down_done = true;
-                            live.down.set_state(DirectionState::HalfClosed);
-                        }
-                        Ok(Stop::Paused(paused)) => {
-                            down_parked = Some(paused);
-                            live.down.set_state(DirectionState::Parked);
-                        }
-                        Err(detail) => break Err((Outcome::Reset, Some(detail))),
-                    },
-                    () = live.close_requested() => {
-                        let by = live.closed_by().unwrap_or("an administrator");
-                        break Err((Outcome::ClosedByAdmin, Some(format!("closed by {by}"))));
-                    },
-                    _ = sleep_until(deadline) => {
-                        if quiet_limit.is_some_and(|limit| activity.last().elapsed() >= limit) {
-                            break Err((Outcome::Idle, None));
-                        }
-                        if let (Some(gone), Some(look)) = (timeouts.gone, next_look)
-                            && Instant::now() >= look
-                        {
-                            next_look = Some(Instant::now() + gone.every());
-                            let ask = |fd, name| crate::net::peer_looks_gone(fd, gone).map(|why| format!("{name}: {why}"));
-                            match ask(upstream_fd, "upstream").or_else(|| ask(client_fd, "client")) {
-                                Some(why) if looked_gone => break Err((Outcome::Reset, Some(why))),
-                                gone => looked_gone = gone.is_some(),
-                            }
-                        }
-                    },
-                    stop = shutdown.closing_or_parking(park_seen) => match stop {
-                        crate::shutdown::Stop::Close => break Err((Outcome::Drain, None)),
-                        crate::shutdown::Stop::Park => park_seen = true,
-                    },
-                }
-                if up_done && down_done {
-                    break Err((Outcome::Eof, None));
-                }
-                let up_stopped = up_done || up_parked.is_some();
-                let down_stopped = down_done || down_parked.is_some();
-                if up_stopped && down_stopped {
-                    let side = |parked: Option<Paused>| parked.map_or(Side::Done, Side::Open);
-                    break Ok((side(up_parked.take()), side(down_parked.take())));
-                }
-            }
-        };
-
-        let (outcome, detail) = match ended {
-            Ok((up_side, down_side)) => {
-                // What a parked direction holds must be exactly what it carries.
-                let carried = |side: &Side| match side {
-                    Side::Open(Paused {
-                        carry: Some(carry), ..
-                    }) => carry.len() as u64,
-                    _ => 0,
-                };
-                audit(engine, &live, "parked", [carried(&up_side), carried(&down_side)]);
-                let midway = Midway {
-                    up: up_side,
-                    down: down_side,
-                    age: activity.age(),
-                    quiet: activity.last().elapsed(),
-                    bytes_up: live.up.bytes_written(),
-                    bytes_down: live.down.bytes_written(),
-                };
-                return match (client.into_std(), upstream.into_std()) {
-                    (Ok(client), Ok(upstream)) => Ended::Parked(Parked {
-                        client,
-                        upstream,
-                        midway,
-                        parked_at: std::time::Instant::now(),
-                    }),
-                    // Taking a socket out of the runtime cannot fail for a registered socket; if it
-                    // did, both are gone with the error, and the connection is reported reset.
-                    (client, upstream) => Ended::Closed(Transfer {
-                        outcome: Outcome::Reset,
-                        detail: Some(format!(
-                            "cannot park for the upgrade: {}",
-                            [client.err(), upstream.err()]
-                                .into_iter()
-                                .flatten()
-                                .map(|e| e.to_string())
-                                .collect::<Vec<_>>()
-                                .join("; ")
-                        )),
-                        up: midway.bytes_up,
-                        down: midway.bytes_down,
-                    }),
-                };
-            }
-            Err(ended) => ended,
-        };
-
-        // A connection that did not end on its own, or that a timer ends with bytes still on their
-        // way (in a burst, or unread in a receive queue), is reset on both sides: neither peer may
-        // mistake a truncated stream for an orderly end. The drain always cuts a stream short.
-        let cut_short = match outcome {
-            Outcome::Reset | Outcome::Drain | Outcome::ClosedByAdmin => true,
-            // Both peers' FINs were read and everything before them written: nothing can
-            // follow a FIN, so nothing is unread, and no system call needs to say so.
-            Outcome::Eof => false,
-            _ => {
-                // A socket that cannot say counts as holding nothing: it is closed either way.
-                let unread = |socket: &TcpStream| crate::net::unread_bytes(socket).unwrap_or(0);
-                activity.bytes_in_flight() || unread(&client) > 0 || unread(&upstream) > 0
-            }
-        };
-        if cut_short {
-            crate::net::reset(client);
-            crate::net::reset(upstream);
-        } else {
-            // An orderly end: every byte read from each side was written to the other.
-            audit(engine, &live, outcome.name(), [0, 0]);
-        }
-        Ended::Closed(Transfer {
-            outcome,
-            detail,
-            up: live.up.bytes_written(),
-            down: live.down.bytes_written(),
-        })
-    }
-}
-
-/// Checks that each direction of `live` holds what it should (`expected`: up, down) now that it
-/// ends or parks (`how`): bytes read from a source and neither written nor carried are bytes
-/// lost. Each mismatch is counted and logged with both counts; the connection is not changed.
-fn audit(engine: &Engine, live: &Live, how: &str, expected: [u64; 2]) {
-    for (name, direction, expected) in [("up", &live.up, expected[0]), ("down", &live.down, expected[1])] {
-        let (read, written) = (direction.bytes_read(), direction.bytes_written());
-        if read != written + expected {
-            engine.stats.accounting_mismatches.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(
-                conn = live.who.id,
-                route = %live.who.route,
-                direction = name,
-                bytes_read = read,
-                bytes_written = written,
-                bytes_carried = expected,
-                end = how,
-                "byte accounting mismatch: the bytes read from one side are not the bytes written to the other"
-            );
-        }
-    }
-}
-
-/// What the end of one direction means for the connection. An end of stream is passed on as a
-/// shutdown of the write side of `dst` (the socket the direction writes to), unless the other
-/// direction is done too: both sockets are closed right after, and close sends the FIN. An
-/// error is named after the side it came from: `names` is [source, destination].
-fn pass_on(
-    result: Result<Stop, PumpError>,
-    other_done: bool,
-    dst: BorrowedFd<'_>,
-    names: [&str; 2],
-) -> Result<Stop, String> {
-    let [src_name, dst_name] = names;
-    match result {
-        Ok(Stop::Eof) if !other_done => crate::net::shutdown_write(dst)
-            .map(|()| Stop::Eof)
-            .map_err(|e| format!("{dst_name}: shutdown after {src_name}'s FIN failed: {e}")),
-        Ok(stop) => Ok(stop),
-        Err(PumpError::Read(e)) => Err(format!("{src_name}: {e}")),
-        Err(PumpError::Write(e)) => Err(format!("{dst_name}: {e}")),
-    }
-}
-
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
-    }
 }

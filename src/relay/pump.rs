@@ -11,10 +11,10 @@
 //! kernel refuses splice, it copies, counted and logged. It must not close sockets or decide how
 //! a connection ends: it reports end of stream or an error, and the connection decides.
 //!
-//! A live upgrade parks a direction ([`Stop::Paused`]) waiting for `src`, between two bursts, or
+//! A live upgrade parks a direction ([`SideEnd::Parked`]) waiting for `src`, between two bursts, or
 //! waiting for `dst`, with the unwritten bytes in a [`Carry`]: the splice burst's pipe, or a copy
 //! buffer's rest as bytes for the hand-over document. The next program image resumes the
-//! direction from that state ([`Paused`]), writing the carry out first.
+//! direction from that state ([`OpenSide`]), writing the carry out first.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -29,7 +29,7 @@ use super::buffers::BufferPool;
 use super::pipe::{Lease, Pipe, PipePool};
 use crate::logging::RateLimit;
 use crate::net::at_urgent_mark;
-use crate::shutdown::Pause;
+use crate::shutdown::ParkRequest;
 use crate::state::RelayStats;
 
 /// A single read this large means bulk data (an scp upload, a file copy over WinRM): splicing
@@ -62,11 +62,12 @@ pub struct Flow<'a> {
     pub activity: &'a crate::connections::Activity,
 }
 
-/// Where a parked direction stands: everything the next program image needs to go on.
+/// Where an open direction stands when it parks: everything the next program image needs to
+/// resume it (the default for a new connection).
 #[derive(Debug, Default)]
-pub struct Paused {
-    /// The direction had switched to splicing.
-    pub streaming: bool,
+pub struct OpenSide {
+    /// The direction had switched to splicing (bulk data).
+    pub splice: bool,
     /// Bytes read from `src` and not yet written to `dst`, held in a pipe. Boxed: only a
     /// parked direction has one, and every direction's task would otherwise carry its room.
     pub carry: Option<Box<Carry>>,
@@ -108,11 +109,11 @@ impl Carry {
 
 /// Why a pump returned without an error.
 #[derive(Debug)]
-pub enum Stop {
+pub enum SideEnd {
     /// `src` sent its FIN and every byte before it was written to `dst`.
     Eof,
     /// A live upgrade parked the direction.
-    Paused(Paused),
+    Parked(OpenSide),
 }
 
 enum Burst {
@@ -121,11 +122,11 @@ enum Burst {
     /// A splice burst drained `src` having moved less than [`STREAMING_READ`]: copy the next.
     Trickle,
     /// A copy burst read a bulk-sized chunk: switch to splicing (readiness is still set).
-    Streaming,
+    Bulk,
     /// `src` sent its FIN and every byte before it was written to `dst`.
     Eof,
     /// A park was asked for; whatever was not yet written is in the carry.
-    Paused(Option<Box<Carry>>),
+    Parked(Option<Box<Carry>>),
 }
 
 impl Burst {
@@ -154,45 +155,39 @@ pub fn pump<'a>(
     src: &'a mut ReadHalf<'_>,
     dst: &'a mut WriteHalf<'_>,
     flow: Flow<'a>,
-    pause: &'a Pause,
-    from: Paused,
-) -> impl Future<Output = Result<Stop, PumpError>> {
+    park: &'a ParkRequest,
+    from: OpenSide,
+) -> impl Future<Output = Result<SideEnd, PumpError>> {
     let mut pipes = flow.pipes;
-    let mut streaming = from.streaming;
+    let mut splice = from.splice;
     let carried = from.carry;
     async move {
         if let Some(carry) = carried
         // Boxed: only a direction moved by an upgrade runs it, and every connection's task would
         // otherwise carry its state.
-        && let Some(carry) = Box::pin(drain_carry(carry, dst, &flow, pause)).await?
+        && let Some(carry) = Box::pin(drain_carry(carry, dst, &flow, park)).await?
         {
-            return Ok(Stop::Paused(Paused {
-                streaming,
+            return Ok(SideEnd::Parked(OpenSide {
+                splice,
                 carry: Some(carry),
             }));
         }
         loop {
-            if pause.is_requested() {
-                return Ok(Stop::Paused(Paused {
-                    streaming,
-                    carry: None,
-                }));
+            if park.is_requested() {
+                return Ok(SideEnd::Parked(OpenSide { splice, carry: None }));
             }
             // Every burst spends a unit of tokio's cooperative budget, so one busy connection yields
             // to the others on its worker. It also matters for correctness: a read refused for lack
             // of budget looks like "drained" to `copy_burst`, and without this yield the loop would
             // find the socket still readable and spin.
             tokio::task::consume_budget().await;
-            match ready_or_park(src.as_ref(), pause, Interest::READABLE).await {
+            match ready_or_park(src.as_ref(), park, Interest::READABLE).await {
                 Some(ready) => ready.map_err(PumpError::Read)?,
                 None => {
-                    return Ok(Stop::Paused(Paused {
-                        streaming,
-                        carry: None,
-                    }));
+                    return Ok(SideEnd::Parked(OpenSide { splice, carry: None }));
                 }
             }
-            let lease = match (streaming, pipes) {
+            let lease = match (splice, pipes) {
                 (true, Some(pool)) => match pool.take() {
                     Ok(Some(lease)) => Some(lease),
                     Ok(None) => {
@@ -208,7 +203,7 @@ pub fn pump<'a>(
             };
             flow.direction.set_splicing(lease.is_some());
             let burst = match lease {
-                Some(lease) => match splice_burst(src, dst, lease, &flow, pause).await {
+                Some(lease) => match splice_burst(src, dst, lease, &flow, park).await {
                     Err(PumpError::Read(e)) if splice_refused(&e) => {
                         flow.stats.fallback_refused.fetch_add(1, Ordering::Relaxed);
                         if let Some(suppressed) = REFUSED_LOG.admit() {
@@ -216,22 +211,22 @@ pub fn pump<'a>(
                         }
                         pipes = None;
                         flow.direction.set_splicing(false);
-                        copy_burst(src, dst, &flow, pause).await?
+                        copy_burst(src, dst, &flow, park).await?
                     }
                     other => other?,
                 },
-                None => copy_burst(src, dst, &flow, pause).await?,
+                None => copy_burst(src, dst, &flow, park).await?,
             };
             match burst {
                 Burst::Eof => {
                     // The FIN is activity: fin_timeout counts from here, not from the last byte.
                     flow.activity.touch();
-                    return Ok(Stop::Eof);
+                    return Ok(SideEnd::Eof);
                 }
-                Burst::Streaming => streaming = true,
-                Burst::Trickle => streaming = false,
+                Burst::Bulk => splice = true,
+                Burst::Trickle => splice = false,
                 Burst::Drained => {}
-                Burst::Paused(carry) => return Ok(Stop::Paused(Paused { streaming, carry })),
+                Burst::Parked(carry) => return Ok(SideEnd::Parked(OpenSide { splice, carry })),
             }
         }
     }
@@ -245,10 +240,10 @@ async fn drain_carry(
     carry: Box<Carry>,
     dst: &mut WriteHalf<'_>,
     flow: &Flow<'_>,
-    pause: &Pause,
+    park: &ParkRequest,
 ) -> Result<Option<Box<Carry>>, PumpError> {
     let (pipe, bytes) = match *carry {
-        Carry::Bytes(bytes) => return write_all(dst, &bytes, flow, pause).await,
+        Carry::Bytes(bytes) => return write_all(dst, &bytes, flow, park).await,
         Carry::Pipe { pipe, bytes } => (pipe, bytes),
     };
     // With splice off there is no pool; a pool of its own then closes the pipe once empty.
@@ -270,7 +265,7 @@ async fn drain_carry(
                 flow.account(n);
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                match ready_or_park(out, pause, Interest::WRITABLE).await {
+                match ready_or_park(out, park, Interest::WRITABLE).await {
                     Some(ready) => ready.map_err(PumpError::Write)?,
                     None => {
                         return Ok(lease
@@ -315,7 +310,7 @@ fn splice_burst<'a>(
     dst: &'a mut WriteHalf<'_>,
     mut lease: Lease<'a>,
     flow: &'a Flow<'_>,
-    pause: &'a Pause,
+    park: &'a ParkRequest,
 ) -> impl Future<Output = Result<Burst, PumpError>> {
     let src: &'a tokio::net::TcpStream = (*src).as_ref();
     let mut moved = 0;
@@ -326,7 +321,7 @@ fn splice_burst<'a>(
                 // follows) with bytes still queued: read past the mark by copying.
                 // Boxed: urgent data is rare, and its state would otherwise weigh on every task.
                 Ok(0) | Err(_) if at_urgent_mark(src) => {
-                    return Box::pin(copy_past_mark(src, dst, flow, pause)).await;
+                    return Box::pin(copy_past_mark(src, dst, flow, park)).await;
                 }
                 Ok(0) => return Ok(Burst::Eof),
                 Ok(n) => n,
@@ -348,14 +343,14 @@ fn splice_burst<'a>(
                         flow.account(m);
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        match ready_or_park(out, pause, Interest::WRITABLE).await {
+                        match ready_or_park(out, park, Interest::WRITABLE).await {
                             Some(ready) => ready.map_err(PumpError::Write)?,
                             None => {
                                 // The rest travels in the pipe.
                                 let carry = lease
                                     .detach()
                                     .map(|(pipe, bytes)| Box::new(Carry::Pipe { pipe, bytes }));
-                                return Ok(Burst::Paused(carry));
+                                return Ok(Burst::Parked(carry));
                             }
                         }
                     }
@@ -363,8 +358,8 @@ fn splice_burst<'a>(
                 }
             }
             flow.activity.delivered();
-            if pause.is_requested() {
-                return Ok(Burst::Paused(None));
+            if park.is_requested() {
+                return Ok(Burst::Parked(None));
             }
             // A splice that moved less than the pipe holds has usually emptied the socket:
             // asking costs one ioctl, where splicing again costs a splice that answers EAGAIN
@@ -406,7 +401,7 @@ fn copy_burst<'a>(
     src: &'a mut ReadHalf<'_>,
     dst: &'a mut WriteHalf<'_>,
     flow: &'a Flow<'_>,
-    pause: &'a Pause,
+    park: &'a ParkRequest,
 ) -> impl Future<Output = Result<Burst, PumpError>> {
     // An async block, not an async fn, for the reason [`pump`] gives.
     async move {
@@ -437,11 +432,11 @@ fn copy_burst<'a>(
                 Some(Err(e)) => return Err(PumpError::Read(e)),
             };
             flow.took(n);
-            if let Some(carry) = write_all(dst, &buf[..fault_drop_byte(n)], flow, pause).await? {
-                return Ok(Burst::Paused(Some(carry)));
+            if let Some(carry) = write_all(dst, &buf[..fault_drop_byte(n)], flow, park).await? {
+                return Ok(Burst::Parked(Some(carry)));
             }
-            if pause.is_requested() {
-                return Ok(Burst::Paused(None));
+            if park.is_requested() {
+                return Ok(Burst::Parked(None));
             }
             if past_mark {
                 if n < buf.len() && !at_urgent_mark(src.as_ref()) {
@@ -450,7 +445,7 @@ fn copy_burst<'a>(
                 continue;
             }
             if n >= STREAMING_READ && flow.pipes.is_some() {
-                return Ok(Burst::Streaming);
+                return Ok(Burst::Bulk);
             }
             if n < buf.len() {
                 past_mark = at_urgent_mark(src.as_ref());
@@ -471,7 +466,7 @@ async fn copy_past_mark(
     src: &tokio::net::TcpStream,
     dst: &mut WriteHalf<'_>,
     flow: &Flow<'_>,
-    pause: &Pause,
+    park: &ParkRequest,
 ) -> Result<Burst, PumpError> {
     let mut buf = flow.buffers.take();
     loop {
@@ -482,8 +477,8 @@ async fn copy_past_mark(
             Err(e) => return Err(PumpError::Read(e)),
         };
         flow.took(n);
-        if let Some(carry) = write_all(dst, &buf[..n], flow, pause).await? {
-            return Ok(Burst::Paused(Some(carry)));
+        if let Some(carry) = write_all(dst, &buf[..n], flow, park).await? {
+            return Ok(Burst::Parked(Some(carry)));
         }
         if n < buf.len() && !at_urgent_mark(src) {
             return Ok(Burst::Drained);
@@ -502,7 +497,7 @@ fn write_all<'a>(
     dst: &'a mut WriteHalf<'_>,
     bytes: &'a [u8],
     flow: &'a Flow<'_>,
-    pause: &'a Pause,
+    park: &'a ParkRequest,
 ) -> impl Future<Output = Result<Option<Box<Carry>>, PumpError>> {
     // An async block, not an async fn, for the reason [`pump`] gives.
     async move {
@@ -512,7 +507,7 @@ fn write_all<'a>(
             // Partial progress counts: a slow reader is not an idle connection.
             let rest = &bytes[written..];
             let wrote = std::future::poll_fn(|cx| {
-                if pause.is_requested() {
+                if park.is_requested() {
                     return Poll::Ready(None);
                 }
                 Pin::new(&mut *dst).poll_write(cx, rest).map(Some)
@@ -541,11 +536,11 @@ fn write_all<'a>(
 /// once, by the relay loop, so a direction's wait costs no more than tokio's own.
 async fn ready_or_park(
     socket: &tokio::net::TcpStream,
-    pause: &Pause,
+    park: &ParkRequest,
     interest: Interest,
 ) -> Option<io::Result<()>> {
     std::future::poll_fn(|cx| {
-        if pause.is_requested() {
+        if park.is_requested() {
             return Poll::Ready(None);
         }
         let ready = if interest == Interest::WRITABLE {

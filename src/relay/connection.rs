@@ -1,0 +1,419 @@
+//! One relayed connection's life, as a small state machine: each direction is running, done
+//! (its end of stream passed on) or parked (by a live upgrade); the loop runs until both are
+//! done (an orderly end), both are stopped with one parked (the connection parks), or something
+//! ends the connection (an error, a timer, an administrator, the drain). Then [`park`] hands the
+//! sockets on, or [`close`] closes them the way the end requires.
+//!
+//! It must not admit, dial or log connections (the route does), nor move bytes itself (the
+//! pump does).
+
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::pump::{self, Flow, PumpError, SideEnd};
+use super::{Ended, Engine, OpenSide, Parked, Progress, Side, Timeouts, Totals, Transfer};
+use crate::connections::{Activity, Direction, DirectionState, Live, Who};
+use crate::shutdown::{ParkRequest, Request, Shutdown};
+use crate::state::Outcome;
+
+/// Where one direction stands in the relay loop.
+#[derive(Debug)]
+enum Run {
+    /// Moving bytes (or waiting for them).
+    Running,
+    /// Its end of stream was passed on.
+    Done,
+    /// A live upgrade stopped it; it resumes from here in the next program image.
+    Parked(OpenSide),
+}
+
+impl Run {
+    /// Where a direction starts: done when it had ended before an upgrade moved it here.
+    fn from_side(side: &Side) -> Run {
+        match side {
+            Side::Done => Run::Done,
+            Side::Open(_) => Run::Running,
+        }
+    }
+
+    fn is_running(&self) -> bool {
+        matches!(self, Run::Running)
+    }
+
+    fn is_done(&self) -> bool {
+        matches!(self, Run::Done)
+    }
+
+    /// Takes in how the direction's pump returned, and shows it in the connection table.
+    fn stopped(&mut self, end: SideEnd, shown: &Direction) {
+        *self = match end {
+            SideEnd::Eof => {
+                shown.set_state(DirectionState::HalfClosed);
+                Run::Done
+            }
+            SideEnd::Parked(open) => {
+                shown.set_state(DirectionState::Parked);
+                Run::Parked(open)
+            }
+        };
+    }
+
+    /// What a stopped direction carries to the next program image.
+    fn into_side(self) -> Side {
+        match self {
+            Run::Parked(open) => Side::Open(open),
+            Run::Done | Run::Running => Side::Done,
+        }
+    }
+}
+
+/// How the relay loop ended.
+enum LoopEnd {
+    /// The connection is over: how, and for a reset or a close by an administrator, why.
+    Closed(Outcome, Option<String>),
+    /// A live upgrade parked both directions (one may have been done already).
+    Parked { up: Side, down: Side },
+}
+
+/// Relays between `client` and `upstream` from `from` (a new connection passes `None`: it starts
+/// from [`Progress::default`]) until the connection ends, then closes both sockets the way the
+/// ending requires (FIN for an orderly end, reset for a broken one); or until a live upgrade
+/// parks it.
+///
+/// What can be worked out before the first await is worked out outside the returned async
+/// block: an async fn would keep its arguments twice in the connection's task (as arguments,
+/// and as the locals they are moved into), for the connection's whole life.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "each is a different thing the relay needs"
+)]
+pub fn relay(
+    engine: &Engine,
+    who: Who,
+    mut client: TcpStream,
+    mut upstream: TcpStream,
+    timeouts: Timeouts,
+    totals: Totals<'_>,
+    shutdown: &mut Shutdown,
+    from: Option<Box<Progress>>,
+) -> impl Future<Output = Ended> {
+    let Progress {
+        up: up_side,
+        down: down_side,
+        age,
+        quiet,
+        bytes_up,
+        bytes_down,
+    } = from.map_or_else(Progress::default, |from| *from);
+    let runs = [Run::from_side(&up_side), Run::from_side(&down_side)];
+    // What a direction moved by an upgrade carries was read by the previous image and is not
+    // written yet: it counts as read, so the accounting holds across the upgrade.
+    let shown = |written: u64, side: &Side| {
+        let (state, open) = match side {
+            Side::Done => (DirectionState::HalfClosed, None),
+            Side::Open(open) => (DirectionState::Open, Some(open)),
+        };
+        let carried = open.and_then(|o| o.carry.as_ref()).map_or(0, |c| c.len() as u64);
+        let direction = Direction::new(written + carried, written, state);
+        direction.set_splicing(open.is_some_and(|o| o.splice) && engine.pipes().is_some());
+        direction
+    };
+    let live = Arc::new(Live::new(
+        who,
+        shown(bytes_up, &up_side),
+        shown(bytes_down, &down_side),
+        Activity::since(age, quiet),
+    ));
+    let open = |side: Side| match side {
+        Side::Open(open) => open,
+        Side::Done => OpenSide::default(),
+    };
+    let starts = [open(up_side), open(down_side)];
+    let park_request = shutdown.park_request();
+
+    async move {
+        let _listed = engine.table.enter(live.clone());
+        let how = run(
+            engine,
+            &live,
+            [&mut client, &mut upstream],
+            timeouts,
+            totals,
+            shutdown,
+            &park_request,
+            runs,
+            starts,
+        )
+        .await;
+        match how {
+            LoopEnd::Parked { up, down } => park(engine, &live, client, upstream, up, down),
+            LoopEnd::Closed(outcome, detail) => close(engine, &live, client, upstream, outcome, detail),
+        }
+    }
+}
+
+/// The relay loop: runs both directions and every timer until the connection ends or parks.
+/// (An async block, not an async fn, for the reason [`relay`] gives.)
+#[allow(
+    clippy::too_many_arguments,
+    reason = "each is a different thing the loop needs"
+)]
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn would keep its arguments twice"
+)]
+fn run<'a>(
+    engine: &'a Engine,
+    live: &'a Live,
+    [client, upstream]: [&'a mut TcpStream; 2],
+    timeouts: Timeouts,
+    totals: Totals<'a>,
+    shutdown: &'a mut Shutdown,
+    park_request: &'a ParkRequest,
+    [mut up, mut down]: [Run; 2],
+    [up_from, down_from]: [OpenSide; 2],
+) -> impl Future<Output = LoopEnd> + 'a {
+    async move {
+        let activity = &live.activity;
+        let flow = |direction, total| Flow {
+            pipes: engine.pipes(),
+            buffers: &engine.buffers,
+            stats: &engine.stats,
+            direction,
+            total,
+            activity,
+        };
+        // A park wakes the task through the loop's one waiter, and each direction sees the
+        // request at its next poll.
+        let mut park_seen = false;
+        // For passing an end of stream on while the pumps borrow the sockets.
+        // SAFETY: both sockets outlive this loop (the caller closes or parks them after it).
+        let (client_fd, upstream_fd) = unsafe {
+            (
+                BorrowedFd::borrow_raw(client.as_raw_fd()),
+                BorrowedFd::borrow_raw(upstream.as_raw_fd()),
+            )
+        };
+        let (mut client_r, mut client_w) = client.split();
+        let (mut upstream_r, mut upstream_w) = upstream.split();
+        let upward = pump::pump(
+            &mut client_r,
+            &mut upstream_w,
+            flow(&live.up, totals.up),
+            park_request,
+            up_from,
+        );
+        let downward = pump::pump(
+            &mut upstream_r,
+            &mut client_w,
+            flow(&live.down, totals.down),
+            park_request,
+            down_from,
+        );
+        tokio::pin!(upward, downward);
+        let mut next_look = timeouts.gone.map(|gone| Instant::now() + gone.every());
+        // Whether the last look found a peer that looked gone: believed on the second look.
+        let mut looked_gone = false;
+        loop {
+            let quiet_limit = if up.is_done() || down.is_done() {
+                Some(timeouts.idle.map_or(timeouts.fin, |idle| idle.min(timeouts.fin)))
+            } else {
+                timeouts.idle
+            };
+            activity.set_limit(quiet_limit);
+            // A limit too far away to represent is no limit.
+            let deadline = match (
+                quiet_limit.and_then(|limit| activity.last().checked_add(limit)),
+                next_look,
+            ) {
+                (Some(quiet), Some(look)) => Some(quiet.min(look)),
+                (quiet, look) => quiet.or(look),
+            };
+            tokio::select! {
+                result = &mut upward, if up.is_running() => {
+                    match pass_on(result, down.is_done(), upstream_fd, ["client", "upstream"]) {
+                        Ok(end) => up.stopped(end, &live.up),
+                        Err(detail) => return LoopEnd::Closed(Outcome::Reset, Some(detail)),
+                    }
+                },
+                result = &mut downward, if down.is_running() => {
+                    match pass_on(result, up.is_done(), client_fd, ["upstream", "client"]) {
+                        Ok(end) => down.stopped(end, &live.down),
+                        Err(detail) => return LoopEnd::Closed(Outcome::Reset, Some(detail)),
+                    }
+                },
+                () = live.close_requested() => {
+                    let by = live.closed_by().unwrap_or("an administrator");
+                    return LoopEnd::Closed(Outcome::ClosedByAdmin, Some(format!("closed by {by}")));
+                },
+                _ = sleep_until(deadline) => {
+                    if quiet_limit.is_some_and(|limit| activity.last().elapsed() >= limit) {
+                        return LoopEnd::Closed(Outcome::Idle, None);
+                    }
+                    if let (Some(gone), Some(look)) = (timeouts.gone, next_look)
+                        && Instant::now() >= look
+                    {
+                        next_look = Some(Instant::now() + gone.every());
+                        let ask = |fd, name| crate::net::peer_looks_gone(fd, gone).map(|why| format!("{name}: {why}"));
+                        match ask(upstream_fd, "upstream").or_else(|| ask(client_fd, "client")) {
+                            Some(why) if looked_gone => return LoopEnd::Closed(Outcome::Reset, Some(why)),
+                            gone => looked_gone = gone.is_some(),
+                        }
+                    }
+                },
+                request = shutdown.closing_or_parking(park_seen) => match request {
+                    Request::Close => return LoopEnd::Closed(Outcome::Drain, None),
+                    Request::Park => park_seen = true,
+                },
+            }
+            match (&up, &down) {
+                (Run::Done, Run::Done) => return LoopEnd::Closed(Outcome::Eof, None),
+                (Run::Running, _) | (_, Run::Running) => {}
+                // Both stopped, at least one parked.
+                _ => {
+                    return LoopEnd::Parked {
+                        up: std::mem::replace(&mut up, Run::Running).into_side(),
+                        down: std::mem::replace(&mut down, Run::Running).into_side(),
+                    };
+                }
+            }
+        }
+    }
+}
+
+/// Takes a parked connection's sockets out of the runtime with where it stands, for the next
+/// program image.
+fn park(engine: &Engine, live: &Live, client: TcpStream, upstream: TcpStream, up: Side, down: Side) -> Ended {
+    // What a parked direction holds must be exactly what it carries.
+    let carried = |side: &Side| match side {
+        Side::Open(OpenSide {
+            carry: Some(carry), ..
+        }) => carry.len() as u64,
+        _ => 0,
+    };
+    audit(engine, live, "parked", [carried(&up), carried(&down)]);
+    let progress = Progress {
+        up,
+        down,
+        age: live.activity.age(),
+        quiet: live.activity.last().elapsed(),
+        bytes_up: live.up.bytes_written(),
+        bytes_down: live.down.bytes_written(),
+    };
+    match (client.into_std(), upstream.into_std()) {
+        (Ok(client), Ok(upstream)) => Ended::Parked(Parked {
+            client,
+            upstream,
+            progress,
+            parked_at: std::time::Instant::now(),
+        }),
+        // Taking a socket out of the runtime cannot fail for a registered socket; if it did,
+        // both are gone with the error, and the connection is reported reset.
+        (client, upstream) => Ended::Closed(Transfer {
+            outcome: Outcome::Reset,
+            detail: Some(format!(
+                "cannot park for the upgrade: {}",
+                [client.err(), upstream.err()]
+                    .into_iter()
+                    .flatten()
+                    .map(|e| e.to_string())
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            )),
+            up: progress.bytes_up,
+            down: progress.bytes_down,
+        }),
+    }
+}
+
+/// Closes both sockets the way `outcome` requires and says what the connection carried.
+fn close(
+    engine: &Engine,
+    live: &Live,
+    client: TcpStream,
+    upstream: TcpStream,
+    outcome: Outcome,
+    detail: Option<String>,
+) -> Ended {
+    // A connection that did not end on its own, or that a timer ends with bytes still on their
+    // way (in a burst, or unread in a receive queue), is reset on both sides: neither peer may
+    // mistake a truncated stream for an orderly end. The drain always cuts a stream short.
+    let cut_short = match outcome {
+        Outcome::Reset | Outcome::Drain | Outcome::ClosedByAdmin => true,
+        // Both peers' FINs were read and everything before them written: nothing can
+        // follow a FIN, so nothing is unread, and no system call needs to say so.
+        Outcome::Eof => false,
+        _ => {
+            // A socket that cannot say counts as holding nothing: it is closed either way.
+            let unread = |socket: &TcpStream| crate::net::unread_bytes(socket).unwrap_or(0);
+            live.activity.bytes_in_flight() || unread(&client) > 0 || unread(&upstream) > 0
+        }
+    };
+    if cut_short {
+        crate::net::reset(client);
+        crate::net::reset(upstream);
+    } else {
+        // An orderly end: every byte read from each side was written to the other.
+        audit(engine, live, outcome.name(), [0, 0]);
+    }
+    Ended::Closed(Transfer {
+        outcome,
+        detail,
+        up: live.up.bytes_written(),
+        down: live.down.bytes_written(),
+    })
+}
+
+/// Checks that each direction of `live` holds what it should (`expected`: up, down) now that it
+/// ends or parks (`how`): bytes read from a source and neither written nor carried are bytes
+/// lost. Each mismatch is counted and logged with both counts; the connection is not changed.
+fn audit(engine: &Engine, live: &Live, how: &str, expected: [u64; 2]) {
+    for (name, direction, expected) in [("up", &live.up, expected[0]), ("down", &live.down, expected[1])] {
+        let (read, written) = (direction.bytes_read(), direction.bytes_written());
+        if read != written + expected {
+            engine.stats.accounting_mismatches.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(
+                conn = live.who.id,
+                route = %live.who.route,
+                direction = name,
+                bytes_read = read,
+                bytes_written = written,
+                bytes_carried = expected,
+                end = how,
+                "byte accounting mismatch: the bytes read from one side are not the bytes written to the other"
+            );
+        }
+    }
+}
+
+/// What the end of one direction means for the connection. An end of stream is passed on as a
+/// shutdown of the write side of `dst` (the socket the direction writes to), unless the other
+/// direction is done too: both sockets are closed right after, and close sends the FIN. An
+/// error is named after the side it came from: `names` is [source, destination].
+fn pass_on(
+    result: Result<SideEnd, PumpError>,
+    other_done: bool,
+    dst: BorrowedFd<'_>,
+    names: [&str; 2],
+) -> Result<SideEnd, String> {
+    let [src_name, dst_name] = names;
+    match result {
+        Ok(SideEnd::Eof) if !other_done => crate::net::shutdown_write(dst)
+            .map(|()| SideEnd::Eof)
+            .map_err(|e| format!("{dst_name}: shutdown after {src_name}'s FIN failed: {e}")),
+        Ok(end) => Ok(end),
+        Err(PumpError::Read(e)) => Err(format!("{src_name}: {e}")),
+        Err(PumpError::Write(e)) => Err(format!("{dst_name}: {e}")),
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
