@@ -16,6 +16,7 @@
 
 mod buffers;
 mod connection;
+mod flow;
 mod pipe;
 mod pump;
 

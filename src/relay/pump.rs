@@ -19,18 +19,18 @@
 use std::io;
 use std::os::fd::AsRawFd;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::task::Poll;
 
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 
-use super::buffers::BufferPool;
+pub use super::flow::Flow;
+use super::flow::{InFlight, Path};
 use super::pipe::{Lease, Pipe, PipePool};
 use crate::logging::RateLimit;
 use crate::net::at_urgent_mark;
 use crate::shutdown::ParkRequest;
-use crate::state::RelayStats;
 
 /// A single read this large means bulk data (an scp upload, a file copy over WinRM): splicing
 /// it saves a copy per byte. Smaller reads (keystrokes, command output, requests) cost fewer
@@ -44,22 +44,6 @@ pub enum PumpError {
     Read(io::Error),
     /// Writing `dst` failed (typically: it reset, or went away).
     Write(io::Error),
-}
-
-/// What a pump needs besides its two sockets.
-pub struct Flow<'a> {
-    /// Where pipes come from; `None` relays by copying only.
-    pub pipes: Option<&'a PipePool>,
-    /// Where copy buffers come from.
-    pub buffers: &'a BufferPool,
-    /// Engine-wide counters.
-    pub stats: &'a RelayStats,
-    /// This direction of this connection: bytes read and written, state and mode.
-    pub direction: &'a crate::connections::Direction,
-    /// Bytes moved in this direction on every connection of the route (kept current for metrics).
-    pub total: &'a AtomicU64,
-    /// Stamped at every burst, for the idle timeout.
-    pub activity: &'a crate::connections::Activity,
 }
 
 /// Where an open direction stands when it parks: everything the next program image needs to
@@ -243,7 +227,7 @@ async fn drain_carry(
     park: &ParkRequest,
 ) -> Result<Option<Box<Carry>>, PumpError> {
     let (pipe, bytes) = match *carry {
-        Carry::Bytes(bytes) => return write_all(dst, &bytes, flow, park).await,
+        Carry::Bytes(bytes) => return write_all(dst, &bytes, flow.carried(), flow, park).await,
         Carry::Pipe { pipe, bytes } => (pipe, bytes),
     };
     // With splice off there is no pool; a pool of its own then closes the pipe once empty.
@@ -256,29 +240,50 @@ async fn drain_carry(
         }
     };
     let mut lease = pool.adopt(pipe, bytes);
-    let out = dst.as_ref();
-    flow.activity.carrying();
-    while lease.pending() > 0 {
-        match out.try_io(Interest::WRITABLE, || lease.drain_to(out)) {
-            Ok(n) => {
-                flow.stats.spliced_bytes.fetch_add(n as u64, Ordering::Relaxed);
-                flow.account(n);
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                match ready_or_park(out, park, Interest::WRITABLE).await {
-                    Some(ready) => ready.map_err(PumpError::Write)?,
-                    None => {
-                        return Ok(lease
-                            .detach()
-                            .map(|(pipe, bytes)| Box::new(Carry::Pipe { pipe, bytes })));
+    let in_flight = flow.carried();
+    if write_pipe(&mut lease, dst.as_ref(), flow, park).await? {
+        return Ok(carry_pipe(lease));
+    }
+    in_flight.delivered();
+    Ok(None)
+}
+
+/// What a parked burst's pipe carries: the pipe itself, when it holds anything.
+fn carry_pipe(lease: Lease<'_>) -> Option<Box<Carry>> {
+    lease
+        .detach()
+        .map(|(pipe, bytes)| Box::new(Carry::Pipe { pipe, bytes }))
+}
+
+/// Writes out everything `lease`'s pipe holds, counting it as it goes out (a slow reader is not
+/// an idle connection, and what the pipe still holds is what the direction holds). Returns
+/// whether a park was asked for while `dst` was full: the rest is still in the pipe, for the
+/// caller to carry. (An async block, not an async fn, for the reason [`pump`] gives.)
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn would keep its arguments twice"
+)]
+fn write_pipe<'a>(
+    lease: &'a mut Lease<'_>,
+    dst: &'a tokio::net::TcpStream,
+    flow: &'a Flow<'_>,
+    park: &'a ParkRequest,
+) -> impl Future<Output = Result<bool, PumpError>> {
+    async move {
+        while lease.pending() > 0 {
+            match dst.try_io(Interest::WRITABLE, || lease.drain_to(dst)) {
+                Ok(n) => flow.moved(n, Path::Splice),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    match ready_or_park(dst, park, Interest::WRITABLE).await {
+                        Some(ready) => ready.map_err(PumpError::Write)?,
+                        None => return Ok(true),
                     }
                 }
+                Err(e) => return Err(PumpError::Write(e)),
             }
-            Err(e) => return Err(PumpError::Write(e)),
         }
+        Ok(false)
     }
-    flow.activity.delivered();
-    Ok(None)
 }
 
 fn no_pipe(flow: &Flow<'_>, pool: &PipePool, error: Option<io::Error>) {
@@ -331,33 +336,12 @@ fn splice_burst<'a>(
                 Err(e) => return Err(PumpError::Read(e)),
             };
             moved += n;
-            flow.took(n);
-            flow.activity.carrying();
-            let out = dst.as_ref();
-            while lease.pending() > 0 {
-                match out.try_io(Interest::WRITABLE, || lease.drain_to(out)) {
-                    // Counted as it goes out: a slow reader is not an idle connection, and what
-                    // the pipe still holds is what the direction holds.
-                    Ok(m) => {
-                        flow.stats.spliced_bytes.fetch_add(m as u64, Ordering::Relaxed);
-                        flow.account(m);
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        match ready_or_park(out, park, Interest::WRITABLE).await {
-                            Some(ready) => ready.map_err(PumpError::Write)?,
-                            None => {
-                                // The rest travels in the pipe.
-                                let carry = lease
-                                    .detach()
-                                    .map(|(pipe, bytes)| Box::new(Carry::Pipe { pipe, bytes }));
-                                return Ok(Burst::Parked(carry));
-                            }
-                        }
-                    }
-                    Err(e) => return Err(PumpError::Write(e)),
-                }
+            let in_flight = flow.took(n);
+            if write_pipe(&mut lease, dst.as_ref(), flow, park).await? {
+                // The rest travels in the pipe.
+                return Ok(Burst::Parked(carry_pipe(lease)));
             }
-            flow.activity.delivered();
+            in_flight.delivered();
             if park.is_requested() {
                 return Ok(Burst::Parked(None));
             }
@@ -391,8 +375,8 @@ fn drained(src: &tokio::net::TcpStream) -> bool {
 /// Copies through a pooled buffer while `src` has data. Reads go through tokio's `AsyncRead`,
 /// which takes a short read as proof that the socket is drained (edge-triggered epoll), so an
 /// interactive burst costs one read and one write, without a read that only returns EAGAIN.
-/// The one short read that proves nothing is one that stopped at TCP's urgent mark; then the
-/// burst reads on past it directly.
+/// The one short read that proves nothing is one that stopped at TCP's urgent mark; then
+/// [`copy_past_mark`] reads on past it.
 #[allow(
     clippy::manual_async_fn,
     reason = "an async fn would keep its arguments twice"
@@ -406,24 +390,17 @@ fn copy_burst<'a>(
     // An async block, not an async fn, for the reason [`pump`] gives.
     async move {
         let mut buf = flow.buffers.take();
-        // Once a read stopped at the urgent mark, tokio's readiness is cleared with bytes still
-        // queued: read directly until the socket is really drained, never leaving the burst before.
-        let mut past_mark = false;
         loop {
-            let attempt = if past_mark {
-                Some(recv_now(src.as_ref(), &mut buf))
-            } else {
-                // One attempt, never a wait: waiting happens in `pump`, without a buffer held.
-                std::future::poll_fn(|cx| {
-                    let mut read = ReadBuf::new(&mut buf);
-                    match Pin::new(&mut *src).poll_read(cx, &mut read) {
-                        Poll::Ready(Ok(())) => Poll::Ready(Some(Ok(read.filled().len()))),
-                        Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e))),
-                        Poll::Pending => Poll::Ready(None),
-                    }
-                })
-                .await
-            };
+            // One attempt, never a wait: waiting happens in `pump`, without a buffer held.
+            let attempt = std::future::poll_fn(|cx| {
+                let mut read = ReadBuf::new(&mut buf);
+                match Pin::new(&mut *src).poll_read(cx, &mut read) {
+                    Poll::Ready(Ok(())) => Poll::Ready(Some(Ok(read.filled().len()))),
+                    Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e))),
+                    Poll::Pending => Poll::Ready(None),
+                }
+            })
+            .await;
             let n = match attempt {
                 None => return Ok(Burst::Drained),
                 Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Burst::Drained),
@@ -431,37 +408,34 @@ fn copy_burst<'a>(
                 Some(Ok(n)) => n,
                 Some(Err(e)) => return Err(PumpError::Read(e)),
             };
-            flow.took(n);
-            if let Some(carry) = write_all(dst, &buf[..fault_drop_byte(n)], flow, park).await? {
+            let in_flight = flow.took(n);
+            if let Some(carry) = write_all(dst, &buf[..fault_drop_byte(n)], in_flight, flow, park).await? {
                 return Ok(Burst::Parked(Some(carry)));
             }
             if park.is_requested() {
                 return Ok(Burst::Parked(None));
             }
-            if past_mark {
-                if n < buf.len() && !at_urgent_mark(src.as_ref()) {
-                    return Ok(Burst::Drained);
-                }
-                continue;
-            }
             if n >= STREAMING_READ && flow.pipes.is_some() {
                 return Ok(Burst::Bulk);
             }
             if n < buf.len() {
-                past_mark = at_urgent_mark(src.as_ref());
-                if !past_mark {
+                if !at_urgent_mark(src.as_ref()) {
                     // A short read drained the socket (tokio cleared its readiness).
                     return Ok(Burst::Drained);
                 }
+                drop(buf);
+                // Boxed: urgent data is rare, and its state would otherwise weigh on every task.
+                return Box::pin(copy_past_mark(src.as_ref(), dst, flow, park)).await;
             }
         }
     }
 }
 
-/// Reads past TCP's urgent mark, where splice stops: with SO_OOBINLINE a read there returns the
-/// urgent byte in line and what follows. Reads until the socket is drained (tokio's readiness
-/// was cleared by the splice that stopped, so nothing may be left behind), then the direction
-/// goes back to waiting and splicing.
+/// Reads past TCP's urgent mark, where splice stops and where a read comes back short with
+/// bytes still queued: with SO_OOBINLINE a read there returns the urgent byte in line and what
+/// follows. tokio's readiness was cleared by the short read or the splice that stopped, so this
+/// reads directly, outside it, until the socket is really drained (nothing may be left behind);
+/// then the direction goes back to waiting.
 async fn copy_past_mark(
     src: &tokio::net::TcpStream,
     dst: &mut WriteHalf<'_>,
@@ -476,9 +450,12 @@ async fn copy_past_mark(
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Burst::Drained),
             Err(e) => return Err(PumpError::Read(e)),
         };
-        flow.took(n);
-        if let Some(carry) = write_all(dst, &buf[..n], flow, park).await? {
+        let in_flight = flow.took(n);
+        if let Some(carry) = write_all(dst, &buf[..n], in_flight, flow, park).await? {
             return Ok(Burst::Parked(Some(carry)));
+        }
+        if park.is_requested() {
+            return Ok(Burst::Parked(None));
         }
         if n < buf.len() && !at_urgent_mark(src) {
             return Ok(Burst::Drained);
@@ -486,7 +463,7 @@ async fn copy_past_mark(
     }
 }
 
-/// Writes all of `bytes` to `dst`, marking them in flight until they are out, and counts them.
+/// Writes all of `bytes` (in flight since `in_flight` was taken) to `dst`, and counts them.
 /// A park asked for while `dst` is full returns the unwritten rest as a [`Carry::Bytes`] (the
 /// written part is counted): nothing to allocate from the kernel, so nothing can refuse it.
 #[allow(
@@ -496,12 +473,12 @@ async fn copy_past_mark(
 fn write_all<'a>(
     dst: &'a mut WriteHalf<'_>,
     bytes: &'a [u8],
+    in_flight: InFlight<'a>,
     flow: &'a Flow<'_>,
     park: &'a ParkRequest,
 ) -> impl Future<Output = Result<Option<Box<Carry>>, PumpError>> {
     // An async block, not an async fn, for the reason [`pump`] gives.
     async move {
-        flow.activity.carrying();
         let mut written = 0;
         while written < bytes.len() {
             // Partial progress counts: a slow reader is not an idle connection.
@@ -520,13 +497,12 @@ fn write_all<'a>(
                 Ok(0) => return Err(PumpError::Write(io::ErrorKind::WriteZero.into())),
                 Ok(m) => {
                     written += m;
-                    flow.stats.copied_bytes.fetch_add(m as u64, Ordering::Relaxed);
-                    flow.account(m);
+                    flow.moved(m, Path::Copy);
                 }
                 Err(e) => return Err(PumpError::Write(e)),
             }
         }
-        flow.activity.delivered();
+        in_flight.delivered();
         Ok(None)
     }
 }
@@ -576,16 +552,5 @@ fn recv_now(src: &tokio::net::TcpStream, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
-impl Flow<'_> {
-    /// `n` bytes were read from `src`.
-    fn took(&self, n: usize) {
-        self.direction.read(n);
-    }
-
-    /// `n` bytes were written to `dst`.
-    fn account(&self, n: usize) {
-        self.direction.wrote(n);
-        self.total.fetch_add(n as u64, Ordering::Relaxed);
-        self.activity.touch();
-    }
-}
+#[cfg(test)]
+mod tests;
