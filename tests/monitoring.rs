@@ -119,10 +119,10 @@ fn every_metric_the_rules_and_the_dashboard_query_exists() {
     );
 }
 
-/// README's table of journal MESSAGE_IDs is the one the daemon sends.
+/// docs/operations.md's table of journal MESSAGE_IDs is the one the daemon sends.
 #[test]
-fn readme_lists_every_message_id() {
-    let readme = std::fs::read_to_string(repo("README.md")).unwrap();
+fn operations_doc_lists_every_message_id() {
+    let doc = std::fs::read_to_string(repo("docs/operations.md")).unwrap();
     use ferryd::logging::ids;
     for id in [
         ids::READY,
@@ -132,6 +132,6 @@ fn readme_lists_every_message_id() {
         ids::STOPPED,
     ] {
         assert_eq!(id.len(), 32, "{id} is not a 128-bit hex id");
-        assert!(readme.contains(id), "README does not list MESSAGE_ID {id}");
+        assert!(doc.contains(id), "docs/operations.md does not list MESSAGE_ID {id}");
     }
 }

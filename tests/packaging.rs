@@ -448,7 +448,7 @@ fn exposure(unit: &Path) -> Option<f64> {
 }
 
 /// Both units score far better than Debian's own haproxy.service and nginx.service (with only
-/// directives systemd 237 knows); the scores are the ones README quotes.
+/// directives systemd 237 knows); the scores are the ones docs/operations.md quotes.
 #[test]
 fn units_are_less_exposed_than_haproxy_and_nginx() {
     let Some(relay) = exposure(&unit_path()) else {
