@@ -1,12 +1,13 @@
 //! Writes the man pages in roff to stdout, each generated from the one source it documents, so
 //! neither can drift: `manpage` (or `manpage ferryd`) gives ferryd(8) from the command-line
-//! definition; `manpage toml` gives ferryd.toml(5) from README.md's configuration reference.
+//! definition; `manpage toml` gives ferryd.toml(5) from docs/configuration.md's reference.
 //! Used by packaging/build-deb.
 
 use clap::CommandFactory;
 
-/// The README, whose "Configuration reference" section is the one text of the file's reference.
-const README: &str = include_str!("../README.md");
+/// docs/configuration.md, whose "Configuration reference" section is the one text of the file's
+/// reference.
+const DOC: &str = include_str!("../docs/configuration.md");
 const SECTION: &str = "## Configuration reference";
 
 fn main() -> std::io::Result<()> {
@@ -16,7 +17,7 @@ fn main() -> std::io::Result<()> {
             man.render(&mut std::io::stdout())
         }
         Some("toml") => {
-            print!("{}", config_page(README));
+            print!("{}", config_page(DOC));
             Ok(())
         }
         Some(other) => Err(std::io::Error::other(format!(
@@ -25,10 +26,10 @@ fn main() -> std::io::Result<()> {
     }
 }
 
-/// ferryd.toml(5) from the README's configuration reference.
-fn config_page(readme: &str) -> String {
-    let start = readme.find(SECTION).map_or(0, |i| i + SECTION.len());
-    let rest = &readme[start..];
+/// ferryd.toml(5) from the document's configuration reference.
+fn config_page(doc: &str) -> String {
+    let start = doc.find(SECTION).map_or(0, |i| i + SECTION.len());
+    let rest = &doc[start..];
     let body = &rest[..rest.find("\n## ").unwrap_or(rest.len())];
     let mut out = String::new();
     out.push_str(&format!(

@@ -119,19 +119,47 @@ fn every_metric_the_rules_and_the_dashboard_query_exists() {
     );
 }
 
-/// README's table of journal MESSAGE_IDs is the one the daemon sends.
+/// docs/operations.md's table of journal MESSAGE_IDs is exactly the list the daemon sends: every
+/// `pub const NAME: &str = "..."` of src/logging/ids.rs, read from the source so that a new id
+/// cannot be left out of the table.
 #[test]
-fn readme_lists_every_message_id() {
-    let readme = std::fs::read_to_string(repo("README.md")).unwrap();
-    use ferryd::logging::ids;
-    for id in [
-        ids::READY,
-        ids::RELOADED,
-        ids::RELOAD_REJECTED,
-        ids::NAT_FAILED,
-        ids::STOPPED,
-    ] {
-        assert_eq!(id.len(), 32, "{id} is not a 128-bit hex id");
-        assert!(readme.contains(id), "README does not list MESSAGE_ID {id}");
+fn operations_doc_lists_every_message_id() {
+    let is_id = |s: &str| s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit());
+    let source = std::fs::read_to_string(repo("src/logging/ids.rs")).unwrap();
+    let in_code: std::collections::BTreeMap<&str, &str> = source
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("pub const "))
+        .filter_map(|line| line.split_once(": &str = \""))
+        .map(|(name, rest)| (name, rest.trim_end_matches("\";")))
+        .collect();
+    assert!(
+        in_code
+            .values()
+            .any(|id| *id == ferryd::logging::ids::UPGRADE_REFUSED),
+        "src/logging/ids.rs was not read right: {in_code:?}"
+    );
+    for (name, id) in &in_code {
+        assert!(is_id(id), "{name} = {id:?} is not a 128-bit hex id");
     }
+    let doc = std::fs::read_to_string(repo("docs/operations.md")).unwrap();
+    let in_table: BTreeSet<&str> = doc
+        .lines()
+        .filter(|line| line.starts_with('|'))
+        .flat_map(|line| line.split('`').skip(1).step_by(2))
+        .filter(|s| is_id(s))
+        .collect();
+    let missing: Vec<&str> = in_code
+        .iter()
+        .filter(|(_, id)| !in_table.contains(*id))
+        .map(|(name, _)| *name)
+        .collect();
+    let unknown: Vec<&str> = in_table
+        .iter()
+        .filter(|id| !in_code.values().any(|v| v == *id))
+        .copied()
+        .collect();
+    assert!(
+        missing.is_empty() && unknown.is_empty(),
+        "docs/operations.md's MESSAGE_ID table lacks {missing:?} and lists ids the code does not send: {unknown:?}"
+    );
 }

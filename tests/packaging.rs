@@ -322,6 +322,10 @@ fn packaged_binary_is_static_and_package_is_complete() {
         "etc/ferryd/ferryd.toml",
         "usr/lib/sysctl.d/60-ferryd.conf",
         "usr/share/doc/ferryd/README.md",
+        "usr/share/doc/ferryd/docs/configuration.md",
+        "usr/share/doc/ferryd/docs/operations.md",
+        "usr/share/doc/ferryd/docs/design.md",
+        "usr/share/doc/ferryd/docs/testing.md",
         "usr/share/doc/ferryd/copyright",
         "usr/share/man/man8/ferryd.8.gz",
         "usr/share/man/man5/ferryd.toml.5.gz",
@@ -448,7 +452,7 @@ fn exposure(unit: &Path) -> Option<f64> {
 }
 
 /// Both units score far better than Debian's own haproxy.service and nginx.service (with only
-/// directives systemd 237 knows); the scores are the ones README quotes.
+/// directives systemd 237 knows); the scores are the ones docs/operations.md quotes.
 #[test]
 fn units_are_less_exposed_than_haproxy_and_nginx() {
     let Some(relay) = exposure(&unit_path()) else {

@@ -19,7 +19,7 @@
 //! `cargo bench --bench relay -- --listing` measures what listing `/connections` with 5,000 idle
 //! connections open costs the relay's latency, and writes nothing.
 //! It installs nothing: HAProxy, nginx (with its stream module) and socat come from the
-//! distribution (README says how); a missing one is reported and left out.
+//! distribution (docs/testing.md says how); a missing one is reported and left out.
 
 #[path = "../../tests/common/mod.rs"]
 mod common;
