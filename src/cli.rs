@@ -130,7 +130,7 @@ pub enum Command {
 pub enum NatAction {
     /// Run the NAT keeper in the foreground (as ferryd-nat.service starts it): keep the rules in
     /// place, repair drift every reconcile_interval, and publish NAT's state for the relay at
-    /// [nat] report_file. Needs CAP_NET_ADMIN and CAP_NET_RAW; opens no socket to the network.
+    /// \[nat\] report_file. Needs CAP_NET_ADMIN and CAP_NET_RAW; opens no socket to the network.
     Run {
         /// The configuration file.
         #[arg(short, long, value_name = "PATH", default_value = DEFAULT_PATH)]

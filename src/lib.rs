@@ -15,24 +15,29 @@
 //! - [`daemon`]: start-up, reload, drain and the live upgrade's steps;
 //! - [`signals`]: the signals the daemon acts on, taken from a signalfd;
 //! - [`handover`]: the live upgrade's document, its check and the exec into the next binary;
-//!   [`upgrade`]: `ferryd upgrade`, which asks the running daemon for one;
 //! - [`shutdown`]: the drain and park signal passed to each connection;
 //! - [`state`]: the daemon's shared state and counters, which every part below reads;
-//! - [`health`], [`metrics`], [`status`]: the probe endpoint, /metrics, and the /status document
-//!   with `ferryd status`;
+//! - [`health`], [`metrics`], [`status`]: the probe endpoint, /metrics, and the /status
+//!   document's format;
 //! - [`nat`]: the build VM's egress through IP forwarding and MASQUERADE;
 //! - [`systemd`]: notify, watchdog, socket activation, unit state over D-Bus;
 //! - [`net`], [`logging`]: socket options and the accept loop, log sinks and rate limits;
-//! - [`command`]: external commands with a bound on their life.
+//! - [`subprocess`]: external commands with a bound on their life;
+//! - [`cli`] and [`commands`]: the command line, and what each operator command does (`check`,
+//!   `nat`, `status`, `upgrade`, `doctor`, `connections`, and `run`, the daemon's process).
+
+// The library exists for the binary, its tests and its benchmark: its documentation is read with
+// --document-private-items (CI builds it so, with -D warnings), where links to private modules
+// resolve.
+#![allow(rustdoc::private_intra_doc_links)]
 
 pub mod allow;
 pub mod cli;
-mod command;
+pub mod commands;
 pub mod config;
 pub mod connections;
 mod control;
 pub mod daemon;
-pub mod doctor;
 #[cfg(feature = "test-faults")]
 mod faults;
 pub mod handover;
@@ -48,6 +53,6 @@ mod shutdown;
 pub mod signals;
 mod state;
 pub mod status;
+mod subprocess;
 mod systemd;
-pub mod upgrade;
 mod upstream;

@@ -1,7 +1,7 @@
 //! The file as written: the serde shapes of the TOML, before any validation beyond the type of
 //! each value. Unknown keys are rejected here, with their place in the file.
 //!
-//! The per-route settings are declared once, in [`route_tunables!`]: that one list makes the
+//! The per-route settings are declared once, in `route_tunables!`: that one list makes the
 //! fields of a `[[route]]`, the same fields at the top level (where they are defaults for every
 //! route), the gathering of both, and [`ROUTE_TUNABLE_KEYS`]. This module must not decide
 //! defaults or check values against each other; [`super::resolve`] does.
@@ -108,7 +108,7 @@ macro_rules! route_tunables {
     };
 }
 
-/// Makes the file shapes from the list in [`route_tunables!`]. serde's `flatten` cannot be
+/// Makes the file shapes from the list in `route_tunables!`. serde's `flatten` cannot be
 /// combined with `deny_unknown_fields`, so the fields are written into each shape.
 macro_rules! file_shapes {
     ($($key:ident: $type:ty,)*) => {

@@ -13,7 +13,6 @@
 //! header and the dial) until its task ends, closed or parked for a live upgrade; one still
 //! dialling is counted by its route's `live` gauge, not listed here.
 
-pub mod command;
 pub mod view;
 
 use std::collections::HashMap;

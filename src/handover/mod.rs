@@ -6,7 +6,7 @@
 //! first (see `crate::shutdown` and `crate::relay`); this module turns what was parked into a
 //! document in a memfd, clears close-on-exec on exactly the descriptors the document names, and
 //! execs with the same PID and arguments. The new image finds the memfd in [`ENV`], reads the
-//! document back ([`Incoming::from_env`]) and owns those descriptors again. It must not decide
+//! document back ([`Incoming::from_var`]) and owns those descriptors again. It must not decide
 //! anything about the connections themselves: their sockets and pipes go back to the route and
 //! the relay as they were.
 
@@ -39,8 +39,9 @@ const CHECK_LIMIT: Duration = Duration::from_secs(10);
 pub fn check_next(exe: &Path, config: &Path) -> Result<(), String> {
     let program = exe.to_string_lossy();
     let config = config.to_string_lossy();
-    let out = crate::command::run_bounded(&program, &[CHECK_COMMAND, "--config", &config], None, CHECK_LIMIT)
-        .map_err(|e| format!("the binary at {program} cannot take over: {e}"))?;
+    let out =
+        crate::subprocess::run_bounded(&program, &[CHECK_COMMAND, "--config", &config], None, CHECK_LIMIT)
+            .map_err(|e| format!("the binary at {program} cannot take over: {e}"))?;
     let accepted = parse_versions(&out).ok_or_else(|| {
         format!(
             "the binary at {program} did not list the handover versions it reads (it printed {:?}); it predates live upgrade or is not ferryd",
@@ -266,7 +267,7 @@ impl Outgoing {
         let crossing: Vec<RawFd> = doc.descriptors().into_iter().chain([memfd.as_raw_fd()]).collect();
         // No child may be forked while these are inheritable: it would hold every connection
         // open for as long as it runs (an iptables run of the NAT loop, for one).
-        let _no_forks = crate::command::forbid_forks();
+        let _no_forks = crate::subprocess::forbid_forks();
         let made_inheritable = crossing
             .iter()
             .try_for_each(|fd| exec::inherit(*fd))

@@ -119,13 +119,13 @@ fn xtables_lock() -> Result<Flock<std::fs::File>, NatError> {
 }
 
 /// Runs `program args`, feeding `stdin`; returns stdout, or an error naming the command with its
-/// exit status and stderr, killed at [`COMMAND_TIMEOUT`] (see [`crate::command::run_bounded`]).
+/// exit status and stderr, killed at [`COMMAND_TIMEOUT`] (see [`crate::subprocess::run_bounded`]).
 fn run(program: &str, args: &[&str], stdin: Option<&str>) -> Result<String, NatError> {
-    crate::command::run_bounded(program, args, stdin, COMMAND_TIMEOUT).map_err(|e| match e {
-        crate::command::CommandError::Missing(shown) => NatError(format!(
+    crate::subprocess::run_bounded(program, args, stdin, COMMAND_TIMEOUT).map_err(|e| match e {
+        crate::subprocess::CommandError::Missing(shown) => NatError(format!(
             "`{shown}`: {program} is not installed (install the iptables package)"
         )),
-        crate::command::CommandError::Failed(message) => NatError(message),
+        crate::subprocess::CommandError::Failed(message) => NatError(message),
     })
 }
 

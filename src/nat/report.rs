@@ -3,7 +3,7 @@
 //! beside, then renamed over) every second and after every reconcile.
 //!
 //! This module owns the file's format and how old a report may be. The keeper writes
-//! ([`publish`]); the relay reads ([`watch`]) and turns what it finds into the `NatStatus` that
+//! ([`publish`]); the relay reads ([`watch()`]) and turns what it finds into the `NatStatus` that
 //! `/status`, `/metrics`, STATUS=, `ferryd status`, doctor and `[health] require_nat` show. A
 //! file, rather than the unit's state over D-Bus: it works the same outside systemd (both
 //! processes run by hand), needs no bus access in the relay's sandbox, and carries the reason a

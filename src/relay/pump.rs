@@ -530,7 +530,7 @@ async fn ready_or_park(
 }
 
 /// How many of the `n` bytes a copy burst read it writes: all of them, except once when the
-/// test suite arms the `drop-byte` fault (see [`crate::faults::drop_byte`]), which proves the
+/// test suite arms the `drop-byte` fault (see `crate::faults::drop_byte`, built with the test-faults feature), which proves the
 /// byte accounting notices a lost byte.
 #[inline]
 fn fault_drop_byte(n: usize) -> usize {

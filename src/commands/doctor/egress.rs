@@ -91,7 +91,7 @@ pub(super) fn masquerade_check() -> Finding {
     let name = "nat: masquerade";
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let _ = tx.send(crate::command::run_bounded(
+        let _ = tx.send(crate::subprocess::run_bounded(
             "iptables",
             &[
                 "-w",

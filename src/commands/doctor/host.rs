@@ -9,7 +9,7 @@ use super::{ASK_CAP, Finding, Status, finding, firewall};
 use crate::config::Config;
 
 fn iptables_save(limit: Duration) -> Result<String, String> {
-    crate::command::run_bounded("iptables-save", &["-t", "filter"], None, limit).map_err(|e| e.to_string())
+    crate::subprocess::run_bounded("iptables-save", &["-t", "filter"], None, limit).map_err(|e| e.to_string())
 }
 
 pub(super) fn firewall_check(config: &Config, root: bool) -> Finding {

@@ -9,8 +9,9 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use super::client::Client;
 use crate::config::Config;
-use crate::status::{StatusDocument, fetch_status, health_preamble, local_target};
+use crate::status::StatusDocument;
 
 /// How often the outcome is looked for.
 const POLL_EVERY: Duration = Duration::from_millis(100);
@@ -33,10 +34,9 @@ pub fn run(config_path: &Path, timeout: Duration) -> ExitCode {
 
 fn upgrade(config_path: &Path, timeout: Duration) -> Result<String, String> {
     let config = Config::load(config_path).map_err(|e| e.to_string())?;
-    let target = local_target(config.health.listen);
-    let preamble = health_preamble(&config.health);
-    let before = fetch_status(target, &preamble)
-        .map_err(|e| format!("the daemon does not answer at {target}: {e}"))?;
+    let client = Client::new(&config.health);
+    let target = client.target;
+    let before = client.status()?;
     if before.pid == 0 {
         return Err(format!(
             "the running daemon (version {}) predates live upgrade; restart it instead",
@@ -51,7 +51,7 @@ fn upgrade(config_path: &Path, timeout: Duration) -> Result<String, String> {
     while Instant::now() < deadline {
         std::thread::sleep(POLL_EVERY);
         // While the new image starts, the endpoint may not answer for a moment.
-        let now = match fetch_status(target, &preamble) {
+        let now = match client.status() {
             Ok(now) => now,
             Err(e) => {
                 last_error = e;
@@ -89,7 +89,7 @@ fn outcome(before: &StatusDocument, now: &StatusDocument) -> Option<Result<Strin
     if now.upgrade.attempts <= before.upgrade.attempts || last.attempt <= before.upgrade.attempts {
         return None;
     }
-    let moved = crate::status::moved_phrase(last.moved.unwrap_or(0), last.not_moved.unwrap_or(0));
+    let moved = super::status::moved_phrase(last.moved.unwrap_or(0), last.not_moved.unwrap_or(0));
     let pause = last.pause_ms.unwrap_or(0);
     Some(match (last.ok, last.moved, last.not_moved.unwrap_or(0)) {
         (true, _, 0) => Ok(format!(

@@ -11,8 +11,9 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use super::view::{ConnectionView, DirectionView};
+use super::client::Client;
 use crate::config::Config;
+use crate::connections::view::{ConnectionView, DirectionView};
 
 /// How long `--close` keeps trying a socket that is not there or not listening: a live upgrade
 /// leaves it so for well under a second, between the old image's exec and the new one's bind.
@@ -66,19 +67,7 @@ pub fn run(request: Request<'_>) -> ExitCode {
 
 /// The daemon's `/connections`, only `route`'s when given.
 fn list(config: &Config, route: Option<&str>) -> Result<Vec<ConnectionView>, String> {
-    let target = crate::status::local_target(config.health.listen);
-    let preamble = crate::status::health_preamble(&config.health);
-    let text = crate::status::get(target, &preamble, "/connections")
-        .map_err(|e| format!("the daemon is not answering on http://{target}/connections: {e}"))?;
-    let (head, body) = text.split_once("\r\n\r\n").ok_or("malformed HTTP response")?;
-    let status_line = head.lines().next().unwrap_or_default();
-    if !status_line.contains(" 200 ") {
-        return Err(format!(
-            "http://{target}/connections answered {status_line:?} (is this source in [health] metrics_allow?)"
-        ));
-    }
-    let mut all: Vec<ConnectionView> =
-        serde_json::from_str(body).map_err(|e| format!("unreadable /connections document: {e}"))?;
+    let mut all: Vec<ConnectionView> = Client::new(&config.health).json("/connections")?;
     if let Some(route) = route {
         if !config.routes.iter().any(|r| r.name == route) {
             return Err(format!(

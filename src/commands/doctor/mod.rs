@@ -12,13 +12,13 @@ mod host;
 mod routes;
 mod service;
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use serde::Serialize;
 
+use super::client::Client;
 use crate::config::Config;
 use crate::status::StatusDocument;
 
@@ -125,9 +125,8 @@ fn checks(config_path: &Path) -> Vec<Finding> {
             return out;
         }
     };
-    let target = crate::status::local_target(config.health.listen);
-    let preamble = crate::status::health_preamble(&config.health);
-    let doc = crate::status::fetch_status(target, &preamble);
+    let client = Client::new(&config.health);
+    let doc = client.status();
     // SAFETY: geteuid has no preconditions and cannot fail.
     let root = unsafe { libc::geteuid() } == 0;
 
@@ -157,8 +156,9 @@ fn checks(config_path: &Path) -> Vec<Finding> {
             "daemon",
             Status::Ok,
             format!(
-                "ferryd {} answering on {target}, up {}s, {}",
+                "ferryd {} answering on {}, up {}s, {}",
                 doc.version,
+                client.target,
                 doc.uptime_seconds,
                 if doc.ready {
                     "ready".to_string()
@@ -171,11 +171,11 @@ fn checks(config_path: &Path) -> Vec<Finding> {
         Err(e) => out.push(finding(
             "daemon",
             Status::Warn,
-            format!("not answering on http://{target}/status ({e}); the checks that need it are skipped"),
+            format!("{e}; the checks that need it are skipped"),
             "start it (`systemctl start ferryd`); the unit check below says why it is not running",
         )),
     }
-    out.push(health_check(target, &config, doc.as_ref().ok()));
+    out.push(health_check(&client, &config, doc.as_ref().ok()));
     for (route, dialled) in config.routes.iter().zip(dials) {
         out.push(routes::listening_check(route, doc.as_ref().ok()));
         let dialled = dialled.join().unwrap_or_else(|_| {
@@ -220,13 +220,13 @@ fn checks(config_path: &Path) -> Vec<Finding> {
     out
 }
 
-fn health_check(target: SocketAddr, config: &Config, doc: Option<&StatusDocument>) -> Finding {
+fn health_check(client: &Client, config: &Config, doc: Option<&StatusDocument>) -> Finding {
     let name = "health endpoint";
     if doc.is_none() {
         return finding(name, Status::Warn, "not checked: the daemon is not answering", "");
     }
-    let preamble = crate::status::health_preamble(&config.health);
-    match crate::status::get(target, &preamble, &config.health.path) {
+    let target = client.target;
+    match client.get(&config.health.path) {
         Ok(answer) if answer.contains(" 200 ") => finding(
             name,
             Status::Ok,
