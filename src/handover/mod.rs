@@ -10,6 +10,7 @@
 //! anything about the connections themselves: their sockets and pipes go back to the route and
 //! the relay as they were.
 
+mod convert;
 mod doc;
 mod exec;
 
@@ -21,8 +22,8 @@ use std::time::Duration;
 
 pub use doc::{ACCEPTED, ConnectionEntry, Document, OpeningEntry, PipeEntry, Refused, SideEntry, VERSION};
 
-use crate::relay::{Carry, GoneAfter, OpenSide, Parked, Pipe, Progress, Side, Timeouts};
-use crate::route::{Identity, OpeningConnection, Parked as ParkedTask, ParkedConnection};
+use crate::relay::{OpenSide, Side};
+use crate::route::{OpeningConnection, Parked as ParkedTask, ParkedConnection};
 
 /// The environment variable that carries the document's descriptor number to the new image.
 pub const ENV: &str = "FERRYD_HANDOVER_FD";
@@ -151,88 +152,6 @@ impl Outgoing {
             .sum()
     }
 
-    /// The document as of now, naming the descriptors this hand-over owns.
-    fn document(&self) -> Document {
-        let connections = self
-            .connections
-            .iter()
-            .map(|parked| {
-                let Identity {
-                    id,
-                    route,
-                    peer,
-                    upstream,
-                    proxied_client,
-                    link_id,
-                    timeouts,
-                } = &parked.identity;
-                let Parked {
-                    client,
-                    upstream: upstream_socket,
-                    progress,
-                    parked_at,
-                } = &parked.relay;
-                // The clocks were read when the connection parked; the document is as of now.
-                let since = parked_at.elapsed();
-                let (age, quiet) = (progress.age + since, progress.quiet + since);
-                ConnectionEntry {
-                    id: *id,
-                    route: route.clone(),
-                    peer: *peer,
-                    upstream: *upstream,
-                    proxied_client: *proxied_client,
-                    link_id: *link_id,
-                    idle_timeout_ms: timeouts.idle.map(|d| d.as_millis() as u64),
-                    fin_timeout_ms: timeouts.fin.as_millis() as u64,
-                    gone_after_ms: timeouts.gone.map(|g| g.silence.as_millis() as u64),
-                    gone_probes: timeouts.gone.map(|g| g.probes),
-                    client_fd: client.as_raw_fd(),
-                    upstream_fd: upstream_socket.as_raw_fd(),
-                    up: side_entry(&progress.up),
-                    down: side_entry(&progress.down),
-                    age_ms: age.as_millis() as u64,
-                    quiet_ms: (quiet.as_millis() as u64).min(age.as_millis() as u64),
-                    bytes_up: progress.bytes_up,
-                    bytes_down: progress.bytes_down,
-                }
-            })
-            .collect();
-        Document {
-            version: VERSION,
-            written_by: env!("CARGO_PKG_VERSION").to_string(),
-            parked_at_ns: self.parked_at_ns,
-            written_at_ns: monotonic_ns(),
-            exe: self.exe.clone(),
-            listeners: self
-                .listeners
-                .iter()
-                .map(|(name, socket)| doc::ListenerEntry {
-                    name: name.clone(),
-                    fd: socket.as_raw_fd(),
-                })
-                .collect(),
-            connections,
-            opening: self
-                .opening
-                .iter()
-                .map(|o| OpeningEntry {
-                    id: o.id,
-                    route: o.route.clone(),
-                    peer: o.peer,
-                    client_fd: o.client.as_raw_fd(),
-                    header: doc::to_hex(&o.header),
-                    admitted: o.admitted,
-                    age_ms: (o.age + o.parked_at.elapsed()).as_millis() as u64,
-                    dialled_ms: o.dialled.as_millis() as u64,
-                })
-                .collect(),
-            routes: self.routes.clone(),
-            relay: self.relay.clone(),
-            daemon: self.daemon.clone(),
-            not_moved: self.not_moved,
-        }
-    }
-
     /// Writes the document, lets exactly its descriptors cross, and execs `exe` with `args` and
     /// `env` (plus [`ENV`]). Returns only if the new image could not be started: with why, and
     /// with everything this hand-over held, close-on-exec again, for this image to take back.
@@ -306,33 +225,6 @@ impl Outgoing {
     }
 }
 
-/// One direction as the document describes it.
-fn side_entry(side: &Side) -> SideEntry {
-    match side {
-        Side::Done => SideEntry::Done,
-        Side::Open(open) => {
-            let (pipe, held) = match open.carry.as_deref() {
-                None => (None, None),
-                Some(Carry::Pipe { pipe, bytes }) => {
-                    let (read_fd, write_fd) = pipe.raw_fds();
-                    let entry = PipeEntry {
-                        read_fd,
-                        write_fd,
-                        bytes: *bytes,
-                    };
-                    (Some(entry), None)
-                }
-                Some(Carry::Bytes(bytes)) => (None, Some(doc::to_hex(bytes))),
-            };
-            SideEntry::Open {
-                splice: open.splice,
-                pipe,
-                held,
-            }
-        }
-    }
-}
-
 /// What the new image takes back from the previous one.
 #[derive(Debug)]
 pub struct Incoming {
@@ -364,8 +256,7 @@ impl Drop for Incoming {
     /// reset: a FIN could pass for an orderly end with bytes still in a carried pipe.
     fn drop(&mut self) {
         for parked in self.connections.drain(..) {
-            crate::net::reset(parked.relay.client);
-            crate::net::reset(parked.relay.upstream);
+            parked.relay.reset();
         }
         for opening in self.opening.drain(..) {
             crate::net::reset(opening.client);
@@ -443,120 +334,10 @@ fn take(value: &std::ffi::OsStr, salvaged: &mut Option<serde_json::Value>) -> Re
             "the handover document names descriptor {fd}, which is not one the previous image left open"
         ));
     }
-    // Correct every timer by the time the crossing took: a connection's deadlines stay where
-    // they were.
-    let crossing = Duration::from_nanos(monotonic_ns().saturating_sub(doc.written_at_ns));
-    // SAFETY (for every `own` below): `decode` checked that each number is above 2 and named
-    // once, and each is open: the previous image left it open for this one, which owns nothing
-    // else under these numbers (everything it opens itself is close-on-exec and newer).
-    let own = |fd: RawFd| unsafe { OwnedFd::from_raw_fd(fd) };
-    let mut listeners = Vec::new();
-    for entry in &doc.listeners {
-        let socket = own(entry.fd);
-        let _ = set_cloexec(&socket);
-        listeners.push((entry.name.clone(), TcpListener::from(socket)));
-    }
-    let mut connections = Vec::new();
-    let mut lost = 0;
-    for c in &doc.connections {
-        let client = own(c.client_fd);
-        let upstream = own(c.upstream_fd);
-        let _ = set_cloexec(&client);
-        let _ = set_cloexec(&upstream);
-        let side = |entry: &SideEntry| -> Result<Side, String> {
-            Ok(match entry {
-                SideEntry::Done => Side::Done,
-                SideEntry::Open { splice, pipe, held } => Side::Open(OpenSide {
-                    splice: *splice,
-                    carry: match (pipe, held) {
-                        (Some(p), _) => Some(Box::new(Carry::Pipe {
-                            pipe: Pipe::from_fds(own(p.read_fd), own(p.write_fd)).map_err(|e| {
-                                format!("connection from {}: its pipe is unusable: {e}", c.peer)
-                            })?,
-                            bytes: p.bytes,
-                        })),
-                        // `decode` checked it is hexadecimal.
-                        (None, Some(held)) => doc::from_hex(held).map(|bytes| Box::new(Carry::Bytes(bytes))),
-                        (None, None) => None,
-                    },
-                }),
-            })
-        };
-        let (up, down) = (side(&c.up), side(&c.down));
-        let (up, down) = match (up, down) {
-            (Ok(up), Ok(down)) => (up, down),
-            (Err(e), _) | (_, Err(e)) => {
-                crate::net::reset(client);
-                crate::net::reset(upstream);
-                lost += 1;
-                tracing::warn!(route = %c.route, client = %c.peer, end = "reset", error = %e, "cannot take over a connection moved by the upgrade");
-                continue;
-            }
-        };
-        connections.push(ParkedConnection {
-            identity: Identity {
-                id: c.id,
-                route: c.route.clone(),
-                peer: c.peer,
-                upstream: c.upstream,
-                proxied_client: c.proxied_client,
-                link_id: c.link_id,
-                timeouts: Timeouts {
-                    idle: c.idle_timeout_ms.map(Duration::from_millis),
-                    fin: Duration::from_millis(c.fin_timeout_ms),
-                    gone: c.gone_after_ms.zip(c.gone_probes).map(|(ms, probes)| GoneAfter {
-                        silence: Duration::from_millis(ms),
-                        probes,
-                    }),
-                },
-            },
-            relay: Parked {
-                client: std::net::TcpStream::from(client),
-                upstream: std::net::TcpStream::from(upstream),
-                progress: Progress {
-                    up,
-                    down,
-                    age: Duration::from_millis(c.age_ms) + crossing,
-                    quiet: Duration::from_millis(c.quiet_ms) + crossing,
-                    bytes_up: c.bytes_up,
-                    bytes_down: c.bytes_down,
-                },
-                parked_at: std::time::Instant::now(),
-            },
-        });
-    }
-    let opening = doc
-        .opening
-        .iter()
-        .map(|o| {
-            let client = own(o.client_fd);
-            let _ = set_cloexec(&client);
-            OpeningConnection {
-                id: o.id,
-                route: o.route.clone(),
-                peer: o.peer,
-                client: std::net::TcpStream::from(client),
-                // `decode` checked it is hexadecimal.
-                header: doc::from_hex(&o.header).unwrap_or_default(),
-                admitted: o.admitted,
-                age: Duration::from_millis(o.age_ms) + crossing,
-                dialled: Duration::from_millis(o.dialled_ms),
-                parked_at: std::time::Instant::now(),
-            }
-        })
-        .collect();
-    Ok(Incoming {
-        listeners,
-        connections,
-        opening,
-        routes: doc.routes,
-        relay: doc.relay,
-        daemon: doc.daemon,
-        written_by: doc.written_by,
-        parked_at_ns: doc.parked_at_ns,
-        exe: doc.exe,
-        not_moved: doc.not_moved + lost,
-    })
+    // SAFETY: `decode` checked that each number is above 2 and named once, and each was just
+    // found open and inheritable: the previous image left it open for this one, which owns
+    // nothing else under these numbers (everything it opens itself is close-on-exec).
+    Ok(unsafe { convert::from_document(doc) })
 }
 
 fn set_cloexec(fd: &OwnedFd) -> nix::Result<nix::libc::c_int> {

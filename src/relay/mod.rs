@@ -195,6 +195,16 @@ pub struct Parked {
     pub parked_at: std::time::Instant,
 }
 
+impl Parked {
+    /// Resets both sockets: a parked connection that cannot go on is cut where it stood, and
+    /// must never end with a FIN a peer could take for a complete stream (its carry may hold
+    /// bytes on their way).
+    pub fn reset(self) {
+        crate::net::reset(self.client);
+        crate::net::reset(self.upstream);
+    }
+}
+
 /// How [`relay`] returned.
 #[derive(Debug)]
 pub enum Ended {

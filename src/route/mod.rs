@@ -155,8 +155,7 @@ impl Parking {
         self.lost.fetch_add(1, Ordering::Relaxed);
         let (id, route, peer) = match lost {
             Parked::Relaying(lost) => {
-                crate::net::reset(lost.relay.client);
-                crate::net::reset(lost.relay.upstream);
+                lost.relay.reset();
                 (lost.identity.id, lost.identity.route, lost.identity.peer)
             }
             Parked::Opening(lost) => {
