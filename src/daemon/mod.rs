@@ -26,6 +26,7 @@ use tokio::task::JoinHandle;
 use crate::config::{Config, HEALTH_SOCKET_NAME, Route};
 use crate::logging::ids;
 
+mod fd_store;
 mod inherited;
 pub mod privileges;
 mod reload;
@@ -38,7 +39,9 @@ use crate::signals::{Sig, Signals};
 use crate::state::{EngineView, NatStatus, Phase, RouteStats, RouteView, State, restore};
 use crate::systemd::activation::Passed;
 use crate::systemd::notify::{self, Notifier};
+use fd_store::FdStore;
 pub use inherited::Inherited;
+use upgrade::Moved;
 
 /// After the drain timeout tells the last connections to close, how long they get to do so and
 /// write their log line before the process exits anyway.
@@ -152,6 +155,24 @@ struct Prepared {
     listener: tokio::net::TcpListener,
 }
 
+/// The relay engine and the shared state, their counters starting from what a live upgrade
+/// carried (or what a refused hand-over's document still told).
+fn restore_state(
+    config: &Config,
+    incoming: Option<&Incoming>,
+    refused: Option<&crate::handover::Refusal>,
+) -> (Arc<Engine>, Arc<State>) {
+    let relay = incoming.map_or_else(Default::default, |i| restore(&i.relay));
+    let engine = Engine::new(config.splice, config.max_pipes, relay);
+    let carried = match (incoming, refused) {
+        (Some(incoming), _) => Some(restore(&incoming.daemon)),
+        (None, Some(refusal)) => refusal.daemon.as_ref().map(restore),
+        (None, None) => None,
+    };
+    let state = State::new(engine.clone(), config.health.clone(), carried);
+    (engine, state)
+}
+
 struct Daemon {
     config: Config,
     engine: Arc<Engine>,
@@ -172,6 +193,10 @@ struct Daemon {
 }
 
 impl Daemon {
+    /// Starts the daemon in its steps: the counters and state (from a live upgrade's document
+    /// when there is one), the health endpoint, the control socket and NAT's report, the
+    /// connections a live upgrade moved here, every route's listener, systemd's fd store, and
+    /// READY=1.
     async fn start(
         config: Config,
         notifier: Arc<Notifier>,
@@ -179,17 +204,7 @@ impl Daemon {
         mut incoming: Option<Incoming>,
         mut program: Program,
     ) -> anyhow::Result<Daemon> {
-        // Whatever a live upgrade carried, the counters start from it.
-        let relay = incoming
-            .as_ref()
-            .map_or_else(Default::default, |i| restore(&i.relay));
-        let engine = Engine::new(config.splice, config.max_pipes, relay);
-        let carried = match (&incoming, &program.refused) {
-            (Some(incoming), _) => Some(restore(&incoming.daemon)),
-            (None, Some(refusal)) => refusal.daemon.as_ref().map(restore),
-            (None, None) => None,
-        };
-        let state = State::new(engine.clone(), config.health.clone(), carried);
+        let (engine, state) = restore_state(&config, incoming.as_ref(), program.refused.as_ref());
         if let Some(refusal) = &mut program.refused {
             // Nameless: each is claimed by the address it is bound to.
             passed.adopt(refusal.listeners.drain(..).map(|l| (String::new(), l)).collect());
@@ -200,28 +215,18 @@ impl Daemon {
             // them from being served, so the probe must not see the new image as starting.
             state.set_phase(Phase::Ready);
         }
-
+        let mut store = FdStore::default();
         let health = &config.health;
-        // What goes to systemd's fd store once every socket is known: (name now, name passed
-        // under, a descriptor of the socket).
-        let mut to_store: Vec<(String, String, std::net::TcpListener)> = Vec::new();
-        let listener = match passed.claim(HEALTH_SOCKET_NAME, health.listen) {
-            Some((listener, passed_name)) => {
-                if let Ok(dup) = listener.try_clone() {
-                    to_store.push((HEALTH_SOCKET_NAME.into(), passed_name, dup));
-                }
-                listener
-            }
-            None => {
-                let listener = crate::net::listen_with_retry(health.listen, crate::net::BIND_RETRY_WINDOW)
+        let (listener, passed_name) = match passed.claim(HEALTH_SOCKET_NAME, health.listen) {
+            Some(claimed) => claimed,
+            None => (
+                crate::net::listen_with_retry(health.listen, crate::net::BIND_RETRY_WINDOW)
                     .await
-                    .with_context(|| format!("health endpoint: cannot listen on {}", health.listen))?;
-                if let Ok(dup) = listener.try_clone() {
-                    to_store.push((HEALTH_SOCKET_NAME.into(), String::new(), dup));
-                }
-                listener
-            }
+                    .with_context(|| format!("health endpoint: cannot listen on {}", health.listen))?,
+                String::new(),
+            ),
         };
+        store.keep(HEALTH_SOCKET_NAME, &passed_name, &listener);
         let health_socket = listener.try_clone().ok();
         let health_gate =
             crate::health::spawn(listener, state.clone()).context("cannot start the health endpoint")?;
@@ -233,7 +238,6 @@ impl Daemon {
         {
             tracing::warn!(error = %e, "control socket unavailable: `ferryd connections --close` cannot reach this daemon");
         }
-
         // NAT is kept by its own process (`ferryd nat run`); the relay reads its report on a
         // task of its own, and READY=1 never waits for it.
         let (nat, nat_rx) = watch::channel(config.nat.clone());
@@ -254,9 +258,26 @@ impl Daemon {
             heartbeat_every: HEARTBEAT_EVERY,
             config,
         };
-        let routes = daemon.config.routes.clone();
-        // Every route's counters first, so that connections moved by a live upgrade resume now,
-        // on their routes' counters, before a route that must bind can make them wait.
+        let moved = daemon.open_routes(&mut passed, incoming, &mut store).await?;
+        for name in passed.close_unclaimed() {
+            store.forget(name);
+        }
+        store.sync(&daemon.notifier);
+        daemon.ready(moved)?;
+        Ok(daemon)
+    }
+
+    /// Resumes the connections a live upgrade moved here, then listens on every route (a socket
+    /// passed in, or bound now). Every route's counters come first, so that moved connections
+    /// resume at once, on their routes' counters, before a route that must bind can make them
+    /// wait.
+    async fn open_routes(
+        &mut self,
+        passed: &mut Passed,
+        mut incoming: Option<Incoming>,
+        store: &mut FdStore,
+    ) -> anyhow::Result<Option<Moved>> {
+        let routes = self.config.routes.clone();
         let mut stats: std::collections::BTreeMap<String, Arc<RouteStats>> = routes
             .iter()
             .map(|r| {
@@ -264,12 +285,10 @@ impl Daemon {
                     .as_ref()
                     .and_then(|i| i.routes.get(&r.name))
                     .map_or_else(Default::default, restore);
-                (r.name.clone(), daemon.stats_from(&r.name, counters))
+                (r.name.clone(), self.stats_from(&r.name, counters))
             })
             .collect();
-        let moved = incoming
-            .as_mut()
-            .map(|incoming| daemon.take_over(incoming, &stats));
+        let moved = incoming.as_mut().map(|incoming| self.take_over(incoming, &stats));
         drop(incoming);
         for route in &routes {
             let (listener, passed_name) = match passed.claim(&route.name, route.listen) {
@@ -283,9 +302,7 @@ impl Daemon {
                         )
                     })?, String::new()),
             };
-            if let Ok(dup) = listener.try_clone() {
-                to_store.push((route.name.clone(), passed_name, dup));
-            }
+            store.keep(&route.name, &passed_name, &listener);
             let socket = listener
                 .try_clone()
                 .with_context(|| format!("route {:?}: cannot duplicate the listening socket", route.name))?;
@@ -293,8 +310,8 @@ impl Daemon {
                 .with_context(|| format!("route {:?}: cannot register the listener", route.name))?;
             let stats = stats
                 .remove(&route.name)
-                .unwrap_or_else(|| daemon.new_stats(&route.name));
-            daemon.spawn(
+                .unwrap_or_else(|| self.new_stats(&route.name));
+            self.spawn(
                 Prepared {
                     route: route.clone(),
                     socket,
@@ -303,37 +320,28 @@ impl Daemon {
                 stats,
             );
         }
-        // The fd store ends up holding exactly the sockets in use, under their current names:
-        // first every stale entry goes (unclaimed sockets, and names that changed), then each
-        // socket is stored under its name (systemd ignores a copy it already holds).
-        for name in passed.close_unclaimed() {
-            daemon.notifier.remove_fd(&name);
-        }
-        for (name, passed_name, _) in &to_store {
-            if !passed_name.is_empty() && passed_name != name {
-                daemon.notifier.remove_fd(passed_name);
-            }
-        }
-        for (name, _, socket) in &to_store {
-            daemon.notifier.store_fd(name, std::os::fd::AsFd::as_fd(socket));
-        }
-        drop(to_store);
-        daemon.publish_routes();
-        daemon.state.beat();
-        daemon.state.set_phase(Phase::Ready);
-        let status = daemon.status_line();
-        daemon.notifier.ready(&status);
-        daemon.last_status = status;
+        Ok(moved)
+    }
+
+    /// Tells systemd and the probe the daemon is ready, reports the live upgrade that started
+    /// it (done, or refused), and starts the watchdog.
+    fn ready(&mut self, moved: Option<Moved>) -> anyhow::Result<()> {
+        self.publish_routes();
+        self.state.beat();
+        self.state.set_phase(Phase::Ready);
+        let status = self.status_line();
+        self.notifier.ready(&status);
+        self.last_status = status;
         if let Some(moved) = moved {
-            daemon.upgraded(moved, None);
+            self.upgraded(moved, None);
         }
-        if let Some(refusal) = daemon.program.refused.take() {
-            daemon.refused_hand_over(refusal);
+        if let Some(refusal) = self.program.refused.take() {
+            self.refused_hand_over(refusal);
         }
         if let Some(interval) = notify::watchdog_interval() {
             // Beat several times per ping period so one late tick never costs a ping.
-            daemon.heartbeat_every = (interval / 4).min(HEARTBEAT_EVERY);
-            notify::spawn_watchdog(daemon.notifier.clone(), daemon.state.clone(), interval)
+            self.heartbeat_every = (interval / 4).min(HEARTBEAT_EVERY);
+            notify::spawn_watchdog(self.notifier.clone(), self.state.clone(), interval)
                 .context("cannot start the watchdog thread")?;
             tracing::info!(
                 interval_ms = interval.as_millis() as u64,
@@ -341,13 +349,13 @@ impl Daemon {
             );
         }
         tracing::info!(
-            config = %daemon.config.path.display(),
-            routes = daemon.routes.len(),
-            workers = daemon.config.workers,
-            splice = daemon.config.splice,
+            config = %self.config.path.display(),
+            routes = self.routes.len(),
+            workers = self.config.workers,
+            splice = self.config.splice,
             message_id = ids::READY, "ready"
         );
-        Ok(daemon)
+        Ok(())
     }
 
     fn settings_for(&self, route: &Route) -> Arc<RouteSettings> {

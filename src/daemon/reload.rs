@@ -3,13 +3,64 @@
 //! keep their identity by name; systemd's fd store is kept to exactly the sockets in use. It
 //! must not drop a live connection: only listeners come and go.
 
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 
 use anyhow::Context as _;
 
+use super::fd_store::FdStore;
 use super::{Daemon, Prepared, Running};
-use crate::config::{Config, Route};
+use crate::config::{Config, ConfigError, Route};
 use crate::logging::ids;
+
+/// Why a reload was not applied: the running configuration then stays in force, whole.
+#[derive(Debug)]
+pub(super) enum Rejected {
+    /// The file does not load (its reason names the file, line and key).
+    File(ConfigError),
+    /// A route's new listen address cannot be bound.
+    Listen {
+        /// The route's name.
+        route: String,
+        /// The address.
+        listen: SocketAddr,
+        /// Why.
+        error: anyhow::Error,
+    },
+}
+
+impl std::fmt::Display for Rejected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Rejected::File(e) => write!(f, "{e}"),
+            Rejected::Listen { route, listen, error } => write!(
+                f,
+                "route {route:?}: cannot listen on {listen}: {error:#} (if a route being removed holds an overlapping address, restart ferryd instead)"
+            ),
+        }
+    }
+}
+
+/// The settings a reload cannot change, listed once: each shapes something made once at start
+/// (the runtime's threads, the relay engine, the health endpoint's and the control socket's
+/// sockets). A changed one keeps its running value in `new` and is named in the result.
+fn keep_restart_only(running: &Config, new: &mut Config) -> Vec<&'static str> {
+    let mut changed = Vec::new();
+    macro_rules! keep {
+        ($key:literal, $($field:ident).+) => {
+            if new.$($field).+ != running.$($field).+ {
+                changed.push($key);
+                new.$($field).+ = running.$($field).+.clone();
+            }
+        };
+    }
+    keep!("workers", workers);
+    keep!("splice", splice);
+    keep!("max_pipes", max_pipes);
+    keep!("[health] listen", health.listen);
+    keep!("control_socket", control_socket);
+    changed
+}
 
 impl Daemon {
     /// Re-reads the file and applies it to new connections. Every new listen address is bound
@@ -17,40 +68,36 @@ impl Daemon {
     pub(super) async fn reload(&mut self) {
         self.notifier.reloading();
         match self.apply_reload().await {
-            Ok(()) => self.state.counters.reloads_ok.fetch_add(1, Ordering::Relaxed),
-            Err(()) => self
-                .state
-                .counters
-                .reloads_rejected
-                .fetch_add(1, Ordering::Relaxed),
-        };
+            Ok(()) => {
+                self.state.counters.reloads_ok.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(rejected) => {
+                self.state
+                    .counters
+                    .reloads_rejected
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::error!(
+                    error = %rejected,
+                    message_id = ids::RELOAD_REJECTED,
+                    "reload rejected; the running configuration stays in force"
+                );
+            }
+        }
         let status = self.status_line();
         self.notifier.ready(&status);
         self.last_status = status;
     }
 
-    async fn apply_reload(&mut self) -> Result<(), ()> {
+    async fn apply_reload(&mut self) -> Result<(), Rejected> {
         let path = self.config.path.clone();
-        let new = match Config::load(&path) {
-            Ok(new) => new,
-            Err(e) => {
-                tracing::error!(error = %e, message_id = ids::RELOAD_REJECTED, "reload rejected; the running configuration stays in force");
-                return Err(());
-            }
-        };
-        for (key, changed) in [
-            ("workers", new.workers != self.config.workers),
-            ("splice", new.splice != self.config.splice),
-            ("max_pipes", new.max_pipes != self.config.max_pipes),
-            ("[health] listen", new.health.listen != self.config.health.listen),
-            ("control_socket", new.control_socket != self.config.control_socket),
-        ] {
-            if changed {
-                tracing::warn!(
-                    key,
-                    "this setting changed in the file; it takes effect at the next restart"
-                );
-            }
+        let mut new = Config::load(&path).map_err(Rejected::File)?;
+        // Settings that need a restart keep their running values, so the effective
+        // configuration stays the one really in force.
+        for key in keep_restart_only(&self.config, &mut new) {
+            tracing::warn!(
+                key,
+                "this setting changed in the file; it takes effect at the next restart"
+            );
         }
 
         // Everything that can fail comes first, so a reload applies whole or not at all: a
@@ -65,29 +112,13 @@ impl Daemon {
             {
                 continue;
             }
-            match self.prepare(route) {
-                Ok(prepared) => fresh.push(prepared),
-                Err(e) => {
-                    tracing::error!(
-                        route = %route.name,
-                        listen = %route.listen,
-                        error = %format!("{e:#}"),
-                        message_id = ids::RELOAD_REJECTED,
-                        "reload rejected: cannot listen on the route's address (if a route being removed holds an overlapping address, restart ferryd instead); the running configuration stays in force"
-                    );
-                    return Err(());
-                }
-            }
+            let prepared = self.prepare(route).map_err(|error| Rejected::Listen {
+                route: route.name.clone(),
+                listen: route.listen,
+                error,
+            })?;
+            fresh.push(prepared);
         }
-
-        // Settings that need a restart keep their running values, so the effective
-        // configuration stays the one really in force.
-        let mut new = new;
-        new.workers = self.config.workers;
-        new.splice = self.config.splice;
-        new.max_pipes = self.config.max_pipes;
-        new.health.listen = self.config.health.listen;
-        new.control_socket = self.config.control_socket.clone();
         self.config = new;
         self.state.set_health(self.config.health.clone());
         self.nat.send_if_modified(|current| {
@@ -101,6 +132,7 @@ impl Daemon {
         // Routes keep their identity by name: counters and live connections (and so the
         // max_connections accounting) follow a route to its new address.
         let mut carried = Vec::new();
+        let mut store = FdStore::default();
         for running in std::mem::take(&mut self.routes) {
             match self.config.routes.iter().find(|r| r.name == running.name) {
                 Some(route) if route.listen == running.listen => {
@@ -131,7 +163,7 @@ impl Daemon {
                             carried.push((name, stats));
                         }
                         None => {
-                            self.notifier.remove_fd(&name);
+                            store.forget(name.clone());
                             self.state.set_problem(&format!("route {name}"), None);
                             tracing::info!(route = %name, %listen, "route removed; its live connections continue");
                         }
@@ -139,16 +171,11 @@ impl Daemon {
                 }
             }
         }
-        // The names now stand for these sockets in systemd's fd store: every old entry goes
-        // first, then the new ones are stored (in one pass each, so two routes that swapped
-        // addresses lose neither socket).
+        // The names now stand for these sockets in systemd's fd store.
         for prepared in &fresh {
-            self.notifier.remove_fd(&prepared.route.name);
+            store.replace(&prepared.route.name, &prepared.socket);
         }
-        for prepared in &fresh {
-            self.notifier
-                .store_fd(&prepared.route.name, std::os::fd::AsFd::as_fd(&prepared.socket));
-        }
+        store.sync(&self.notifier);
         for prepared in fresh {
             let stats = match carried.iter().position(|(name, _)| *name == prepared.route.name) {
                 Some(i) => carried.swap_remove(i).1,
