@@ -126,9 +126,7 @@ fn an_ssh_session_and_an_scp_are_listed_and_an_admin_closes_the_session() {
     let deadline = session["deadline_s"].as_f64().expect("a deadline");
     assert!(deadline > 7000.0 && deadline <= 7200.0, "{session}");
     assert!(session["age_s"].as_f64().unwrap() >= session["idle_s"].as_f64().unwrap());
-    let opened = daemon
-        .wait_for_log("connection opened", Duration::from_secs(5))
-        .unwrap();
+    let opened = daemon.expect_log("connection opened", Duration::from_secs(5));
     assert_eq!(
         field(&opened, "conn"),
         Some(ssh_id.to_string().as_str()),
@@ -197,9 +195,7 @@ fn an_ssh_session_and_an_scp_are_listed_and_an_admin_closes_the_session() {
         std::fs::read(&target).unwrap() == data,
         "the file changed on the way"
     );
-    let closed = daemon
-        .wait_for_log(&format!("conn={scp_id} "), Duration::from_secs(5))
-        .unwrap();
+    let closed = daemon.expect_log(&format!("conn={scp_id} "), Duration::from_secs(5));
     let scp_closed = daemon
         .log_lines("connection closed")
         .into_iter()
@@ -379,9 +375,7 @@ fn directions_show_half_closed_and_held_bytes_and_a_group_member_may_close() {
         let member = ["--reuid=65534", "--regid=65534", groups.as_str()];
         let close = connections(&daemon, &member, &["--close", &held_id.to_string()]);
         assert!(close.status.success(), "{}", text(&close));
-        let line = daemon
-            .wait_for_log("closed-by-admin", Duration::from_secs(5))
-            .unwrap_or_else(|| panic!("{}", daemon.log()));
+        let line = daemon.expect_log("closed-by-admin", Duration::from_secs(5));
         assert!(line.contains("closed by uid 65534"), "{line}");
         // The client sees the reset.
         stuck.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -448,9 +442,7 @@ fn the_control_socket_refuses_garbage_and_never_takes_the_relay_down() {
         in_the_way.display().to_string(),
         config_one_route(port, upstream.addr, "", "")
     ));
-    let warning = blocked
-        .wait_for_log("control socket unavailable", Duration::from_secs(5))
-        .unwrap_or_else(|| panic!("{}", blocked.log()));
+    let warning = blocked.expect_log("control socket unavailable", Duration::from_secs(5));
     assert!(warning.contains("exists and is not a socket"), "{warning}");
     let mut c = TcpStream::connect(local(port)).unwrap();
     c.write_all(b"pong").unwrap();
@@ -485,9 +477,7 @@ fn a_lost_byte_is_counted_and_logged() {
     let mut answer = String::new();
     c.read_to_string(&mut answer).unwrap();
     assert_eq!(answer, "11", "the fault dropped a byte on the way up");
-    let line = daemon
-        .wait_for_log("byte accounting mismatch", Duration::from_secs(5))
-        .unwrap_or_else(|| panic!("{}", daemon.log()));
+    let line = daemon.expect_log("byte accounting mismatch", Duration::from_secs(5));
     assert!(line.contains("ERROR"), "{line}");
     assert_eq!(field(&line, "bytes_read"), Some("12"), "{line}");
     assert_eq!(field(&line, "bytes_written"), Some("11"), "{line}");

@@ -147,9 +147,7 @@ while True:
     // 5 s of silence, believed on the second of two looks 1.25 s apart, and the client's own
     // 100 ms.
     assert!(after < 9.0, "found after {after:.1} s\n{}", daemon.log());
-    let line = daemon
-        .wait_for_log("the peer is gone", Duration::from_secs(2))
-        .unwrap_or_else(|| panic!("{}", daemon.log()));
+    let line = daemon.expect_log("the peer is gone", Duration::from_secs(2));
     assert!(
         line.contains("upstream:") && line.contains("end=\"reset\""),
         "{line}"

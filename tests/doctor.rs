@@ -12,25 +12,10 @@ use common::*;
 /// A configuration in the topology: relay 60001 → the build VM's 22, NAT on, probes from the
 /// load balancer's 10.0.0.99.
 fn config(reconcile: &str) -> String {
-    format!(
-        r#"allow = ["10.0.0.0/24"]
-probe_sources = ["10.0.0.99/32"]
-drain_timeout = "1s"
-
-[[route]]
-name = "ssh"
-listen = "0.0.0.0:60001"
-upstream = "10.0.1.4:22"
-connect_timeout = "2s"
-
-[health]
-listen = "0.0.0.0:60080"
-
-[nat]
-sources = ["10.0.1.4/32"]
-reconcile_interval = "{reconcile}"
-check_target = "192.0.2.1:80"
-"#
+    topology_config(
+        r#"connect_timeout = "2s""#,
+        "0.0.0.0:60080",
+        &format!("reconcile_interval = \"{reconcile}\"\ncheck_target = \"192.0.2.1:80\""),
     )
 }
 

@@ -104,7 +104,7 @@ fn draining_answers_503_while_a_connection_is_live() {
     echo_roundtrip(&mut live, b"hold").unwrap();
 
     daemon.signal(Signal::SIGTERM);
-    daemon.wait_for_log("draining", Duration::from_secs(5)).unwrap();
+    daemon.expect_log("draining", Duration::from_secs(5));
     let answer = http_from(PROBE, port, "GET /healthz HTTP/1.0\r\n\r\n").unwrap();
     assert_eq!(status_code(&answer), Some(503), "{answer}");
     assert!(body(&answer).contains("draining"), "{answer}");
@@ -236,9 +236,7 @@ fn metrics_count_relayed_denied_and_probe_connections() {
     expect_reset(Ipv4Addr::new(127, 0, 0, 2), local(relay_port));
     let mut probe = connect_from(PROBE, local(relay_port)).unwrap();
     let _ = std::io::Read::read(&mut probe, &mut [0u8; 1]);
-    daemon
-        .wait_for_log("connection closed", Duration::from_secs(5))
-        .unwrap();
+    daemon.expect_log("connection closed", Duration::from_secs(5));
 
     let after = scrape(port);
     for (outcome, want) in [("relayed", 1.0), ("denied", 1.0), ("probe", 1.0), ("limit", 0.0)] {
@@ -301,9 +299,7 @@ fn status_document_and_status_command() {
     let port = daemon.health_port.unwrap();
     let mut client = TcpStream::connect(local(relay_port)).unwrap();
     let _ = std::io::Read::read(&mut client, &mut [0u8; 1]);
-    daemon
-        .wait_for_log("upstream connect failed", Duration::from_secs(5))
-        .unwrap();
+    daemon.expect_log("upstream connect failed", Duration::from_secs(5));
 
     let answer = http_from(Ipv4Addr::LOCALHOST, port, "GET /status HTTP/1.0\r\n\r\n").unwrap();
     assert_eq!(status_code(&answer), Some(200), "{answer}");
@@ -375,9 +371,7 @@ fn nat_failure_is_reported_beside_health_and_the_relay_keeps_working() {
         c.env("PATH", "/nonexistent");
     });
     let daemon = Daemon::start(&config);
-    let logged = keeper
-        .wait_for_log("cannot put the NAT rules in place", Duration::from_secs(5))
-        .unwrap();
+    let logged = keeper.expect_log("cannot put the NAT rules in place", Duration::from_secs(5));
     assert!(logged.contains("iptables is not installed"), "{logged}");
     // The relay reads the keeper's report every second.
     std::thread::sleep(Duration::from_millis(2500));
@@ -427,9 +421,7 @@ fn require_nat_makes_a_nat_failure_fail_the_probe() {
         c.env("PATH", "/nonexistent");
     });
     let _daemon = Daemon::start(&config);
-    keeper
-        .wait_for_log("cannot put the NAT rules in place", Duration::from_secs(5))
-        .unwrap();
+    keeper.expect_log("cannot put the NAT rules in place", Duration::from_secs(5));
     std::thread::sleep(Duration::from_millis(2500));
     let answer = http_from(
         std::net::Ipv4Addr::LOCALHOST,
@@ -452,9 +444,7 @@ fn shutdown_grace_keeps_listeners_open_while_the_probe_fails() {
     let config = config_one_route(relay_port, upstream.addr, "shutdown_grace = \"1500ms\"", "");
     let mut daemon = Daemon::start(&config);
     daemon.signal(Signal::SIGTERM);
-    daemon
-        .wait_for_log("listeners stay open for the grace period", Duration::from_secs(2))
-        .unwrap();
+    daemon.expect_log("listeners stay open for the grace period", Duration::from_secs(2));
     let answer = daemon.health_request("GET /healthz HTTP/1.0\r\n\r\n").unwrap();
     assert_eq!(status_code(&answer), Some(503), "{answer}");
     let mut during_grace = TcpStream::connect(local(relay_port)).unwrap();

@@ -40,9 +40,7 @@ fn relays_reloads_and_drains_on_the_4_15_syscall_surface() {
     let mut daemon = Daemon::start_with(&config, as_linux_4_15);
 
     daemon.signal(Signal::SIGHUP);
-    daemon
-        .wait_for_log("configuration reloaded", Duration::from_secs(5))
-        .expect("reload");
+    daemon.expect_log("configuration reloaded", Duration::from_secs(5));
 
     let client = TcpStream::connect(local(port)).unwrap();
     let mut reader = client.try_clone().unwrap();
@@ -53,9 +51,7 @@ fn relays_reloads_and_drains_on_the_4_15_syscall_surface() {
     assert_eq!(checker.join().unwrap().unwrap(), TOTAL);
 
     assert!(daemon.stop().success(), "log:\n{}", daemon.log());
-    let summary = daemon
-        .wait_for_log(" stopped relayed=", Duration::from_secs(1))
-        .unwrap();
+    let summary = daemon.expect_log(" stopped relayed=", Duration::from_secs(1));
     let spliced: u64 = field(&summary, "spliced_bytes").unwrap().parse().unwrap();
     assert!(spliced >= 2 * TOTAL - 2 * 64 * 1024, "{summary}");
     assert_eq!(field(&summary, "fallback_refused"), Some("0"));

@@ -61,9 +61,7 @@ fn header_then_server_first_traffic_no_header_byte_reaches_the_upstream() {
     );
 
     // The log line names the real client and the LinkID beside the TCP peer.
-    let line = daemon
-        .wait_for_log("proxied_client=\"203.0.113.7:50123\"", Duration::from_secs(5))
-        .unwrap_or_else(|| panic!("{}", daemon.log()));
+    let line = daemon.expect_log("proxied_client=\"203.0.113.7:50123\"", Duration::from_secs(5));
     assert!(line.contains(&format!("link_id={LINK_ID}")), "{line}");
     assert!(line.contains("client=127.0.0.1:"), "{line}");
     let doc = status(&daemon);
@@ -457,9 +455,7 @@ fn haproxy_send_proxy_v2_in_front_of_ferryd_with_sshd_behind() {
         "the file changed on the way"
     );
 
-    let line = daemon
-        .wait_for_log("proxied_client=\"127.0.0.5:", Duration::from_secs(5))
-        .unwrap_or_else(|| panic!("{}", daemon.log()));
+    let line = daemon.expect_log("proxied_client=\"127.0.0.5:", Duration::from_secs(5));
     assert!(
         line.contains("client=127.0.0.6:"),
         "the TCP peer is HAProxy: {line}"

@@ -197,9 +197,7 @@ fn v2_refusing_a_missing_header_hints_at_the_service() {
     let mut client = TcpStream::connect(local(port)).unwrap();
     client.write_all(b"SSH-2.0-client\r\n").unwrap();
     assert_eq!(end_of(&mut client, Duration::from_secs(5)), "reset");
-    let line = daemon
-        .wait_for_log("may have TCP proxy v2 off", Duration::from_secs(2))
-        .unwrap_or_else(|| panic!("{}", daemon.log()));
+    let line = daemon.expect_log("may have TCP proxy v2 off", Duration::from_secs(2));
     assert!(line.contains("reason=\"missing\""), "{line}");
     assert_eq!(status(&daemon)["routes"][0]["proxy_headers"], "not seen");
     let finding = doctor_finding(&daemon, "route test: proxy protocol");

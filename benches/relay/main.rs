@@ -81,45 +81,61 @@ pub(crate) const SMOKE: Plan = Plan {
     paced_seconds: 0.5,
 };
 
+/// The benchmark's flags (`cargo bench --bench relay -- FLAGS`).
+#[derive(clap::Parser)]
+#[command(about = "ferryd against HAProxy, nginx and socat on loopback")]
+struct Args {
+    /// One short round: checks that every installed contender starts and moves bytes; writes
+    /// nothing.
+    #[arg(long)]
+    smoke: bool,
+    /// Only these contenders (names with spaces as '-', comma-separated), for profiling and
+    /// before/after comparisons: the tables go to stdout, nothing is written.
+    #[arg(long, value_delimiter = ',')]
+    only: Option<Vec<String>>,
+    /// The number of rounds instead of the plan's.
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// The connection-rate count instead of the plan's (for profiling that figure).
+    #[arg(long)]
+    connections: Option<usize>,
+    /// What reading /connections with thousands open costs the relay (see listing.rs).
+    #[arg(long)]
+    listing: bool,
+    /// Passed by `cargo bench` to every benchmark binary.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+/// Where the one-core shape runs: the proxy pinned to CPU 0, this program to CPU 1, and back to
+/// every CPU after.
+struct OneCore {
+    me: u32,
+    all_cpus: String,
+}
+
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let smoke = args.iter().any(|a| a == "--smoke");
-    // `--only ferryd` (or other contenders' names, spaces as '-', comma-separated) runs those
-    // contenders only, for profiling and before/after comparisons; nothing is written.
-    let only: Option<Vec<String>> = args
-        .iter()
-        .position(|a| a == "--only")
-        .and_then(|i| args.get(i + 1))
-        .map(|list| list.split(',').map(str::to_string).collect());
-    let mut plan = if smoke { SMOKE } else { FULL };
-    // `--rounds N` overrides the number of rounds.
-    if let Some(n) = args
-        .iter()
-        .position(|a| a == "--rounds")
-        .and_then(|i| args.get(i + 1)?.parse().ok())
-    {
+    let args = <Args as clap::Parser>::parse();
+    let mut plan = if args.smoke { SMOKE } else { FULL };
+    if let Some(n) = args.rounds {
         plan.rounds = n;
     }
-    // `--connections N` overrides the connection-rate count (for profiling that figure).
-    if let Some(n) = args
-        .iter()
-        .position(|a| a == "--connections")
-        .and_then(|i| args.get(i + 1)?.parse().ok())
-    {
+    if let Some(n) = args.connections {
         plan.connections = n;
     }
     // The one-core shape needs two CPUs (one for the proxy, one for the load) and taskset.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let me = std::process::id();
-    let one_core = cores >= 2 && pin(me, "0-1");
-    if !one_core {
+    let one_core = (cores >= 2 && pin(me, "0-1")).then(|| OneCore {
+        me,
+        all_cpus: format!("0-{}", cores - 1),
+    });
+    if one_core.is_none() {
         eprintln!("one-core shape left out: it needs 2 CPUs and taskset (util-linux)");
     }
-    let all_cpus = format!("0-{}", cores - 1);
     let held = Arc::new(AtomicUsize::new(0));
     let upstream = start_upstream(held.clone());
-    // `--listing`: what reading /connections with thousands open costs the relay (see listing.rs).
-    if args.iter().any(|a| a == "--listing") {
+    if args.listing {
         listing::run(upstream, &held, plan.idle_connections, plan.rounds.min(5), 20_000);
         return;
     }
@@ -127,7 +143,8 @@ fn main() {
     let mut proxies = Vec::new();
     let mut missing = Vec::new();
     for kind in Kind::ALL {
-        if only
+        if args
+            .only
             .as_ref()
             .is_some_and(|o| !o.contains(&kind.name().replace(' ', "-")))
         {
@@ -143,65 +160,125 @@ fn main() {
     }
 
     let mut results: BTreeMap<Kind, Samples> = BTreeMap::new();
-    for round in 0..plan.rounds {
-        eprintln!("round {}/{}", round + 1, plan.rounds);
+    for round_number in 0..plan.rounds {
+        eprintln!("round {}/{}", round_number + 1, plan.rounds);
         for proxy in &proxies {
-            let samples = results.entry(proxy.kind).or_default();
-            let cpu_before = cpu_seconds(proxy);
-            let t1 = bulk(proxy.listen, plan.bulk_bytes, 1);
-            let t8 = bulk(proxy.listen, plan.bulk_bytes, 8);
-            let cpu = cpu_seconds(proxy) - cpu_before;
-            let gib = 2.0 * plan.bulk_bytes as f64 / GIB;
-            samples.add(Metric::Gbps1, plan.bulk_bytes as f64 * 8.0 / t1 / 1e9);
-            samples.add(Metric::Gbps8, plan.bulk_bytes as f64 * 8.0 / t8 / 1e9);
-            if proxy.kind != Kind::Direct {
-                samples.add(Metric::Cpu, cpu / gib);
-            }
-            let (p50, p99) = ping_pong(proxy.listen, plan.round_trips);
-            samples.add(Metric::Rtt50, p50);
-            samples.add(Metric::Rtt99, p99);
-            let (cps, setup99) = connection_rate(proxy.listen, plan.connections);
-            samples.add(Metric::Cps, cps);
-            samples.add(Metric::Setup99, setup99);
-            // One core: the proxy on CPU 0, this program on CPU 1.
-            let mut core = (f64::NAN, f64::NAN);
-            if let (true, Some(child)) = (one_core, &proxy.child)
-                && pin(child.id(), "0")
-                && pin(me, "1")
-            {
-                let busy_before = cpu_seconds_precise(proxy);
-                let t = bulk(proxy.listen, plan.bulk_bytes, 1);
-                samples.add(
-                    Metric::CoreBusy,
-                    100.0 * (cpu_seconds_precise(proxy) - busy_before) / t,
-                );
-                // socat's per-connection child must be gone and reaped before the baseline, or
-                // its time would move from its own counters to its parent's between the reads.
-                std::thread::sleep(std::time::Duration::from_millis(200));
-                let before = cpu_seconds_precise(proxy);
-                let wall = paced(proxy.listen, VM_BITS_PER_SECOND, plan.paced_seconds);
-                let share = 100.0 * (cpu_seconds_precise(proxy) - before) / wall;
-                core = (plan.bulk_bytes as f64 * 8.0 / t / 1e9, share);
-                samples.add(Metric::CoreGbps1, core.0);
-                samples.add(Metric::CoreShare, core.1);
-                pin(child.id(), &all_cpus);
-                pin(me, &all_cpus);
-            }
-            eprintln!(
-                "  {:15} {:6.2} / {:6.2} Gbit/s  {:5.2} CPU s/GiB  rtt p50 {:6.1} p99 {:6.1} µs  {:7.0} conn/s  one core: {:6.2} Gbit/s, {:5.2}% at 250 Mbit/s",
-                proxy.kind.name(),
-                plan.bulk_bytes as f64 * 8.0 / t1 / 1e9,
-                plan.bulk_bytes as f64 * 8.0 / t8 / 1e9,
-                cpu / gib,
-                p50,
-                p99,
-                cps,
-                core.0,
-                core.1
+            round(
+                proxy,
+                &plan,
+                one_core.as_ref(),
+                results.entry(proxy.kind).or_default(),
             );
         }
     }
-    // Latency added over direct, per round pairing by median.
+    added_latency(&mut results);
+    for proxy in &proxies {
+        footprint_of(proxy, &plan, &held, &mut results);
+    }
+
+    let kinds: Vec<Kind> = proxies.iter().map(|p| p.kind).collect();
+    if args.only.is_some() {
+        // A partial run: its tables on stdout, nothing written.
+        println!("{}", report(&results, &kinds, &missing, plan));
+        return;
+    }
+    if args.smoke {
+        let moved_everywhere = proxies.iter().all(|p| {
+            results
+                .get(&p.kind)
+                .and_then(|s| s.stats(Metric::Gbps1))
+                .is_some_and(|(median, _, _)| median > 0.0)
+        });
+        let ferryd_ok = proxies.iter().any(|p| p.kind == Kind::Ferryd);
+        if !moved_everywhere || !ferryd_ok {
+            eprintln!("smoke: FAILED (a contender did not move bytes, or ferryd did not start)");
+            std::process::exit(1);
+        }
+        println!(
+            "smoke: {} contenders started and moved bytes ({} missing: {:?})",
+            proxies.len(),
+            missing.len(),
+            missing
+        );
+        return;
+    }
+    let markdown = report(&results, &kinds, &missing, plan);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    write_results(&root.join("BENCHMARKS.md"), &markdown);
+    std::fs::write(root.join("BENCHMARKS.svg"), chart(&results, &kinds)).expect("write BENCHMARKS.svg");
+    println!("{markdown}");
+}
+
+/// One round of every figure for one contender, into `samples`.
+fn round(proxy: &contenders::Proxy, plan: &Plan, one_core: Option<&OneCore>, samples: &mut Samples) {
+    let cpu_before = cpu_seconds(proxy);
+    let t1 = bulk(proxy.listen, plan.bulk_bytes, 1);
+    let t8 = bulk(proxy.listen, plan.bulk_bytes, 8);
+    let cpu = cpu_seconds(proxy) - cpu_before;
+    let gib = 2.0 * plan.bulk_bytes as f64 / GIB;
+    samples.add(Metric::Gbps1, plan.bulk_bytes as f64 * 8.0 / t1 / 1e9);
+    samples.add(Metric::Gbps8, plan.bulk_bytes as f64 * 8.0 / t8 / 1e9);
+    if proxy.kind != Kind::Direct {
+        samples.add(Metric::Cpu, cpu / gib);
+    }
+    let (p50, p99) = ping_pong(proxy.listen, plan.round_trips);
+    samples.add(Metric::Rtt50, p50);
+    samples.add(Metric::Rtt99, p99);
+    let (cps, setup99) = connection_rate(proxy.listen, plan.connections);
+    samples.add(Metric::Cps, cps);
+    samples.add(Metric::Setup99, setup99);
+    let core = match (one_core, &proxy.child) {
+        (Some(shape), Some(child)) => one_core_round(proxy, child.id(), shape, plan, samples),
+        _ => (f64::NAN, f64::NAN),
+    };
+    eprintln!(
+        "  {:15} {:6.2} / {:6.2} Gbit/s  {:5.2} CPU s/GiB  rtt p50 {:6.1} p99 {:6.1} µs  {:7.0} conn/s  one core: {:6.2} Gbit/s, {:5.2}% at 250 Mbit/s",
+        proxy.kind.name(),
+        plan.bulk_bytes as f64 * 8.0 / t1 / 1e9,
+        plan.bulk_bytes as f64 * 8.0 / t8 / 1e9,
+        cpu / gib,
+        p50,
+        p99,
+        cps,
+        core.0,
+        core.1
+    );
+}
+
+/// The one-core shape's figures (the proxy on CPU 0, this program on CPU 1): the most one core
+/// relays on one stream, and the share of that core a 250 Mbit/s stream costs.
+fn one_core_round(
+    proxy: &contenders::Proxy,
+    pid: u32,
+    shape: &OneCore,
+    plan: &Plan,
+    samples: &mut Samples,
+) -> (f64, f64) {
+    if !(pin(pid, "0") && pin(shape.me, "1")) {
+        return (f64::NAN, f64::NAN);
+    }
+    let busy_before = cpu_seconds_precise(proxy);
+    let t = bulk(proxy.listen, plan.bulk_bytes, 1);
+    samples.add(
+        Metric::CoreBusy,
+        100.0 * (cpu_seconds_precise(proxy) - busy_before) / t,
+    );
+    // socat's per-connection child must be gone and reaped before the baseline, or its time
+    // would move from its own counters to its parent's between the reads.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let before = cpu_seconds_precise(proxy);
+    let wall = paced(proxy.listen, VM_BITS_PER_SECOND, plan.paced_seconds);
+    let share = 100.0 * (cpu_seconds_precise(proxy) - before) / wall;
+    let core = (plan.bulk_bytes as f64 * 8.0 / t / 1e9, share);
+    samples.add(Metric::CoreGbps1, core.0);
+    samples.add(Metric::CoreShare, core.1);
+    pin(pid, &shape.all_cpus);
+    pin(shape.me, &shape.all_cpus);
+    core
+}
+
+/// Latency added over direct, round by round against direct's median.
+fn added_latency(results: &mut BTreeMap<Kind, Samples>) {
     let direct = results.get(&Kind::Direct).cloned().unwrap_or_default();
     let (d50, d99) = (
         direct.stats(Metric::Rtt50).map_or(0.0, |s| s.0),
@@ -220,60 +297,32 @@ fn main() {
             samples.add(Metric::P99, v - d99);
         }
     }
+}
 
-    // Footprint, once per contender (socat forks a process per connection: measured with fewer).
-    for proxy in &proxies {
-        if proxy.kind == Kind::Direct {
-            continue;
-        }
-        let count = if proxy.kind == Kind::Socat {
-            plan.idle_connections.min(200)
-        } else {
-            plan.idle_connections
-        };
-        if let Some((idle, per_conn, per_fds, pipes)) = footprint(proxy, count, &held) {
-            let s = results.entry(proxy.kind).or_default();
-            s.add(Metric::IdleRss, idle);
-            s.add(Metric::ConnKib, per_conn);
-            s.add(Metric::ConnFds, per_fds);
-            s.add(Metric::PipeFds, pipes as f64);
-            eprintln!(
-                "  {:15} idle {idle:.0} KiB, {per_conn:.1} KiB and {per_fds:.2} fds per connection ({count} idle), {pipes} pipe fds",
-                proxy.kind.name()
-            );
-        }
-    }
-
-    let moved_everywhere = proxies.iter().all(|p| {
-        results
-            .get(&p.kind)
-            .and_then(|s| s.stats(Metric::Gbps1))
-            .is_some_and(|(median, _, _)| median > 0.0)
-    });
-    let kinds: Vec<Kind> = proxies.iter().map(|p| p.kind).collect();
-    if only.is_some() {
-        // A partial run: its tables on stdout, nothing written.
-        println!("{}", report(&results, &kinds, &missing, plan));
+/// Footprint, once per contender (socat forks a process per connection: measured with fewer).
+fn footprint_of(
+    proxy: &contenders::Proxy,
+    plan: &Plan,
+    held: &Arc<AtomicUsize>,
+    results: &mut BTreeMap<Kind, Samples>,
+) {
+    if proxy.kind == Kind::Direct {
         return;
     }
-    if smoke {
-        let ferryd_ok = proxies.iter().any(|p| p.kind == Kind::Ferryd);
-        if !moved_everywhere || !ferryd_ok {
-            eprintln!("smoke: FAILED (a contender did not move bytes, or ferryd did not start)");
-            std::process::exit(1);
-        }
-        println!(
-            "smoke: {} contenders started and moved bytes ({} missing: {:?})",
-            proxies.len(),
-            missing.len(),
-            missing
+    let count = if proxy.kind == Kind::Socat {
+        plan.idle_connections.min(200)
+    } else {
+        plan.idle_connections
+    };
+    if let Some((idle, per_conn, per_fds, pipes)) = footprint(proxy, count, held) {
+        let s = results.entry(proxy.kind).or_default();
+        s.add(Metric::IdleRss, idle);
+        s.add(Metric::ConnKib, per_conn);
+        s.add(Metric::ConnFds, per_fds);
+        s.add(Metric::PipeFds, pipes as f64);
+        eprintln!(
+            "  {:15} idle {idle:.0} KiB, {per_conn:.1} KiB and {per_fds:.2} fds per connection ({count} idle), {pipes} pipe fds",
+            proxy.kind.name()
         );
-        return;
     }
-
-    let markdown = report(&results, &kinds, &missing, plan);
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    write_results(&root.join("BENCHMARKS.md"), &markdown);
-    std::fs::write(root.join("BENCHMARKS.svg"), chart(&results, &kinds)).expect("write BENCHMARKS.svg");
-    println!("{markdown}");
 }

@@ -261,6 +261,19 @@ impl Daemon {
             .collect()
     }
 
+    /// Waits up to `timeout` for a line containing `needle` and returns it; fails the test with
+    /// the whole log when none comes.
+    #[track_caller]
+    pub fn expect_log(&self, needle: &str, timeout: Duration) -> String {
+        match self.wait_for_log(needle, timeout) {
+            Some(line) => line,
+            None => panic!(
+                "no log line containing {needle:?} within {timeout:?}; the log:\n{}",
+                self.log()
+            ),
+        }
+    }
+
     /// Waits until a line containing `needle` appears.
     pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> Option<String> {
         self.wait_for_nth_log(needle, 1, timeout)

@@ -304,3 +304,29 @@ impl Drop for Topology {
         }
     }
 }
+
+/// A configuration in the topology: one route, `ssh`, from 0.0.0.0:60001 (the relay's address
+/// seen from the balancer) to the build VM's 22, admitting the balancer's subnet and its probes
+/// from 10.0.0.99, NAT for the build VM; `route`, `health_listen` and `nat` add to or set each
+/// part.
+pub fn topology_config(route: &str, health_listen: &str, nat: &str) -> String {
+    format!(
+        r#"allow = ["10.0.0.0/24"]
+probe_sources = ["10.0.0.99/32"]
+drain_timeout = "1s"
+
+[[route]]
+name = "ssh"
+listen = "0.0.0.0:60001"
+upstream = "10.0.1.4:22"
+{route}
+
+[health]
+listen = "{health_listen}"
+
+[nat]
+sources = ["10.0.1.4/32"]
+{nat}
+"#
+    )
+}

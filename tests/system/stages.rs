@@ -1,161 +1,12 @@
-//! The Debian package on a real systemd (root only), on each release in
-//! `common::container::RELEASES`: a minimal root made with debootstrap (cached between runs),
-//! booted with systemd-nspawn in a network namespace of its own, the package installed,
-//! exercised and purged inside.
+//! The stages of the package's life under systemd, in the order the booted container goes
+//! through them (each leaves the unit running for the next, except the last).
 
-mod common;
+use super::*;
 
-use std::process::Command;
-use std::time::{Duration, Instant};
-
-use common::TempDir;
-use common::container::{Container, can_run, deb, root};
-
-const TEST_CONFIG: &str = r#"allow = ["127.0.0.0/8"]
-probe_sources = ["168.63.129.16/32"]
-drain_timeout = "3s"
-
-[[route]]
-name = "ssh"
-listen = "0.0.0.0:60001"
-upstream = "127.0.0.1:22"
-
-[nat]
-sources = ["10.9.9.9/32"]
-out_interface = "lo"
-reconcile_interval = "2s"
-"#;
-
-/// [`TEST_CONFIG`] with a second route, to an echo server, for 1,000 connections.
-const MANY_CONFIG: &str = r#"allow = ["127.0.0.0/8"]
-probe_sources = ["168.63.129.16/32"]
-drain_timeout = "3s"
-
-[[route]]
-name = "ssh"
-listen = "0.0.0.0:60001"
-upstream = "127.0.0.1:22"
-
-[[route]]
-name = "many"
-listen = "127.0.0.1:60000"
-upstream = "127.0.0.1:7777"
-max_connections = 2000
-
-[nat]
-sources = ["10.9.9.9/32"]
-out_interface = "lo"
-reconcile_interval = "2s"
-"#;
-
-/// An echo server for many connections at once (one thread, selectors), on 127.0.0.1:7777.
-const ECHO_SERVER: &str = r#"
-import selectors, socket
-sel = selectors.DefaultSelector()
-srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind(("127.0.0.1", 7777)); srv.listen(4096); srv.setblocking(False)
-sel.register(srv, selectors.EVENT_READ)
-while True:
-    for key, _ in sel.select():
-        if key.fileobj is srv:
-            c, _ = srv.accept(); c.setblocking(True); sel.register(c, selectors.EVENT_READ)
-        else:
-            data = key.fileobj.recv(4096)
-            if data:
-                key.fileobj.sendall(data)
-            else:
-                sel.unregister(key.fileobj); key.fileobj.close()
-"#;
-
-/// Opens 1,000 connections through the relay's second route and echoes on each, waits for
-/// /tmp/many-go, echoes on each again, and writes how many came through both times.
-const MANY: &str = r#"
-import os, socket, time
-conns = []
-for i in range(1000):
-    s = socket.create_connection(("127.0.0.1", 60000), timeout=30)
-    s.sendall(b"one %d\n" % i)
-    conns.append(s)
-first = sum(1 for i, s in enumerate(conns) if s.recv(64) == b"one %d\n" % i)
-open("/tmp/many-first", "w").write(str(first))
-while not os.path.exists("/tmp/many-go"):
-    time.sleep(0.1)
-second = 0
-for i, s in enumerate(conns):
-    try:
-        s.sendall(b"two %d\n" % i)
-        if s.recv(64) == b"two %d\n" % i:
-            second += 1
-    except OSError:
-        pass
-open("/tmp/many-second", "w").write(str(second))
-"#;
-
-/// Holds one connection through the relay: reads sshd's banner, waits for /tmp/go, then sends a
-/// client banner and records what sshd answers (its key exchange), proving the connection
-/// outlived whatever happened in between.
-const HOLDER: &str = r#"
-import os, socket, time
-s = socket.create_connection(("127.0.0.1", 60001), timeout=30)
-open("/tmp/banner", "wb").write(s.recv(256))
-while not os.path.exists("/tmp/go"):
-    time.sleep(0.1)
-s.sendall(b"SSH-2.0-ferryd-test\r\n")
-open("/tmp/after", "wb").write(s.recv(64))
-"#;
-
-#[test]
-fn package_on_bullseye() {
-    package_installs_runs_reloads_stops_and_purges_under_systemd("bullseye");
-}
-
-#[test]
-fn package_on_bookworm() {
-    package_installs_runs_reloads_stops_and_purges_under_systemd("bookworm");
-}
-
-#[test]
-fn package_on_trixie() {
-    package_installs_runs_reloads_stops_and_purges_under_systemd("trixie");
-}
-
-/// The capability sets and no_new_privs of process `pid` in the container, from
-/// /proc/PID/status: (name, value).
-fn privileges(c: &Container, pid: &str) -> Vec<(String, String)> {
-    c.ok(&format!(
-        "grep -E '^(Cap|NoNewPrivs)' /proc/{}/status",
-        pid.trim()
-    ))
-    .lines()
-    .filter_map(|line| {
-        let (name, value) = line.split_once(':')?;
-        Some((name.to_string(), value.trim().to_string()))
-    })
-    .collect()
-}
-
-fn package_installs_runs_reloads_stops_and_purges_under_systemd(release: &'static str) {
-    if !can_run() {
-        return;
-    }
-    let Some(deb) = deb() else {
-        common::skip::skipped("the package is not built (run packaging/build-deb; .ci/run does)");
-        return;
-    };
-    let root = root(release);
-    let share = TempDir::new("system");
-    std::fs::copy(&deb, share.path().join("ferryd.deb")).unwrap();
-    std::fs::write(share.path().join("ferryd.toml"), TEST_CONFIG).unwrap();
-    std::fs::write(share.path().join("holder.py"), HOLDER).unwrap();
-    std::fs::write(share.path().join("echo.py"), ECHO_SERVER).unwrap();
-    std::fs::write(share.path().join("many.py"), MANY).unwrap();
-    std::fs::write(share.path().join("many.toml"), MANY_CONFIG).unwrap();
-    let c = Container::boot(&root, share.path());
-
-    // OpenSSH 9.8 and later (trixie) penalise a source whose connections end before
-    // authenticating, as this test's connect loops do by the dozen: not what is tested here.
-    c.ok("if sshd -T 2>/dev/null | grep -q '^persourcepenalties '; then echo 'PerSourcePenalties no' > /etc/ssh/sshd_config.d/ferryd-test.conf && systemctl restart ssh; fi");
-
+/// Install: both services are enabled, started and ready through notify, run as the ferryd
+/// user, the relay with no capability at all and the NAT keeper with exactly two and no network
+/// socket.
+pub(super) fn installed(c: &Container, release: &str) {
     // Install: both services are enabled, started, and became ready through notify.
     c.ok("dpkg -i /mnt/ferryd/ferryd.deb");
     c.wait_for("systemctl is-active ferryd", "active", Duration::from_secs(20));
@@ -190,7 +41,7 @@ fn package_installs_runs_reloads_stops_and_purges_under_systemd(release: &'stati
     // The relay holds nothing at all; the NAT keeper exactly NET_ADMIN and NET_RAW (bits 12
     // and 13), and has no TCP or UDP socket.
     let relay_pid = c.ok("systemctl show -p MainPID --value ferryd");
-    let relay = privileges(&c, &relay_pid);
+    let relay = privileges(c, &relay_pid);
     println!("{release}: the relay's {relay:?}");
     for (name, value) in &relay {
         let want = if name == "NoNewPrivs" {
@@ -201,7 +52,7 @@ fn package_installs_runs_reloads_stops_and_purges_under_systemd(release: &'stati
         assert_eq!(value, want, "{release}: the relay's {name}");
     }
     let keeper_pid = c.ok("systemctl show -p MainPID --value ferryd-nat");
-    let keeper = privileges(&c, &keeper_pid);
+    let keeper = privileges(c, &keeper_pid);
     println!("{release}: the NAT keeper's {keeper:?}");
     for (name, want) in [
         ("CapEff", "0000000000003000"),
@@ -218,7 +69,11 @@ fn package_installs_runs_reloads_stops_and_purges_under_systemd(release: &'stati
         !sockets.contains(&format!("pid={},", keeper_pid.trim())),
         "{release}: the NAT keeper has a network socket:\n{sockets}"
     );
+}
 
+/// The journal's MESSAGE_IDs, a configuration error (78, no restart loop), the probe, `ferryd
+/// status`, and the control socket as the unit makes it.
+pub(super) fn operated(c: &Container, release: &str) {
     // The journal finds the ready line by its stable MESSAGE_ID.
     let ready = c.ok(&format!(
         "journalctl -u ferryd --no-pager -o cat MESSAGE_ID={}",
@@ -268,7 +123,11 @@ fn package_installs_runs_reloads_stops_and_purges_under_systemd(release: &'stati
         !outsider.status.success() && String::from_utf8_lossy(&outsider.stderr).contains("permission denied"),
         "{release}: a user outside the ferryd group: {outsider:?}"
     );
+}
 
+/// NAT under the unit: a reload reaches the keeper, drift is repaired by the sandboxed keeper,
+/// iptables missing degrades NAT and not the relay, a killed keeper is seen at once.
+pub(super) fn nat_kept(c: &Container, release: &str) {
     // Our configuration (relay to the container's sshd, NAT on): a reload of the relay reaches
     // the NAT keeper too (PropagatesReloadTo=), which applies NAT.
     c.ok("cp /mnt/ferryd/ferryd.toml /etc/ferryd/ferryd.toml && systemctl reload ferryd");
@@ -375,7 +234,11 @@ fn package_installs_runs_reloads_stops_and_purges_under_systemd(release: &'stati
     );
     c.ok("rm -rf /run/systemd/system/ferryd-nat.service.d && systemctl daemon-reload && cp /root/before-require.toml /etc/ferryd/ferryd.toml && systemctl start ferryd-nat && systemctl reload ferryd");
     c.wait_for(status_doc, "\"state\":\"ok\"", Duration::from_secs(10));
+}
 
+/// A restart refuses no connection (the fd store), a reload keeps a live SSH connection, and
+/// the journal holds the structured fields.
+pub(super) fn restarts_and_reloads(c: &Container) {
     // The listeners live in systemd's fd store: a restart with a client connecting in a loop
     // refuses nothing (connections wait in the kept backlog for the next process). Each client
     // sends its identification string first, as an OpenSSH client does (RFC 4253 lets both sides
@@ -443,7 +306,11 @@ fn package_installs_runs_reloads_stops_and_purges_under_systemd(release: &'stati
     let denied = c.ok("journalctl -u ferryd -o verbose --no-pager FERRYD_END=denied");
     assert!(denied.contains("FERRYD_ROUTE=ssh"), "{denied}");
     assert!(denied.contains("FERRYD_CLIENT=127.0.0.1:"), "{denied}");
+}
 
+/// Live upgrades through the package manager and `ferryd upgrade`: an SSH session never
+/// stops, and 1,000 connections cross under a 2 s watchdog.
+pub(super) fn live_upgrades(c: &Container, release: &str) {
     // A live upgrade through the package manager: `apt install` of a package with a bumped
     // version while an SSH session through the relay prints a counter every 100 ms. The session
     // never stops, and the unit's main process is the same one, now running the new file.
@@ -574,7 +441,11 @@ fn package_installs_runs_reloads_stops_and_purges_under_systemd(release: &'stati
     assert!(!journal.contains("Watchdog timeout"), "{journal}");
     c.ok("pkill -f '[m]any.py'; pkill -f '[e]cho.py'; rm -f /etc/systemd/system/ferryd.service.d/watchdog.conf && systemctl daemon-reload && cp /root/before-many.toml /etc/ferryd/ferryd.toml && systemctl restart ferryd");
     c.wait_for("systemctl is-active ferryd", "active", Duration::from_secs(20));
+}
 
+/// Upgrades that must not act: a binary that rejects the installed configuration leaves the
+/// daemon running; a disabled unit stays disabled.
+pub(super) fn upgrades_that_hold_back(c: &Container) {
     // An upgrade whose binary rejects the installed configuration (a renamed or unknown key)
     // leaves the running daemon alone and the package configured.
     c.ok("cp /etc/ferryd/ferryd.toml /root/good.toml && echo 'bogus_key = 1' >> /etc/ferryd/ferryd.toml");
@@ -604,7 +475,10 @@ fn package_installs_runs_reloads_stops_and_purges_under_systemd(release: &'stati
         "the upgrade re-enabled a disabled unit"
     );
     c.ok("systemctl enable ferryd 2>/dev/null");
+}
 
+/// Stop within TimeoutStopSec (NAT stays); purge leaves nothing behind but the system user.
+pub(super) fn stopped_and_purged(c: &Container) {
     // Stop finishes within TimeoutStopSec and leaves NAT in place.
     let started = Instant::now();
     c.ok("systemctl stop ferryd");
@@ -646,74 +520,5 @@ fn package_installs_runs_reloads_stops_and_purges_under_systemd(release: &'stati
         c.ok("cat /proc/sys/net/ipv4/ip_forward").trim(),
         "0",
         "ip_forward restored"
-    );
-}
-
-/// Image bakers install into a root that is not running (a chroot), then boot it: the unit must
-/// be enabled by the installation and run at first boot.
-#[test]
-fn offline_install_into_an_image_root_runs_at_first_boot() {
-    if !can_run() {
-        return;
-    }
-    let Some(deb) = deb() else {
-        common::skip::skipped("the package is not built (run packaging/build-deb; .ci/run does)");
-        return;
-    };
-    let pristine = root("bullseye");
-    let image = TempDir::new("image");
-    let root = image.path().join("root");
-    let copied = Command::new("cp")
-        .arg("-a")
-        .arg(&pristine)
-        .arg(&root)
-        .status()
-        .unwrap();
-    assert!(copied.success());
-    std::fs::copy(&deb, root.join("tmp/ferryd.deb")).unwrap();
-    let installed = Command::new("chroot")
-        .arg(&root)
-        .args([
-            "apt-get",
-            "install",
-            "-y",
-            "-q",
-            "--no-install-recommends",
-            "/tmp/ferryd.deb",
-        ])
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .output()
-        .unwrap();
-    assert!(
-        installed.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&installed.stdout),
-        String::from_utf8_lossy(&installed.stderr)
-    );
-    for unit in ["ferryd.service", "ferryd-nat.service"] {
-        assert!(
-            root.join("etc/systemd/system/multi-user.target.wants")
-                .join(unit)
-                .symlink_metadata()
-                .is_ok(),
-            "{unit} was not enabled by an offline installation"
-        );
-    }
-    // Relay to the image's own sshd.
-    std::fs::write(root.join("etc/ferryd/ferryd.toml"), TEST_CONFIG).unwrap();
-
-    let share = TempDir::new("image-share");
-    let c = Container::boot(&root, share.path());
-    c.wait_for("systemctl is-active ferryd", "active", Duration::from_secs(30));
-    c.wait_for(
-        "systemctl is-active ferryd-nat",
-        "active",
-        Duration::from_secs(30),
-    );
-    c.wait_for(
-        "exec 3<>/dev/tcp/127.0.0.1/60001; head -c 7 <&3",
-        "SSH-2.0",
-        Duration::from_secs(10),
     );
 }
