@@ -153,22 +153,10 @@ fn run_retries_a_busy_listen_port() {
     let port = holder.local_addr().unwrap().port();
     let upstream = Upstream::echo();
     let daemon = Daemon::spawn_with(&config_one_route(port, upstream.addr, "", ""), |_| {});
-    assert!(
-        daemon
-            .wait_for_log("cannot listen yet", Duration::from_secs(5))
-            .is_some(),
-        "{}",
-        daemon.log()
-    );
+    daemon.expect_log("cannot listen yet", Duration::from_secs(5));
     assert!(daemon.log_lines(" ready config=").is_empty(), "{}", daemon.log());
     drop(holder);
-    assert!(
-        daemon
-            .wait_for_log(" ready config=", Duration::from_secs(5))
-            .is_some(),
-        "{}",
-        daemon.log()
-    );
+    daemon.expect_log(" ready config=", Duration::from_secs(5));
     let mut client = std::net::TcpStream::connect(local(port)).unwrap();
     echo_roundtrip(&mut client, b"after retry").unwrap();
 }

@@ -91,13 +91,7 @@ listen = "127.0.0.1:60080"
 "#
     );
     let daemon = topo.daemon(&config, None);
-    assert!(
-        daemon
-            .wait_for_log(" ready config=", Duration::from_secs(10))
-            .is_some(),
-        "{}",
-        daemon.log()
-    );
+    daemon.expect_log(" ready config=", Duration::from_secs(10));
     // The client types a line every 100 ms, from the balancer's side, and reports how its
     // connection ended and when (seconds after the build VM vanished, which it is told by a file).
     let client = r#"

@@ -111,13 +111,7 @@ fn probe(topo: &Topology) {
 fn start_daemon(topo: &Topology, config: &str) -> (Daemon, Daemon) {
     let keeper = topo.keeper(config, None);
     let daemon = topo.daemon(config, None);
-    assert!(
-        daemon
-            .wait_for_log(" ready config=", Duration::from_secs(10))
-            .is_some(),
-        "{}",
-        daemon.log()
-    );
+    daemon.expect_log(" ready config=", Duration::from_secs(10));
     (daemon, keeper)
 }
 
@@ -145,13 +139,7 @@ fn doctor_names_each_failure_and_passes_a_healthy_setup() {
 
     // Healthy: the daemon runs, NAT is in place, a probe arrived.
     let (mut daemon, keeper) = start_daemon(&topo, &config("1h"));
-    assert!(
-        keeper
-            .wait_for_log("NAT rules installed", Duration::from_secs(10))
-            .is_some(),
-        "{}",
-        keeper.log()
-    );
+    keeper.expect_log("NAT rules installed", Duration::from_secs(10));
     probe(&topo);
     // The build VM downloads through NAT: ferryd's MASQUERADE counts it.
     assert_eq!(
@@ -267,13 +255,7 @@ fn doctor_names_what_keeps_the_proxy_vm_from_getting_out() {
     std::fs::write(&path, config("1h")).unwrap();
     let path = path.display().to_string();
     let (_daemon, keeper) = start_daemon(&topo, &config("1h"));
-    assert!(
-        keeper
-            .wait_for_log("NAT rules installed", Duration::from_secs(10))
-            .is_some(),
-        "{}",
-        keeper.log()
-    );
+    keeper.expect_log("NAT rules installed", Duration::from_secs(10));
 
     // Out, but the build VM's traffic does not come this way: MASQUERADE counted nothing.
     topo.sh("buildvm", "ip route replace default dev eth0");

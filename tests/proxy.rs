@@ -148,13 +148,7 @@ fn local_probes_are_answered_and_strangers_refused_without_a_dial() {
     assert_eq!(refusals["missing"], 1, "{doc}");
     assert_eq!(refusals["oversized"], 1, "{doc}");
     // Lines reach stderr through the log's writer thread: wait for it rather than race it.
-    assert!(
-        daemon
-            .wait_for_log("reason=\"timeout\"", Duration::from_secs(5))
-            .is_some(),
-        "{}",
-        daemon.log()
-    );
+    daemon.expect_log("reason=\"timeout\"", Duration::from_secs(5));
 }
 
 /// Keys that only mean something with a header are refused without one ("off"); the filters are

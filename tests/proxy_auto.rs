@@ -65,13 +65,7 @@ fn auto_takes_connections_with_and_without_a_header_on_the_same_route() {
     assert_eq!(route["link_ids"][LINK_ID.to_string()], 1, "{route}");
     assert_eq!(route["header_refusals"]["v1"], 1, "{route}");
     assert_eq!(route["proxy_headers"], "mixed", "{route}");
-    assert!(
-        daemon
-            .wait_for_log("some connections carry a PROXY v2 header", Duration::from_secs(2))
-            .is_some(),
-        "{}",
-        daemon.log()
-    );
+    daemon.expect_log("some connections carry a PROXY v2 header", Duration::from_secs(2));
 }
 
 /// A client that sends nothing (it waits for the server) still gets the upstream's banner,

@@ -329,13 +329,7 @@ fn sighup_during_start_up_is_a_reload_once_ready() {
     // Another socket holds the port, so start-up waits in the bind retry.
     let holder = std::net::TcpListener::bind(local(port)).unwrap();
     let daemon = Daemon::spawn_with(&config_one_route(port, upstream.addr, "", ""), |_| {});
-    assert!(
-        daemon
-            .wait_for_log("cannot listen yet", Duration::from_secs(5))
-            .is_some(),
-        "{}",
-        daemon.log()
-    );
+    daemon.expect_log("cannot listen yet", Duration::from_secs(5));
     daemon.signal(Signal::SIGHUP);
     std::thread::sleep(Duration::from_millis(200));
     drop(holder);
@@ -364,13 +358,7 @@ fn sigterm_during_start_up_stops_cleanly() {
     let port = free_port();
     let _holder = std::net::TcpListener::bind(local(port)).unwrap();
     let mut daemon = Daemon::spawn_with(&config_one_route(port, upstream.addr, "", ""), |_| {});
-    assert!(
-        daemon
-            .wait_for_log("cannot listen yet", Duration::from_secs(5))
-            .is_some(),
-        "{}",
-        daemon.log()
-    );
+    daemon.expect_log("cannot listen yet", Duration::from_secs(5));
     let started = Instant::now();
     daemon.signal(Signal::SIGTERM);
     let status = daemon
@@ -378,13 +366,7 @@ fn sigterm_during_start_up_stops_cleanly() {
         .unwrap_or_else(|| panic!("still running after SIGTERM: {}", daemon.log()));
     assert!(status.success(), "{status:?}; {}", daemon.log());
     assert!(started.elapsed() < Duration::from_secs(3));
-    assert!(
-        daemon
-            .wait_for_log("stop requested during start-up", Duration::from_secs(1))
-            .is_some(),
-        "{}",
-        daemon.log()
-    );
+    daemon.expect_log("stop requested during start-up", Duration::from_secs(1));
 }
 
 /// A route keeps its identity by name: moved to another address by a reload, it keeps its live
@@ -404,13 +386,7 @@ fn a_route_moved_by_reload_keeps_its_count_and_limit() {
 
     daemon.rewrite_config(&config(new_port, "allow = [\"127.0.0.1/32\"]"));
     daemon.signal(Signal::SIGHUP);
-    assert!(
-        daemon
-            .wait_for_log("route moved", Duration::from_secs(5))
-            .is_some(),
-        "{}",
-        daemon.log()
-    );
+    daemon.expect_log("route moved", Duration::from_secs(5));
     daemon.expect_log("configuration reloaded", Duration::from_secs(5));
     assert_eq!(
         TcpStream::connect(local(old_port)).map_err(|e| e.kind()).err(),
@@ -452,13 +428,7 @@ fn a_route_moved_by_reload_keeps_its_count_and_limit() {
     let taken_port = taken.local_addr().unwrap().port();
     daemon.rewrite_config(&config(taken_port, "allow = [\"127.0.0.2/32\"]"));
     daemon.signal(Signal::SIGHUP);
-    assert!(
-        daemon
-            .wait_for_log("reload rejected", Duration::from_secs(5))
-            .is_some(),
-        "{}",
-        daemon.log()
-    );
+    daemon.expect_log("reload rejected", Duration::from_secs(5));
     drop(next);
     let mut again = when_free();
     echo_roundtrip(&mut again, b"old configuration in force").unwrap();

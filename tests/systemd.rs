@@ -201,13 +201,7 @@ fn socket_activation_relays_on_the_passed_socket() {
 
     let config = config_one_route(port, upstream.addr, "", "");
     let daemon = spawn_with_passed_socket(&config, &passed, "test");
-    assert!(
-        daemon
-            .wait_for_log(" ready config=", Duration::from_secs(5))
-            .is_some(),
-        "{}",
-        daemon.log()
-    );
+    daemon.expect_log(" ready config=", Duration::from_secs(5));
     assert!(
         daemon
             .wait_for_log("using the socket passed by systemd", Duration::from_secs(1))
@@ -346,13 +340,7 @@ fn a_passed_socket_at_an_old_address_is_not_used() {
     let port = free_port();
     let config = config_one_route(port, upstream.addr, "", "");
     let daemon = spawn_with_passed_socket(&config, &stale, "test");
-    assert!(
-        daemon
-            .wait_for_log(" ready config=", Duration::from_secs(5))
-            .is_some(),
-        "{}",
-        daemon.log()
-    );
+    daemon.expect_log(" ready config=", Duration::from_secs(5));
     assert!(
         daemon
             .wait_for_log("or its address changed); closing it", Duration::from_secs(1))
@@ -393,13 +381,7 @@ fn a_connection_queued_before_start_gets_the_socket_options() {
     let mut early = std::net::TcpStream::connect(local(port)).unwrap();
     let config = config_one_route(port, upstream.addr, "", "keepalive_time = \"45s\"");
     let daemon = spawn_with_passed_socket(&config, &passed, "test");
-    assert!(
-        daemon
-            .wait_for_log(" ready config=", Duration::from_secs(5))
-            .is_some(),
-        "{}",
-        daemon.log()
-    );
+    daemon.expect_log(" ready config=", Duration::from_secs(5));
     early.set_nodelay(true).unwrap();
     early.write_all(b"ab").unwrap();
     std::thread::sleep(Duration::from_millis(50));
@@ -466,13 +448,7 @@ fn the_relay_drops_capabilities_it_is_handed() {
         }
         command
     });
-    assert!(
-        daemon
-            .wait_for_log(" ready config=", Duration::from_secs(10))
-            .is_some(),
-        "{}",
-        daemon.log()
-    );
+    daemon.expect_log(" ready config=", Duration::from_secs(10));
     assert!(
         !daemon.log_lines("dropped them all").is_empty(),
         "{}",

@@ -86,8 +86,11 @@ pub(crate) fn nginx_stream_module() -> Option<&'static str> {
     .find(|p| Path::new(p).exists())
 }
 
-/// Starts `kind` relaying to `upstream`; `None` when its program is not installed.
-pub(crate) fn start(kind: Kind, upstream: SocketAddr) -> Option<Proxy> {
+/// Starts `kind` relaying to `upstream`; `None` when its program is not installed. `logged`: it
+/// logs every connection the way an operator would have it (ferryd its default INFO lines,
+/// HAProxy `option tcplog`, nginx stream an `access_log`), into a file in its directory; socat
+/// logs nothing either way.
+pub(crate) fn start(kind: Kind, upstream: SocketAddr, logged: bool) -> Option<Proxy> {
     let dir = TempDir::new(&format!("{kind:?}"));
     if kind == Kind::Direct {
         return Some(Proxy {
@@ -113,7 +116,9 @@ pub(crate) fn start(kind: Kind, upstream: SocketAddr) -> Option<Proxy> {
             let path = dir.path().join("ferryd.toml");
             std::fs::write(&path, config).ok()?;
             let mut c = Command::new(ferryd_bin());
-            c.args(["run", "--config"]).arg(path).env("FERRYD_LOG", "warn");
+            c.args(["run", "--config"])
+                .arg(path)
+                .env("FERRYD_LOG", if logged { "info" } else { "warn" });
             c
         }
         Kind::HaproxySplice | Kind::Haproxy => {
@@ -125,8 +130,16 @@ pub(crate) fn start(kind: Kind, upstream: SocketAddr) -> Option<Proxy> {
             } else {
                 ""
             };
+            let (global_log, log) = if logged {
+                (
+                    "    log stdout format raw local0\n",
+                    "    log global\n    option tcplog\n",
+                )
+            } else {
+                ("", "")
+            };
             let config = format!(
-                "global\n    maxconn 6000\n    nbthread 1\n\ndefaults\n    mode tcp\n    timeout connect 5s\n    timeout client 1h\n    timeout server 1h\n{splice}\nfrontend f\n    bind {listen}\n    default_backend b\n\nbackend b\n    server s {upstream}\n"
+                "global\n    maxconn 6000\n    nbthread 1\n{global_log}\ndefaults\n    mode tcp\n    timeout connect 5s\n    timeout client 1h\n    timeout server 1h\n{log}{splice}\nfrontend f\n    bind {listen}\n    default_backend b\n\nbackend b\n    server s {upstream}\n"
             );
             let path = dir.path().join("haproxy.cfg");
             std::fs::write(&path, config).ok()?;
@@ -140,8 +153,15 @@ pub(crate) fn start(kind: Kind, upstream: SocketAddr) -> Option<Proxy> {
                 return None;
             }
             let prefix = dir.path().display().to_string();
+            let log = if logged {
+                format!(
+                    "    log_format basic '$remote_addr [$time_local] $protocol $status $bytes_sent $bytes_received $session_time $upstream_addr';\n    access_log {prefix}/access.log basic;\n"
+                )
+            } else {
+                String::new()
+            };
             let config = format!(
-                "load_module {module};\nworker_processes 1;\nworker_rlimit_nofile 20000;\ndaemon off;\npid {prefix}/nginx.pid;\nerror_log {prefix}/error.log;\nevents {{ worker_connections 12000; }}\nstream {{\n    server {{\n        listen {listen};\n        proxy_pass {upstream};\n        proxy_half_close on;\n    }}\n}}\n"
+                "load_module {module};\nworker_processes 1;\nworker_rlimit_nofile 20000;\ndaemon off;\npid {prefix}/nginx.pid;\nerror_log {prefix}/error.log;\nevents {{ worker_connections 12000; }}\nstream {{\n{log}    server {{\n        listen {listen};\n        proxy_pass {upstream};\n        proxy_half_close on;\n    }}\n}}\n"
             );
             let path = dir.path().join("nginx.conf");
             std::fs::write(&path, config).ok()?;
@@ -161,10 +181,18 @@ pub(crate) fn start(kind: Kind, upstream: SocketAddr) -> Option<Proxy> {
             c
         }
     };
+    // Logged, whatever a contender writes to stdout or stderr goes to a file, as a log would.
+    let output = |name: &str| {
+        if logged {
+            std::fs::File::create(dir.path().join(name)).map_or_else(|_| Stdio::null(), Stdio::from)
+        } else {
+            Stdio::null()
+        }
+    };
     let child = command
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stdout(output("stdout.log"))
+        .stderr(output("stderr.log"))
         .spawn()
         .ok()?;
     let proxy = Proxy {

@@ -82,7 +82,7 @@ fn with_and_without_listing(health: SocketAddr, load: &Load<'_>) -> ((f64, f64),
 }
 
 pub(crate) fn run(upstream: SocketAddr, held: &AtomicUsize, count: usize, rounds: usize, trips: usize) {
-    let Some(proxy) = start(Kind::Ferryd, upstream) else {
+    let Some(proxy) = start(Kind::Ferryd, upstream, false) else {
         eprintln!("ferryd did not start");
         return;
     };

@@ -89,6 +89,31 @@ pub(crate) fn ping_pong(target: SocketAddr, trips: usize) -> (f64, f64) {
     (percentile(&samples, 50.0), percentile(&samples, 99.0))
 }
 
+/// Request/response exchanges of `size` bytes each way, one at a time on one connection (a WinRM
+/// envelope and its answer, an SSH command and its output): the whole request is written, then
+/// the whole response read. (p50, p99) in microseconds, from the request's first byte to the
+/// response's last.
+pub(crate) fn request_response(target: SocketAddr, size: usize, exchanges: usize) -> (f64, f64) {
+    let mut s = TcpStream::connect(target).expect("connect");
+    s.set_nodelay(true).expect("nodelay");
+    s.write_all(b"R").expect("mode");
+    let mut request = (size as u32).to_be_bytes().to_vec();
+    request.extend(std::iter::repeat_n(0x5au8, size));
+    let mut response = vec![0u8; size];
+    let warm_up = (exchanges / 10).max(5);
+    let mut samples = Vec::with_capacity(exchanges);
+    for i in 0..exchanges + warm_up {
+        let started = Instant::now();
+        s.write_all(&request).expect("write");
+        s.read_exact(&mut response).expect("read");
+        if i >= warm_up {
+            samples.push(started.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    samples.sort_by(|a, b| a.total_cmp(b));
+    (percentile(&samples, 50.0), percentile(&samples, 99.0))
+}
+
 /// Connect, one small message each way, close; 4 clients in parallel. Returns (connections per
 /// second, p99 setup time in microseconds: connect until the echo is back, upstream dial
 /// included).

@@ -39,7 +39,7 @@ use std::sync::atomic::AtomicUsize;
 
 use chart::chart;
 use contenders::{Kind, start};
-use load::{bulk, connection_rate, footprint, paced, ping_pong};
+use load::{bulk, connection_rate, footprint, paced, ping_pong, request_response};
 use procfs::{cpu_seconds, cpu_seconds_precise, pin};
 use report::{Metric, Samples, report, write_results};
 use upstream::start_upstream;
@@ -52,11 +52,17 @@ pub(crate) struct Plan {
     pub(crate) rounds: usize,
     pub(crate) bulk_bytes: u64,
     pub(crate) round_trips: usize,
+    /// Request/response exchanges per size.
+    pub(crate) exchanges: usize,
     pub(crate) connections: usize,
     pub(crate) idle_connections: usize,
     /// How long the paced 250 Mbit/s stream of the one-core shape lasts.
     pub(crate) paced_seconds: f64,
 }
+
+/// Request/response sizes each way, in KiB: WinRM's SOAP envelopes run from a few KiB to a few
+/// hundred, one exchange at a time; 1 KiB stands for an SSH command and its output.
+pub(crate) const EXCHANGE_KIB: [u32; 4] = [1, 16, 64, 256];
 
 /// The proxy VM's network: what the one-core shape's paced stream sends.
 pub(crate) const VM_BITS_PER_SECOND: f64 = 250e6;
@@ -66,6 +72,7 @@ pub(crate) const FULL: Plan = Plan {
     rounds: 7,
     bulk_bytes: 2 << 30,
     round_trips: 10_000,
+    exchanges: 2_000,
     // 5,000 rather than 1,000: a thousand connections take about 60 ms, too short to rank.
     connections: 5_000,
     idle_connections: 5_000,
@@ -76,6 +83,7 @@ pub(crate) const SMOKE: Plan = Plan {
     rounds: 1,
     bulk_bytes: 16 << 20,
     round_trips: 200,
+    exchanges: 50,
     connections: 50,
     idle_connections: 50,
     paced_seconds: 0.5,
@@ -102,6 +110,11 @@ struct Args {
     /// What reading /connections with thousands open costs the relay (see listing.rs).
     #[arg(long)]
     listing: bool,
+    /// Every contender logs each connection the way an operator would have it (ferryd as it
+    /// ships, HAProxy `option tcplog`, nginx stream `access_log`), into files; prints, writes
+    /// nothing.
+    #[arg(long)]
+    logged: bool,
     /// Passed by `cargo bench` to every benchmark binary.
     #[arg(long, hide = true)]
     bench: bool,
@@ -150,7 +163,7 @@ fn main() {
         {
             continue;
         }
-        match start(kind, upstream) {
+        match start(kind, upstream, args.logged) {
             Some(p) => proxies.push(p),
             None => missing.push(kind.name()),
         }
@@ -177,7 +190,7 @@ fn main() {
     }
 
     let kinds: Vec<Kind> = proxies.iter().map(|p| p.kind).collect();
-    if args.only.is_some() {
+    if args.only.is_some() || args.logged {
         // A partial run: its tables on stdout, nothing written.
         println!("{}", report(&results, &kinds, &missing, plan));
         return;
@@ -224,6 +237,11 @@ fn round(proxy: &contenders::Proxy, plan: &Plan, one_core: Option<&OneCore>, sam
     let (p50, p99) = ping_pong(proxy.listen, plan.round_trips);
     samples.add(Metric::Rtt50, p50);
     samples.add(Metric::Rtt99, p99);
+    for kib in EXCHANGE_KIB {
+        let (p50, p99) = request_response(proxy.listen, kib as usize * 1024, plan.exchanges);
+        samples.add(Metric::Exchange50(kib), p50);
+        samples.add(Metric::Exchange99(kib), p99);
+    }
     let (cps, setup99) = connection_rate(proxy.listen, plan.connections);
     samples.add(Metric::Cps, cps);
     samples.add(Metric::Setup99, setup99);

@@ -27,6 +27,10 @@ pub(crate) enum Metric {
     P50,
     /// See [`Metric::P50`].
     P99,
+    /// Request/response of this many KiB each way, p50 (µs).
+    Exchange50(u32),
+    /// See [`Metric::Exchange50`]; p99.
+    Exchange99(u32),
     /// Connections per second.
     Cps,
     /// Connection setup p99 (µs).
@@ -141,6 +145,62 @@ pub(crate) const FIGURES: &[Figure] = &[
         goal: Some(Goal::Ratio(1.0)),
     },
     Figure {
+        metric: Metric::Exchange50(1),
+        title: "Request/response 1 KiB each way, p50",
+        unit: "µs",
+        higher_is_better: false,
+        goal: Some(Goal::Ratio(1.0)),
+    },
+    Figure {
+        metric: Metric::Exchange99(1),
+        title: "Request/response 1 KiB each way, p99",
+        unit: "µs",
+        higher_is_better: false,
+        goal: Some(Goal::Ratio(1.0)),
+    },
+    Figure {
+        metric: Metric::Exchange50(16),
+        title: "Request/response 16 KiB each way, p50",
+        unit: "µs",
+        higher_is_better: false,
+        goal: Some(Goal::Ratio(1.0)),
+    },
+    Figure {
+        metric: Metric::Exchange99(16),
+        title: "Request/response 16 KiB each way, p99",
+        unit: "µs",
+        higher_is_better: false,
+        goal: Some(Goal::Ratio(1.0)),
+    },
+    Figure {
+        metric: Metric::Exchange50(64),
+        title: "Request/response 64 KiB each way, p50",
+        unit: "µs",
+        higher_is_better: false,
+        goal: Some(Goal::Ratio(1.0)),
+    },
+    Figure {
+        metric: Metric::Exchange99(64),
+        title: "Request/response 64 KiB each way, p99",
+        unit: "µs",
+        higher_is_better: false,
+        goal: Some(Goal::Ratio(1.0)),
+    },
+    Figure {
+        metric: Metric::Exchange50(256),
+        title: "Request/response 256 KiB each way, p50",
+        unit: "µs",
+        higher_is_better: false,
+        goal: Some(Goal::Ratio(1.0)),
+    },
+    Figure {
+        metric: Metric::Exchange99(256),
+        title: "Request/response 256 KiB each way, p99",
+        unit: "µs",
+        higher_is_better: false,
+        goal: Some(Goal::Ratio(1.0)),
+    },
+    Figure {
         metric: Metric::Cps,
         title: "Connections per second",
         unit: "conn/s",
@@ -241,10 +301,11 @@ pub(crate) fn report(
     );
     let _ = writeln!(
         out,
-        "- plan: {} interleaved rounds; bulk {} GiB per test; {} round trips; {} connections for the rate; {} idle connections (socat: 200); every proxy on one thread or worker; one-core shape: the proxy pinned to CPU 0, load and upstream on CPU 1, a {} s stream paced at 250 Mbit/s",
+        "- plan: {} interleaved rounds; bulk {} GiB per test; {} round trips; {} request/response exchanges per size; {} connections for the rate; {} idle connections (socat: 200); every proxy on one thread or worker; one-core shape: the proxy pinned to CPU 0, load and upstream on CPU 1, a {} s stream paced at 250 Mbit/s",
         plan.rounds,
         plan.bulk_bytes as f64 / GIB,
         plan.round_trips,
+        plan.exchanges,
         plan.connections,
         plan.idle_connections,
         plan.paced_seconds

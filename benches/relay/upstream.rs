@@ -1,5 +1,5 @@
 //! The upstream every contender relays to: one listener, behaviour chosen by the first byte of a
-//! connection (`S` sink, `E` echo, `H` hold open).
+//! connection (`S` sink, `E` echo, `R` request/response, `H` hold open).
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
@@ -52,6 +52,32 @@ async fn serve(mut stream: tokio::net::TcpStream, held: Arc<AtomicUsize>) -> std
                     break;
                 }
                 stream.write_all(&buf[..n]).await?;
+            }
+        }
+        b'R' => {
+            // Each request is a 4-byte length and that many bytes; once all of it is read, the
+            // response is as many bytes back: one exchange at a time, like a WinRM envelope.
+            let mut buf = vec![0u8; 256 * 1024];
+            loop {
+                let mut len = [0u8; 4];
+                if stream.read_exact(&mut len).await.is_err() {
+                    break;
+                }
+                let len = u32::from_be_bytes(len) as usize;
+                let mut left = len;
+                while left > 0 {
+                    let n = stream.read(&mut buf[..left.min(256 * 1024)]).await?;
+                    if n == 0 {
+                        return Ok(());
+                    }
+                    left -= n;
+                }
+                let mut left = len;
+                while left > 0 {
+                    let n = left.min(buf.len());
+                    stream.write_all(&buf[..n]).await?;
+                    left -= n;
+                }
             }
         }
         _ => {

@@ -90,13 +90,7 @@ fn hung_iptables_is_killed_after_its_bound_and_never_delays_the_relay() {
     let config = nat_config("reconcile_interval = \"5s\"");
     let keeper = topo.keeper(&config, Some(&path_with(&tools)));
     let daemon = topo.daemon(&config, None);
-    assert!(
-        daemon
-            .wait_for_log(" ready config=", Duration::from_secs(5))
-            .is_some(),
-        "{}",
-        daemon.log()
-    );
+    daemon.expect_log(" ready config=", Duration::from_secs(5));
     assert!(started.elapsed() < Duration::from_secs(5));
     assert!(
         banner_through_relay(&topo).starts_with("SSH-2.0-"),
@@ -136,13 +130,7 @@ fn hung_iptables_is_killed_after_its_bound_and_never_delays_the_relay() {
     assert!(health_in_proxy(&topo, "/healthz").starts_with("200"));
 
     std::fs::remove_file(&flag).unwrap();
-    assert!(
-        keeper
-            .wait_for_log("NAT rules installed", Duration::from_secs(20))
-            .is_some(),
-        "{}",
-        keeper.log()
-    );
+    keeper.expect_log("NAT rules installed", Duration::from_secs(20));
     status_says(&topo, &["\"state\":\"ok\""]);
     assert_eq!(topo.sh("proxy", "cat /proc/sys/net/ipv4/ip_forward").trim(), "1");
 }
@@ -164,13 +152,7 @@ fn turning_nat_off_removes_the_rules_at_reload_and_at_start() {
     // Reload: systemd's PropagatesReloadTo= reloads both processes; here, each by hand.
     let mut keeper = topo.keeper(&config, Some(&path));
     let mut daemon = topo.daemon(&config, None);
-    assert!(
-        keeper
-            .wait_for_log("NAT rules installed", Duration::from_secs(10))
-            .is_some(),
-        "{}",
-        keeper.log()
-    );
+    keeper.expect_log("NAT rules installed", Duration::from_secs(10));
     assert_eq!(
         topo.get_from_buildvm("http://192.0.2.1/"),
         Ok("192.0.2.2".to_string())
@@ -249,13 +231,7 @@ fn nat_state_crosses_a_live_upgrade() {
     assert!(config.contains("require_nat"), "{config}");
     let keeper = topo.keeper(&config, Some(&path_with(&slow)));
     let daemon = topo.daemon(&config, None);
-    assert!(
-        keeper
-            .wait_for_log("NAT rules installed", Duration::from_secs(30))
-            .is_some(),
-        "{}",
-        keeper.log()
-    );
+    keeper.expect_log("NAT rules installed", Duration::from_secs(30));
     let deadline = Instant::now() + Duration::from_secs(5);
     while !health_in_proxy(&topo, "/healthz").starts_with("200") {
         assert!(Instant::now() < deadline, "{}", daemon.log());

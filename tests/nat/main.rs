@@ -189,20 +189,8 @@ fn daemon_repairs_drift_and_relays_while_the_build_vm_downloads() {
     let config = nat_config("reconcile_interval = \"1s\"");
     let keeper = topo.keeper(&config, None);
     let daemon = topo.daemon(&config, None);
-    assert!(
-        daemon
-            .wait_for_log(" ready config=", Duration::from_secs(10))
-            .is_some(),
-        "{}",
-        daemon.log()
-    );
-    assert!(
-        keeper
-            .wait_for_log("NAT rules installed", Duration::from_secs(5))
-            .is_some(),
-        "{}",
-        keeper.log()
-    );
+    daemon.expect_log(" ready config=", Duration::from_secs(10));
+    keeper.expect_log("NAT rules installed", Duration::from_secs(5));
 
     // The load balancer reaches the build VM's port 22 through the relay while the build VM
     // downloads through NAT.
@@ -228,13 +216,7 @@ fn daemon_repairs_drift_and_relays_while_the_build_vm_downloads() {
 
     // Someone flushes ferryd's chains and removes a jump: repaired within a reconcile interval.
     topo.sh("proxy", "iptables -F FERRYD-FORWARD && iptables -t nat -F FERRYD-POSTROUTING && iptables -D FORWARD -m comment --comment ferryd -j FERRYD-FORWARD");
-    assert!(
-        keeper
-            .wait_for_log("NAT state had drifted; repaired", Duration::from_secs(5))
-            .is_some(),
-        "{}",
-        keeper.log()
-    );
+    keeper.expect_log("NAT state had drifted; repaired", Duration::from_secs(5));
     assert_eq!(
         topo.get_from_buildvm("http://192.0.2.1/"),
         Ok("192.0.2.2".to_string())

@@ -119,13 +119,7 @@ fn a_hand_over_that_fails_after_the_check_keeps_every_connection() {
         .expect("run ferryd upgrade");
     // With no descriptor to spare, the health endpoint cannot take `ferryd upgrade`'s requests
     // either: free some once the daemon has taken everything back, as an operator would.
-    assert!(
-        daemon
-            .wait_for_log("live upgrade failed after the check", Duration::from_secs(10))
-            .is_some(),
-        "{}",
-        daemon.log()
-    );
+    daemon.expect_log("live upgrade failed after the check", Duration::from_secs(10));
     for (i, session) in sessions.iter_mut().enumerate() {
         common::echo_roundtrip(session, format!("while short of descriptors {i}").as_bytes()).unwrap_or_else(
             |e| {

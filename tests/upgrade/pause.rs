@@ -133,13 +133,7 @@ upstream = "{}"
         waited > Duration::from_millis(11_500) && waited < Duration::from_millis(13_500),
         "the moved dial ended after {waited:?}, not at its 12 s deadline"
     );
-    assert!(
-        daemon
-            .wait_for_log("end=\"upstream-timeout\"", Duration::from_secs(2))
-            .is_some(),
-        "{}",
-        daemon.log()
-    );
+    daemon.expect_log("end=\"upstream-timeout\"", Duration::from_secs(2));
 }
 
 /// A client that has sent part of its PROXY v2 header when the upgrade comes: the bytes it sent
