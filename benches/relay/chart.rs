@@ -57,7 +57,7 @@ pub(crate) fn chart(results: &BTreeMap<Kind, Samples>, kinds: &[Kind]) -> String
             let y = y0 + 32.0 + j as f64 * (bar_h + 4.0);
             let w = (pw - 130.0) * v / max;
             let colour = match kind {
-                Kind::Ferryd | Kind::FerrydCopy => "#2a7ab0",
+                Kind::Ferryd | Kind::FerrydCopy | Kind::FerrydBefore => "#2a7ab0",
                 Kind::Direct => "#999999",
                 _ => "#e0a040",
             };

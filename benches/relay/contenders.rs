@@ -14,10 +14,17 @@ use crate::common::{TempDir, free_port};
 pub(crate) fn ferryd_bin() -> String {
     std::env::var("FERRYD_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_ferryd").to_string())
 }
+
+/// An earlier ferryd to measure beside this one in the same run ("ferryd (before)"), when
+/// FERRYD_BEFORE_BIN names its binary: what a change bought, with the machine's noise shared.
+pub(crate) fn ferryd_before_bin() -> Option<String> {
+    std::env::var("FERRYD_BEFORE_BIN").ok()
+}
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Kind {
     Direct,
     Ferryd,
+    FerrydBefore,
     FerrydCopy,
     HaproxySplice,
     Haproxy,
@@ -26,9 +33,10 @@ pub(crate) enum Kind {
 }
 
 impl Kind {
-    pub(crate) const ALL: [Kind; 7] = [
+    pub(crate) const ALL: [Kind; 8] = [
         Kind::Direct,
         Kind::Ferryd,
+        Kind::FerrydBefore,
         Kind::FerrydCopy,
         Kind::HaproxySplice,
         Kind::Haproxy,
@@ -40,6 +48,7 @@ impl Kind {
         match self {
             Kind::Direct => "direct",
             Kind::Ferryd => "ferryd",
+            Kind::FerrydBefore => "ferryd (before)",
             Kind::FerrydCopy => "ferryd (copy)",
             Kind::HaproxySplice => "haproxy splice",
             Kind::Haproxy => "haproxy",
@@ -106,16 +115,26 @@ pub(crate) fn start(kind: Kind, upstream: SocketAddr, logged: bool) -> Option<Pr
     let mut health = None;
     let mut command = match kind {
         Kind::Direct => unreachable!(),
-        Kind::Ferryd | Kind::FerrydCopy => {
+        Kind::Ferryd | Kind::FerrydCopy | Kind::FerrydBefore => {
+            let bin = match kind {
+                Kind::FerrydBefore => ferryd_before_bin()?,
+                _ => ferryd_bin(),
+            };
             let health_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().ok()?;
             health = Some(health_addr);
             let config = format!(
-                "allow = [\"127.0.0.0/8\"]\nworkers = 1\nsplice = {}\nmax_connections = 20000\ndrain_timeout = \"1s\"\ncontrol_socket = \"\"\n\n[[route]]\nname = \"bench\"\nlisten = \"{listen}\"\nupstream = \"{upstream}\"\n\n[health]\nlisten = \"{health_addr}\"\n",
-                kind == Kind::Ferryd,
+                "allow = [\"127.0.0.0/8\"]\nworkers = 1\nsplice = {}\nmax_connections = 20000\ndrain_timeout = \"1s\"\n{}\n[[route]]\nname = \"bench\"\nlisten = \"{listen}\"\nupstream = \"{upstream}\"\n\n[health]\nlisten = \"{health_addr}\"\n",
+                kind != Kind::FerrydCopy,
+                // An earlier version may not know the key (it came with 0.4.0).
+                if kind == Kind::FerrydBefore {
+                    ""
+                } else {
+                    "control_socket = \"\"\n"
+                },
             );
             let path = dir.path().join("ferryd.toml");
             std::fs::write(&path, config).ok()?;
-            let mut c = Command::new(ferryd_bin());
+            let mut c = Command::new(bin);
             c.args(["run", "--config"])
                 .arg(path)
                 .env("FERRYD_LOG", if logged { "info" } else { "warn" });
