@@ -408,7 +408,12 @@ pub(crate) fn best_peer(
 ) -> Option<(Kind, f64)> {
     kinds
         .iter()
-        .filter(|k| !matches!(k, Kind::Direct | Kind::Ferryd | Kind::FerrydCopy | Kind::FerrydBefore))
+        .filter(|k| {
+            !matches!(
+                k,
+                Kind::Direct | Kind::Ferryd | Kind::FerrydCopy | Kind::FerrydBefore
+            )
+        })
         .filter_map(|k| Some((*k, results.get(k)?.stats(figure.metric)?.0)))
         .filter(|(_, v)| v.is_finite())
         .reduce(|a, b| {

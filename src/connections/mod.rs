@@ -32,7 +32,7 @@ pub struct Who {
     /// Its id: unique for the daemon's life, live upgrades included (`conn=` in the log).
     pub id: u64,
     /// The route it was accepted on.
-    pub route: String,
+    pub route: Arc<str>,
     /// The TCP peer (the balancer's address with Private Link).
     pub client: SocketAddr,
     /// The client its PROXY v2 header named, if any.

@@ -73,7 +73,7 @@ impl ConnectionView {
         let who = &live.who;
         ConnectionView {
             id: who.id,
-            route: who.route.clone(),
+            route: who.route.to_string(),
             client: who.client,
             proxied_client: who.proxied_client,
             link_id: who.link_id,

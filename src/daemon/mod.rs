@@ -361,6 +361,7 @@ impl Daemon {
     fn settings_for(&self, route: &Route) -> Arc<RouteSettings> {
         Arc::new(RouteSettings {
             route: route.clone(),
+            name: Arc::from(route.name.as_str()),
             probe_sources: self.config.probe_sources.clone(),
         })
     }

@@ -259,7 +259,7 @@ impl Daemon {
         for mut parked in connections {
             parked.identity.id = number(parked.identity.id);
             let who = &parked.identity;
-            let route_stats = match stats.get(&who.route) {
+            let route_stats = match stats.get(&*who.route) {
                 Some(route_stats) => route_stats.clone(),
                 None => {
                     tracing::info!(route = %who.route, client = %who.peer, "moved a connection of a route no longer configured; it goes on until it ends");

@@ -42,7 +42,7 @@ impl Outgoing {
                 let (age, quiet) = (progress.age + since, progress.quiet + since);
                 ConnectionEntry {
                     id: *id,
-                    route: route.clone(),
+                    route: route.to_string(),
                     peer: *peer,
                     upstream: *upstream,
                     proxied_client: *proxied_client,
@@ -187,7 +187,7 @@ pub(super) unsafe fn from_document(doc: Document) -> Incoming {
         connections.push(ParkedConnection {
             identity: Identity {
                 id: c.id,
-                route: c.route.clone(),
+                route: c.route.as_str().into(),
                 peer: c.peer,
                 upstream: c.upstream,
                 proxied_client: c.proxied_client,

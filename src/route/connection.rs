@@ -232,7 +232,7 @@ impl Connection {
         let relayed = Relayed {
             identity: Identity {
                 id: this.id,
-                route: route.name.clone(),
+                route: this.settings.name.clone(),
                 peer: this.peer,
                 upstream: upstream_addr,
                 proxied_client,

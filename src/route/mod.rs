@@ -56,6 +56,9 @@ const PROBE_LOG_WINDOW: Duration = Duration::from_secs(60);
 pub struct RouteSettings {
     /// The route as configured.
     pub route: Route,
+    /// Its name, shared by every connection's identity and table entry (one allocation per
+    /// route, not two per connection).
+    pub name: Arc<str>,
     /// Load-balancer probe sources (a top-level setting, copied into each route's settings).
     pub probe_sources: Allowlist,
 }
@@ -93,7 +96,7 @@ pub struct Identity {
     /// about it.
     pub id: u64,
     /// The route it was accepted on.
-    pub route: String,
+    pub route: Arc<str>,
     /// The TCP peer (the balancer's address with Private Link).
     pub peer: SocketAddr,
     /// The upstream address it was dialled at.

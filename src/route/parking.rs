@@ -101,10 +101,10 @@ impl Parking {
             }
             Parked::Opening(lost) => {
                 crate::net::reset(lost.client);
-                (lost.id, lost.route, lost.peer)
+                (lost.id, lost.route.into(), lost.peer)
             }
         };
-        tracing::warn!(conn = id, route, client = %peer, end = "reset", "parked for an upgrade that is no longer under way; reset");
+        tracing::warn!(conn = id, route = &*route, client = %peer, end = "reset", "parked for an upgrade that is no longer under way; reset");
     }
 
     /// Counts a connection that could not park (its socket could not leave the runtime).
