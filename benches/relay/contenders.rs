@@ -69,8 +69,20 @@ pub(crate) struct Proxy {
 }
 
 impl Drop for Proxy {
+    /// Stops the contender: SIGTERM first, which nginx's master passes on to its worker (a
+    /// SIGKILL to the master alone left the worker running, still listening, after every run),
+    /// then SIGKILL after a second for anything that did not go.
     fn drop(&mut self) {
         if let Some(child) = &mut self.child {
+            // SAFETY: kill has no memory-safety preconditions; the pid is our own child's.
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(1);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
             let _ = child.kill();
             let _ = child.wait();
         }

@@ -156,6 +156,10 @@ fn main() {
     let mut proxies = Vec::new();
     let mut missing = Vec::new();
     for kind in Kind::ALL {
+        // "ferryd (before)" is measured only when asked for.
+        if kind == Kind::FerrydBefore && contenders::ferryd_before_bin().is_none() {
+            continue;
+        }
         if args
             .only
             .as_ref()
