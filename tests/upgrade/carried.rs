@@ -365,3 +365,62 @@ fn a_connection_keeps_its_id_across_an_upgrade() {
         .unwrap_or(0);
     assert!(next > id, "id {next} after {id}: numbering restarted");
 }
+
+/// A route a reload removed still has a relaying connection, and a live upgrade comes: the
+/// connection goes on in the new image (what docs/design.md says), on counters of its own, and
+/// the removed route's port stays closed.
+#[test]
+fn a_connection_of_a_removed_route_crosses_an_upgrade() {
+    let echo = Upstream::echo();
+    let (kept_port, removed_port) = (free_port(), free_port());
+    let two_routes = format!(
+        "{}\n[[route]]\nname = \"removed\"\nlisten = \"127.0.0.1:{removed_port}\"\nupstream = \"{}\"\n",
+        config_one_route(kept_port, echo.addr, "", ""),
+        echo.addr
+    );
+    let installed = Installed::new();
+    let daemon = installed.start(&two_routes);
+    let mut orphan = session(removed_port);
+    daemon.rewrite_config(&config_one_route(kept_port, echo.addr, "", ""));
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    daemon.expect_log("route removed", Duration::from_secs(5));
+    common::echo_roundtrip(&mut orphan, b"after the reload").expect("a reload drops nothing");
+    assert!(
+        TcpStream::connect(local(removed_port)).is_err(),
+        "the removed route still listens"
+    );
+
+    installed.replace_with(Path::new(BIN));
+    let out = upgrade(&daemon);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    daemon.expect_log(
+        "moved a connection of a route no longer configured",
+        Duration::from_secs(5),
+    );
+    common::echo_roundtrip(&mut orphan, b"after the upgrade").expect("the session goes on");
+    assert!(
+        TcpStream::connect(local(removed_port)).is_err(),
+        "the removed route listens again after the upgrade"
+    );
+    let mut kept = session(kept_port);
+    common::echo_roundtrip(&mut kept, b"kept").expect("the kept route relays");
+    drop(orphan);
+    // It ends in order and is logged under the route it was accepted on.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let closed = loop {
+        let closed = daemon.log_lines("connection closed");
+        if let Some(line) = closed.iter().find(|l| l.contains("route=removed")) {
+            break line.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no closed line for it:\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        closed.contains("end=\"eof\"") || closed.contains("end=eof"),
+        "{closed}"
+    );
+}
