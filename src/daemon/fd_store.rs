@@ -24,16 +24,16 @@ impl FdStore {
     /// socket activation; empty when bound here): an entry under another name is stale. systemd
     /// ignores a copy of a socket it already holds, so storing it again costs nothing.
     pub(super) fn keep(&mut self, name: &str, passed: &str, socket: &TcpListener) {
-        if !passed.is_empty() && passed != name {
+        if self.store(name, socket) && !passed.is_empty() && passed != name {
             self.stale.push(passed.to_string());
         }
-        self.store(name, socket);
     }
 
     /// `socket` now stands for `name`, in place of whatever the store held under it.
     pub(super) fn replace(&mut self, name: &str, socket: &TcpListener) {
-        self.stale.push(name.to_string());
-        self.store(name, socket);
+        if self.store(name, socket) {
+            self.stale.push(name.to_string());
+        }
     }
 
     /// `name` stands for no socket any more (an unclaimed one, a removed route).
@@ -41,10 +41,15 @@ impl FdStore {
         self.stale.push(name);
     }
 
-    fn store(&mut self, name: &str, socket: &TcpListener) {
-        // Without a descriptor to send, the store keeps what it had: the next restart binds.
-        if let Ok(dup) = socket.try_clone() {
-            self.current.push((name.to_string(), dup));
+    /// Whether a descriptor of `socket` could be kept to send. Without one (no descriptor left),
+    /// nothing the store holds is removed for it: an older entry is better than none.
+    fn store(&mut self, name: &str, socket: &TcpListener) -> bool {
+        match socket.try_clone() {
+            Ok(dup) => {
+                self.current.push((name.to_string(), dup));
+                true
+            }
+            Err(_) => false,
         }
     }
 

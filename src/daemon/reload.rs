@@ -76,7 +76,13 @@ impl Daemon {
                     .counters
                     .reloads_rejected
                     .fetch_add(1, Ordering::Relaxed);
+                let (route, listen) = match &rejected {
+                    Rejected::Listen { route, listen, .. } => (Some(route.as_str()), Some(*listen)),
+                    Rejected::File(_) => (None, None),
+                };
                 tracing::error!(
+                    route,
+                    listen = listen.map(|l| l.to_string()),
                     error = %rejected,
                     message_id = ids::RELOAD_REJECTED,
                     "reload rejected; the running configuration stays in force"
