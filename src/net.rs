@@ -146,8 +146,8 @@ fn tcp_info(socket: &impl AsRawFd) -> io::Result<libc::tcp_info> {
 }
 
 /// Why the peer of a connected `socket` looks gone, if it does: data sent to it has had no
-/// acknowledgement (and nothing else came from it) for `gone.silence`, every retransmission
-/// unanswered; or at least `gone.probes` (and 3) window probes in a row went unanswered while
+/// acknowledgement (and nothing else came from it) for `silence_bound`, every retransmission
+/// unanswered; or at least `probes` (and 3) window probes in a row went unanswered while
 /// data waits for its window to open. A live peer that only advertises a zero window answers its
 /// window probes (an answer resets the kernel's count of unanswered ones, `tcpi_probes`, and the
 /// time of the last acknowledgement) and has nothing unacknowledged in flight, so it never looks
@@ -156,19 +156,23 @@ fn tcp_info(socket: &impl AsRawFd) -> io::Result<libc::tcp_info> {
 /// faster. A socket that cannot say does not look gone. The caller asks twice, a while apart,
 /// before it believes it (see `relay`): right after a long silence, the first data sent has not
 /// been acknowledged yet, and its peer is not gone.
-pub fn peer_looks_gone(socket: std::os::fd::BorrowedFd<'_>, gone: crate::relay::GoneAfter) -> Option<String> {
+pub fn peer_looks_gone(
+    socket: std::os::fd::BorrowedFd<'_>,
+    silence_bound: Duration,
+    probes: u32,
+) -> Option<String> {
     let info = tcp_info(&socket).ok()?;
     // A peer that sends data is there, even when its segments carry no new acknowledgement.
     let heard = info.tcpi_last_ack_recv.min(info.tcpi_last_data_recv);
     let silence = Duration::from_millis(u64::from(heard));
-    if info.tcpi_unacked > 0 && silence >= gone.silence {
+    if info.tcpi_unacked > 0 && silence >= silence_bound {
         return Some(format!(
             "no acknowledgement for {} s with {} segment(s) unacknowledged: the peer is gone",
             silence.as_secs(),
             info.tcpi_unacked
         ));
     }
-    if info.tcpi_notsent_bytes > 0 && u32::from(info.tcpi_probes) >= gone.probes.max(3) {
+    if info.tcpi_notsent_bytes > 0 && u32::from(info.tcpi_probes) >= probes.max(3) {
         return Some(format!(
             "{} window probes unanswered with {} bytes waiting: the peer is gone",
             info.tcpi_probes, info.tcpi_notsent_bytes

@@ -258,7 +258,7 @@ fn run<'a>(
                         && Instant::now() >= look
                     {
                         next_look = Some(Instant::now() + gone.every());
-                        let ask = |fd, name| crate::net::peer_looks_gone(fd, gone).map(|why| format!("{name}: {why}"));
+                        let ask = |fd, name| crate::net::peer_looks_gone(fd, gone.silence, gone.probes).map(|why| format!("{name}: {why}"));
                         match ask(upstream_fd, "upstream").or_else(|| ask(client_fd, "client")) {
                             Some(why) if looked_gone => return LoopEnd::Closed(Outcome::Reset, Some(why)),
                             gone => looked_gone = gone.is_some(),

@@ -1,5 +1,5 @@
 //! The `/status` document: what the health endpoint serves and what `ferryd status`, `upgrade`
-//! and `doctor` read (see `crate::commands`). This module owns only the format.
+//! and `doctor` read (the operator commands). This module owns only the format.
 
 pub mod document;
 
