@@ -13,6 +13,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::pp::*;
+use common::sshd::Sshd;
 use common::*;
 use ferryd::proxy_header::{self, Command as PpCommand, Header};
 
@@ -295,58 +296,11 @@ fn wait_listening(port: u16) {
 /// upstream HAProxy with `accept-proxy` sees the original client too.
 #[test]
 fn haproxy_send_proxy_v2_in_front_of_ferryd_with_sshd_behind() {
-    let tools = ["haproxy", "ssh", "scp", "ssh-keygen"];
-    skip_unless!(
-        common::skip::root()
-            && std::path::Path::new("/usr/sbin/sshd").exists()
-            && tools.iter().all(|t| common::skip::have(t)),
-        "needs root, sshd, ssh, scp and haproxy (CI installs them)"
-    );
-    let dir = TempDir::new("pp-e2e");
-    let keygen = |name: &str| {
-        let ok = Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-            .arg(dir.path().join(name))
-            .status()
-            .unwrap();
-        assert!(ok.success());
+    let Some(sshd) = Sshd::start(&["haproxy"]) else {
+        return;
     };
-    keygen("host_key");
-    keygen("client_key");
-    std::fs::copy(
-        dir.path().join("client_key.pub"),
-        dir.path().join("authorized_keys"),
-    )
-    .unwrap();
-    std::fs::create_dir_all("/run/sshd").unwrap();
-    let sshd_port = free_port();
-    let _sshd = Child(
-        Command::new("/usr/sbin/sshd")
-            .args(["-D", "-e", "-f", "/dev/null", "-h"])
-            .arg(dir.path().join("host_key"))
-            .args([
-                "-o",
-                &format!("ListenAddress=127.0.0.1:{sshd_port}"),
-                "-o",
-                "PidFile=none",
-                "-o",
-                "StrictModes=no",
-                "-o",
-                "PermitRootLogin=prohibit-password",
-                "-o",
-                "Subsystem=sftp internal-sftp",
-                "-o",
-            ])
-            .arg(format!(
-                "AuthorizedKeysFile={}",
-                dir.path().join("authorized_keys").display()
-            ))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_listening(sshd_port);
+    let sshd_port = sshd.port;
+    let dir = &sshd.dir;
 
     // ferryd admits only HAProxy's source address, reads its header, relays to sshd.
     let ferryd_port = free_port();
@@ -393,22 +347,13 @@ fn haproxy_send_proxy_v2_in_front_of_ferryd_with_sshd_behind() {
     wait_listening(front);
     wait_listening(front_auto);
 
-    let ssh_opts = |c: &mut Command| {
-        c.arg("-i").arg(dir.path().join("client_key")).args([
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "BindAddress=127.0.0.5",
-            "-o",
-            "LogLevel=ERROR",
-        ]);
+    // ssh and scp from the client address HAProxy must report.
+    let client = |program: &str| {
+        let mut command = sshd.client(program);
+        command.args(["-o", "BindAddress=127.0.0.5"]);
+        command
     };
-    let mut ssh = Command::new("ssh");
-    ssh_opts(&mut ssh);
+    let mut ssh = client("ssh");
     let out = ssh
         .args([
             "-p",
@@ -431,8 +376,7 @@ fn haproxy_send_proxy_v2_in_front_of_ferryd_with_sshd_behind() {
         .collect();
     std::fs::write(&source, &data).unwrap();
     let target = dir.path().join("arrived.bin");
-    let mut scp = Command::new("scp");
-    ssh_opts(&mut scp);
+    let mut scp = client("scp");
     let out = scp
         .args(["-q", "-P", &front.to_string()])
         .arg(&source)
@@ -457,8 +401,7 @@ fn haproxy_send_proxy_v2_in_front_of_ferryd_with_sshd_behind() {
 
     // "auto": ssh through HAProxy's header and ssh straight, on the same route.
     for (port, how) in [(front_auto, "through HAProxy"), (auto_port, "straight")] {
-        let mut ssh = Command::new("ssh");
-        ssh_opts(&mut ssh);
+        let mut ssh = client("ssh");
         let out = ssh
             .args(["-p", &port.to_string(), "root@127.0.0.1", "echo auto-ok"])
             .output()
