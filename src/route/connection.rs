@@ -252,7 +252,7 @@ impl Connection {
 
     /// Notes whether this connection carried a PROXY v2 header; says so when the route's recent
     /// connections change from all, to none, to some.
-    pub(super) fn saw_header(&self, carried: bool) {
+    fn saw_header(&self, carried: bool) {
         if let Some(now) = self.live.0.saw_header(carried) {
             let route = &self.settings.route.name;
             let what = match now {
@@ -270,7 +270,7 @@ impl Connection {
 
     /// Parks the connection for a live upgrade, or closes it for the drain, while it was `doing`
     /// what the log line says.
-    pub(super) fn stop(self, request: Request, doing: &str) {
+    fn stop(self, request: Request, doing: &str) {
         let Connection {
             id,
             live,

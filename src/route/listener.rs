@@ -82,11 +82,11 @@ impl RouteListener {
         self.accept.into_listener()
     }
 
-    pub(super) fn name(&self) -> String {
+    fn name(&self) -> String {
         self.settings.borrow().route.name.clone()
     }
 
-    pub(super) fn admit(&mut self, stream: TcpStream, peer: SocketAddr) {
+    fn admit(&mut self, stream: TcpStream, peer: SocketAddr) {
         // Counted for every accepted socket, relayed or not: the queue is first in, first out.
         let untuned = self.untuned.take_one();
         let settings = self.settings.borrow().clone();
