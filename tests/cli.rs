@@ -29,7 +29,7 @@ fn check(text: &str) -> (i32, String, String) {
     let dir = TempDir::new("check");
     let path = dir.path().join("ferryd.toml");
     std::fs::write(&path, text).unwrap();
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .arg("check")
         .arg("--config")
         .arg(&path)
@@ -107,7 +107,7 @@ fn check_names_file_line_and_problem() {
 
 #[test]
 fn check_reports_an_unreadable_file() {
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .args(["check", "--config", "/nonexistent/ferryd.toml"])
         .output()
         .unwrap();
@@ -121,17 +121,17 @@ fn check_reports_an_unreadable_file() {
 
 #[test]
 fn version_and_help() {
-    let version = Command::new(BIN).arg("--version").output().unwrap();
+    let version = Command::new(bin()).arg("--version").output().unwrap();
     assert!(version.status.success());
     assert_eq!(
         String::from_utf8_lossy(&version.stdout).trim(),
         format!("ferryd {}", env!("CARGO_PKG_VERSION"))
     );
-    let help = Command::new(BIN).arg("--help").output().unwrap();
+    let help = Command::new(bin()).arg("--help").output().unwrap();
     assert!(help.status.success());
     let help = String::from_utf8_lossy(&help.stdout);
     assert!(help.contains("run") && help.contains("check"), "{help}");
-    let run_help = Command::new(BIN).args(["run", "--help"]).output().unwrap();
+    let run_help = Command::new(bin()).args(["run", "--help"]).output().unwrap();
     assert!(run_help.status.success());
     assert!(String::from_utf8_lossy(&run_help.stdout).contains("/etc/ferryd/ferryd.toml"));
 }
@@ -173,12 +173,12 @@ fn nat_commands_take_config_and_status_says_when_it_cannot_check() {
         format!("{GOOD}\n[nat]\nsources = [\"10.0.1.4/32\"]\nout_interface = \"eth0\"\n"),
     )
     .unwrap();
-    let help = Command::new(BIN)
+    let help = Command::new(bin())
         .args(["nat", "down", "--help"])
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&help.stdout).contains("--config"));
-    let down = Command::new(BIN)
+    let down = Command::new(bin())
         .args(["nat", "down", "--config", "/nonexistent/ferryd.toml"])
         .env("PATH", "/nonexistent")
         .output()
@@ -188,7 +188,7 @@ fn nat_commands_take_config_and_status_says_when_it_cannot_check() {
         !stderr.contains("unexpected argument"),
         "--config must be accepted: {stderr}"
     );
-    let status = Command::new(BIN)
+    let status = Command::new(bin())
         .args(["nat", "status", "--config"])
         .arg(&config)
         .env("PATH", "/nonexistent")
@@ -207,7 +207,7 @@ fn nat_commands_take_config_and_status_says_when_it_cannot_check() {
 #[test]
 fn completions_for_bash_and_zsh() {
     for (shell, marker) in [("bash", "complete -F"), ("zsh", "#compdef ferryd")] {
-        let out = Command::new(BIN).args(["completions", shell]).output().unwrap();
+        let out = Command::new(bin()).args(["completions", shell]).output().unwrap();
         assert!(out.status.success());
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(text.contains(marker), "{shell}: {text}");
@@ -215,7 +215,10 @@ fn completions_for_bash_and_zsh() {
             assert!(text.contains(sub), "{shell} completion lacks {sub}");
         }
     }
-    let bash = Command::new(BIN).args(["completions", "bash"]).output().unwrap();
+    let bash = Command::new(bin())
+        .args(["completions", "bash"])
+        .output()
+        .unwrap();
     let parsed = Command::new("bash")
         .args(["-n", "/dev/stdin"])
         .stdin(std::process::Stdio::piped())

@@ -16,10 +16,10 @@ use serde_json::Value;
 /// `ferryd connections --config <daemon's> args...`, run by `user` when given (`setpriv` args).
 fn connections(daemon: &Daemon, user: &[&str], args: &[&str]) -> Output {
     let mut command = if user.is_empty() {
-        Command::new(BIN)
+        Command::new(bin())
     } else {
         let mut c = Command::new("setpriv");
-        c.args(user).arg("--").arg(BIN);
+        c.args(user).arg("--").arg(bin());
         c
     };
     command

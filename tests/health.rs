@@ -313,7 +313,7 @@ fn status_document_and_status_command() {
     let reason = route["last_upstream_error"]["reason"].as_str().unwrap();
     assert!(reason.contains("upstream-refused"), "{reason}");
 
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .arg("status")
         .arg("--config")
         .arg(&daemon.config)
@@ -342,7 +342,7 @@ fn status_command_without_a_daemon_says_so() {
         free_port(),
     );
     std::fs::write(&path, config).unwrap();
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .arg("status")
         .arg("--config")
         .arg(&path)

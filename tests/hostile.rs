@@ -303,7 +303,7 @@ fn a_stalled_log_sink_never_blocks_the_relay() {
     .unwrap();
     // Close-on-exec, so daemons other tests start at the same time do not inherit it.
     let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
-    let mut command = std::process::Command::new(BIN);
+    let mut command = std::process::Command::new(bin());
     unprivileged(&mut command);
     let mut child = command
         .args(["run", "--config"])

@@ -419,7 +419,7 @@ fn systemd_analyze_verify_passes() {
     ] {
         let text = std::fs::read_to_string(unit)
             .unwrap()
-            .replace("/usr/bin/ferryd", common::BIN);
+            .replace("/usr/bin/ferryd", common::bin());
         std::fs::write(dir.path().join(name), text).unwrap();
     }
     // The man page is installed by the package, not on this host.

@@ -172,7 +172,7 @@ fn check_rejects_header_keys_without_proxy_protocol() {
         let dir = TempDir::new("pp-check");
         let path = dir.path().join("ferryd.toml");
         std::fs::write(&path, text).unwrap();
-        let out = Command::new(BIN)
+        let out = Command::new(bin())
             .args(["check", "--config"])
             .arg(&path)
             .output()
@@ -201,7 +201,7 @@ fn header_timeout_is_accepted_with_auto() {
     let dir = TempDir::new("pp-check-auto");
     let path = dir.path().join("ferryd.toml");
     std::fs::write(&path, text).unwrap();
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .args(["check", "--config"])
         .arg(&path)
         .output()

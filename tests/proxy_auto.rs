@@ -168,7 +168,7 @@ fn off_refuses_a_header_and_names_the_fix() {
 
 /// `ferryd doctor --json`'s finding named `check`.
 fn doctor_finding(daemon: &Daemon, check: &str) -> serde_json::Value {
-    let out = std::process::Command::new(BIN)
+    let out = std::process::Command::new(bin())
         .args(["doctor", "--json", "--config"])
         .arg(&daemon.config)
         .output()

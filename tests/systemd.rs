@@ -97,7 +97,7 @@ fn spawn_with_passed_socket(config: &str, socket: &TcpListener, name: &str) -> D
             .arg(format!(
                 "LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES={name} exec \"$0\" run --config \"$1\""
             ))
-            .arg(BIN)
+            .arg(bin())
             .arg(path);
         unprivileged(&mut command);
         // SAFETY: dup2 is async-signal-safe; the new fd 3 is not close-on-exec.
@@ -441,7 +441,7 @@ fn the_relay_drops_capabilities_it_is_handed() {
                 "--inh-caps=+net_admin,+net_raw",
                 "--ambient-caps=+net_admin,+net_raw",
             ])
-            .args([BIN, "run", "--config"])
+            .args([bin(), "run", "--config"])
             .arg(path);
         for var in ["JOURNAL_STREAM", "NOTIFY_SOCKET", "WATCHDOG_USEC"] {
             command.env_remove(var);

@@ -17,7 +17,7 @@ fn status(daemon: &Daemon) -> serde_json::Value {
 
 /// The doctor's upstream finding of route `test`.
 fn upstream_finding(daemon: &Daemon) -> serde_json::Value {
-    let out = std::process::Command::new(BIN)
+    let out = std::process::Command::new(bin())
         .args(["doctor", "--json", "--config"])
         .arg(&daemon.config)
         .output()

@@ -125,7 +125,7 @@ impl Daemon {
     /// and waits until it is ready.
     pub fn keeper(config: &str, adjust: impl FnOnce(&mut Command)) -> Daemon {
         let keeper = Self::spawn_command(config, |path| {
-            let mut command = Command::new(BIN);
+            let mut command = Command::new(bin());
             command.args(["nat", "run", "--config"]).arg(path);
             for var in ["JOURNAL_STREAM", "NOTIFY_SOCKET", "WATCHDOG_USEC"] {
                 command.env_remove(var);
@@ -147,7 +147,7 @@ impl Daemon {
     /// ordinary uid with no capabilities (see [`unprivileged`]).
     pub fn spawn_with(config: &str, adjust: impl FnOnce(&mut Command)) -> Daemon {
         Self::spawn_command(config, |path| {
-            let mut command = run_command(Path::new(BIN), path);
+            let mut command = run_command(Path::new(bin()), path);
             unprivileged(&mut command);
             adjust(&mut command);
             command

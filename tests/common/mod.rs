@@ -24,7 +24,61 @@ use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_ferryd");
+/// The binary cargo built. Run it through [`bin`].
+const BUILT: &str = env!("CARGO_BIN_EXE_ferryd");
+
+/// The ferryd binary under test, at a path an ordinary uid can run. As root the suite runs each
+/// daemon under a uid of its own (see `daemon::unprivileged`), and a checkout inside a directory
+/// closed to others (root's home, a `mktemp -d`) would refuse them with EACCES; then the binary
+/// is copied, once per build, into a directory anyone may enter.
+pub fn bin() -> &'static str {
+    static RUNNABLE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    RUNNABLE.get_or_init(|| {
+        let built = Path::new(BUILT);
+        if open_to_others(built) {
+            return BUILT.to_string();
+        }
+        use std::os::unix::fs::PermissionsExt;
+        let meta = std::fs::metadata(built).expect("the built binary");
+        let modified = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos());
+        let shared = std::env::temp_dir().join("ferryd-test-bin");
+        let dir = shared.join(format!("{}-{modified}", meta.len()));
+        let copy = dir.join("ferryd");
+        if !copy.exists() {
+            // Copies of earlier builds go: one build's copy is enough.
+            if let Ok(entries) = std::fs::read_dir(&shared) {
+                for entry in entries.flatten() {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+            std::fs::create_dir_all(&dir).expect("a directory for the binary");
+            let open = std::fs::Permissions::from_mode(0o755);
+            std::fs::set_permissions(&shared, open.clone()).expect("open the directory");
+            std::fs::set_permissions(&dir, open.clone()).expect("open the directory");
+            let part = dir.join(format!("ferryd.{}", std::process::id()));
+            std::fs::copy(built, &part).expect("copy the binary");
+            std::fs::set_permissions(&part, open).expect("make the copy runnable");
+            std::fs::rename(&part, &copy).expect("put the copy in place");
+        }
+        copy.display().to_string()
+    })
+}
+
+/// Whether every directory above `path` lets others through, and others may run `path`.
+fn open_to_others(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let others_x = |p: &Path| std::fs::metadata(p).is_ok_and(|m| m.permissions().mode() & 0o001 != 0);
+    others_x(path)
+        && path
+            .ancestors()
+            .skip(1)
+            .filter(|a| !a.as_os_str().is_empty())
+            .all(others_x)
+}
 
 /// A port that was free a moment ago on 127.0.0.1.
 pub fn free_port() -> u16 {

@@ -13,7 +13,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use super::{BIN, TempDir};
+use super::{TempDir, bin};
 
 /// Answers every GET with the client's address.
 pub const WHOAMI: &str = r#"
@@ -178,7 +178,7 @@ impl Topology {
     /// Runs `ferryd ARGS` in the proxy namespace.
     pub fn ferryd(&self, args: &[&str]) -> Output {
         Command::new("ip")
-            .args(["netns", "exec", &self.ns("proxy"), BIN])
+            .args(["netns", "exec", &self.ns("proxy"), bin()])
             .args(args)
             .env("STATE_DIRECTORY", self.state.path())
             .output()
@@ -218,7 +218,7 @@ impl Topology {
                     "--bounding-set=-all",
                     "--no-new-privs",
                 ])
-                .args([BIN, "run", "--config"])
+                .args([bin(), "run", "--config"])
                 .arg(file);
             if let Some(path) = &path {
                 command.env("PATH", path);
@@ -237,7 +237,7 @@ impl Topology {
         let keeper = super::Daemon::spawn_command(&self.with_report(config), |file| {
             let mut command = Command::new("ip");
             command
-                .args(["netns", "exec", &ns, BIN, "nat", "run", "--config"])
+                .args(["netns", "exec", &ns, bin(), "nat", "run", "--config"])
                 .arg(file)
                 .env("STATE_DIRECTORY", &state);
             if let Some(path) = &path {

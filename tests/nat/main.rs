@@ -296,7 +296,7 @@ fn nat_up_with_iptables_1_6_1_holds_the_xtables_lock() {
             "netns",
             "exec",
             &topo.ns("proxy"),
-            BIN,
+            bin(),
             "nat",
             "up",
             "--config",

@@ -110,8 +110,8 @@ fn every_counter_continues_across_an_upgrade() {
             .is_some_and(|n| *n > 0.0),
         "no dropped lines before the upgrade: {before:?}"
     );
-    installed.replace_with(Path::new(BIN));
-    let out = Command::new(BIN)
+    installed.replace_with(Path::new(bin()));
+    let out = Command::new(bin())
         .args(["upgrade", "--timeout", "20", "--config"])
         .arg(&config)
         .output()
@@ -164,7 +164,7 @@ fn probes_are_answered_200_throughout_upgrades() {
         })
         .collect();
     for _ in 0..10 {
-        installed.replace_with(Path::new(BIN));
+        installed.replace_with(Path::new(bin()));
         let out = upgrade(&daemon);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
@@ -220,7 +220,7 @@ fn carried_pipes_count_against_max_pipes() {
         .map(|_| connect(local(port), &format!("BLAST {}", 64 << 20), &tally))
         .collect();
     std::thread::sleep(Duration::from_secs(1));
-    installed.replace_with(Path::new(BIN));
+    installed.replace_with(Path::new(bin()));
     let out = upgrade(&daemon);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let carried = carried(&daemon);
@@ -307,7 +307,7 @@ fn the_relay_runs_no_iptables_even_with_nat_configured() {
     let mut session = session(port);
     // Long enough for a reconcile loop at 1 s to have run iptables several times.
     std::thread::sleep(Duration::from_secs(3));
-    installed.replace_with(Path::new(BIN));
+    installed.replace_with(Path::new(bin()));
     let out = upgrade(&daemon);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     common::echo_roundtrip(&mut session, b"after").expect("the session goes on");
@@ -345,7 +345,7 @@ fn a_connection_keeps_its_id_across_an_upgrade() {
         common::field(&opened, "dial_ms").is_some() && opened.contains("route=test"),
         "{opened}"
     );
-    installed.replace_with(Path::new(BIN));
+    installed.replace_with(Path::new(bin()));
     let out = upgrade(&daemon);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     common::echo_roundtrip(&mut before, b"after").expect("the session goes on");
@@ -390,7 +390,7 @@ fn a_connection_of_a_removed_route_crosses_an_upgrade() {
         "the removed route still listens"
     );
 
-    installed.replace_with(Path::new(BIN));
+    installed.replace_with(Path::new(bin()));
     let out = upgrade(&daemon);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     daemon.expect_log(

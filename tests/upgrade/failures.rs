@@ -21,7 +21,7 @@ fn stalled_readers_cross(splice: bool) {
         .collect();
     // Let every buffer on the way fill: the upstreams block, ferryd holds bytes for each client.
     std::thread::sleep(Duration::from_secs(2));
-    installed.replace_with(Path::new(BIN));
+    installed.replace_with(Path::new(bin()));
     let out = upgrade(&daemon);
     let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -109,8 +109,8 @@ fn a_hand_over_that_fails_after_the_check_keeps_every_connection() {
     });
     let pid = daemon.pid();
     let mut sessions: Vec<TcpStream> = (0..5).map(|_| session(port)).collect();
-    installed.replace_with(Path::new(BIN));
-    let asking = Command::new(BIN)
+    installed.replace_with(Path::new(bin()));
+    let asking = Command::new(bin())
         .args(["upgrade", "--timeout", "20", "--config"])
         .arg(&daemon.config)
         .stdout(std::process::Stdio::piped())
@@ -221,7 +221,7 @@ fn an_exec_that_fails_twice_costs_nothing() {
     }
     // Let the holders go before the real binary is put in place.
     std::thread::sleep(Duration::from_secs(3));
-    installed.replace_with(Path::new(BIN));
+    installed.replace_with(Path::new(bin()));
     let out = upgrade(&daemon);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     common::echo_roundtrip(&mut session, b"after the good one").expect("the session goes on");
@@ -246,7 +246,7 @@ fn a_new_image_that_refuses_the_document_resets_and_serves_on() {
     let daemon = installed.start_passed(&config_one_route(port, upstream.addr, "", ""), &passed, "test");
     let mut session = session(port);
     let real = installed.dir.path().join("ferryd.real");
-    std::fs::copy(BIN, &real).expect("copy the binary");
+    std::fs::copy(bin(), &real).expect("copy the binary");
     let stand_in = installed.dir.path().join("stand-in");
     std::fs::write(
         &stand_in,

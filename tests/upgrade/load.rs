@@ -139,7 +139,7 @@ fn ten_upgrades_under_load_move_every_connection_and_refuse_none() {
     std::thread::sleep(IDLE_TIMEOUT / 2);
     let mut reports = Vec::new();
     for _ in 0..10 {
-        installed.replace_with(Path::new(BIN));
+        installed.replace_with(Path::new(bin()));
         let out = upgrade(&daemon);
         assert!(
             out.status.success(),
@@ -299,7 +299,7 @@ fn a_copy_buffer_stuck_on_a_slow_reader_crosses_the_upgrade() {
     // Let every buffer on the way fill.
     std::thread::sleep(Duration::from_millis(500));
     for _ in 0..3 {
-        installed.replace_with(Path::new(BIN));
+        installed.replace_with(Path::new(bin()));
         let out = upgrade(&daemon);
         assert!(
             out.status.success(),

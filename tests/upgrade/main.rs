@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::{BIN, Daemon, Pattern, TempDir, Upstream, config_one_route, free_port, local};
+use common::{Daemon, Pattern, TempDir, Upstream, bin, config_one_route, free_port, local};
 
 const GIB: u64 = 1 << 30;
 /// The bulk transfers are paced to last about this long, so that every upgrade happens while
@@ -139,7 +139,7 @@ impl Installed {
         let installed = Installed {
             dir: TempDir::new("upgrade-bin"),
         };
-        installed.replace_with(Path::new(BIN));
+        installed.replace_with(Path::new(bin()));
         installed
     }
 
@@ -231,7 +231,7 @@ impl Installed {
 }
 
 fn upgrade(daemon: &Daemon) -> std::process::Output {
-    Command::new(BIN)
+    Command::new(bin())
         .args(["upgrade", "--timeout", "20", "--config"])
         .arg(&daemon.config)
         .output()
@@ -240,7 +240,7 @@ fn upgrade(daemon: &Daemon) -> std::process::Output {
 
 /// What `ferryd status` prints (its exit status is about systemd, absent here).
 fn summary(daemon: &Daemon) -> String {
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .args(["status", "--config"])
         .arg(&daemon.config)
         .output()

@@ -90,7 +90,7 @@ upstream = "{}"
     let health = probes(&daemon, stop.clone());
     // Let the dial get under way (its first SYN has been dropped).
     std::thread::sleep(Duration::from_millis(1500));
-    installed.replace_with(Path::new(BIN));
+    installed.replace_with(Path::new(bin()));
     let asked = Instant::now();
     let out = upgrade(&daemon);
     let took = asked.elapsed();
@@ -162,7 +162,7 @@ fn a_connection_reading_its_proxy_header_parks_and_goes_on() {
     let mut silent = TcpStream::connect(local(port)).expect("connect");
     let silent_since = Instant::now();
     std::thread::sleep(Duration::from_millis(1000));
-    installed.replace_with(Path::new(BIN));
+    installed.replace_with(Path::new(bin()));
     let out = upgrade(&daemon);
     assert!(
         out.status.success(),
