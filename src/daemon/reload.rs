@@ -156,13 +156,17 @@ impl Daemon {
                     let Running {
                         name,
                         listen,
+                        socket,
                         settings,
                         stats,
                         task,
-                        ..
                     } = running;
                     drop(settings);
-                    let _ = task.await;
+                    // Every descriptor of the socket is closed before the line below says so:
+                    // the accept loop's (it returns it when it stops) and this one. A socket
+                    // left to the end of this arm kept the port open after "route removed".
+                    drop(task.await);
+                    drop(socket);
                     match moved_or_gone {
                         Some(route) => {
                             tracing::info!(route = %name, from = %listen, to = %route.listen, "route moved; its live connections continue and keep counting");

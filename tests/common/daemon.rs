@@ -335,6 +335,37 @@ impl Daemon {
             .map(|d| d.count())
             .unwrap_or(0)
     }
+
+    /// Whether the daemon itself holds a listening TCP socket on `port`. Asking the daemon's own
+    /// descriptors, not connect(): in a parallel suite another test may bind a port the daemon
+    /// has just closed.
+    pub fn listens_on(&self, port: u16) -> bool {
+        let pid = self.pid();
+        let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .expect("read the daemon's descriptors")
+            .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+            .filter_map(|target| {
+                let target = target.to_string_lossy().into_owned();
+                Some(target.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+            })
+            .collect();
+        ["tcp", "tcp6"].iter().any(|table| {
+            let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+            text.lines().skip(1).any(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                // local_address is fields[1] ("ADDR:PORT" in hex), st fields[3] (0A: LISTEN),
+                // inode fields[9].
+                fields.len() > 9
+                    && fields[3] == "0A"
+                    && fields[1]
+                        .rsplit(':')
+                        .next()
+                        .and_then(|p| u16::from_str_radix(p, 16).ok())
+                        == Some(port)
+                    && inodes.iter().any(|inode| inode == fields[9])
+            })
+        })
+    }
 }
 
 impl Daemon {
