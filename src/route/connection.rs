@@ -40,6 +40,19 @@ pub(super) struct Connection {
 }
 
 impl Connection {
+    /// Runs the connection in a task of its own, new or moved here by a live upgrade before it
+    /// was relaying: opened, then relayed. Two phases in sequence, not one nested in the other:
+    /// what opening needs (the PROXY header, the dial, the settings) is gone before relaying
+    /// starts, so an idle connection's task holds only the relay's state.
+    pub(super) fn spawn(self: Box<Self>) {
+        tokio::spawn(async move {
+            let Some((relayed, client, upstream)) = self.open().await else {
+                return;
+            };
+            relayed.run(client, upstream, None).await;
+        });
+    }
+
     /// Reads the PROXY header if the route expects one, dials the upstream and sends it a
     /// PROXY header if the route says so. `None` when the connection ended here (it has been
     /// closed, counted and logged) or parked for a live upgrade (it has gone to the daemon).

@@ -148,14 +148,6 @@ impl RouteListener {
             admitted: false,
             dialled: Duration::ZERO,
         });
-        // Two phases in sequence, not one nested in the other: what opening the connection
-        // needs (the PROXY header, the dial, the settings) is gone before relaying starts, so
-        // an idle connection's task holds only the relay's state.
-        tokio::spawn(async move {
-            let Some((relayed, client, upstream)) = connection.open().await else {
-                return;
-            };
-            relayed.run(client, upstream, None).await;
-        });
+        connection.spawn();
     }
 }

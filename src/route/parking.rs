@@ -180,12 +180,7 @@ pub fn resume_opening(
         admitted,
         dialled,
     });
-    tokio::spawn(async move {
-        let Some((relayed, client, upstream)) = connection.open().await else {
-            return;
-        };
-        relayed.run(client, upstream, None).await;
-    });
+    connection.spawn();
     true
 }
 
