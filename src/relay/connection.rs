@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::pump::{self, Flow, PumpError, SideEnd};
-use super::{Ended, Engine, OpenSide, Parked, Progress, Side, Timeouts, Totals, Transfer};
+use super::{Ended, Engine, OpenSide, Over, Parked, Progress, Side, Timeouts, Totals, Transfer};
 use crate::connections::{Activity, Direction, DirectionState, Live, Who};
 use crate::shutdown::{ParkRequest, Request, Shutdown};
 use crate::state::Outcome;
@@ -86,21 +86,25 @@ enum LoopEnd {
 ///
 /// What can be worked out before the first await is worked out outside the returned async
 /// block: an async fn would keep its arguments twice in the connection's task (as arguments,
-/// and as the locals they are moved into), for the connection's whole life.
+/// and as the locals they are moved into), for the connection's whole life. For the same
+/// reason it takes what it needs by value, and what follows the end is `then`, a plain
+/// function given who the connection was and how it ended ([`Over`]): a caller's block
+/// awaiting this future would keep a second copy of what it passed on, for as long.
 #[allow(
     clippy::too_many_arguments,
     reason = "each is a different thing the relay needs"
 )]
-pub fn relay(
-    engine: &Engine,
+pub fn relay<T>(
+    engine: Arc<Engine>,
     who: Who,
     mut client: TcpStream,
     mut upstream: TcpStream,
     timeouts: Timeouts,
-    totals: Totals<'_>,
-    shutdown: &mut Shutdown,
+    totals: Totals,
+    mut shutdown: Shutdown,
     from: Option<Box<Progress>>,
-) -> impl Future<Output = Ended> {
+    then: impl FnOnce(Over) -> T,
+) -> impl Future<Output = T> {
     let Progress {
         up: up_side,
         down: down_side,
@@ -109,7 +113,7 @@ pub fn relay(
         bytes_up,
         bytes_down,
     } = from.map_or_else(Progress::default, |from| *from);
-    let runs = [Run::from_side(&up_side), Run::from_side(&down_side)];
+    let mut runs = [Run::from_side(&up_side), Run::from_side(&down_side)];
     // What a direction moved by an upgrade carries was read by the previous image and is not
     // written yet: it counts as read, so the accounting holds across the upgrade.
     let shown = |written: u64, side: &Side| {
@@ -132,32 +136,40 @@ pub fn relay(
         Side::Open(open) => open,
         Side::Done => OpenSide::default(),
     };
-    let starts = [open(up_side), open(down_side)];
+    let mut starts = [open(up_side), open(down_side)];
     let park_request = shutdown.park_request();
 
     async move {
-        let _listed = engine.table.enter(live.clone());
+        let listed = engine.table.enter(live.clone());
         let how = run(
-            engine,
+            &engine,
             &live,
             [&mut client, &mut upstream],
-            timeouts,
-            totals,
-            shutdown,
+            &timeouts,
+            &totals,
+            &mut shutdown,
             &park_request,
-            runs,
-            starts,
+            &mut runs,
+            &mut starts,
         )
         .await;
-        match how {
-            LoopEnd::Parked { up, down } => park(engine, &live, client, upstream, up, down),
-            LoopEnd::Closed(outcome, detail) => close(engine, &live, client, upstream, outcome, detail),
-        }
+        let ended = match how {
+            LoopEnd::Parked { up, down } => park(&engine, &live, client, upstream, up, down),
+            LoopEnd::Closed(outcome, detail) => close(&engine, &live, client, upstream, outcome, detail),
+        };
+        // Out of the table before the caller logs its end.
+        drop(listed);
+        then(Over {
+            ended,
+            who: live.who.clone(),
+            timeouts,
+        })
     }
 }
 
 /// The relay loop: runs both directions and every timer until the connection ends or parks.
-/// (An async block, not an async fn, for the reason [`relay`] gives.)
+/// (An async block, not an async fn, for the reason [`relay`] gives; and it borrows what the
+/// relay's block already holds rather than taking a second copy of it.)
 #[allow(
     clippy::too_many_arguments,
     reason = "each is a different thing the loop needs"
@@ -170,12 +182,12 @@ fn run<'a>(
     engine: &'a Engine,
     live: &'a Live,
     [client, upstream]: [&'a mut TcpStream; 2],
-    timeouts: Timeouts,
-    totals: Totals<'a>,
+    timeouts: &'a Timeouts,
+    totals: &'a Totals,
     shutdown: &'a mut Shutdown,
     park_request: &'a ParkRequest,
-    [mut up, mut down]: [Run; 2],
-    [up_from, down_from]: [OpenSide; 2],
+    [up, down]: &'a mut [Run; 2],
+    [up_from, down_from]: &'a mut [OpenSide; 2],
 ) -> impl Future<Output = LoopEnd> + 'a {
     async move {
         let activity = &live.activity;
@@ -203,16 +215,16 @@ fn run<'a>(
         let upward = pump::pump(
             &mut client_r,
             &mut upstream_w,
-            flow(&live.up, totals.up),
+            flow(&live.up, &totals.counters.bytes_up),
             park_request,
-            up_from,
+            std::mem::take(up_from),
         );
         let downward = pump::pump(
             &mut upstream_r,
             &mut client_w,
-            flow(&live.down, totals.down),
+            flow(&live.down, &totals.counters.bytes_down),
             park_request,
-            down_from,
+            std::mem::take(down_from),
         );
         tokio::pin!(upward, downward);
         let mut next_look = timeouts.gone.map(|gone| Instant::now() + gone.every());
@@ -270,14 +282,14 @@ fn run<'a>(
                     Request::Park => park_seen = true,
                 },
             }
-            match (&up, &down) {
+            match (&*up, &*down) {
                 (Run::Done, Run::Done) => return LoopEnd::Closed(Outcome::Eof, None),
                 (Run::Running, _) | (_, Run::Running) => {}
                 // Both stopped, at least one parked.
                 _ => {
                     return LoopEnd::Parked {
-                        up: std::mem::replace(&mut up, Run::Running).into_side(),
-                        down: std::mem::replace(&mut down, Run::Running).into_side(),
+                        up: std::mem::replace(up, Run::Running).into_side(),
+                        down: std::mem::replace(down, Run::Running).into_side(),
                     };
                 }
             }
@@ -420,21 +432,22 @@ async fn sleep_until(deadline: Option<Instant>) {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::AtomicU64;
     use std::time::Duration;
 
     use super::*;
     use crate::relay::GoneAfter;
     use crate::shutdown::Drain;
-    use crate::state::RelayStats;
+    use crate::state::{ConnectTimes, RelayStats, RouteCounters, RouteStats};
 
     /// The most a relayed connection's future may take. It is the connection's task for its
-    /// whole life, so this is most of what an idle connection costs ferryd's memory (the rest:
-    /// the task header, the table entry and the sockets); the benchmark measured 2.8 KiB per idle
-    /// connection when it was 2,560 bytes, and it is 1,768 since the loop became a state
-    /// machine. Every comment about "an async block, not an async fn" in the relay is about this
-    /// number; raise it only with a measurement that says why.
-    const LIMIT: usize = 1_792;
+    /// whole life (the route's task is this future and its `then`, 40 bytes), so this is most
+    /// of what an idle connection costs ferryd's memory (the rest: the task header, the
+    /// connection table's record and the sockets' registrations); the benchmark measured 2.8
+    /// KiB per idle connection when it was 2,560 bytes. It is 1,688 since the relay takes what
+    /// it needs by value and the loop borrows it (no copy kept to pass on). Every comment about
+    /// "an async block, not an async fn" in the relay is about this number; raise it only with
+    /// a measurement that says why.
+    const LIMIT: usize = 1_728;
 
     #[test]
     fn a_relayed_connection_s_future_stays_small() {
@@ -466,18 +479,22 @@ mod tests {
                 probes: 9,
             }),
         };
-        let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
+        let totals = Arc::new(RouteStats::new(
+            ConnectTimes::default().of("ssh"),
+            RouteCounters::default(),
+        ));
         let drain = Drain::new();
-        let mut shutdown = drain.handle();
+        let shutdown = drain.handle();
         let future = relay(
-            &engine,
+            engine,
             who,
             TcpStream::from_std(client).unwrap(),
             TcpStream::from_std(upstream).unwrap(),
             timeouts,
-            Totals { up: &up, down: &down },
-            &mut shutdown,
+            totals,
+            shutdown,
             None,
+            |_| (),
         );
         let size = std::mem::size_of_val(&future);
         assert!(

@@ -21,7 +21,6 @@ mod pipe;
 mod pump;
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 pub use connection::relay;
@@ -119,13 +118,23 @@ impl GoneAfter {
     }
 }
 
-/// Running byte totals the caller keeps across connections (a route's), updated at every burst.
-#[derive(Clone, Copy, Debug)]
-pub struct Totals<'a> {
-    /// Client → upstream.
-    pub up: &'a AtomicU64,
-    /// Upstream → client.
-    pub down: &'a AtomicU64,
+/// The route a connection belongs to, whose byte totals (`bytes_up`, `bytes_down`) every burst
+/// adds to. Owned rather than borrowed, so that a connection's whole future can be made before
+/// its task runs: whatever an async block captures to pass on stays in the task, for the
+/// connection's life.
+pub type Totals = Arc<crate::state::RouteStats>;
+
+/// What [`relay`] gives back with how the connection ended: who it was and the timers it ran
+/// under. The relay held the only copy of each while it ran (who it is in its connection table
+/// record), so the caller keeps none in the connection's task.
+#[derive(Debug)]
+pub struct Over {
+    /// How it ended.
+    pub ended: Ended,
+    /// Who it was.
+    pub who: crate::connections::Who,
+    /// The timers it ran under.
+    pub timeouts: Timeouts,
 }
 
 /// How a relayed connection ended and what it carried.

@@ -12,7 +12,7 @@ use tokio::net::TcpStream;
 
 use crate::config::ProxyProtocol;
 use crate::proxy_header::{self, Command, First, Header, Partial, Refusal};
-use crate::relay::{self, Ended, Progress, Timeouts, Totals};
+use crate::relay::{self, Ended, Progress, Timeouts};
 use crate::shutdown::Request;
 use crate::state::Outcome;
 
@@ -353,52 +353,61 @@ impl Relayed {
             identity,
             started,
             live,
-            mut wiring,
+            wiring:
+                Wiring {
+                    engine,
+                    shutdown,
+                    parking,
+                },
         } = self;
-        async move {
-            let stats = &live.0;
-            let totals = Totals {
-                up: &stats.counters.bytes_up,
-                down: &stats.counters.bytes_down,
-            };
-            let ended = relay::relay(
-                &wiring.engine,
-                identity.who(),
-                client,
-                upstream,
-                identity.timeouts,
-                totals,
-                &mut wiring.shutdown,
-                from,
-            )
-            .await;
-            let transfer = match ended {
-                Ended::Closed(transfer) => transfer,
-                Ended::Parked(relay) => {
-                    wiring
-                        .parking
-                        .park(Parked::Relaying(ParkedConnection { identity, relay }), stats);
-                    return;
-                }
-            };
-            stats.record(transfer.outcome);
-            // No longer live before the line says so: whoever reads the line and then the
-            // gauge sees the connection gone.
-            drop(live);
-            tracing::info!(
-                conn = identity.id,
-                route = %identity.route,
-                client = %identity.peer,
-                upstream = %identity.upstream,
-                bytes_up = transfer.up,
-                bytes_down = transfer.down,
-                duration_ms = started.elapsed().as_millis() as u64,
-                end = transfer.outcome.name(),
-                error = transfer.detail.as_deref(),
-                proxied_client = identity.proxied_client.map(|c| c.to_string()),
-                link_id = identity.link_id,
-                "connection closed"
-            );
-        }
+        // The relay's future is the task's: nothing wraps it to wait for its end. A block
+        // awaiting it would keep what it passes on (who the connection is, its sockets, the
+        // drain signal) for the connection's life, or, made outside the block, the relay's
+        // whole state twice. What follows the end is a plain function the relay calls.
+        let (who, timeouts) = identity.into_parts();
+        relay::relay(
+            engine,
+            who,
+            client,
+            upstream,
+            timeouts,
+            live.0.clone(),
+            shutdown,
+            from,
+            move |over| ended(over, started, live, &parking),
+        )
     }
+}
+
+/// After the relay: a connection that ended is counted and logged (its one line); a parked one
+/// goes to the daemon, who it is beside it.
+fn ended(over: relay::Over, started: Instant, live: LiveGuard, parking: &Parking) {
+    let relay::Over { ended, who, timeouts } = over;
+    let stats = &live.0;
+    let transfer = match ended {
+        Ended::Closed(transfer) => transfer,
+        Ended::Parked(relay) => {
+            let identity = Identity::from_parts(who, timeouts);
+            parking.park(Parked::Relaying(ParkedConnection { identity, relay }), stats);
+            return;
+        }
+    };
+    stats.record(transfer.outcome);
+    // No longer live before the line says so: whoever reads the line and then the gauge sees
+    // the connection gone.
+    drop(live);
+    tracing::info!(
+        conn = who.id,
+        route = %who.route,
+        client = %who.client,
+        upstream = %who.upstream,
+        bytes_up = transfer.up,
+        bytes_down = transfer.down,
+        duration_ms = started.elapsed().as_millis() as u64,
+        end = transfer.outcome.name(),
+        error = transfer.detail.as_deref(),
+        proxied_client = who.proxied_client.map(|c| c.to_string()),
+        link_id = who.link_id,
+        "connection closed"
+    );
 }

@@ -110,15 +110,29 @@ pub struct Identity {
 }
 
 impl Identity {
-    /// What the connection table lists about it.
-    fn who(&self) -> crate::connections::Who {
-        crate::connections::Who {
+    /// What the connection table lists about it, and its timers.
+    fn into_parts(self) -> (crate::connections::Who, Timeouts) {
+        let who = crate::connections::Who {
             id: self.id,
-            route: self.route.clone(),
+            route: self.route,
             client: self.peer,
             proxied_client: self.proxied_client,
             link_id: self.link_id,
             upstream: self.upstream,
+        };
+        (who, self.timeouts)
+    }
+
+    /// The identity [`Identity::into_parts`] took apart.
+    fn from_parts(who: crate::connections::Who, timeouts: Timeouts) -> Self {
+        Identity {
+            id: who.id,
+            route: who.route,
+            peer: who.client,
+            upstream: who.upstream,
+            proxied_client: who.proxied_client,
+            link_id: who.link_id,
+            timeouts,
         }
     }
 }
