@@ -125,8 +125,8 @@ impl GoneAfter {
 pub type Totals = Arc<crate::state::RouteStats>;
 
 /// What [`relay`] gives back with how the connection ended: who it was and the timers it ran
-/// under. The relay held the only copy of each while it ran (who it is in its connection table
-/// record), so the caller keeps none in the connection's task.
+/// under. The relay kept them while it ran (who it is in its connection table record), so the
+/// caller need not keep a copy of its own in the connection's task.
 #[derive(Debug)]
 pub struct Over {
     /// How it ended.

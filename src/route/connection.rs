@@ -340,9 +340,9 @@ pub(super) struct Relayed {
 
 impl Relayed {
     /// Relays until the connection ends (and logs it) or a live upgrade parks it (and sends it
-    /// to the daemon). An async block rather than an async fn: an async fn keeps a second copy
-    /// of its arguments in the task for as long as it runs (they are moved into locals), and
-    /// this one runs for the connection's whole life.
+    /// to the daemon): the relay's own future, with [`ended`] as what it does after. Neither an
+    /// async fn nor a block awaiting the relay: either keeps a second copy of what it passes on
+    /// (who the connection is, its sockets, the drain signal) for the connection's whole life.
     pub(super) fn run(
         self,
         client: TcpStream,
