@@ -38,13 +38,20 @@ enum Signal {
 
 impl Shutdown {
     /// Completes when live connections must close (`Close`), or, unless `park_seen`, when they
-    /// must park (`Park`): one waiter for both, so a connection's task carries one.
+    /// must park (`Park`): one waiter for both, so a connection's task carries one. Written on
+    /// `changed()` rather than `wait_for()`, whose future is 48 bytes larger: every idle
+    /// connection's task holds this one.
     pub async fn closing_or_parking(&mut self, park_seen: bool) -> Request {
-        let wanted = |s: &Signal| *s == Signal::Close || (!park_seen && *s == Signal::Park);
-        match self.signal.wait_for(wanted).await {
-            Ok(s) if *s == Signal::Park => Request::Park,
-            // Close, or the daemon dropped the sender: the process is going away.
-            _ => Request::Close,
+        loop {
+            match *self.signal.borrow_and_update() {
+                Signal::Close => return Request::Close,
+                Signal::Park if !park_seen => return Request::Park,
+                Signal::Park | Signal::Run => {}
+            }
+            if self.signal.changed().await.is_err() {
+                // The daemon dropped the sender: the process is going away.
+                return Request::Close;
+            }
         }
     }
 
