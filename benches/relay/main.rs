@@ -3,9 +3,9 @@
 //! stream, socat.
 //!
 //! Every contender relays to the same upstream, which this program runs: the first byte of a
-//! connection picks its behaviour (`S` sink, `E` echo, `H` hold open). Rounds are interleaved
-//! (A B C ... A B C ...) and each figure is the median of the rounds, with the spread (min-max),
-//! so that a noisy machine moves every contender alike.
+//! connection picks its behaviour (`S` sink, `E` echo, `H` hold open). Rounds are interleaved,
+//! each starting one contender later (A B C, B C A, C A B, ...), and each figure is the median of
+//! the rounds, with the spread (min-max), so that a noisy machine moves every contender alike.
 //!
 //! Two shapes: the machine's two cores shared by everything (every proxy on one thread or
 //! worker, the load generator and upstream beside it), and the proxy VM's own shape, one core:
@@ -179,7 +179,11 @@ fn main() {
     let mut results: BTreeMap<Kind, Samples> = BTreeMap::new();
     for round_number in 0..plan.rounds {
         eprintln!("round {}/{}", round_number + 1, plan.rounds);
-        for proxy in &proxies {
+        // Each round starts one contender later (A B C, B C A, ...): a machine that is slower
+        // for whoever runs first in a round (after the previous round's bulk transfers) then
+        // slows every contender alike, not always the same one.
+        for i in 0..proxies.len() {
+            let proxy = &proxies[(i + round_number) % proxies.len()];
             round(
                 proxy,
                 &plan,
