@@ -257,12 +257,12 @@ impl Daemon {
             }
         }
         for mut parked in connections {
-            parked.identity.id = number(parked.identity.id);
-            let who = &parked.identity;
+            parked.identity.who.id = number(parked.identity.who.id);
+            let who = &parked.identity.who;
             let route_stats = match stats.get(&*who.route) {
                 Some(route_stats) => route_stats.clone(),
                 None => {
-                    tracing::info!(route = %who.route, client = %who.peer, "moved a connection of a route no longer configured; it goes on until it ends");
+                    tracing::info!(route = %who.route, client = %who.client, "moved a connection of a route no longer configured; it goes on until it ends");
                     self.new_stats(&who.route)
                 }
             };

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use super::doc::{self, ConnectionEntry, Document, OpeningEntry, PipeEntry, SideEntry, VERSION};
 use super::{Incoming, Outgoing, monotonic_ns, set_cloexec};
+use crate::connections::Who;
 use crate::relay::{Carry, GoneAfter, OpenSide, Parked, Pipe, Progress, Side, Timeouts};
 use crate::route::{Identity, OpeningConnection, ParkedConnection};
 
@@ -23,12 +24,15 @@ impl Outgoing {
             .iter()
             .map(|parked| {
                 let Identity {
-                    id,
-                    route,
-                    peer,
-                    upstream,
-                    proxied_client,
-                    link_id,
+                    who:
+                        Who {
+                            id,
+                            route,
+                            client: peer,
+                            upstream,
+                            proxied_client,
+                            link_id,
+                        },
                     timeouts,
                 } = &parked.identity;
                 let Parked {
@@ -186,12 +190,14 @@ pub(super) unsafe fn from_document(doc: Document) -> Incoming {
         };
         connections.push(ParkedConnection {
             identity: Identity {
-                id: c.id,
-                route: c.route.as_str().into(),
-                peer: c.peer,
-                upstream: c.upstream,
-                proxied_client: c.proxied_client,
-                link_id: c.link_id,
+                who: Who {
+                    id: c.id,
+                    route: c.route.as_str().into(),
+                    client: c.peer,
+                    upstream: c.upstream,
+                    proxied_client: c.proxied_client,
+                    link_id: c.link_id,
+                },
                 timeouts: Timeouts {
                     idle: c.idle_timeout_ms.map(Duration::from_millis),
                     fin: Duration::from_millis(c.fin_timeout_ms),
@@ -298,12 +304,14 @@ mod tests {
         assert_eq!(filled, 11);
         let (pipe, bytes) = lease.detach().unwrap();
         let identity = Identity {
-            id: 42,
-            route: "ssh".into(),
-            peer: client.peer_addr().unwrap(),
-            upstream: upstream.peer_addr().unwrap(),
-            proxied_client: Some("10.0.0.9:5000".parse().unwrap()),
-            link_id: Some(7),
+            who: Who {
+                id: 42,
+                route: "ssh".into(),
+                client: client.peer_addr().unwrap(),
+                upstream: upstream.peer_addr().unwrap(),
+                proxied_client: Some("10.0.0.9:5000".parse().unwrap()),
+                link_id: Some(7),
+            },
             timeouts: Timeouts {
                 idle: Some(Duration::from_secs(300)),
                 fin: Duration::from_secs(30),
@@ -372,18 +380,19 @@ mod tests {
         assert!(listener.accept().is_ok(), "the listener no longer accepts");
 
         let moved = incoming.connections.pop().unwrap();
-        let who = &moved.identity;
+        let (who, was) = (&moved.identity.who, &identity.who);
         assert_eq!(
-            (who.id, &who.route, who.peer, who.upstream),
-            (identity.id, &identity.route, identity.peer, identity.upstream)
+            (who.id, &who.route, who.client, who.upstream),
+            (was.id, &was.route, was.client, was.upstream)
         );
         assert_eq!(
             (who.proxied_client, who.link_id),
-            (identity.proxied_client, identity.link_id)
+            (was.proxied_client, was.link_id)
         );
-        assert_eq!(who.timeouts.idle, identity.timeouts.idle);
-        assert_eq!(who.timeouts.fin, identity.timeouts.fin);
-        assert_eq!(who.timeouts.gone, identity.timeouts.gone);
+        let timeouts = &moved.identity.timeouts;
+        assert_eq!(timeouts.idle, identity.timeouts.idle);
+        assert_eq!(timeouts.fin, identity.timeouts.fin);
+        assert_eq!(timeouts.gone, identity.timeouts.gone);
         let Parked {
             mut client,
             mut upstream,

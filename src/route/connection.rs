@@ -21,7 +21,7 @@ use super::*;
 /// One admitted client, until its upstream is dialled (or the attempt has ended and been
 /// logged, or a live upgrade parked it).
 pub(super) struct Connection {
-    /// Its id (see [`Identity::id`]).
+    /// Its id (see [`Who::id`](crate::connections::Who::id)).
     pub(super) id: u64,
     pub(super) live: LiveGuard,
     pub(super) client: TcpStream,
@@ -244,12 +244,14 @@ impl Connection {
         );
         let relayed = Relayed {
             identity: Identity {
-                id: this.id,
-                route: this.settings.name.clone(),
-                peer: this.peer,
-                upstream: upstream_addr,
-                proxied_client,
-                link_id,
+                who: crate::connections::Who {
+                    id: this.id,
+                    route: this.settings.name.clone(),
+                    client: this.peer,
+                    proxied_client,
+                    link_id,
+                    upstream: upstream_addr,
+                },
                 timeouts: Timeouts {
                     idle: route.idle_timeout,
                     fin: route.fin_timeout,
@@ -364,7 +366,7 @@ impl Relayed {
         // awaiting it would keep what it passes on (who the connection is, its sockets, the
         // drain signal) for the connection's life, or, made outside the block, the relay's
         // whole state twice. What follows the end is a plain function the relay calls.
-        let (who, timeouts) = identity.into_parts();
+        let Identity { who, timeouts } = identity;
         relay::relay(
             engine,
             who,
@@ -387,7 +389,7 @@ fn ended(over: relay::Over, started: Instant, live: LiveGuard, parking: &Parking
     let transfer = match ended {
         Ended::Closed(transfer) => transfer,
         Ended::Parked(relay) => {
-            let identity = Identity::from_parts(who, timeouts);
+            let identity = Identity { who, timeouts };
             parking.park(Parked::Relaying(ParkedConnection { identity, relay }), stats);
             return;
         }

@@ -17,7 +17,6 @@
 //! header, dial, relay and log line, `parking` the live upgrade's side of it, `proxied` the
 //! PROXY header's checks; this file holds what they share (settings, identity, wiring).
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -89,52 +88,15 @@ impl Quiet {
 }
 
 /// Who a relayed connection is and the timers it was accepted with: what its log line says,
-/// and what a live upgrade carries across with its sockets.
+/// and what a live upgrade carries across with its sockets. Who it is is the connection table's
+/// [`Who`](crate::connections::Who) itself: the relay keeps it in the table's record while the
+/// connection runs and gives it back when it ends.
 #[derive(Debug, Clone)]
 pub struct Identity {
-    /// Its id: unique for the daemon's life (live upgrades included), `conn=` in every log line
-    /// about it.
-    pub id: u64,
-    /// The route it was accepted on.
-    pub route: Arc<str>,
-    /// The TCP peer (the balancer's address with Private Link).
-    pub peer: SocketAddr,
-    /// The upstream address it was dialled at.
-    pub upstream: SocketAddr,
-    /// The client its PROXY v2 header named, if any.
-    pub proxied_client: Option<SocketAddr>,
-    /// The LinkID its PROXY v2 header named, if any.
-    pub link_id: Option<u32>,
+    /// Its id, route, peer, upstream and what its PROXY header named.
+    pub who: crate::connections::Who,
     /// The timers it was accepted with.
     pub timeouts: Timeouts,
-}
-
-impl Identity {
-    /// What the connection table lists about it, and its timers.
-    fn into_parts(self) -> (crate::connections::Who, Timeouts) {
-        let who = crate::connections::Who {
-            id: self.id,
-            route: self.route,
-            client: self.peer,
-            proxied_client: self.proxied_client,
-            link_id: self.link_id,
-            upstream: self.upstream,
-        };
-        (who, self.timeouts)
-    }
-
-    /// The identity [`Identity::into_parts`] took apart.
-    fn from_parts(who: crate::connections::Who, timeouts: Timeouts) -> Self {
-        Identity {
-            id: who.id,
-            route: who.route,
-            peer: who.client,
-            upstream: who.upstream,
-            proxied_client: who.proxied_client,
-            link_id: who.link_id,
-            timeouts,
-        }
-    }
 }
 
 /// What every connection task of the daemon shares, new or moved by an upgrade.

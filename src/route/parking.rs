@@ -97,7 +97,11 @@ impl Parking {
         let (id, route, peer) = match lost {
             Parked::Relaying(lost) => {
                 lost.relay.reset();
-                (lost.identity.id, lost.identity.route, lost.identity.peer)
+                (
+                    lost.identity.who.id,
+                    lost.identity.who.route,
+                    lost.identity.who.client,
+                )
             }
             Parked::Opening(lost) => {
                 crate::net::reset(lost.client);
@@ -229,8 +233,8 @@ pub fn resume(parked: ParkedConnection, stats: Arc<RouteStats>, wiring: Wiring) 
         Err(e) => {
             // The sockets were closed with the failed conversion.
             relayed.live.0.record(Outcome::Reset);
-            let who = &relayed.identity;
-            tracing::warn!(conn = who.id, route = %who.route, client = %who.peer, upstream = %who.upstream, end = "reset", error = %e, "cannot take over a connection moved by the upgrade");
+            let who = &relayed.identity.who;
+            tracing::warn!(conn = who.id, route = %who.route, client = %who.client, upstream = %who.upstream, end = "reset", error = %e, "cannot take over a connection moved by the upgrade");
             false
         }
     }
