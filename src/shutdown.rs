@@ -20,8 +20,8 @@ use tokio::sync::{Notify, mpsc};
 /// How many wait lists the handles' waiters are spread over. A waiting task takes its list's
 /// lock each time it is woken (tokio's `Notify` checks its waiter under it), and every relayed
 /// connection waits on this signal for its whole life: with one list, every burst on every
-/// worker thread would contend for one lock. Tokio's own watch channel spreads its waiters the
-/// same way, over 8.
+/// worker thread would contend for one lock. Tokio's own watch channel spreads its waiters over
+/// 8 too (at random per wait; here each handle keeps the list it was given, in turn).
 const WAIT_LISTS: usize = 8;
 
 /// The signal every handle watches: what is asked, and where its waiters wait.
@@ -63,8 +63,10 @@ impl Sender {
         }))
     }
 
-    /// Sets the signal, then wakes every waiter: a waiter made before the store is woken, and
-    /// one made after it reads the new value (both are sequentially consistent).
+    /// Sets the signal, then wakes every waiter. None is lost: a waiter counts the wake-ups of
+    /// its list when it is made, before it reads the signal, and completes at its first poll if
+    /// that count has moved; `notify_waiters` moves it after the store (a release that the
+    /// waiter's count read acquires), so a waiter that missed the wake-up reads the new signal.
     fn send(&self, signal: Signal) {
         self.0.signal.store(signal as u8, Ordering::SeqCst);
         for list in &self.0.lists {
@@ -149,7 +151,8 @@ pub struct ParkRequest(Arc<Shared>);
 
 impl ParkRequest {
     /// Whether a park has been asked for, without waiting: checked between bursts, so a stream
-    /// that never waits still parks.
+    /// that never waits still parks. False again once the daemon asks for a close, or lets go
+    /// of the signal.
     pub fn is_requested(&self) -> bool {
         self.0.signal() == Signal::Park
     }
@@ -277,8 +280,11 @@ mod tests {
                 })
             })
             .collect();
-        // Let every task register its waiter before the signal changes.
+        // Let every task register its waiter before the signal changes (on this one-thread test
+        // runtime the yield runs each spawned task to its wait), so the park below takes the
+        // wake-up path, not the "asked already" one.
         tokio::task::yield_now().await;
+        assert!(waiting.iter().all(|task| !task.is_finished()));
         let parking = tokio::spawn(drain.park(Duration::from_millis(200)));
         let stragglers = parking.await.unwrap().expect_err("the handles are still held");
         assert!(park.is_requested());

@@ -50,6 +50,15 @@ pub(crate) enum Metric {
     /// One core: how busy the proxy's core was during the one-stream test (%): below 100, the
     /// load on the other core, not the proxy, set the pace.
     CoreBusy,
+    /// One core: ping-pong round trip p50 and p99 (µs), raw: every contender pays the same
+    /// crossing between the two cores, so the ratios are those of the latency added.
+    CoreRtt50,
+    /// See [`Metric::CoreRtt50`].
+    CoreRtt99,
+    /// One core: request/response of this many KiB each way, p50 (µs).
+    CoreExchange50(u32),
+    /// See [`Metric::CoreExchange50`]; p99.
+    CoreExchange99(u32),
 }
 
 /// What ferryd aims for on a figure (the goals).
@@ -108,6 +117,48 @@ pub(crate) const FIGURES: &[Figure] = &[
         unit: "% of the core",
         higher_is_better: false,
         goal: Some(Goal::Ratio(0.5)),
+    },
+    Figure {
+        metric: Metric::CoreRtt50,
+        title: "One core: ping-pong round trip p50",
+        unit: "µs",
+        higher_is_better: false,
+        goal: Some(Goal::Ratio(1.0)),
+    },
+    Figure {
+        metric: Metric::CoreRtt99,
+        title: "One core: ping-pong round trip p99",
+        unit: "µs",
+        higher_is_better: false,
+        goal: Some(Goal::Ratio(1.0)),
+    },
+    Figure {
+        metric: Metric::CoreExchange50(1),
+        title: "One core: request/response 1 KiB each way, p50",
+        unit: "µs",
+        higher_is_better: false,
+        goal: Some(Goal::Ratio(1.0)),
+    },
+    Figure {
+        metric: Metric::CoreExchange99(1),
+        title: "One core: request/response 1 KiB each way, p99",
+        unit: "µs",
+        higher_is_better: false,
+        goal: Some(Goal::Ratio(1.0)),
+    },
+    Figure {
+        metric: Metric::CoreExchange50(16),
+        title: "One core: request/response 16 KiB each way, p50",
+        unit: "µs",
+        higher_is_better: false,
+        goal: Some(Goal::Ratio(1.0)),
+    },
+    Figure {
+        metric: Metric::CoreExchange99(16),
+        title: "One core: request/response 16 KiB each way, p99",
+        unit: "µs",
+        higher_is_better: false,
+        goal: Some(Goal::Ratio(1.0)),
     },
     Figure {
         metric: Metric::Gbps1,

@@ -405,6 +405,9 @@ mod tests {
         });
         tokio::task::yield_now().await;
         assert!(!waiting.is_finished());
+        // It waits with its waker stored: the request below is the wake-up path, not the
+        // "asked already" one.
+        assert!(live.close.lock().unwrap().waker.is_some());
         live.close("root (uid 0)".to_owned());
         live.close("someone else".to_owned());
         let by = tokio::time::timeout(Duration::from_secs(5), waiting).await;
