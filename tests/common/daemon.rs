@@ -32,6 +32,24 @@ pub fn run_command(exe: &Path, config: &Path) -> Command {
     command
 }
 
+/// Spawns `command`, again while the kernel answers "Text file busy", for up to 2 s. A test
+/// that has just copied a binary (an upgrade test installs one, then replaces it) held it open
+/// for writing, and a child that another test thread forked in that moment keeps the descriptor
+/// until it execs: the copy's first exec can fail with ETXTBSY for a few milliseconds, the race
+/// every multi-threaded program that writes a binary and runs it has. Anything else fails at
+/// once.
+pub fn spawn(command: &mut Command) -> io::Result<Child> {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        match command.spawn() {
+            Err(e) if e.kind() == io::ErrorKind::ExecutableFileBusy && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            spawned => return spawned,
+        }
+    }
+}
+
 /// Runs the child as the shipped unit runs ferryd: an ordinary uid with no capabilities and
 /// `no_new_privs`, where the kernel's per-user limits apply (the pipe budget above all; root is
 /// exempt from it, so a suite run as root would never see it). When the suite runs as root, each
@@ -195,7 +213,7 @@ impl Daemon {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        let mut child = command.spawn().expect("spawn ferryd");
+        let mut child = spawn(&mut command).expect("spawn ferryd");
         let stderr = child.stderr.take().expect("stderr piped");
         let lines = Arc::new(Mutex::new(Vec::new()));
         let sink = lines.clone();

@@ -70,7 +70,7 @@ fn every_counter_continues_across_an_upgrade() {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::from(write_end));
     common::unprivileged(&mut command);
-    let mut child = command.spawn().expect("spawn ferryd");
+    let mut child = common::spawn(&mut command).expect("spawn ferryd");
     let deadline = Instant::now() + Duration::from_secs(10);
     while common::http_from(
         std::net::Ipv4Addr::LOCALHOST,
