@@ -246,14 +246,7 @@ fn round(proxy: &contenders::Proxy, plan: &Plan, one_core: Option<&OneCore>, sam
     if proxy.kind != Kind::Direct {
         samples.add(Metric::Cpu, cpu / gib);
     }
-    let (p50, p99) = ping_pong(proxy.listen, plan.round_trips);
-    samples.add(Metric::Rtt50, p50);
-    samples.add(Metric::Rtt99, p99);
-    for kib in EXCHANGE_KIB {
-        let (p50, p99) = request_response(proxy.listen, kib as usize * 1024, plan.exchanges);
-        samples.add(Metric::Exchange50(kib), p50);
-        samples.add(Metric::Exchange99(kib), p99);
-    }
+    let (p50, p99) = small_exchanges(proxy, plan, &EXCHANGE_KIB, Placement::Shared, samples);
     let (cps, setup99) = connection_rate(proxy.listen, plan.connections);
     samples.add(Metric::Cps, cps);
     samples.add(Metric::Setup99, setup99);
@@ -273,6 +266,55 @@ fn round(proxy: &contenders::Proxy, plan: &Plan, one_core: Option<&OneCore>, sam
         core.0,
         core.1
     );
+}
+
+/// Where the small exchanges ran: the two shapes' figures are kept apart.
+#[derive(Clone, Copy)]
+enum Placement {
+    /// Proxy, load and upstream wherever the scheduler puts them.
+    Shared,
+    /// The proxy on CPU 0, load and upstream on CPU 1.
+    OneCore,
+}
+
+impl Placement {
+    /// The ping-pong's p50 and p99 figures.
+    fn ping_pong(self) -> [Metric; 2] {
+        match self {
+            Placement::Shared => [Metric::Rtt50, Metric::Rtt99],
+            Placement::OneCore => [Metric::CoreRtt50, Metric::CoreRtt99],
+        }
+    }
+
+    /// The p50 and p99 figures of the exchange of `kib` KiB each way.
+    fn exchange(self, kib: u32) -> [Metric; 2] {
+        match self {
+            Placement::Shared => [Metric::Exchange50(kib), Metric::Exchange99(kib)],
+            Placement::OneCore => [Metric::CoreExchange50(kib), Metric::CoreExchange99(kib)],
+        }
+    }
+}
+
+/// The 1-byte ping-pong and the request/response exchanges of `sizes` KiB, into the figures of
+/// `placement`; returns the ping-pong's p50 and p99 for the round's progress line.
+fn small_exchanges(
+    proxy: &contenders::Proxy,
+    plan: &Plan,
+    sizes: &[u32],
+    placement: Placement,
+    samples: &mut Samples,
+) -> (f64, f64) {
+    let (p50, p99) = ping_pong(proxy.listen, plan.round_trips);
+    let [rtt50, rtt99] = placement.ping_pong();
+    samples.add(rtt50, p50);
+    samples.add(rtt99, p99);
+    for &kib in sizes {
+        let (x50, x99) = request_response(proxy.listen, kib as usize * 1024, plan.exchanges);
+        let [m50, m99] = placement.exchange(kib);
+        samples.add(m50, x50);
+        samples.add(m99, x99);
+    }
+    (p50, p99)
 }
 
 /// The one-core shape's figures (the proxy on CPU 0, this program on CPU 1): the most one core
@@ -305,14 +347,7 @@ fn one_core_round(
     // The small exchanges again, placed: unpinned, the scheduler puts the proxy beside the
     // client on some rounds and not on others, and a round's latency moves by a quarter with
     // it, for every contender alike (50 against 64 µs for one binary in one run).
-    let (p50, p99) = ping_pong(proxy.listen, plan.round_trips);
-    samples.add(Metric::CoreRtt50, p50);
-    samples.add(Metric::CoreRtt99, p99);
-    for kib in PINNED_EXCHANGE_KIB {
-        let (p50, p99) = request_response(proxy.listen, kib as usize * 1024, plan.exchanges);
-        samples.add(Metric::CoreExchange50(kib), p50);
-        samples.add(Metric::CoreExchange99(kib), p99);
-    }
+    small_exchanges(proxy, plan, &PINNED_EXCHANGE_KIB, Placement::OneCore, samples);
     pin(pid, &shape.all_cpus);
     pin(shape.me, &shape.all_cpus);
     core
