@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use crate::contenders::{Kind, start};
 use crate::load::{percentile, ping_pong};
-use crate::procfs::pin;
+use crate::procfs::{pin, thread_schedstat};
 
 /// One GET of `/connections`: (seconds from connect to the last byte, body bytes).
 fn list_once(health: SocketAddr) -> std::io::Result<(f64, usize)> {
@@ -53,10 +53,24 @@ fn paced_ping_pong(target: SocketAddr, trips: usize, every: Duration) -> (f64, f
     (percentile(&samples, 50.0), percentile(&samples, 99.0))
 }
 
+/// What ferryd's listing thread did while the load ran with listings: milliseconds on the CPU
+/// and milliseconds runnable but waiting for it (the idle class waits whenever anything else on
+/// the core has work).
+#[derive(Clone, Copy, Default)]
+struct ListingThread {
+    on_cpu_ms: f64,
+    waiting_ms: f64,
+}
+
 /// Runs `load` twice, alone and while another thread lists /connections back to back: the
-/// load's (p50, p99) each time, and the listing times (ms).
-fn with_and_without_listing(health: SocketAddr, load: &Load<'_>) -> ((f64, f64), (f64, f64), Vec<f64>) {
+/// load's (p50, p99) each time, the listing times (ms) and what ferryd's listing thread did.
+fn with_and_without_listing(
+    ferryd: u32,
+    health: SocketAddr,
+    load: &Load<'_>,
+) -> ((f64, f64), (f64, f64), Vec<f64>, ListingThread) {
     let quiet = load();
+    let before = thread_schedstat(ferryd, "ferryd-listing").unwrap_or_default();
     let stop = AtomicBool::new(false);
     let (busy, times) = std::thread::scope(|scope| {
         let lister = scope.spawn(|| {
@@ -78,7 +92,12 @@ fn with_and_without_listing(health: SocketAddr, load: &Load<'_>) -> ((f64, f64),
         stop.store(true, Ordering::Relaxed);
         (busy, lister.join().expect("lister"))
     });
-    (quiet, busy, times)
+    let after = thread_schedstat(ferryd, "ferryd-listing").unwrap_or_default();
+    let thread = ListingThread {
+        on_cpu_ms: after.0.saturating_sub(before.0) as f64 / 1e6,
+        waiting_ms: after.1.saturating_sub(before.1) as f64 / 1e6,
+    };
+    (quiet, busy, times, thread)
 }
 
 pub(crate) fn run(upstream: SocketAddr, held: &AtomicUsize, count: usize, rounds: usize, trips: usize) {
@@ -87,6 +106,9 @@ pub(crate) fn run(upstream: SocketAddr, held: &AtomicUsize, count: usize, rounds
         return;
     };
     let Some(health) = proxy.health else {
+        return;
+    };
+    let Some(ferryd) = proxy.child.as_ref().map(|child| child.id()) else {
         return;
     };
     // The proxy VM's shape: ferryd (relay and health endpoint threads alike) on one core, this
@@ -139,17 +161,22 @@ pub(crate) fn run(upstream: SocketAddr, held: &AtomicUsize, count: usize, rounds
     for (name, load) in loads {
         let (mut q50, mut q99, mut b50, mut b99, mut lists) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut building, mut waiting) = (Vec::new(), Vec::new());
         for round in 0..rounds {
-            let (quiet, busy, times) = with_and_without_listing(health, load);
+            let (quiet, busy, times, thread) = with_and_without_listing(ferryd, health, load);
             eprintln!(
-                "{name}, round {}: p50/p99 {:.1}/{:.1} µs quiet, {:.1}/{:.1} µs while listing ({} listings)",
+                "{name}, round {}: p50/p99 {:.1}/{:.1} µs quiet, {:.1}/{:.1} µs while listing ({} listings; ferryd's listing thread {:.1} ms on the CPU, {:.1} ms waiting for it)",
                 round + 1,
                 quiet.0,
                 quiet.1,
                 busy.0,
                 busy.1,
-                times.len()
+                times.len(),
+                thread.on_cpu_ms,
+                thread.waiting_ms
             );
+            building.push(thread.on_cpu_ms / times.len().max(1) as f64);
+            waiting.push(thread.waiting_ms / times.len().max(1) as f64);
             q50.push(quiet.0);
             q99.push(quiet.1);
             b50.push(busy.0);
@@ -162,14 +189,16 @@ pub(crate) fn run(upstream: SocketAddr, held: &AtomicUsize, count: usize, rounds
         };
         lists.sort_by(|a, b| a.total_cmp(b));
         println!(
-            "{name} (median of {rounds} rounds): p50 {:.1} µs quiet vs {:.1} µs while listing; p99 {:.1} µs quiet vs {:.1} µs while listing; meanwhile {} listings took {:.1} ms p50, {:.1} ms max",
+            "{name} (median of {rounds} rounds): p50 {:.1} µs quiet vs {:.1} µs while listing; p99 {:.1} µs quiet vs {:.1} µs while listing; meanwhile {} listings took {:.1} ms p50, {:.1} ms max, of which ferryd's listing thread spent {:.1} ms on the CPU and {:.1} ms waiting for it (per listing)",
             median(&mut q50),
             median(&mut b50),
             median(&mut q99),
             median(&mut b99),
             lists.len(),
             percentile(&lists, 50.0),
-            lists.last().copied().unwrap_or(0.0)
+            lists.last().copied().unwrap_or(0.0),
+            median(&mut building),
+            median(&mut waiting)
         );
     }
     drop(idle);

@@ -121,3 +121,20 @@ pub(crate) fn fds(proxy: &Proxy) -> (usize, usize) {
     }
     (all, pipes)
 }
+
+/// `/proc/PID/task/TID/schedstat` of the thread of `pid` named `name`: (nanoseconds on a CPU,
+/// nanoseconds runnable but waiting for one), or `None` before the thread exists.
+pub(crate) fn thread_schedstat(pid: u32, name: &str) -> Option<(u64, u64)> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    for task in tasks.flatten() {
+        let dir = task.path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if comm.trim() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(dir.join("schedstat")).ok()?;
+        let mut fields = stat.split_whitespace().filter_map(|f| f.parse::<u64>().ok());
+        return Some((fields.next()?, fields.next()?));
+    }
+    None
+}
