@@ -124,6 +124,9 @@ async fn serve_client(mut stream: UnixStream, table: &Table) {
                     pid = cred.pid(),
                     "control socket: refused a client: {why}"
                 );
+                // Read the request first, unheeded: a socket closed with unread bytes is reset,
+                // and the refusal would never reach the one refused.
+                let _ = read_line(&mut stream).await;
                 format!("error: {why}")
             }
             Ok(()) => match read_line(&mut stream).await {

@@ -5,8 +5,10 @@
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::sshd::{Sshd, have};
@@ -15,6 +17,11 @@ use serde_json::Value;
 
 /// `ferryd connections --config <daemon's> args...`, run by `user` when given (`setpriv` args).
 fn connections(daemon: &Daemon, user: &[&str], args: &[&str]) -> Output {
+    connections_with(&daemon.config, user, args)
+}
+
+/// `ferryd connections --config <config> args...`, run by `user` when given.
+fn connections_with(config: &std::path::Path, user: &[&str], args: &[&str]) -> Output {
     let mut command = if user.is_empty() {
         Command::new(bin())
     } else {
@@ -25,7 +32,7 @@ fn connections(daemon: &Daemon, user: &[&str], args: &[&str]) -> Output {
     command
         .arg("connections")
         .arg("--config")
-        .arg(&daemon.config)
+        .arg(config)
         .args(args)
         .output()
         .expect("run ferryd connections")
@@ -63,6 +70,11 @@ fn wait_listing<T>(daemon: &Daemon, what: &str, check: impl Fn(&[Value]) -> Opti
     }
 }
 
+fn set_mode(path: &std::path::Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
 fn text(out: &Output) -> String {
     format!(
         "status {:?}\nstdout: {}\nstderr: {}",
@@ -72,17 +84,58 @@ fn text(out: &Output) -> String {
     )
 }
 
+/// A forwarder to `to` that passes the relay's close on to `to` at once but keeps its own side
+/// toward the relay open until `release` is set: a build VM slow to close its end. It leaves a
+/// connection whose client has closed half-closed for as long as the test needs to look at it
+/// (sshd itself closes within a millisecond of reading the end).
+fn slow_to_close(to: SocketAddr, release: Arc<AtomicBool>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for relay in listener.incoming() {
+            let Ok(relay) = relay else { continue };
+            let Ok(server) = TcpStream::connect(to) else {
+                continue;
+            };
+            let (mut from_relay, mut to_server) = (relay.try_clone().unwrap(), server.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut from_relay, &mut to_server);
+                let _ = to_server.shutdown(Shutdown::Write);
+            });
+            let release = release.clone();
+            std::thread::spawn(move || {
+                let (mut from_server, mut to_relay) = (server, relay);
+                let _ = std::io::copy(&mut from_server, &mut to_relay);
+                while !release.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let _ = to_relay.shutdown(Shutdown::Write);
+            });
+        }
+    });
+    addr
+}
+
 /// The scenario with the real tools: an ssh session and an scp through the relay are
-/// listed with their route, client and upstream, the scp's bytes grow while it runs, a user who
-/// is neither root nor in the daemon's group may list but not close, and root's `--close` ends
-/// the ssh session with a reset on both sides, logged and counted as closed-by-admin.
+/// listed with their route, client, upstream and direction states, the bytes of both grow while
+/// they run, the scp's upward direction shows half-closed once its client has closed (its
+/// route's upstream is slow to close), a user who is neither root nor in the daemon's group may
+/// list but not close (refused by the socket's mode, and by the daemon itself when the mode
+/// would let them in), and root's `--close` ends the ssh session with a reset on both sides,
+/// logged and counted as closed-by-admin.
 #[test]
 fn an_ssh_session_and_an_scp_are_listed_and_an_admin_closes_the_session() {
     let Some(sshd) = Sshd::start(&["setpriv"]) else {
         return;
     };
     let port = free_port();
-    let daemon = Daemon::start(&config_one_route(port, local(sshd.port), "", ""));
+    let files_port = free_port();
+    let release = Arc::new(AtomicBool::new(false));
+    let slow = slow_to_close(local(sshd.port), release.clone());
+    let daemon = Daemon::start(&format!(
+        "{}\n[[route]]\nname = \"files\"\nlisten = \"127.0.0.1:{files_port}\"\nupstream = \"{slow}\"\n",
+        config_one_route(port, local(sshd.port), "", "")
+    ));
 
     // An interactive session: `cat` echoes each line back.
     let mut ssh = sshd
@@ -115,7 +168,11 @@ fn an_ssh_session_and_an_scp_are_listed_and_an_admin_closes_the_session() {
     );
     assert_eq!(session["upstream"], local(sshd.port).to_string());
     assert_eq!(session["proxied_client"], Value::Null);
-    assert!(session["bytes_up"].as_u64().unwrap() > 0 && session["bytes_down"].as_u64().unwrap() > 0);
+    let (up_then, down_then) = (
+        session["bytes_up"].as_u64().unwrap(),
+        session["bytes_down"].as_u64().unwrap(),
+    );
+    assert!(up_then > 0 && down_then > 0, "{session}");
     for direction in ["up", "down"] {
         assert_eq!(session[direction]["state"], "open", "{session}");
         let mode = session[direction]["mode"].as_str().unwrap();
@@ -133,6 +190,14 @@ fn an_ssh_session_and_an_scp_are_listed_and_an_admin_closes_the_session() {
         "{opened}"
     );
 
+    // The session's counts grow with what it sends and gets back.
+    assert_eq!(echo("more").expect("the session echoes"), "more\n");
+    let grown = wait_listing(&daemon, "the session's counts growing", |all| {
+        let c = find(all, ssh_id)?;
+        (c["bytes_up"].as_u64()? > up_then && c["bytes_down"].as_u64()? > down_then).then(|| c.clone())
+    });
+    assert_eq!(grown["up"]["state"], "open", "{grown}");
+
     // An upload of 4 MiB at 1 MB/s (scp's own limit): long enough to be seen moving.
     let data: Vec<u8> = (0..4 * 1024 * 1024)
         .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
@@ -142,7 +207,7 @@ fn an_ssh_session_and_an_scp_are_listed_and_an_admin_closes_the_session() {
     std::fs::write(&source, &data).unwrap();
     let scp = sshd
         .client("scp")
-        .args(["-q", "-l", "8000", "-P", &port.to_string()])
+        .args(["-q", "-l", "8000", "-P", &files_port.to_string()])
         .arg(&source)
         .arg(format!("root@127.0.0.1:{}", target.display()))
         .stdout(Stdio::null())
@@ -159,10 +224,22 @@ fn an_ssh_session_and_an_scp_are_listed_and_an_admin_closes_the_session() {
     let all = listing(&daemon);
     // Oldest first.
     assert_eq!(all[0]["id"], ssh_id, "{all:#?}");
-    let now = find(&all, scp_id).expect("the scp is still listed")["bytes_up"]
-        .as_u64()
-        .unwrap();
+    let moving = find(&all, scp_id).expect("the scp is still listed");
+    let now = moving["bytes_up"].as_u64().unwrap();
     assert!(now > before, "the scp's bytes grow: {before} then {now}");
+    assert_eq!(moving["route"], "files", "{moving}");
+    assert!(
+        moving["client"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{moving}"
+    );
+    assert_eq!(moving["upstream"], slow.to_string(), "{moving}");
+    for direction in ["up", "down"] {
+        assert_eq!(moving[direction]["state"], "open", "{moving}");
+    }
+    let files_only = connections(&daemon, &[], &["--route", "files", "--json"]);
+    let files_only: Vec<Value> = serde_json::from_slice(&files_only.stdout).expect("JSON");
+    assert_eq!(files_only.len(), 1, "{files_only:#?}");
+    assert_eq!(files_only[0]["id"], scp_id);
 
     // The table a person reads, and a route's view.
     let table = connections(&daemon, &[], &[]);
@@ -177,6 +254,7 @@ fn an_ssh_session_and_an_scp_are_listed_and_an_admin_closes_the_session() {
         .collect();
     assert_eq!(&ids[..2], [ssh_id.to_string(), scp_id.to_string()], "{shown}");
     assert!(shown.contains(&local(sshd.port).to_string()), "{shown}");
+    assert!(shown.contains("files"), "{shown}");
     let unknown = connections(&daemon, &[], &["--route", "nope"]);
     assert!(!unknown.status.success());
     assert!(
@@ -195,12 +273,31 @@ fn an_ssh_session_and_an_scp_are_listed_and_an_admin_closes_the_session() {
         std::fs::read(&target).unwrap() == data,
         "the file changed on the way"
     );
-    let closed = daemon.expect_log(&format!("conn={scp_id} "), Duration::from_secs(5));
-    let scp_closed = daemon
-        .log_lines("connection closed")
-        .into_iter()
-        .find(|l| field(l, "conn") == Some(scp_id.to_string().as_str()))
-        .unwrap_or_else(|| panic!("no closed line for {scp_id} ({closed}): {}", daemon.log()));
+    // scp has exited and its socket is closed; the build VM's end is still open: the upward
+    // direction is half-closed, the fin timer counting, the downward one open.
+    let half = wait_listing(&daemon, "the scp's upward direction half-closed", |all| {
+        let c = find(all, scp_id)?;
+        (c["up"]["state"] == "half-closed").then(|| c.clone())
+    });
+    assert_eq!(half["down"]["state"], "open", "{half}");
+    assert!(half["bytes_up"].as_u64().unwrap() > data.len() as u64, "{half}");
+    release.store(true, Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let scp_closed = loop {
+        let closed = daemon
+            .log_lines("connection closed")
+            .into_iter()
+            .find(|l| field(l, "conn") == Some(scp_id.to_string().as_str()));
+        if let Some(line) = closed {
+            break line;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no closed line for {scp_id}: {}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
     assert_eq!(field(&scp_closed, "end"), Some("eof"), "{scp_closed}");
 
     // Someone who is neither root nor in the daemon's group may look, not close.
@@ -218,6 +315,20 @@ fn an_ssh_session_and_an_scp_are_listed_and_an_admin_closes_the_session() {
         why.contains("permission denied") && why.contains("group"),
         "{why}"
     );
+    assert_eq!(echo("still-here").expect("the session lives on"), "still-here\n");
+    // The daemon checks who is asking too (SO_PEERCRED), should the socket's mode ever let an
+    // outsider reach it.
+    let socket = daemon.control_socket.clone().expect("a control socket");
+    set_mode(&socket, 0o666);
+    let reached = connections(&daemon, &nobody, &["--close", &ssh_id.to_string()]);
+    set_mode(&socket, 0o660);
+    assert!(!reached.status.success(), "{}", text(&reached));
+    let why = String::from_utf8_lossy(&reached.stderr);
+    assert!(
+        why.contains("only root, uid") && why.contains("may use the control socket"),
+        "{why}"
+    );
+    daemon.expect_log("control socket: refused a client", Duration::from_secs(5));
     assert_eq!(echo("still-here").expect("the session lives on"), "still-here\n");
     // HTTP on the health port cannot close anything: only GET and HEAD, no such path.
     let post = daemon
@@ -250,10 +361,7 @@ fn an_ssh_session_and_an_scp_are_listed_and_an_admin_closes_the_session() {
         ssh_err.contains("reset") || ssh_err.contains("Broken pipe"),
         "ssh saw a reset: {ssh_err}"
     );
-    let line = daemon
-        .wait_for_log("end=\"closed-by-admin\"", Duration::from_secs(5))
-        .or_else(|| daemon.wait_for_log("end=closed-by-admin", Duration::from_secs(1)))
-        .unwrap_or_else(|| panic!("no closed-by-admin line: {}", daemon.log()));
+    let line = daemon.expect_log("end=\"closed-by-admin\"", Duration::from_secs(5));
     assert_eq!(field(&line, "conn"), Some(ssh_id.to_string().as_str()), "{line}");
     assert!(line.contains("closed by uid 0"), "{line}");
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -385,6 +493,24 @@ fn directions_show_half_closed_and_held_bytes_and_a_group_member_may_close() {
             matches!(&seen, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
             "{seen:?}"
         );
+        // As the package installs the configuration (0640, root and the daemon's group),
+        // reading it is the first gate: an outsider is told who may, a member goes on.
+        let dir = TempDir::new("packaged-config");
+        let packaged = dir.path().join("ferryd.toml");
+        std::fs::copy(&daemon.config, &packaged).unwrap();
+        std::os::unix::fs::chown(&packaged, Some(0), Some(gid)).unwrap();
+        set_mode(&packaged, 0o640);
+        let outsider = ["--reuid=65534", "--regid=65534", "--clear-groups"];
+        let refused = connections_with(&packaged, &outsider, &["--close", &half_id.to_string()]);
+        assert!(!refused.status.success(), "{}", text(&refused));
+        let why = String::from_utf8_lossy(&refused.stderr);
+        assert!(
+            why.contains("Permission denied")
+                && why.contains(&format!("only root and members of group {gid}")),
+            "{why}"
+        );
+        let member_list = connections_with(&packaged, &member, &["--json"]);
+        assert!(member_list.status.success(), "{}", text(&member_list));
     } else {
         common::skip::skipped("(part) a group member's --close needs root and setpriv");
     }

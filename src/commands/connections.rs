@@ -37,6 +37,10 @@ pub struct Request<'a> {
 /// Lists the connections, or closes one. Exit 0 on success, 1 when the daemon could not be
 /// asked or refused.
 pub fn run(request: Request<'_>) -> ExitCode {
+    if let Some(refusal) = unreadable(request.config) {
+        eprintln!("ferryd connections: {refusal}");
+        return ExitCode::FAILURE;
+    }
     let config = match Config::load(request.config) {
         Ok(config) => config,
         Err(e) => {
@@ -63,6 +67,40 @@ pub fn run(request: Request<'_>) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Why `path` cannot be read by this user, said as the rule it enforces: the package installs
+/// the configuration readable by root and the daemon's group only, the same people the control
+/// socket lets close a connection, so "Permission denied" here means "not one of them".
+fn unreadable(path: &Path) -> Option<String> {
+    let e = std::fs::File::open(path).err()?;
+    if e.kind() != io::ErrorKind::PermissionDenied {
+        return None;
+    }
+    // The file's group, or its directory's when that is closed too (the package's /etc/ferryd
+    // is 0750 root:ferryd).
+    let group = std::fs::metadata(path)
+        .or_else(|_| std::fs::metadata(path.parent().unwrap_or(Path::new("/"))))
+        .map(|m| group_name(std::os::unix::fs::MetadataExt::gid(&m)))
+        .unwrap_or_else(|_| "the daemon's group".into());
+    Some(format!(
+        "cannot read {} ({e}): only root and members of {group} may list or close ferryd's \
+         connections with this command (the health endpoint's /connections is open to the \
+         sources its access rule admits)",
+        path.display()
+    ))
+}
+
+/// `group NAME` from /etc/group, or `group GID` when it has no name there.
+fn group_name(gid: u32) -> String {
+    let named = std::fs::read_to_string("/etc/group").ok().and_then(|groups| {
+        groups.lines().find_map(|line| {
+            let mut fields = line.split(':');
+            let name = fields.next()?;
+            (fields.nth(1)?.parse() == Ok(gid)).then(|| name.to_string())
+        })
+    });
+    format!("group {}", named.unwrap_or_else(|| gid.to_string()))
 }
 
 /// The daemon's `/connections`, only `route`'s when given.

@@ -115,8 +115,15 @@ pub(super) fn operated(c: &Container, release: &str) {
         String::from_utf8_lossy(&unknown.stderr).contains("no relayed connection has id 999999"),
         "{release}: root reaches the control socket: {unknown:?}"
     );
-    // (The package's /etc/ferryd/ferryd.toml is not readable by others: a copy that is, so that
-    // the socket itself is what refuses.)
+    // The package's /etc/ferryd/ferryd.toml is not readable by others: that is the first gate,
+    // and the command says who may pass it.
+    let packaged = c.sh("setpriv --reuid=nobody --regid=nogroup --clear-groups ferryd connections --close 1");
+    assert!(
+        !packaged.status.success()
+            && String::from_utf8_lossy(&packaged.stderr).contains("only root and members of group ferryd"),
+        "{release}: a user outside the ferryd group, the package's configuration: {packaged:?}"
+    );
+    // A copy that is readable, so that the socket itself is what refuses.
     c.ok("install -m 0644 /etc/ferryd/ferryd.toml /tmp/readable.toml");
     let outsider = c.sh("setpriv --reuid=nobody --regid=nogroup --clear-groups ferryd connections --config /tmp/readable.toml --close 1");
     assert!(
