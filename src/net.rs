@@ -225,6 +225,14 @@ pub fn reset<S: std::os::fd::AsFd>(stream: S) {
     drop(stream);
 }
 
+/// Resets both sockets of a relayed connection: one that cannot go on is cut where it stood,
+/// and must never end with a FIN a peer could take for a complete stream (bytes may have been
+/// on their way). The one way a parked or moved connection is given up.
+pub fn reset_both<A: std::os::fd::AsFd, B: std::os::fd::AsFd>(client: A, upstream: B) {
+    reset(client);
+    reset(upstream);
+}
+
 /// What [`AcceptLoop::next`] returns: a connection, or the control future's output (a reload, a
 /// stop) for the caller to act on.
 #[derive(Debug)]

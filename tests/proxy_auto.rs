@@ -133,12 +133,10 @@ fn off_refuses_a_header_and_names_the_fix() {
     client.write_all(&header("203.0.113.9:40002", None)).unwrap();
     assert_eq!(end_of(&mut client, Duration::from_secs(5)), "reset");
     assert_eq!(upstream.accepted(), 0, "dialled for a refused header");
-    let line = daemon
-        .wait_for_log(
-            "the Private Link Service sends PROXY protocol v2",
-            Duration::from_secs(2),
-        )
-        .unwrap_or_else(|| panic!("{}", daemon.log()));
+    let line = daemon.expect_log(
+        "the Private Link Service sends PROXY protocol v2",
+        Duration::from_secs(2),
+    );
     assert!(
         line.contains("set proxy_protocol = \\\"auto\\\" or \\\"v2\\\" on route test")
             || line.contains("set proxy_protocol = \"auto\" or \"v2\" on route test"),

@@ -183,11 +183,7 @@ fn watchdog_pings_stop_when_the_runtime_stalls() {
         0,
         "pings went on while stalled"
     );
-    assert!(
-        daemon
-            .wait_for_log("withholding watchdog pings", Duration::from_secs(2))
-            .is_some()
-    );
+    daemon.expect_log("withholding watchdog pings", Duration::from_secs(2));
 }
 
 #[test]
@@ -202,11 +198,7 @@ fn socket_activation_relays_on_the_passed_socket() {
     let config = config_one_route(port, upstream.addr, "", "");
     let daemon = spawn_with_passed_socket(&config, &passed, "test");
     daemon.expect_log(" ready config=", Duration::from_secs(5));
-    assert!(
-        daemon
-            .wait_for_log("using the socket passed by systemd", Duration::from_secs(1))
-            .is_some()
-    );
+    daemon.expect_log("using the socket passed by systemd", Duration::from_secs(1));
     echo_roundtrip(&mut early, b"queued before start").unwrap();
     let mut later = std::net::TcpStream::connect(local(port)).unwrap();
     echo_roundtrip(&mut later, b"after start").unwrap();
@@ -341,13 +333,7 @@ fn a_passed_socket_at_an_old_address_is_not_used() {
     let config = config_one_route(port, upstream.addr, "", "");
     let daemon = spawn_with_passed_socket(&config, &stale, "test");
     daemon.expect_log(" ready config=", Duration::from_secs(5));
-    assert!(
-        daemon
-            .wait_for_log("or its address changed); closing it", Duration::from_secs(1))
-            .is_some(),
-        "{}",
-        daemon.log()
-    );
+    daemon.expect_log("or its address changed); closing it", Duration::from_secs(1));
     assert!(daemon.log_lines("using the socket passed by systemd").is_empty());
     let mut client = std::net::TcpStream::connect(local(port)).unwrap();
     echo_roundtrip(&mut client, b"served at the configured address").unwrap();

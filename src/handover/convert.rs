@@ -181,8 +181,7 @@ pub(super) unsafe fn from_document(doc: Document) -> Incoming {
             (Ok(up), Ok(down)) => (up, down),
             (Err(e), _) | (_, Err(e)) => {
                 // Never a FIN: the stream was cut where it parked.
-                crate::net::reset(client);
-                crate::net::reset(upstream);
+                crate::net::reset_both(client, upstream);
                 lost += 1;
                 tracing::warn!(route = %c.route, client = %c.peer, end = "reset", error = %e, "cannot take over a connection moved by the upgrade");
                 continue;

@@ -209,8 +209,7 @@ impl Parked {
     /// must never end with a FIN a peer could take for a complete stream (its carry may hold
     /// bytes on their way).
     pub fn reset(self) {
-        crate::net::reset(self.client);
-        crate::net::reset(self.upstream);
+        crate::net::reset_both(self.client, self.upstream);
     }
 }
 

@@ -108,12 +108,10 @@ fn hung_iptables_is_killed_after_its_bound_and_never_delays_the_relay() {
         health_in_proxy(&topo, "/status")
     );
 
-    let killed = keeper
-        .wait_for_log(
-            "did not finish within 20s and was killed",
-            Duration::from_secs(30),
-        )
-        .unwrap_or_else(|| panic!("{}", keeper.log()));
+    let killed = keeper.expect_log(
+        "did not finish within 20s and was killed",
+        Duration::from_secs(30),
+    );
     assert!(killed.contains("cannot put the NAT rules in place"), "{killed}");
     let waited = started.elapsed();
     assert!(waited >= Duration::from_secs(19), "killed after {waited:?}");
@@ -161,15 +159,9 @@ fn turning_nat_off_removes_the_rules_at_reload_and_at_start() {
     keeper.signal(nix::sys::signal::Signal::SIGHUP);
     daemon.rewrite_config(&without_nat);
     daemon.signal(nix::sys::signal::Signal::SIGHUP);
-    assert!(
-        keeper
-            .wait_for_log(
-                "NAT is off in the configuration: ferryd's rules",
-                Duration::from_secs(10)
-            )
-            .is_some(),
-        "{}",
-        keeper.log()
+    keeper.expect_log(
+        "NAT is off in the configuration: ferryd's rules",
+        Duration::from_secs(10),
     );
     daemon.expect_log("configuration reloaded", Duration::from_secs(10));
     std::thread::sleep(Duration::from_millis(1500));
@@ -192,15 +184,9 @@ fn turning_nat_off_removes_the_rules_at_reload_and_at_start() {
     assert!(up.status.success());
     assert!(topo.save("nat").contains("FERRYD"));
     let keeper = topo.keeper(&without_nat, Some(&path));
-    assert!(
-        keeper
-            .wait_for_log(
-                "NAT is off in the configuration: ferryd's rules",
-                Duration::from_secs(10)
-            )
-            .is_some(),
-        "{}",
-        keeper.log()
+    keeper.expect_log(
+        "NAT is off in the configuration: ferryd's rules",
+        Duration::from_secs(10),
     );
     assert!(!topo.save("nat").contains("FERRYD"));
     assert_eq!(topo.sh("proxy", "cat /proc/sys/net/ipv4/ip_forward").trim(), "0");

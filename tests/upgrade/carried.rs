@@ -118,6 +118,10 @@ fn every_counter_continues_across_an_upgrade() {
         .expect("run ferryd upgrade");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let after = counters(health_port);
+    common::daemon::assert_no_accounting_mismatch(std::net::SocketAddr::from((
+        std::net::Ipv4Addr::LOCALHOST,
+        health_port,
+    )));
     let _ = child.kill();
     let _ = child.wait();
     let restarted: Vec<String> = before
@@ -357,9 +361,7 @@ fn a_connection_keeps_its_id_across_an_upgrade() {
         "{closed}"
     );
     let _after = session(port);
-    let next = daemon
-        .wait_for_nth_log("connection opened", 2, Duration::from_secs(2))
-        .expect("a second opened line");
+    let next = daemon.expect_nth_log("connection opened", 2, Duration::from_secs(2));
     let next: u64 = common::field(&next, "conn")
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);

@@ -169,13 +169,8 @@ impl Installed {
             adjust(&mut command);
             command
         });
-        assert!(
-            daemon
-                .wait_for_log(" ready config=", Duration::from_secs(10))
-                .is_some(),
-            "ferryd did not become ready; its log:\n{}",
-            daemon.log()
-        );
+        // If it never comes: ferryd did not become ready.
+        daemon.expect_log(" ready config=", Duration::from_secs(10));
         let held: Vec<_> = common::capabilities(daemon.pid())
             .into_iter()
             .filter(|(name, value)| *value != 0 && name != "CapBnd")
@@ -219,13 +214,8 @@ impl Installed {
             }
             command
         });
-        assert!(
-            daemon
-                .wait_for_log(" ready config=", Duration::from_secs(10))
-                .is_some(),
-            "ferryd did not become ready; its log:\n{}",
-            daemon.log()
-        );
+        // If it never comes: ferryd did not become ready.
+        daemon.expect_log(" ready config=", Duration::from_secs(10));
         daemon
     }
 }
