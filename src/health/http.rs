@@ -26,11 +26,11 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Upper bound on a whole connection, response included, for clients that stop reading.
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(15);
 /// The most of a body handed to the socket in one write. A listing of 5,000 connections is
-/// 1.5 MB; written whole, one system call copied up to the socket's send buffer (megabytes on
-/// loopback) and ran the receiving side's TCP processing in the same stretch, holding ferryd's
-/// core from a waking relay for a quarter of a millisecond (the benchmark's `--listing` mode saw
-/// the paced ping-pong's p99 go from 120 to 240-270 µs in two rounds of five). In pieces this
-/// size each write is a few microseconds, and the relay gets the core between them.
+/// 1.5 MB; written whole, one system call could copy up to the socket's send buffer (megabytes
+/// on loopback) and run the receiving side's TCP processing in the same stretch, on the core
+/// the relay shares with this thread. In pieces this size each write is a few microseconds.
+/// (Measured: it did not remove the occasional tail the benchmark's `--listing` mode sees in
+/// some paced rounds; see BENCHMARKS.md. It bounds what one write can cost.)
 const BODY_PIECE: usize = 16 * 1024;
 
 /// What a client may ask for, decided from its source address at accept.
