@@ -3,7 +3,9 @@
 //! through it, in rounds without and with a client listing `/connections` back to back on the
 //! health endpoint meanwhile. Prints the listing's time and size and the ping-pong's p50 and
 //! p99 for both; writes nothing. ferryd runs on one core, its health endpoint's thread beside
-//! its relay worker, as on the 1-vCPU proxy VM.
+//! its relay worker, as on the 1-vCPU proxy VM. Each round also runs a control: the same
+//! client reading a body of the same size from a stand-in process beside ferryd (python3, idle
+//! class), which is what moving those bytes costs the ping-pong without ferryd building them.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -66,7 +68,7 @@ struct ListingThread {
 /// load's (p50, p99) each time, the listing times (ms) and what ferryd's listing thread did.
 fn with_and_without_listing(
     ferryd: u32,
-    health: SocketAddr,
+    source: SocketAddr,
     load: &Load<'_>,
 ) -> ((f64, f64), (f64, f64), Vec<f64>, ListingThread) {
     let quiet = load();
@@ -82,7 +84,7 @@ fn with_and_without_listing(
             unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
             let mut times = Vec::new();
             while !stop.load(Ordering::Relaxed) {
-                if let Ok((t, _)) = list_once(health) {
+                if let Ok((t, _)) = list_once(source) {
                     times.push(t * 1e3);
                 }
             }
@@ -98,6 +100,65 @@ fn with_and_without_listing(
         waiting_ms: after.1.saturating_sub(before.1) as f64 / 1e6,
     };
     (quiet, busy, times, thread)
+}
+
+/// The control: a process that is not ferryd, beside it on CPU 0 in the idle class, answering
+/// every GET with a body as large as ferryd's listing, in the pieces ferryd writes (16 KiB).
+/// Listed from instead of ferryd, it shows what moving that many bytes through loopback to the
+/// measuring client costs the ping-pong by itself, so that what is left is ferryd's.
+struct StandIn {
+    child: std::process::Child,
+    addr: SocketAddr,
+}
+
+impl Drop for StandIn {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const STAND_IN: &str = r#"
+import os, socket, sys, threading
+os.sched_setaffinity(0, {0})
+os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+body = b"x" * int(sys.argv[1])
+head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+server = socket.socket()
+server.bind(("127.0.0.1", 0))
+server.listen(64)
+print(server.getsockname()[1], flush=True)
+def answer(conn):
+    try:
+        conn.recv(4096)
+        conn.sendall(head)
+        for i in range(0, len(body), 16384):
+            conn.sendall(body[i:i + 16384])
+    except OSError:
+        pass
+    conn.close()
+while True:
+    conn, _ = server.accept()
+    threading.Thread(target=answer, args=(conn,), daemon=True).start()
+"#;
+
+fn stand_in(body: usize) -> Option<StandIn> {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new("python3")
+        .args(["-c", STAND_IN, &body.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .ok()?;
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take()?)
+        .read_line(&mut line)
+        .ok()?;
+    let port: u16 = line.trim().parse().ok()?;
+    Some(StandIn {
+        child,
+        addr: SocketAddr::from(([127, 0, 0, 1], port)),
+    })
 }
 
 pub(crate) fn run(upstream: SocketAddr, held: &AtomicUsize, count: usize, rounds: usize, trips: usize) {
@@ -141,6 +202,10 @@ pub(crate) fn run(upstream: SocketAddr, held: &AtomicUsize, count: usize, rounds
         std::thread::sleep(Duration::from_millis(20));
     }
     let (_, body) = list_once(health).expect("list");
+    let control = if pinned { stand_in(body) } else { None };
+    if pinned && control.is_none() {
+        eprintln!("no control: python3 could not start the stand-in");
+    }
     let mut alone: Vec<f64> = (0..10)
         .map(|_| list_once(health).expect("list").0 * 1e3)
         .collect();
@@ -162,8 +227,22 @@ pub(crate) fn run(upstream: SocketAddr, held: &AtomicUsize, count: usize, rounds
         let (mut q50, mut q99, mut b50, mut b99, mut lists) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let (mut building, mut waiting) = (Vec::new(), Vec::new());
+        let (mut c99, mut r99) = (Vec::new(), Vec::new());
         for round in 0..rounds {
             let (quiet, busy, times, thread) = with_and_without_listing(ferryd, health, load);
+            if let Some(control) = &control {
+                let (alone, reading, _, _) = with_and_without_listing(ferryd, control.addr, load);
+                eprintln!(
+                    "{name}, round {}, control (the same bytes read from a stand-in, not ferryd): p50/p99 {:.1}/{:.1} µs quiet, {:.1}/{:.1} µs while reading",
+                    round + 1,
+                    alone.0,
+                    alone.1,
+                    reading.0,
+                    reading.1
+                );
+                c99.push(alone.1);
+                r99.push(reading.1);
+            }
             eprintln!(
                 "{name}, round {}: p50/p99 {:.1}/{:.1} µs quiet, {:.1}/{:.1} µs while listing ({} listings; ferryd's listing thread {:.1} ms on the CPU, {:.1} ms waiting for it)",
                 round + 1,
@@ -200,6 +279,13 @@ pub(crate) fn run(upstream: SocketAddr, held: &AtomicUsize, count: usize, rounds
             median(&mut building),
             median(&mut waiting)
         );
+        if !c99.is_empty() {
+            println!(
+                "{name}, control (median of {rounds} rounds): p99 {:.1} µs quiet vs {:.1} µs while a client reads the same bytes from a stand-in beside ferryd",
+                median(&mut c99),
+                median(&mut r99)
+            );
+        }
     }
     drop(idle);
 }

@@ -48,10 +48,11 @@ pub struct Who {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum DirectionState {
-    /// Relaying (or waiting for its source).
-    Open = 0,
-    /// Its source's end of stream was passed on: nothing more flows this way.
-    HalfClosed = 1,
+    /// Relaying (or waiting for its source): shown as `open`.
+    Running = 0,
+    /// Its source's end of stream was passed on, nothing more flows this way: shown as
+    /// `half-closed` (the connection is, that way).
+    Ended = 1,
     /// Stopped where it stood for a live upgrade.
     Parked = 2,
 }
@@ -60,17 +61,17 @@ impl DirectionState {
     /// Its name in `/connections` and `ferryd connections`.
     pub const fn name(self) -> &'static str {
         match self {
-            DirectionState::Open => "open",
-            DirectionState::HalfClosed => "half-closed",
+            DirectionState::Running => "open",
+            DirectionState::Ended => "half-closed",
             DirectionState::Parked => "parked",
         }
     }
 
     fn from_u8(n: u8) -> Self {
         match n {
-            1 => DirectionState::HalfClosed,
+            1 => DirectionState::Ended,
             2 => DirectionState::Parked,
-            _ => DirectionState::Open,
+            _ => DirectionState::Running,
         }
     }
 }
@@ -385,7 +386,7 @@ mod tests {
             link_id: None,
             upstream: addr,
         };
-        let open = || Direction::new(0, 0, DirectionState::Open);
+        let open = || Direction::new(0, 0, DirectionState::Running);
         Arc::new(Live::new(
             who,
             open(),

@@ -106,8 +106,8 @@ impl Outgoing {
 /// One direction as the document describes it.
 fn side_entry(side: &Side) -> SideEntry {
     match side {
-        Side::Done => SideEntry::Done,
-        Side::Open(open) => {
+        Side::Ended => SideEntry::Ended,
+        Side::Running(open) => {
             let (pipe, held) = match open.carry.as_deref() {
                 None => (None, None),
                 Some(Carry::Pipe { pipe, bytes }) => {
@@ -121,7 +121,7 @@ fn side_entry(side: &Side) -> SideEntry {
                 }
                 Some(Carry::Bytes(bytes)) => (None, Some(doc::to_hex(bytes))),
             };
-            SideEntry::Open {
+            SideEntry::Running {
                 splice: open.splice,
                 pipe,
                 held,
@@ -159,8 +159,8 @@ pub(super) unsafe fn from_document(doc: Document) -> Incoming {
         let _ = set_cloexec(&upstream);
         let side = |entry: &SideEntry| -> Result<Side, String> {
             Ok(match entry {
-                SideEntry::Done => Side::Done,
-                SideEntry::Open { splice, pipe, held } => Side::Open(OpenSide {
+                SideEntry::Ended => Side::Ended,
+                SideEntry::Running { splice, pipe, held } => Side::Running(OpenSide {
                     splice: *splice,
                     carry: match (pipe, held) {
                         (Some(p), _) => Some(Box::new(Carry::Pipe {
@@ -326,11 +326,11 @@ mod tests {
                 client,
                 upstream,
                 progress: Progress {
-                    up: Side::Open(OpenSide {
+                    up: Side::Running(OpenSide {
                         splice: true,
                         carry: Some(Box::new(Carry::Pipe { pipe, bytes })),
                     }),
-                    down: Side::Open(OpenSide {
+                    down: Side::Running(OpenSide {
                         splice: false,
                         carry: Some(Box::new(Carry::Bytes(b"held".to_vec()))),
                     }),
@@ -402,7 +402,7 @@ mod tests {
         // The clocks went on by the time the crossing took, and no more.
         assert!(progress.age >= Duration::from_secs(60) && progress.age < Duration::from_secs(61));
         assert!(progress.quiet >= Duration::from_secs(2) && progress.quiet < Duration::from_secs(3));
-        let Side::Open(OpenSide {
+        let Side::Running(OpenSide {
             splice: true,
             carry: Some(up),
         }) = progress.up
@@ -412,7 +412,7 @@ mod tests {
         let Carry::Pipe { pipe, bytes: 11 } = *up else {
             panic!("up's carry: {up:?}");
         };
-        let Side::Open(OpenSide {
+        let Side::Running(OpenSide {
             splice: false,
             carry: Some(down),
         }) = progress.down

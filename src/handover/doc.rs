@@ -143,10 +143,12 @@ pub struct OpeningEntry {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "lowercase")]
 pub enum SideEntry {
-    /// Its end of stream was passed on.
-    Done,
-    /// Still open.
-    Open {
+    /// Its end of stream was passed on (`"done"` in the document).
+    #[serde(rename = "done")]
+    Ended,
+    /// Still running (`"open"` in the document).
+    #[serde(rename = "open")]
+    Running {
         /// It had switched to splicing.
         splice: bool,
         /// Bytes on their way, in a pipe.
@@ -157,7 +159,7 @@ pub enum SideEntry {
     },
 }
 
-/// `bytes` as lowercase hexadecimal, for [`SideEntry::Open::held`].
+/// `bytes` as lowercase hexadecimal, for [`SideEntry::Running::held`].
 pub fn to_hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut out = String::with_capacity(bytes.len() * 2);
@@ -248,7 +250,7 @@ impl Document {
             fds.push(c.client_fd);
             fds.push(c.upstream_fd);
             for side in [&c.up, &c.down] {
-                if let SideEntry::Open { pipe: Some(p), .. } = side {
+                if let SideEntry::Running { pipe: Some(p), .. } = side {
                     fds.push(p.read_fd);
                     fds.push(p.write_fd);
                 }
@@ -279,12 +281,12 @@ impl Document {
         }
         for c in &self.connections {
             for side in [&c.up, &c.down] {
-                if let SideEntry::Open { pipe: Some(p), .. } = side
+                if let SideEntry::Running { pipe: Some(p), .. } = side
                     && p.bytes > MAX_CARRY
                 {
                     return Err(Refused(format!("a pipe said to hold {} bytes", p.bytes)));
                 }
-                if let SideEntry::Open {
+                if let SideEntry::Running {
                     held: Some(held),
                     pipe,
                     ..
@@ -343,12 +345,12 @@ mod tests {
                 gone_probes: Some(6),
                 client_fd: 8,
                 upstream_fd: 9,
-                up: SideEntry::Open {
+                up: SideEntry::Running {
                     splice: false,
                     pipe: None,
                     held: Some(to_hex(&[0, 1, 0x7f, 0x80, 0xff])),
                 },
-                down: SideEntry::Open {
+                down: SideEntry::Running {
                     splice: true,
                     pipe: Some(PipeEntry {
                         read_fd: 10,
@@ -405,7 +407,7 @@ mod tests {
         value["connections"][0]["up"] = serde_json::json!({"state": "done"});
         let doc = Document::decode(value.to_string().as_bytes()).unwrap();
         assert_eq!(doc.version, 1);
-        assert!(matches!(doc.connections[0].up, SideEntry::Done));
+        assert!(matches!(doc.connections[0].up, SideEntry::Ended));
     }
 
     #[test]

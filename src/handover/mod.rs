@@ -144,7 +144,7 @@ impl Outgoing {
             .iter()
             .flat_map(|c| [&c.relay.progress.up, &c.relay.progress.down])
             .map(|side| match side {
-                Side::Open(OpenSide {
+                Side::Running(OpenSide {
                     carry: Some(carry), ..
                 }) => carry.len(),
                 _ => 0,

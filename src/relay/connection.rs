@@ -26,7 +26,7 @@ enum Run {
     /// Moving bytes (or waiting for them).
     Running,
     /// Its end of stream was passed on.
-    Done,
+    Ended,
     /// A live upgrade stopped it; it resumes from here in the next program image.
     Parked(OpenSide),
 }
@@ -35,8 +35,8 @@ impl Run {
     /// Where a direction starts: done when it had ended before an upgrade moved it here.
     fn from_side(side: &Side) -> Run {
         match side {
-            Side::Done => Run::Done,
-            Side::Open(_) => Run::Running,
+            Side::Ended => Run::Ended,
+            Side::Running(_) => Run::Running,
         }
     }
 
@@ -44,16 +44,16 @@ impl Run {
         matches!(self, Run::Running)
     }
 
-    fn is_done(&self) -> bool {
-        matches!(self, Run::Done)
+    fn is_ended(&self) -> bool {
+        matches!(self, Run::Ended)
     }
 
     /// Takes in how the direction's pump returned, and shows it in the connection table.
     fn stopped(&mut self, end: SideEnd, shown: &Direction) {
         *self = match end {
-            SideEnd::Eof => {
-                shown.set_state(DirectionState::HalfClosed);
-                Run::Done
+            SideEnd::Ended => {
+                shown.set_state(DirectionState::Ended);
+                Run::Ended
             }
             SideEnd::Parked(open) => {
                 shown.set_state(DirectionState::Parked);
@@ -65,8 +65,8 @@ impl Run {
     /// What a stopped direction carries to the next program image.
     fn into_side(self) -> Side {
         match self {
-            Run::Parked(open) => Side::Open(open),
-            Run::Done | Run::Running => Side::Done,
+            Run::Parked(open) => Side::Running(open),
+            Run::Ended | Run::Running => Side::Ended,
         }
     }
 }
@@ -118,8 +118,8 @@ pub fn relay<T>(
     // written yet: it counts as read, so the accounting holds across the upgrade.
     let shown = |written: u64, side: &Side| {
         let (state, open) = match side {
-            Side::Done => (DirectionState::HalfClosed, None),
-            Side::Open(open) => (DirectionState::Open, Some(open)),
+            Side::Ended => (DirectionState::Ended, None),
+            Side::Running(open) => (DirectionState::Running, Some(open)),
         };
         let carried = open.and_then(|o| o.carry.as_ref()).map_or(0, |c| c.len() as u64);
         let direction = Direction::new(written + carried, written, state);
@@ -133,8 +133,8 @@ pub fn relay<T>(
         Activity::since(age, quiet),
     ));
     let open = |side: Side| match side {
-        Side::Open(open) => open,
-        Side::Done => OpenSide::default(),
+        Side::Running(open) => open,
+        Side::Ended => OpenSide::default(),
     };
     let mut starts = [open(up_side), open(down_side)];
     let park_request = shutdown.park_request();
@@ -233,7 +233,7 @@ fn run<'a>(
         // Whether the last look found a peer that looked gone: believed on the second look.
         let mut looked_gone = false;
         loop {
-            let quiet_limit = if up.is_done() || down.is_done() {
+            let quiet_limit = if up.is_ended() || down.is_ended() {
                 Some(timeouts.idle.map_or(timeouts.fin, |idle| idle.min(timeouts.fin)))
             } else {
                 timeouts.idle
@@ -249,13 +249,13 @@ fn run<'a>(
             };
             tokio::select! {
                 result = &mut upward, if up.is_running() => {
-                    match pass_on(result, down.is_done(), upstream_fd, ["client", "upstream"]) {
+                    match pass_on(result, down.is_ended(), upstream_fd, ["client", "upstream"]) {
                         Ok(end) => up.stopped(end, &live.up),
                         Err(detail) => return LoopEnd::Closed(Outcome::Reset, Some(detail)),
                     }
                 },
                 result = &mut downward, if down.is_running() => {
-                    match pass_on(result, up.is_done(), client_fd, ["upstream", "client"]) {
+                    match pass_on(result, up.is_ended(), client_fd, ["upstream", "client"]) {
                         Ok(end) => down.stopped(end, &live.down),
                         Err(detail) => return LoopEnd::Closed(Outcome::Reset, Some(detail)),
                     }
@@ -287,7 +287,7 @@ fn run<'a>(
                 },
             }
             match (&*up, &*down) {
-                (Run::Done, Run::Done) => return LoopEnd::Closed(Outcome::Eof, None),
+                (Run::Ended, Run::Ended) => return LoopEnd::Closed(Outcome::Eof, None),
                 (Run::Running, _) | (_, Run::Running) => {}
                 // Both stopped, at least one parked.
                 _ => {
@@ -306,7 +306,7 @@ fn run<'a>(
 fn park(engine: &Engine, live: &Live, client: TcpStream, upstream: TcpStream, up: Side, down: Side) -> Ended {
     // What a parked direction holds must be exactly what it carries.
     let carried = |side: &Side| match side {
-        Side::Open(OpenSide {
+        Side::Running(OpenSide {
             carry: Some(carry), ..
         }) => carry.len() as u64,
         _ => 0,
@@ -418,8 +418,8 @@ fn pass_on(
 ) -> Result<SideEnd, String> {
     let [src_name, dst_name] = names;
     match result {
-        Ok(SideEnd::Eof) if !other_done => crate::net::shutdown_write(dst)
-            .map(|()| SideEnd::Eof)
+        Ok(SideEnd::Ended) if !other_done => crate::net::shutdown_write(dst)
+            .map(|()| SideEnd::Ended)
             .map_err(|e| format!("{dst_name}: shutdown after {src_name}'s FIN failed: {e}")),
         Ok(end) => Ok(end),
         Err(PumpError::Read(e)) => Err(format!("{src_name}: {e}")),

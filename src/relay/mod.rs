@@ -154,9 +154,9 @@ pub struct Transfer {
 #[derive(Debug)]
 pub enum Side {
     /// Its end of stream was passed on (the connection is half-closed that way).
-    Done,
-    /// Still open; where it resumes.
-    Open(OpenSide),
+    Ended,
+    /// Still running; where it resumes.
+    Running(OpenSide),
 }
 
 /// How far a relayed connection has got: what a parked connection carries to the next program
@@ -180,8 +180,8 @@ pub struct Progress {
 impl Default for Progress {
     fn default() -> Self {
         Progress {
-            up: Side::Open(OpenSide::default()),
-            down: Side::Open(OpenSide::default()),
+            up: Side::Running(OpenSide::default()),
+            down: Side::Running(OpenSide::default()),
             age: Duration::ZERO,
             quiet: Duration::ZERO,
             bytes_up: 0,

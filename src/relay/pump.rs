@@ -95,7 +95,7 @@ impl Carry {
 #[derive(Debug)]
 pub enum SideEnd {
     /// `src` sent its FIN and every byte before it was written to `dst`.
-    Eof,
+    Ended,
     /// A live upgrade parked the direction.
     Parked(OpenSide),
 }
@@ -205,7 +205,7 @@ pub fn pump<'a>(
                 Burst::Eof => {
                     // The FIN is activity: fin_timeout counts from here, not from the last byte.
                     flow.activity.touch();
-                    return Ok(SideEnd::Eof);
+                    return Ok(SideEnd::Ended);
                 }
                 Burst::Bulk => splice = true,
                 Burst::Trickle => splice = false,

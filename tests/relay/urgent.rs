@@ -62,22 +62,22 @@ impl Recorder {
 }
 
 /// TCP urgent data (MSG_OOB) is relayed in line, in order, without a stall, whether the direction
-/// is already streaming (splice) or interactive (copy), and whether the sender then stays or
+/// is already splicing or copying (interactive), and whether the sender then stays or
 /// closes.
-fn urgent_data_is_relayed_in_line(streaming: bool, close: bool) {
-    urgent_data_case(streaming, close, 100);
+fn urgent_data_is_relayed_in_line(splice: bool, close: bool) {
+    urgent_data_case(splice, close, 100);
 }
 
 /// `after` bytes follow the urgent byte in one write: more than a copy buffer holds, so the read
 /// past the mark must go on until the socket is drained.
-fn urgent_data_case(streaming: bool, close: bool, after: usize) {
+fn urgent_data_case(splice: bool, close: bool, after: usize) {
     let (upstream, mut recorder) = Recorder::start();
     let port = free_port();
     let daemon = Daemon::start(&config_one_route(port, upstream.addr, "", ""));
     let mut client = TcpStream::connect(local(port)).unwrap();
     client.set_nodelay(true).unwrap();
     let mut want = Vec::new();
-    if streaming {
+    if splice {
         // A bulk read switches the direction to splicing.
         let bulk = vec![b's'; 256 * 1024];
         client.write_all(&bulk).unwrap();
@@ -105,7 +105,7 @@ fn urgent_data_case(streaming: bool, close: bool, after: usize) {
     assert_eq!(
         recorder.got.len(),
         want.len(),
-        "streaming={streaming} close={close}: the upstream got {} of {} bytes; log:\n{}",
+        "splice={splice} close={close}: the upstream got {} of {} bytes; log:\n{}",
         recorder.got.len(),
         want.len(),
         daemon.log()

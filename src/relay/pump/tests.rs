@@ -29,7 +29,7 @@ impl Rig {
             pool: splice.then(|| PipePool::new(4)),
             buffers: BufferPool::default(),
             stats: RelayStats::default(),
-            direction: Direction::new(0, 0, DirectionState::Open),
+            direction: Direction::new(0, 0, DirectionState::Running),
             total: AtomicU64::new(0),
             activity: Activity::since(Duration::ZERO, Duration::ZERO),
         }
@@ -135,7 +135,7 @@ fn short_reads_arrive_whole_and_in_order() {
         let drain = Drain::new();
         let park = drain.handle().park_request();
         let end = rt.block_on(run(&rig, &mut src, &mut dst, &park, OpenSide::default()));
-        assert!(matches!(end, Ok(SideEnd::Eof)), "splice={splice}: {end:?}");
+        assert!(matches!(end, Ok(SideEnd::Ended)), "splice={splice}: {end:?}");
         drop(dst);
         writer.join().unwrap();
         assert!(got.join().unwrap() == sent, "splice={splice}: bytes differ");
@@ -166,7 +166,7 @@ fn bulk_splices_and_a_trickle_after_it_copies() {
     let got = reader(dst_far, Duration::ZERO);
     let park = Drain::new().handle().park_request();
     let end = rt.block_on(run(&rig, &mut src, &mut dst, &park, OpenSide::default()));
-    assert!(matches!(end, Ok(SideEnd::Eof)), "{end:?}");
+    assert!(matches!(end, Ok(SideEnd::Ended)), "{end:?}");
     drop(dst);
     writer.join().unwrap();
     assert!(got.join().unwrap() == sent, "bytes differ");
@@ -208,7 +208,7 @@ fn the_urgent_mark_is_read_past_in_line() {
         let park = Drain::new().handle().park_request();
         let from = OpenSide { splice, carry: None };
         let end = rt.block_on(run(&rig, &mut src, &mut dst, &park, from));
-        assert!(matches!(end, Ok(SideEnd::Eof)), "splice={splice}: {end:?}");
+        assert!(matches!(end, Ok(SideEnd::Ended)), "splice={splice}: {end:?}");
         let got = got.join().unwrap();
         assert!(
             got.is_ok_and(|got| got == sent),
@@ -242,7 +242,7 @@ fn an_end_of_stream_waits_for_the_bytes_in_the_pipe() {
     let got = reader(dst_far, Duration::from_millis(300));
     let park = Drain::new().handle().park_request();
     let end = rt.block_on(run(&rig, &mut src, &mut dst, &park, OpenSide::default()));
-    assert!(matches!(end, Ok(SideEnd::Eof)), "{end:?}");
+    assert!(matches!(end, Ok(SideEnd::Ended)), "{end:?}");
     assert_eq!(rig.direction.bytes_written(), sent.len() as u64);
     drop(dst);
     writer.join().unwrap();
@@ -302,7 +302,7 @@ fn a_park_with_dst_full_carries_the_rest_and_resumes_from_it() {
         let got = reader(dst_far, Duration::ZERO);
         let park = Drain::new().handle().park_request();
         let end = rt.block_on(run(&rig, &mut src, &mut dst, &park, open));
-        assert!(matches!(end, Ok(SideEnd::Eof)), "splice={splice}: {end:?}");
+        assert!(matches!(end, Ok(SideEnd::Ended)), "splice={splice}: {end:?}");
         drop(dst);
         writer.join().unwrap();
         assert!(
