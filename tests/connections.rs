@@ -11,7 +11,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::sshd::{Sshd, have};
+use common::skip::have;
+use common::sshd::Sshd;
 use common::*;
 use serde_json::Value;
 
@@ -477,8 +478,7 @@ fn directions_show_half_closed_and_held_bytes_and_a_group_member_may_close() {
     // its own number in this suite (see common::unprivileged).
     let socket = daemon.control_socket.clone().unwrap();
     let gid = std::os::unix::fs::MetadataExt::gid(&std::fs::metadata(&socket).unwrap());
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 && have("setpriv") {
+    if common::skip::root() && have("setpriv") {
         let groups = format!("--groups={gid}");
         let member = ["--reuid=65534", "--regid=65534", groups.as_str()];
         let close = connections(&daemon, &member, &["--close", &held_id.to_string()]);

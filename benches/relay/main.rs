@@ -131,6 +131,64 @@ struct OneCore {
     all_cpus: String,
 }
 
+/// Starts every contender asked for: those that run, and the names of those that did not.
+/// Under `FERRYD_TESTS_REQUIRE_ALL=1` (CI, where every contender is installed) one left out
+/// ends the run with a failure: it means a missing install step, not a result.
+fn start_contenders(
+    args: &Args,
+    upstream: std::net::SocketAddr,
+) -> (Vec<contenders::Proxy>, Vec<&'static str>) {
+    let mut proxies = Vec::new();
+    let mut missing = Vec::new();
+    for kind in Kind::ALL {
+        // "ferryd (before)" is measured only when asked for.
+        if kind == Kind::FerrydBefore && contenders::ferryd_before_bin().is_none() {
+            continue;
+        }
+        if args
+            .only
+            .as_ref()
+            .is_some_and(|o| !o.contains(&kind.name().replace(' ', "-")))
+        {
+            continue;
+        }
+        match start(kind, upstream, args.logged) {
+            Some(p) => proxies.push(p),
+            None => missing.push(kind.name()),
+        }
+    }
+    for name in &missing {
+        eprintln!("{name}: not installed or did not start; left out");
+    }
+    if !missing.is_empty() && std::env::var("FERRYD_TESTS_REQUIRE_ALL").is_ok_and(|v| v == "1") {
+        eprintln!("FERRYD_TESTS_REQUIRE_ALL=1: every contender must run");
+        std::process::exit(1);
+    }
+    (proxies, missing)
+}
+
+/// The smoke run's verdict: every contender started moved bytes, ferryd among them; exits 1
+/// otherwise.
+fn smoke_verdict(proxies: &[contenders::Proxy], results: &BTreeMap<Kind, Samples>, missing: &[&str]) {
+    let moved_everywhere = proxies.iter().all(|p| {
+        results
+            .get(&p.kind)
+            .and_then(|s| s.stats(Metric::Gbps1))
+            .is_some_and(|(median, _, _)| median > 0.0)
+    });
+    let ferryd_ok = proxies.iter().any(|p| p.kind == Kind::Ferryd);
+    if !moved_everywhere || !ferryd_ok {
+        eprintln!("smoke: FAILED (a contender did not move bytes, or ferryd did not start)");
+        std::process::exit(1);
+    }
+    println!(
+        "smoke: {} contenders started and moved bytes ({} missing: {:?})",
+        proxies.len(),
+        missing.len(),
+        missing
+    );
+}
+
 fn main() {
     let args = <Args as clap::Parser>::parse();
     let mut plan = if args.smoke { SMOKE } else { FULL };
@@ -157,29 +215,7 @@ fn main() {
         return;
     }
 
-    let mut proxies = Vec::new();
-    let mut missing = Vec::new();
-    for kind in Kind::ALL {
-        // "ferryd (before)" is measured only when asked for.
-        if kind == Kind::FerrydBefore && contenders::ferryd_before_bin().is_none() {
-            continue;
-        }
-        if args
-            .only
-            .as_ref()
-            .is_some_and(|o| !o.contains(&kind.name().replace(' ', "-")))
-        {
-            continue;
-        }
-        match start(kind, upstream, args.logged) {
-            Some(p) => proxies.push(p),
-            None => missing.push(kind.name()),
-        }
-    }
-    for name in &missing {
-        eprintln!("{name}: not installed or did not start; left out");
-    }
-
+    let (proxies, missing) = start_contenders(&args, upstream);
     let mut results: BTreeMap<Kind, Samples> = BTreeMap::new();
     for round_number in 0..plan.rounds {
         eprintln!("round {}/{}", round_number + 1, plan.rounds);
@@ -208,23 +244,7 @@ fn main() {
         return;
     }
     if args.smoke {
-        let moved_everywhere = proxies.iter().all(|p| {
-            results
-                .get(&p.kind)
-                .and_then(|s| s.stats(Metric::Gbps1))
-                .is_some_and(|(median, _, _)| median > 0.0)
-        });
-        let ferryd_ok = proxies.iter().any(|p| p.kind == Kind::Ferryd);
-        if !moved_everywhere || !ferryd_ok {
-            eprintln!("smoke: FAILED (a contender did not move bytes, or ferryd did not start)");
-            std::process::exit(1);
-        }
-        println!(
-            "smoke: {} contenders started and moved bytes ({} missing: {:?})",
-            proxies.len(),
-            missing.len(),
-            missing
-        );
+        smoke_verdict(&proxies, &results, &missing);
         return;
     }
     let markdown = report(&results, &kinds, &missing, plan);

@@ -216,32 +216,9 @@ impl Daemon {
             state.set_phase(Phase::Ready);
         }
         let mut store = FdStore::default();
-        let health = &config.health;
-        let (listener, passed_name) = match passed.claim(HEALTH_SOCKET_NAME, health.listen) {
-            Some(claimed) => claimed,
-            None => (
-                crate::net::listen_with_retry(health.listen, crate::net::BIND_RETRY_WINDOW)
-                    .await
-                    .with_context(|| format!("health endpoint: cannot listen on {}", health.listen))?,
-                String::new(),
-            ),
-        };
-        store.keep(HEALTH_SOCKET_NAME, &passed_name, &listener);
-        let health_socket = listener.try_clone().ok();
-        let health_gate =
-            crate::health::spawn(listener, state.clone()).context("cannot start the health endpoint")?;
-        tracing::info!(listen = %health.listen, path = %health.path, "health endpoint listening");
-        // A relay without its control socket still relays: only `ferryd connections --close`
-        // is lost, and the log says why.
-        if let Some(path) = &config.control_socket
-            && let Err(e) = crate::control::spawn(path, engine.clone())
-        {
-            tracing::warn!(error = %e, "control socket unavailable: `ferryd connections --close` cannot reach this daemon");
-        }
-        // NAT is kept by its own process (`ferryd nat run`); the relay reads its report on a
-        // task of its own, and READY=1 never waits for it.
-        let (nat, nat_rx) = watch::channel(config.nat.clone());
-        tokio::spawn(crate::nat::report::watch(nat_rx, state.clone()));
+        let (health_socket, health_gate) = start_health(&config, &state, &mut passed, &mut store).await?;
+        start_control(&config, &engine);
+        let nat = start_nat_report(&config, &state);
 
         let mut daemon = Daemon {
             nat,
@@ -562,4 +539,49 @@ impl Daemon {
             "stopped"
         );
     }
+}
+
+/// The health endpoint: the socket passed in (by systemd, or by the previous image of a live
+/// upgrade) or bound now, kept in the fd store, served on a thread of its own. Returns a second
+/// descriptor of its socket (for the next live upgrade) and the gate that holds it still then.
+async fn start_health(
+    config: &Config,
+    state: &Arc<State>,
+    passed: &mut Passed,
+    store: &mut FdStore,
+) -> anyhow::Result<(Option<std::net::TcpListener>, crate::health::Gate)> {
+    let health = &config.health;
+    let (listener, passed_name) = match passed.claim(HEALTH_SOCKET_NAME, health.listen) {
+        Some(claimed) => claimed,
+        None => (
+            crate::net::listen_with_retry(health.listen, crate::net::BIND_RETRY_WINDOW)
+                .await
+                .with_context(|| format!("health endpoint: cannot listen on {}", health.listen))?,
+            String::new(),
+        ),
+    };
+    store.keep(HEALTH_SOCKET_NAME, &passed_name, &listener);
+    let health_socket = listener.try_clone().ok();
+    let health_gate =
+        crate::health::spawn(listener, state.clone()).context("cannot start the health endpoint")?;
+    tracing::info!(listen = %health.listen, path = %health.path, "health endpoint listening");
+    Ok((health_socket, health_gate))
+}
+
+/// The control socket, when configured. A relay without it still relays: only `ferryd
+/// connections --close` is lost, and the log says why.
+fn start_control(config: &Config, engine: &Arc<Engine>) {
+    if let Some(path) = &config.control_socket
+        && let Err(e) = crate::control::spawn(path, engine.clone())
+    {
+        tracing::warn!(error = %e, "control socket unavailable: `ferryd connections --close` cannot reach this daemon");
+    }
+}
+
+/// NAT is kept by its own process (`ferryd nat run`); the relay reads its report on a task of
+/// its own, and READY=1 never waits for it. Returns where a reload sends the new `[nat]`.
+fn start_nat_report(config: &Config, state: &Arc<State>) -> watch::Sender<crate::config::Nat> {
+    let (nat, nat_rx) = watch::channel(config.nat.clone());
+    tokio::spawn(crate::nat::report::watch(nat_rx, state.clone()));
+    nat
 }

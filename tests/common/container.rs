@@ -20,26 +20,11 @@ pub fn cache_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/var/cache/ferryd-tests"))
 }
 
-fn skip(why: &str) -> bool {
-    super::skip::skipped(why);
-    false
-}
-
 pub fn can_run() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return skip("needs root (debootstrap, systemd-nspawn); CI runs it as root");
-    }
-    for tool in ["debootstrap", "systemd-nspawn", "nsenter"] {
-        if Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()
-            .map_or(true, |o| !o.status.success())
-        {
-            return skip(&format!("`{tool}` is not installed"));
-        }
-    }
-    true
+    super::skip::needs(
+        Some("debootstrap, systemd-nspawn"),
+        &["debootstrap", "systemd-nspawn", "nsenter"],
+    )
 }
 
 pub fn deb() -> Option<PathBuf> {

@@ -60,23 +60,10 @@ except Exception as e:
 "#;
 
 pub fn can_run() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } != 0 {
-        super::skip::skipped("needs root (network namespaces and iptables); CI runs it as root");
-        return false;
-    }
-    for tool in [["ip", "-V"], ["iptables", "--version"], ["python3", "--version"]] {
-        if Command::new(tool[0])
-            .arg(tool[1])
-            .output()
-            .map(|o| !o.status.success())
-            .unwrap_or(true)
-        {
-            super::skip::skipped(&format!("needs `{}`", tool[0]));
-            return false;
-        }
-    }
-    true
+    super::skip::needs(
+        Some("network namespaces and iptables"),
+        &["ip", "iptables", "python3"],
+    )
 }
 
 /// The four namespaces, removed (with every process in them) when dropped.

@@ -29,6 +29,23 @@ pub fn have(tool: &str) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
+/// Whether this machine can run a test that needs root (when `root_for` says what for) and each
+/// of `tools` on PATH; when it cannot, says which is missing (see [`skipped`]) and returns false.
+#[track_caller]
+pub fn needs(root_for: Option<&str>, tools: &[&str]) -> bool {
+    if let Some(what) = root_for
+        && !root()
+    {
+        skipped(&format!("needs root ({what}); CI runs it as root"));
+        return false;
+    }
+    if let Some(missing) = tools.iter().find(|tool| !have(tool)) {
+        skipped(&format!("`{missing}` is not installed (CI installs it)"));
+        return false;
+    }
+    true
+}
+
 /// Whether the tests run as root.
 pub fn root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.

@@ -19,22 +19,20 @@ pub struct Sshd {
     child: Child,
 }
 
-pub use super::skip::have;
-
 impl Sshd {
     /// Starts sshd, or says why it cannot (not root, or OpenSSH or `extra` tools missing) with a
     /// visible SKIPPED line and returns `None`.
     pub fn start(extra: &[&str]) -> Option<Sshd> {
-        // SAFETY: geteuid has no preconditions.
-        let root = unsafe { libc::geteuid() } == 0;
-        let tools = ["ssh", "scp", "ssh-keygen"];
-        if !root
-            || !std::path::Path::new("/usr/sbin/sshd").exists()
-            || !tools.iter().chain(extra).all(|t| have(t))
-        {
-            super::skip::skipped(&format!(
-                "needs root, sshd, ssh, scp, ssh-keygen and {extra:?} (CI installs them)"
-            ));
+        let tools: Vec<&str> = ["ssh", "scp", "ssh-keygen"]
+            .iter()
+            .chain(extra)
+            .copied()
+            .collect();
+        if !super::skip::needs(Some("sshd runs as root"), &tools) {
+            return None;
+        }
+        if !std::path::Path::new("/usr/sbin/sshd").exists() {
+            super::skip::skipped("/usr/sbin/sshd is not installed (CI installs openssh-server)");
             return None;
         }
         let dir = TempDir::new("sshd");
