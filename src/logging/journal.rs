@@ -122,6 +122,7 @@ mod tests {
     fn names_and_multi_line_values_follow_the_native_protocol() {
         assert_eq!(journal_name("route"), "FERRYD_ROUTE");
         assert_eq!(journal_name("duration_ms"), "FERRYD_DURATION_MS");
+        assert_eq!(journal_name("conn"), "FERRYD_CONN");
         let mut fields = Fields {
             buf: Vec::new(),
             scratch: String::new(),

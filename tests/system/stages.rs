@@ -313,6 +313,12 @@ pub(super) fn restarts_and_reloads(c: &Container) {
     let denied = c.ok("journalctl -u ferryd -o verbose --no-pager FERRYD_END=denied");
     assert!(denied.contains("FERRYD_ROUTE=ssh"), "{denied}");
     assert!(denied.contains("FERRYD_CLIENT=127.0.0.1:"), "{denied}");
+    // Every line about a relayed connection carries its id as a field of its own.
+    let first = c.ok("journalctl -u ferryd -o verbose --no-pager FERRYD_CONN=1");
+    assert!(
+        first.contains("connection opened") && first.contains("FERRYD_ROUTE="),
+        "{first}"
+    );
 }
 
 /// Live upgrades through the package manager and `ferryd upgrade`: an SSH session never
