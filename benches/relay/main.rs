@@ -324,7 +324,19 @@ fn small_exchanges(
     placement: Placement,
     samples: &mut Samples,
 ) -> (f64, f64) {
-    let (p50, p99) = ping_pong(proxy.listen, plan.round_trips);
+    let (p50, p99) = match (placement, &proxy.child) {
+        (Placement::Shared, Some(child)) => {
+            let (trip, beside) = with_placement(child.id(), || ping_pong(proxy.listen, plan.round_trips));
+            eprintln!(
+                "  {:15} ping-pong p50 {:.1} µs; the proxy's busiest thread ran on the client's CPU in {:.0}% of samples",
+                proxy.kind.name(),
+                trip.0,
+                100.0 * beside
+            );
+            trip
+        }
+        _ => ping_pong(proxy.listen, plan.round_trips),
+    };
     let [rtt50, rtt99] = placement.ping_pong();
     samples.add(rtt50, p50);
     samples.add(rtt99, p99);
@@ -335,6 +347,44 @@ fn small_exchanges(
         samples.add(m99, x99);
     }
     (p50, p99)
+}
+
+/// Runs `load` (on this thread) while sampling, every 2 ms, which CPU the proxy's busiest thread
+/// and this thread last ran on: the load's result, and the share of samples where they were the
+/// same CPU. Unpinned, a round's latency follows where the scheduler put the proxy.
+fn with_placement<T: Send>(pid: u32, load: impl FnOnce() -> T + Send) -> (T, f64) {
+    let client = procfs::gettid();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let sampler = scope.spawn(|| {
+            let (mut same, mut all) = (0u32, 0u32);
+            let start: std::collections::HashMap<u32, u64> = procfs::threads_cpu(pid)
+                .into_iter()
+                .map(|(tid, _, ticks)| (tid, ticks))
+                .collect();
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+                let busiest = procfs::threads_cpu(pid)
+                    .into_iter()
+                    .max_by_key(|(tid, _, ticks)| ticks - start.get(tid).copied().unwrap_or(0));
+                let mine = procfs::threads_cpu(std::process::id())
+                    .into_iter()
+                    .find(|(tid, _, _)| *tid == client);
+                if let (Some((_, theirs, _)), Some((_, ours, _))) = (busiest, mine) {
+                    all += 1;
+                    same += u32::from(theirs == ours);
+                }
+            }
+            if all == 0 {
+                f64::NAN
+            } else {
+                f64::from(same) / f64::from(all)
+            }
+        });
+        let out = load();
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        (out, sampler.join().unwrap_or(f64::NAN))
+    })
 }
 
 /// The one-core shape's figures (the proxy on CPU 0, this program on CPU 1): the most one core

@@ -138,3 +138,28 @@ pub(crate) fn thread_schedstat(pid: u32, name: &str) -> Option<(u64, u64)> {
     }
     None
 }
+
+/// The CPU each thread of `pid` last ran on, with its CPU time so far (ticks): `(tid, cpu,
+/// ticks)` per thread (`/proc/PID/task/TID/stat`, fields 39, 14 and 15).
+pub(crate) fn threads_cpu(pid: u32) -> Vec<(u32, u32, u64)> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| {
+            let tid: u32 = task.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
+            // Fields after the command name, which is in parentheses and may hold spaces.
+            let rest: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+            let ticks = rest.get(11)?.parse::<u64>().ok()? + rest.get(12)?.parse::<u64>().ok()?;
+            Some((tid, rest.get(36)?.parse().ok()?, ticks))
+        })
+        .collect()
+}
+
+/// The calling thread's id.
+pub(crate) fn gettid() -> u32 {
+    // SAFETY: gettid has no preconditions.
+    unsafe { libc::gettid() as u32 }
+}

@@ -319,19 +319,9 @@ fn a_lost_byte_is_counted_and_logged() {
 #[test]
 fn a_proxied_connection_is_listed_with_its_client_and_link_id() {
     let upstream = Upstream::echo();
-    let port = free_port();
-    let daemon = Daemon::start(&config_one_route(
-        port,
-        upstream.addr,
-        "",
-        "proxy_protocol = \"v2\"",
-    ));
-    let header = ferryd::proxy_header::encode(&ferryd::proxy_header::Header {
-        command: ferryd::proxy_header::Command::Proxy,
-        addresses: Some(("203.0.113.7:50123".parse().unwrap(), local(port))),
-        tlvs: vec![ferryd::proxy_header::azure_link_tlv(7)],
-        link_id: Some(7),
-    });
+    let (config, port) = common::pp::proxy_route(upstream.addr, "");
+    let daemon = Daemon::start(&config);
+    let header = common::pp::header("203.0.113.7:50123", Some(7));
     let mut client = TcpStream::connect(local(port)).unwrap();
     client.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     client.write_all(&header).unwrap();
