@@ -34,6 +34,10 @@ const SOCKET_MODE: u32 = 0o660;
 pub const MAX_LINE: usize = 256;
 /// A client has this long to send its line and read the answer.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a refused client's request is waited for before the refusal is written: long enough
+/// for the line `ferryd connections` sends at once, short enough that refused clients cannot keep
+/// the [`MAX_CLIENTS`] slots from those who may close connections.
+const REFUSED_READ: Duration = Duration::from_millis(200);
 /// Clients served at once; more are closed at once (this is an administrator's tool, not a
 /// service).
 const MAX_CLIENTS: usize = 8;
@@ -126,7 +130,7 @@ async fn serve_client(mut stream: UnixStream, table: &Table) {
                 );
                 // Read the request first, unheeded: a socket closed with unread bytes is reset,
                 // and the refusal would never reach the one refused.
-                let _ = read_line(&mut stream).await;
+                let _ = tokio::time::timeout(REFUSED_READ, read_line(&mut stream)).await;
                 format!("error: {why}")
             }
             Ok(()) => match read_line(&mut stream).await {

@@ -231,15 +231,19 @@ pub(crate) fn run(upstream: SocketAddr, held: &AtomicUsize, count: usize, rounds
         for round in 0..rounds {
             let (quiet, busy, times, thread) = with_and_without_listing(ferryd, health, load);
             if let Some(control) = &control {
-                let (alone, reading, _, _) = with_and_without_listing(ferryd, control.addr, load);
+                let (alone, reading, reads, _) = with_and_without_listing(ferryd, control.addr, load);
                 eprintln!(
-                    "{name}, round {}, control (the same bytes read from a stand-in, not ferryd): p50/p99 {:.1}/{:.1} µs quiet, {:.1}/{:.1} µs while reading",
+                    "{name}, round {}, control (the same bytes read from a stand-in, not ferryd): p50/p99 {:.1}/{:.1} µs quiet, {:.1}/{:.1} µs while reading ({} reads)",
                     round + 1,
                     alone.0,
                     alone.1,
                     reading.0,
-                    reading.1
+                    reading.1,
+                    reads.len()
                 );
+                if reads.is_empty() {
+                    eprintln!("the stand-in answered nothing: this round's control is a second quiet run");
+                }
                 c99.push(alone.1);
                 r99.push(reading.1);
             }

@@ -350,23 +350,30 @@ fn small_exchanges(
 }
 
 /// Runs `load` (on this thread) while sampling, every 2 ms, which CPU the proxy's busiest thread
-/// and this thread last ran on: the load's result, and the share of samples where they were the
-/// same CPU. Unpinned, a round's latency follows where the scheduler put the proxy.
+/// (over its whole process tree: nginx's worker, socat's children) and this thread last ran on:
+/// the load's result, and the share of samples where they were the same CPU. Every proxy is
+/// measured with the sampler running; `direct`, which has no process, without it.
 fn with_placement<T: Send>(pid: u32, load: impl FnOnce() -> T + Send) -> (T, f64) {
     let client = procfs::gettid();
     let done = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|scope| {
         let sampler = scope.spawn(|| {
             let (mut same, mut all) = (0u32, 0u32);
-            let start: std::collections::HashMap<u32, u64> = procfs::threads_cpu(pid)
+            let threads = || -> Vec<(u32, u32, u64)> {
+                procfs::tree(pid)
+                    .into_iter()
+                    .flat_map(procfs::threads_cpu)
+                    .collect()
+            };
+            let start: std::collections::HashMap<u32, u64> = threads()
                 .into_iter()
                 .map(|(tid, _, ticks)| (tid, ticks))
                 .collect();
             while !done.load(std::sync::atomic::Ordering::Relaxed) {
                 std::thread::sleep(std::time::Duration::from_millis(2));
-                let busiest = procfs::threads_cpu(pid)
+                let busiest = threads()
                     .into_iter()
-                    .max_by_key(|(tid, _, ticks)| ticks - start.get(tid).copied().unwrap_or(0));
+                    .max_by_key(|(tid, _, ticks)| ticks.saturating_sub(start.get(tid).copied().unwrap_or(0)));
                 let mine = procfs::threads_cpu(std::process::id())
                     .into_iter()
                     .find(|(tid, _, _)| *tid == client);

@@ -80,7 +80,10 @@ fn unreadable(path: &Path) -> Option<String> {
     // The file's group, or its directory's when that is closed too (the package's /etc/ferryd
     // is 0750 root:ferryd).
     let group = std::fs::metadata(path)
-        .or_else(|_| std::fs::metadata(path.parent().unwrap_or(Path::new("/"))))
+        .or_else(|_| {
+            let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+            std::fs::metadata(dir.unwrap_or(Path::new(".")))
+        })
         .map(|m| group_name(std::os::unix::fs::MetadataExt::gid(&m)))
         .unwrap_or_else(|_| "the daemon's group".into());
     Some(format!(

@@ -388,6 +388,21 @@ mod tests {
         assert_eq!(doc.descriptors(), vec![7, 12, 8, 9, 10, 11]);
     }
 
+    /// The names a direction's state is written with are the format's, whatever the code calls
+    /// them: an image of another version reads them.
+    #[test]
+    fn direction_states_keep_their_names_in_the_document() {
+        let running = serde_json::to_value(SideEntry::Running {
+            splice: true,
+            pipe: None,
+            held: None,
+        })
+        .unwrap();
+        assert_eq!(running["state"], "open", "{running}");
+        let ended = serde_json::to_value(SideEntry::Ended).unwrap();
+        assert_eq!(ended["state"], "done", "{ended}");
+    }
+
     #[test]
     fn held_bytes_round_trip_and_damaged_ones_are_refused() {
         let all: Vec<u8> = (0..=255).collect();

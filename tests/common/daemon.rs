@@ -469,8 +469,9 @@ fn health_listen(config: &str) -> Option<SocketAddr> {
 const SETTLE: Duration = Duration::from_secs(3);
 
 /// `ferryd_accounting_mismatches_total` at `addr` once no connection is live any more (or
-/// [`SETTLE`] has passed): a client the test dropped a moment ago is still ending in the
-/// daemon, and its check must be counted too. `None` when the page cannot be had.
+/// [`SETTLE`] has passed, which it says): a client the test dropped a moment ago is still ending
+/// in the daemon, and its check must be counted too. `None` when the page cannot be had. Also
+/// for the few tests that start a daemon outside [`Daemon`] (their own stderr).
 pub fn settled_mismatches(addr: SocketAddr) -> Option<u64> {
     let deadline = Instant::now() + SETTLE;
     loop {
@@ -481,6 +482,11 @@ pub fn settled_mismatches(addr: SocketAddr) -> Option<u64> {
             .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
             .sum();
         if live == 0 || Instant::now() >= deadline {
+            if live > 0 {
+                eprintln!(
+                    "byte accounting: {live} connection(s) still live after {SETTLE:?}; their ends are not checked"
+                );
+            }
             return page.lines().find_map(|l| {
                 l.strip_prefix("ferryd_accounting_mismatches_total")?
                     .trim()
@@ -492,13 +498,6 @@ pub fn settled_mismatches(addr: SocketAddr) -> Option<u64> {
     }
 }
 
-/// Fails the test when the daemon whose health endpoint is `addr` counted a byte accounting
-/// mismatch: for the few tests that start a daemon outside [`Daemon`] (their own stderr).
-pub fn assert_no_accounting_mismatch(addr: SocketAddr) {
-    let n = settled_mismatches(addr).expect("ferryd's /metrics with its accounting counter");
-    assert_eq!(n, 0, "byte accounting: ferryd counted {n} mismatch(es)");
-}
-
 fn metrics_page(addr: SocketAddr) -> Option<String> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
@@ -506,11 +505,4 @@ fn metrics_page(addr: SocketAddr) -> Option<String> {
     let mut page = String::new();
     stream.read_to_string(&mut page).ok()?;
     Some(page)
-}
-
-/// The value of an unlabelled counter on the /metrics page at `addr`, if it can be had quickly.
-pub fn scrape_counter(addr: SocketAddr, name: &str) -> Option<u64> {
-    metrics_page(addr)?
-        .lines()
-        .find_map(|l| l.strip_prefix(name)?.trim().parse::<u64>().ok())
 }

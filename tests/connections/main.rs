@@ -193,6 +193,8 @@ fn directions_show_half_closed_and_held_bytes_and_a_group_member_may_close() {
         // As the package installs the configuration (0640, root and the daemon's group),
         // reading it is the first gate: an outsider is told who may, a member goes on.
         let dir = TempDir::new("packaged-config");
+        // Reachable by the outsider whatever the umask: the file's own mode is the gate here.
+        set_mode(dir.path(), 0o755);
         let packaged = dir.path().join("ferryd.toml");
         std::fs::copy(&daemon.config, &packaged).unwrap();
         std::os::unix::fs::chown(&packaged, Some(0), Some(gid)).unwrap();
