@@ -78,6 +78,17 @@ fn set_mode(path: &std::path::Path, mode: u32) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
 }
 
+/// Asserts that `ferryd connections` failed and that its message says each of `needles`.
+#[track_caller]
+fn fails_saying(out: &Output, needles: &[&str]) {
+    let why = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && needles.iter().all(|n| why.contains(n)),
+        "expected a failure saying {needles:?}; {}",
+        text(out)
+    );
+}
+
 fn text(out: &Output) -> String {
     format!(
         "status {:?}\nstdout: {}\nstderr: {}",
@@ -201,12 +212,12 @@ fn directions_show_half_closed_and_held_bytes_and_a_group_member_may_close() {
         set_mode(&packaged, 0o640);
         let outsider = ["--reuid=65534", "--regid=65534", "--clear-groups"];
         let refused = connections_with(&packaged, &outsider, &["--close", &half_id.to_string()]);
-        assert!(!refused.status.success(), "{}", text(&refused));
-        let why = String::from_utf8_lossy(&refused.stderr);
-        assert!(
-            why.contains("Permission denied")
-                && why.contains(&format!("only root and members of group {gid}")),
-            "{why}"
+        fails_saying(
+            &refused,
+            &[
+                "Permission denied",
+                &format!("only root and members of group {gid}"),
+            ],
         );
         let member_list = connections_with(&packaged, &member, &["--json"]);
         assert!(member_list.status.success(), "{}", text(&member_list));
@@ -274,12 +285,7 @@ fn the_control_socket_refuses_garbage_and_never_takes_the_relay_down() {
     c.read_exact(&mut back).unwrap();
     assert_eq!(&back, b"pong");
     let refused = connections(&blocked, &[], &["--close", "1"]);
-    assert!(!refused.status.success());
-    assert!(
-        String::from_utf8_lossy(&refused.stderr).contains("cannot reach the daemon's control socket"),
-        "{}",
-        text(&refused)
-    );
+    fails_saying(&refused, &["cannot reach the daemon's control socket"]);
 }
 
 /// The accounting can fail: with the `drop-byte` test fault, the first copy burst writes one

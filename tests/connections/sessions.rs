@@ -187,12 +187,7 @@ fn an_ssh_session_and_an_scp_are_listed_and_an_admin_closes_the_session() {
     assert!(shown.contains(&local(sshd.port).to_string()), "{shown}");
     assert!(shown.contains("files"), "{shown}");
     let unknown = connections(&daemon, &[], &["--route", "nope"]);
-    assert!(!unknown.status.success());
-    assert!(
-        String::from_utf8_lossy(&unknown.stderr).contains("no route is named \"nope\""),
-        "{}",
-        text(&unknown)
-    );
+    fails_saying(&unknown, &["no route is named \"nope\""]);
 
     let scp = scp.wait_with_output().unwrap();
     assert!(
@@ -240,12 +235,7 @@ fn an_ssh_session_and_an_scp_are_listed_and_an_admin_closes_the_session() {
         text(&look)
     );
     let refused = connections(&daemon, &nobody, &["--close", &ssh_id.to_string()]);
-    assert!(!refused.status.success(), "{}", text(&refused));
-    let why = String::from_utf8_lossy(&refused.stderr);
-    assert!(
-        why.contains("permission denied") && why.contains("group"),
-        "{why}"
-    );
+    fails_saying(&refused, &["permission denied", "group"]);
     assert_eq!(echo("still-here").expect("the session lives on"), "still-here\n");
     // The daemon checks who is asking too (SO_PEERCRED), should the socket's mode ever let an
     // outsider reach it.
@@ -253,12 +243,7 @@ fn an_ssh_session_and_an_scp_are_listed_and_an_admin_closes_the_session() {
     set_mode(&socket, 0o666);
     let reached = connections(&daemon, &nobody, &["--close", &ssh_id.to_string()]);
     set_mode(&socket, 0o660);
-    assert!(!reached.status.success(), "{}", text(&reached));
-    let why = String::from_utf8_lossy(&reached.stderr);
-    assert!(
-        why.contains("only root, uid") && why.contains("may use the control socket"),
-        "{why}"
-    );
+    fails_saying(&reached, &["only root, uid", "may use the control socket"]);
     daemon.expect_log("control socket: refused a client", Duration::from_secs(5));
     assert_eq!(echo("still-here").expect("the session lives on"), "still-here\n");
     // HTTP on the health port cannot close anything: only GET and HEAD, no such path.
@@ -312,10 +297,5 @@ fn an_ssh_session_and_an_scp_are_listed_and_an_admin_closes_the_session() {
     assert!(listing(&daemon).is_empty());
     // An id that is gone is named as such.
     let again = connections(&daemon, &[], &["--close", &ssh_id.to_string()]);
-    assert!(!again.status.success());
-    assert!(
-        String::from_utf8_lossy(&again.stderr).contains(&format!("no relayed connection has id {ssh_id}")),
-        "{}",
-        text(&again)
-    );
+    fails_saying(&again, &[&format!("no relayed connection has id {ssh_id}")]);
 }
