@@ -37,11 +37,16 @@ pub struct Request<'a> {
 /// Lists the connections, or closes one. Exit 0 on success, 1 when the daemon could not be
 /// asked or refused.
 pub fn run(request: Request<'_>) -> ExitCode {
-    if let Some(refusal) = unreadable(request.config) {
-        eprintln!("ferryd connections: {refusal}");
-        return ExitCode::FAILURE;
-    }
-    let config = match Config::load(request.config) {
+    let config = match std::fs::read_to_string(request.config) {
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            eprintln!("ferryd connections: {}", refusal(request.config, &e));
+            return ExitCode::FAILURE;
+        }
+        // Any other failure to read is said by `Config::load`, in its words.
+        Err(_) => Config::load(request.config),
+        Ok(text) => Config::parse(&text, request.config),
+    };
+    let config = match config {
         Ok(config) => config,
         Err(e) => {
             eprintln!("ferryd: {e}");
@@ -69,14 +74,11 @@ pub fn run(request: Request<'_>) -> ExitCode {
     }
 }
 
-/// Why `path` cannot be read by this user, said as the rule it enforces: the package installs
-/// the configuration readable by root and the daemon's group only, the same people the control
-/// socket lets close a connection, so "Permission denied" here means "not one of them".
-fn unreadable(path: &Path) -> Option<String> {
-    let e = std::fs::File::open(path).err()?;
-    if e.kind() != io::ErrorKind::PermissionDenied {
-        return None;
-    }
+/// Why `path` cannot be read by this user (`e`, a permission error), said as the rule it
+/// enforces: the package installs the configuration readable by root and the daemon's group
+/// only, the same people the control socket lets close a connection, so "Permission denied"
+/// here means "not one of them".
+fn refusal(path: &Path, e: &io::Error) -> String {
     // The file's group, or its directory's when that is closed too (the package's /etc/ferryd
     // is 0750 root:ferryd).
     let group = std::fs::metadata(path)
@@ -86,12 +88,12 @@ fn unreadable(path: &Path) -> Option<String> {
         })
         .map(|m| group_name(std::os::unix::fs::MetadataExt::gid(&m)))
         .unwrap_or_else(|_| "the daemon's group".into());
-    Some(format!(
+    format!(
         "cannot read {} ({e}): only root and members of {group} may list or close ferryd's \
          connections with this command (the health endpoint's /connections is open to the \
          sources its access rule admits)",
         path.display()
-    ))
+    )
 }
 
 /// `group NAME` from /etc/group, or `group GID` when it has no name there.
