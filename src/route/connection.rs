@@ -71,8 +71,8 @@ impl Connection {
                 match proxy_header::parse(this.header.bytes()) {
                     Ok(header) => Some(header),
                     Err(e) => {
-                        crate::net::reset(this.client);
                         this.live.0.record(Outcome::Reset);
+                        crate::net::reset(this.client);
                         tracing::warn!(conn = this.id, route = %route.name, client = %this.peer, end = "reset", error = %e, "the PROXY header carried by the upgrade does not parse; connection reset");
                         return None;
                     }
@@ -99,8 +99,8 @@ impl Connection {
                     match first {
                         Ok(first) => first,
                         Err(e) => {
-                            crate::net::reset(this.client);
                             this.live.0.record(Outcome::Reset);
+                            crate::net::reset(this.client);
                             tracing::debug!(conn = this.id, route = %route.name, client = %this.peer, end = "reset", error = %e, "client failed before its first byte");
                             return None;
                         }
@@ -180,9 +180,10 @@ impl Connection {
                 ok
             }
             Err(e) => {
-                crate::net::reset(this.client);
+                // Counted before the reset, so whoever sees the reset also sees it counted.
                 stats.record(e.outcome);
                 stats.upstream_failed(e.outcome, format!("{}: {}", e.outcome.name(), e.reason));
+                crate::net::reset(this.client);
                 if let Some(suppressed) = this.quiet.upstream.admit() {
                     let upstream = e
                         .addr
@@ -222,9 +223,9 @@ impl Connection {
             )
             .await;
             if !matches!(sent, Ok(Ok(()))) {
+                stats.record(Outcome::Reset);
                 crate::net::reset(this.client);
                 crate::net::reset(upstream);
-                stats.record(Outcome::Reset);
                 tracing::warn!(conn = this.id, route = %route.name, client = %this.peer, upstream = %upstream_addr, end = "reset", "cannot send the PROXY v2 header to the upstream; both sides reset");
                 return None;
             }
@@ -302,8 +303,8 @@ impl Connection {
         let route = &settings.route.name;
         match request {
             Request::Close => {
-                crate::net::reset(client);
                 live.0.record(Outcome::Drain);
+                crate::net::reset(client);
                 tracing::info!(conn = id, route, client = %peer, upstream = %settings.route.upstream, end = "drain", "closed while {doing} at shutdown");
             }
             Request::Park => match client.into_std() {

@@ -94,10 +94,11 @@ impl RouteListener {
         let source = peer.ip().to_canonical();
 
         if settings.probe_sources.contains(source) {
-            // Accept + FIN: a TCP probe succeeds, and sshd/WinRM never see it.
-            drop(stream);
+            // Accept + FIN: a TCP probe succeeds, and sshd/WinRM never see it. Counted before
+            // the FIN, so whoever sees the FIN also sees it counted.
             self.stats.record(Outcome::Probe);
             self.stats.probed(source);
+            drop(stream);
             if let Some(suppressed) = self.quiet.probe.admit() {
                 tracing::info!(route = %route.name, client = %peer, end = "probe", suppressed, "probe answered locally");
             }
