@@ -98,6 +98,7 @@ listen = "127.0.0.1:60080"
 import os, socket, sys, time
 s = socket.create_connection(("10.0.0.5", 60001), timeout=60)
 s.recv(64)
+open(sys.argv[2], "w").close()
 s.setblocking(False)
 gone = None
 while True:
@@ -118,13 +119,17 @@ while True:
 "#;
     let flag = TempDir::new("vanished");
     let flag_path = flag.path().join("gone");
+    let greeted = flag.path().join("greeted");
     let mut typing = Command::new("ip")
         .args(["netns", "exec", &topo.ns("lb"), "python3", "-c", client])
         .arg(&flag_path)
+        .arg(&greeted)
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_secs(1));
+    // Relaying, the build VM's first bytes through, before it goes.
+    until(|| greeted.exists().then_some(()), Duration::from_secs(10))
+        .expect("the client got the build VM's first bytes");
     // The build VM vanishes: nothing it would send or receive gets through any more.
     topo.sh(
         "buildvm",

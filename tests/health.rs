@@ -24,6 +24,10 @@ fn header<'a>(response: &'a str, name: &str) -> Option<&'a str> {
     })
 }
 
+/// How long the keeper's NAT report may take to reach the relay: the keeper writes it and the
+/// relay reads it once a second each, with room for a loaded machine.
+const NAT_REPORTED: Duration = Duration::from_secs(10);
+
 fn body(response: &str) -> &str {
     response.split_once("\r\n\r\n").map_or("", |(_, b)| b)
 }
@@ -373,8 +377,13 @@ fn nat_failure_is_reported_beside_health_and_the_relay_keeps_working() {
     let daemon = Daemon::start(&config);
     let logged = keeper.expect_log("cannot put the NAT rules in place", Duration::from_secs(5));
     assert!(logged.contains("iptables is not installed"), "{logged}");
-    // The relay reads the keeper's report every second.
-    std::thread::sleep(Duration::from_millis(2500));
+    // The keeper writes its report and the relay reads it, each once a second.
+    let reported = || {
+        let status = daemon.health_request("GET /status HTTP/1.0\r\n\r\n").ok()?;
+        let doc: serde_json::Value = serde_json::from_str(body(&status)).ok()?;
+        (doc["nat"]["state"] == "failed").then_some(())
+    };
+    until(reported, NAT_REPORTED).expect("the relay reads NAT's failure from the keeper's report");
     let answer = daemon.health_request("GET /healthz HTTP/1.0\r\n\r\n").unwrap();
     assert_eq!(
         status_code(&answer),
@@ -422,13 +431,21 @@ fn require_nat_makes_a_nat_failure_fail_the_probe() {
     });
     let _daemon = Daemon::start(&config);
     keeper.expect_log("cannot put the NAT rules in place", Duration::from_secs(5));
-    std::thread::sleep(Duration::from_millis(2500));
-    let answer = http_from(
-        std::net::Ipv4Addr::LOCALHOST,
-        health_port,
-        "GET /healthz HTTP/1.0\r\n\r\n",
+    let probe = || {
+        http_from(
+            std::net::Ipv4Addr::LOCALHOST,
+            health_port,
+            "GET /healthz HTTP/1.0\r\n\r\n",
+        )
+        .ok()
+    };
+    // 503 from the start ("nat: not applied yet"); then with the keeper's reason.
+    let answer = until(
+        || probe().filter(|answer| body(answer).starts_with("nat: `iptables --version`")),
+        NAT_REPORTED,
     )
-    .unwrap();
+    .or_else(probe)
+    .expect("the probe answers");
     assert_eq!(status_code(&answer), Some(503), "{answer}");
     assert!(body(&answer).starts_with("nat: `iptables --version`"), "{answer}");
     let mut client = TcpStream::connect(local(relay_port)).unwrap();

@@ -152,8 +152,13 @@ fn black_hole_upstream_times_out_and_releases_clients() {
     }
     let line = daemon.expect_log("upstream-timeout", Duration::from_secs(2));
     assert!(line.contains("connect_timeout (300ms)"), "{line}");
-    std::thread::sleep(Duration::from_millis(300));
-    let status = daemon.health_request("GET /status HTTP/1.0\r\n\r\n").unwrap();
+    let status = || daemon.health_request("GET /status HTTP/1.0\r\n\r\n").ok();
+    let status = until(
+        || status().filter(|s| s.contains("\"upstream-timeout\":50") && s.contains("\"live\":0")),
+        Duration::from_secs(5),
+    )
+    .or_else(status)
+    .unwrap_or_default();
     assert!(status.contains("\"upstream-timeout\":50"), "{status}");
     assert!(status.contains("\"live\":0"), "{status}");
     assert!(

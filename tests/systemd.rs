@@ -374,24 +374,30 @@ fn a_connection_queued_before_start_gets_the_socket_options() {
     socket2::SockRef::from(&early).send_out_of_band(b"!").unwrap();
     std::thread::sleep(Duration::from_millis(50));
     early.write_all(b"cd").unwrap();
-    std::thread::sleep(Duration::from_millis(200));
-    // ferryd's side of the early connection carries the 45 s keepalive timer.
+    // ferryd's side of the early connection carries the 45 s keepalive timer (once accepted
+    // and set up, which is ferryd's own time: asked until it shows).
     let client_port = early.local_addr().unwrap().port();
-    let out = Command::new("ss")
-        .args(["-tnoH", "state", "established"])
-        .output()
-        .unwrap();
-    let table = String::from_utf8_lossy(&out.stdout);
-    let leg = table
-        .lines()
-        .find(|line| {
+    let leg = || {
+        let out = Command::new("ss")
+            .args(["-tnoH", "state", "established"])
+            .output()
+            .unwrap();
+        let table = String::from_utf8_lossy(&out.stdout).into_owned();
+        let leg = table.lines().find(|line| {
             let cols: Vec<&str> = line.split_whitespace().collect();
             cols.len() >= 4
                 && cols[2].ends_with(&format!(":{port}"))
                 && cols[3].ends_with(&format!(":{client_port}"))
-        })
-        .unwrap_or_else(|| panic!("ferryd's side of the early connection in:\n{table}"))
-        .to_string();
+        });
+        leg.map(str::to_string)
+            .ok_or_else(|| format!("ferryd's side of the early connection in:\n{table}"))
+    };
+    let leg = until(
+        || leg().ok().filter(|l| l.contains("timer:(keepalive,4")),
+        Duration::from_secs(5),
+    )
+    .map_or_else(leg, Ok)
+    .unwrap_or_else(|e| panic!("{e}"));
     early.shutdown(std::net::Shutdown::Write).unwrap();
     let got = rx
         .recv_timeout(Duration::from_secs(5))

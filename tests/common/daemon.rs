@@ -6,7 +6,7 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -118,6 +118,8 @@ pub struct Daemon {
     /// Byte accounting mismatches the test expects of it (see the `Drop` impl).
     expected_mismatches: u64,
     lines: Arc<Mutex<Vec<String>>>,
+    /// Set by the reader thread when the daemon's stderr has ended (every line is in `lines`).
+    stderr_ended: Arc<AtomicBool>,
     _dir: TempDir,
 }
 
@@ -217,11 +219,14 @@ impl Daemon {
         let stderr = child.stderr.take().expect("stderr piped");
         let lines = Arc::new(Mutex::new(Vec::new()));
         let sink = lines.clone();
+        let stderr_ended = Arc::new(AtomicBool::new(false));
+        let ended = stderr_ended.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
                 sink.lock().unwrap().push(line);
             }
+            ended.store(true, Ordering::Release);
         });
         Daemon {
             child,
@@ -231,6 +236,7 @@ impl Daemon {
             control_socket,
             expected_mismatches: 0,
             lines,
+            stderr_ended,
             _dir: dir,
         }
     }
@@ -324,8 +330,12 @@ impl Daemon {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
-                // Let the reader thread collect the last lines.
-                std::thread::sleep(Duration::from_millis(50));
+                // Every line it wrote is read once its stderr ends. A child that inherited the
+                // stream (a NAT keeper) can hold it open: bounded, then the lines read so far.
+                let read_by = Instant::now() + STDERR_DRAIN;
+                while !self.stderr_ended.load(Ordering::Acquire) && Instant::now() < read_by {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
                 return Some(status);
             }
             if Instant::now() > deadline {
@@ -506,3 +516,6 @@ fn metrics_page(addr: SocketAddr) -> Option<String> {
     stream.read_to_string(&mut page).ok()?;
     Some(page)
 }
+
+/// How long [`Daemon::wait_exit`] waits, after the exit, for the rest of the daemon's stderr.
+const STDERR_DRAIN: Duration = Duration::from_secs(2);

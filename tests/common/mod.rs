@@ -23,6 +23,7 @@ pub use {daemon::*, net::*, pattern::*, seccomp::*, upstream::*};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 /// The binary cargo built. Run it through [`bin`].
 const BUILT: &str = env!("CARGO_BIN_EXE_ferryd");
@@ -84,6 +85,22 @@ fn open_to_others(path: &Path) -> bool {
 pub fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
     listener.local_addr().expect("local addr").port()
+}
+
+/// `check`'s first `Some`, asked every 50 ms until `timeout` has passed: for what the daemon does
+/// on its own time (a report read once a second, a counter updated as a connection ends), where
+/// a fixed sleep would be too short on a loaded machine and too long everywhere else.
+pub fn until<T>(mut check: impl FnMut() -> Option<T>, timeout: Duration) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(found) = check() {
+            return Some(found);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// A directory removed when dropped.

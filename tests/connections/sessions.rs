@@ -151,8 +151,11 @@ fn an_ssh_session_and_an_scp_are_listed_and_an_admin_closes_the_session() {
         (up > 64 * 1024).then(|| (scp["id"].as_u64().unwrap(), up))
     });
     assert!(scp_id > ssh_id, "ids grow with admission");
-    std::thread::sleep(Duration::from_millis(700));
-    let all = listing(&daemon);
+    // A later listing, once the scp's count has moved on (scp is limited to 1 MB/s).
+    let all = wait_listing(&daemon, "the scp's bytes growing", |all| {
+        let now = find(all, scp_id)?["bytes_up"].as_u64()?;
+        (now > before).then(|| all.to_vec())
+    });
     // Oldest first.
     assert_eq!(all[0]["id"], ssh_id, "{all:#?}");
     let moving = find(&all, scp_id).expect("the scp is still listed");

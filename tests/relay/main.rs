@@ -188,8 +188,8 @@ fn client_reset_is_passed_on_as_reset() {
     let daemon = Daemon::start(&config_one_route(port, upstream.addr, "", ""));
     let mut client = TcpStream::connect(local(port)).unwrap();
     client.write_all(b"some bytes").unwrap();
-    // Let the relay connect and forward before the reset.
-    std::thread::sleep(Duration::from_millis(200));
+    // Relaying (the upstream dialled) before the reset.
+    daemon.expect_log("connection opened", Duration::from_secs(5));
     abort(client);
     let seen = rx
         .recv_timeout(Duration::from_secs(5))

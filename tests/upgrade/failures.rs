@@ -188,7 +188,9 @@ fn an_exec_that_fails_twice_costs_nothing() {
     let stand_in = installed.dir.path().join("stand-in");
     std::fs::write(
         &stand_in,
-        "#!/bin/sh\nsetsid sh -c 'exec 3>>\"$0\"; sleep 3' \"$0\" </dev/null >/dev/null 2>&1 &\nsleep 0.2\necho 'handover versions: 1 2'\n",
+        // It answers once the holder has the file open (its descriptor 3 is the file), for at
+        // most 5 s: a fixed pause lost that race on a loaded machine.
+        "#!/bin/sh\nsetsid sh -c 'exec 3>>\"$0\"; sleep 3' \"$0\" </dev/null >/dev/null 2>&1 &\nself=$(readlink -f \"$0\"); i=0\nwhile [ \"$(readlink /proc/$!/fd/3 2>/dev/null)\" != \"$self\" ] && [ $i -lt 250 ]; do sleep 0.02; i=$((i+1)); done\necho 'handover versions: 1 2'\n",
     )
     .unwrap();
     std::fs::set_permissions(&stand_in, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
