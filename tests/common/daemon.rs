@@ -330,8 +330,8 @@ impl Daemon {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
-                // Every line it wrote is read once its stderr ends. A child that inherited the
-                // stream (a NAT keeper) can hold it open: bounded, then the lines read so far.
+                // Every line it wrote is read once its stderr ends. Bounded all the same, in case
+                // a descendant inherited the stream: then the lines read so far.
                 let read_by = Instant::now() + STDERR_DRAIN;
                 while !self.stderr_ended.load(Ordering::Acquire) && Instant::now() < read_by {
                     std::thread::sleep(Duration::from_millis(5));
@@ -384,8 +384,19 @@ impl Daemon {
                 Some(target.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
             })
             .collect();
+        // A daemon has sockets (its health endpoint at least): none seen means /proc could not
+        // be read, and "not listening" would be an answer nobody checked.
+        assert!(
+            !inodes.is_empty(),
+            "no socket among ferryd's descriptors (pid {pid})"
+        );
         ["tcp", "tcp6"].iter().any(|table| {
-            let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+            let text = match std::fs::read_to_string(format!("/proc/{pid}/net/{table}")) {
+                Ok(text) => text,
+                // tcp6 is absent on a kernel without IPv6; tcp never is.
+                Err(e) if *table == "tcp" => panic!("read /proc/{pid}/net/tcp: {e}"),
+                Err(_) => String::new(),
+            };
             text.lines().skip(1).any(|line| {
                 let fields: Vec<&str> = line.split_whitespace().collect();
                 // local_address is fields[1] ("ADDR:PORT" in hex), st fields[3] (0A: LISTEN),

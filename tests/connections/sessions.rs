@@ -159,8 +159,6 @@ fn an_ssh_session_and_an_scp_are_listed_and_an_admin_closes_the_session() {
     // Oldest first.
     assert_eq!(all[0]["id"], ssh_id, "{all:#?}");
     let moving = find(&all, scp_id).expect("the scp is still listed");
-    let now = moving["bytes_up"].as_u64().unwrap();
-    assert!(now > before, "the scp's bytes grow: {before} then {now}");
     assert_eq!(moving["route"], "files", "{moving}");
     assert!(
         moving["client"].as_str().unwrap().starts_with("127.0.0.1:"),
