@@ -13,7 +13,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::pp::*;
-use common::sshd::Sshd;
+use common::sshd::{Sshd, assert_copied};
 use common::*;
 use ferryd::proxy_header::{self, Command as PpCommand, Header};
 
@@ -383,15 +383,7 @@ fn haproxy_send_proxy_v2_in_front_of_ferryd_with_sshd_behind() {
         .arg(format!("root@127.0.0.1:{}", target.display()))
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "scp: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        std::fs::read(&target).unwrap() == data,
-        "the file changed on the way"
-    );
+    assert_copied(&out, &target, &data);
 
     let line = daemon.expect_log("proxied_client=\"127.0.0.5:", Duration::from_secs(5));
     assert!(

@@ -2,8 +2,8 @@
 //! it as root with the matching client key: what a builder's session through ferryd is.
 
 use std::net::TcpStream;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use super::{TempDir, free_port, local};
@@ -135,6 +135,20 @@ impl Sshd {
         ]);
         command
     }
+}
+
+/// Asserts that an scp exited successfully and that `target` now holds exactly `sent`.
+#[track_caller]
+pub fn assert_copied(scp: &Output, target: &Path, sent: &[u8]) {
+    assert!(
+        scp.status.success(),
+        "scp: {}",
+        String::from_utf8_lossy(&scp.stderr)
+    );
+    assert!(
+        std::fs::read(target).expect("read the copied file") == sent,
+        "the file changed on the way"
+    );
 }
 
 impl Drop for Sshd {

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::skip::have;
-use common::sshd::Sshd;
+use common::sshd::{Sshd, assert_copied};
 use common::*;
 use serde_json::Value;
 

@@ -191,15 +191,7 @@ fn an_ssh_session_and_an_scp_are_listed_and_an_admin_closes_the_session() {
     fails_saying(&unknown, &["no route is named \"nope\""]);
 
     let scp = scp.wait_with_output().unwrap();
-    assert!(
-        scp.status.success(),
-        "scp: {}",
-        String::from_utf8_lossy(&scp.stderr)
-    );
-    assert!(
-        std::fs::read(&target).unwrap() == data,
-        "the file changed on the way"
-    );
+    assert_copied(&scp, &target, &data);
     // scp has exited and its socket is closed; the build VM's end is still open: the upward
     // direction is half-closed, the fin timer counting, the downward one open.
     let half = wait_listing(&daemon, "the scp's upward direction half-closed", |all| {
