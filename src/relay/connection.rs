@@ -32,7 +32,8 @@ enum Run {
 }
 
 impl Run {
-    /// Where a direction starts: done when it had ended before an upgrade moved it here.
+    /// Where a direction starts: `Ended` if its end of stream had been passed on before an upgrade
+    /// moved it here.
     fn from_side(side: &Side) -> Run {
         match side {
             Side::Ended => Run::Ended,
@@ -154,8 +155,10 @@ pub fn relay<T>(
         )
         .await;
         let ended = match how {
-            LoopEnd::Parked { up, down } => park(&engine, &live, client, upstream, up, down),
-            LoopEnd::Closed(outcome, detail) => close(&engine, &live, client, upstream, outcome, detail),
+            LoopEnd::Parked { up, down } => park(&engine, &live, &totals, client, upstream, up, down),
+            LoopEnd::Closed(outcome, detail) => {
+                close(&engine, &live, &totals, client, upstream, outcome, detail)
+            }
         };
         // Out of the table before the caller logs its end.
         drop(listed);
@@ -303,7 +306,15 @@ fn run<'a>(
 
 /// Takes a parked connection's sockets out of the runtime with where it stands, for the next
 /// program image.
-fn park(engine: &Engine, live: &Live, client: TcpStream, upstream: TcpStream, up: Side, down: Side) -> Ended {
+fn park(
+    engine: &Engine,
+    live: &Live,
+    totals: &Totals,
+    client: TcpStream,
+    upstream: TcpStream,
+    up: Side,
+    down: Side,
+) -> Ended {
     // What a parked direction holds must be exactly what it carries.
     let carried = |side: &Side| match side {
         Side::Running(OpenSide {
@@ -329,27 +340,32 @@ fn park(engine: &Engine, live: &Live, client: TcpStream, upstream: TcpStream, up
         }),
         // Taking a socket out of the runtime cannot fail for a registered socket; if it did,
         // both are gone with the error, and the connection is reported reset.
-        (client, upstream) => Ended::Closed(Transfer {
-            outcome: Outcome::Reset,
-            detail: Some(format!(
-                "cannot park for the upgrade: {}",
-                [client.err(), upstream.err()]
-                    .into_iter()
-                    .flatten()
-                    .map(|e| e.to_string())
-                    .collect::<Vec<_>>()
-                    .join("; ")
-            )),
-            up: progress.bytes_up,
-            down: progress.bytes_down,
-        }),
+        (client, upstream) => {
+            totals.record(Outcome::Reset);
+            Ended::Closed(Transfer {
+                outcome: Outcome::Reset,
+                detail: Some(format!(
+                    "cannot park for the upgrade: {}",
+                    [client.err(), upstream.err()]
+                        .into_iter()
+                        .flatten()
+                        .map(|e| e.to_string())
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                )),
+                up: progress.bytes_up,
+                down: progress.bytes_down,
+            })
+        }
     }
 }
 
-/// Closes both sockets the way `outcome` requires and says what the connection carried.
+/// Counts the connection's end under its route, closes both sockets the way `outcome` requires
+/// and says what the connection carried.
 fn close(
     engine: &Engine,
     live: &Live,
+    totals: &Totals,
     client: TcpStream,
     upstream: TcpStream,
     outcome: Outcome,
@@ -369,9 +385,11 @@ fn close(
             live.activity.bytes_in_flight() || unread(&client) > 0 || unread(&upstream) > 0
         }
     };
+    // Counted before either socket closes, as every refusal before the relay is: whoever sees
+    // the reset or the FIN also sees it counted.
+    totals.record(outcome);
     if cut_short {
-        crate::net::reset(client);
-        crate::net::reset(upstream);
+        crate::net::reset_both(client, upstream);
     } else {
         // An orderly end: every byte read from each side was written to the other.
         audit(engine, live, outcome.name(), [0, 0]);
@@ -412,13 +430,13 @@ fn audit(engine: &Engine, live: &Live, how: &str, expected: [u64; 2]) {
 /// error is named after the side it came from: `names` is [source, destination].
 fn pass_on(
     result: Result<SideEnd, PumpError>,
-    other_done: bool,
+    other_ended: bool,
     dst: BorrowedFd<'_>,
     names: [&str; 2],
 ) -> Result<SideEnd, String> {
     let [src_name, dst_name] = names;
     match result {
-        Ok(SideEnd::Ended) if !other_done => crate::net::shutdown_write(dst)
+        Ok(SideEnd::Ended) if !other_ended => crate::net::shutdown_write(dst)
             .map(|()| SideEnd::Ended)
             .map_err(|e| format!("{dst_name}: shutdown after {src_name}'s FIN failed: {e}")),
         Ok(end) => Ok(end),

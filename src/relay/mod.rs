@@ -119,7 +119,7 @@ impl GoneAfter {
 }
 
 /// The route a connection belongs to, whose byte totals (`bytes_up`, `bytes_down`) every burst
-/// adds to. Owned rather than borrowed, so that a connection's whole future can be made before
+/// adds to, and under which the connection's end is counted before its sockets close. Owned rather than borrowed, so that a connection's whole future can be made before
 /// its task runs: whatever an async block captures to pass on stays in the task, for the
 /// connection's life.
 pub type Totals = Arc<crate::state::RouteStats>;

@@ -224,8 +224,7 @@ impl Connection {
             .await;
             if !matches!(sent, Ok(Ok(()))) {
                 stats.record(Outcome::Reset);
-                crate::net::reset(this.client);
-                crate::net::reset(upstream);
+                crate::net::reset_both(this.client, upstream);
                 tracing::warn!(conn = this.id, route = %route.name, client = %this.peer, upstream = %upstream_addr, end = "reset", "cannot send the PROXY v2 header to the upstream; both sides reset");
                 return None;
             }
@@ -382,7 +381,7 @@ impl Relayed {
     }
 }
 
-/// After the relay: a connection that ended is counted and logged (its one line); a parked one
+/// After the relay: a connection that ended (the relay has counted it) is logged, its one line; a parked one
 /// goes to the daemon, who it is beside it.
 fn ended(over: relay::Over, started: Instant, live: LiveGuard, parking: &Parking) {
     let relay::Over { ended, who, timeouts } = over;
@@ -395,7 +394,7 @@ fn ended(over: relay::Over, started: Instant, live: LiveGuard, parking: &Parking
             return;
         }
     };
-    stats.record(transfer.outcome);
+    // The relay counted its end under the route before it closed the sockets.
     // No longer live before the line says so: whoever reads the line and then the gauge sees
     // the connection gone.
     drop(live);
