@@ -141,7 +141,7 @@ pub struct OpeningEntry {
 
 /// One direction of a connection.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "state", rename_all = "lowercase")]
+#[serde(tag = "state")]
 pub enum SideEntry {
     /// Its end of stream was passed on (`"done"` in the document).
     #[serde(rename = "done")]

@@ -32,6 +32,9 @@ const CONNECTION_TIMEOUT: Duration = Duration::from_secs(15);
 /// (Measured: it did not remove the occasional tail the benchmark's `--listing` mode sees in
 /// some paced rounds; see BENCHMARKS.md. It bounds what one write can cost.)
 const BODY_PIECE: usize = 16 * 1024;
+// hyper's buffer (`max_buf_size`, which also bounds what it gathers before one write) must stay
+// smaller than a piece, or several pieces would go out in one write after all.
+const _: () = assert!(MAX_REQUEST_BYTES < BODY_PIECE);
 
 /// What a client may ask for, decided from its source address at accept.
 #[derive(Clone, Copy, Debug)]
