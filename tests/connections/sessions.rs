@@ -201,22 +201,16 @@ fn an_ssh_session_and_an_scp_are_listed_and_an_admin_closes_the_session() {
     assert_eq!(half["down"]["state"], "open", "{half}");
     assert!(half["bytes_up"].as_u64().unwrap() > data.len() as u64, "{half}");
     release.store(true, Ordering::SeqCst);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let scp_closed = loop {
-        let closed = daemon
-            .log_lines("connection closed")
-            .into_iter()
-            .find(|l| field(l, "conn") == Some(scp_id.to_string().as_str()));
-        if let Some(line) = closed {
-            break line;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no closed line for {scp_id}: {}",
-            daemon.log()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let scp_closed = until(
+        || {
+            daemon
+                .log_lines("connection closed")
+                .into_iter()
+                .find(|l| field(l, "conn") == Some(scp_id.to_string().as_str()))
+        },
+        Duration::from_secs(5),
+    )
+    .unwrap_or_else(|| panic!("no closed line for {scp_id}: {}", daemon.log()));
     assert_eq!(field(&scp_closed, "end"), Some("eof"), "{scp_closed}");
 
     // Someone who is neither root nor in the daemon's group may look, not close.
@@ -253,14 +247,8 @@ fn an_ssh_session_and_an_scp_are_listed_and_an_admin_closes_the_session() {
         "{}",
         text(&close)
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = ssh.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "ssh still runs after --close");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status =
+        until(|| ssh.try_wait().unwrap(), Duration::from_secs(10)).expect("ssh still runs after --close");
     let mut ssh_err = String::new();
     ssh.stderr.take().unwrap().read_to_string(&mut ssh_err).unwrap();
     assert!(!status.success(), "ssh ended in error: {status:?}");
@@ -273,15 +261,11 @@ fn an_ssh_session_and_an_scp_are_listed_and_an_admin_closes_the_session() {
     let line = daemon.expect_log("end=\"closed-by-admin\"", Duration::from_secs(5));
     assert_eq!(field(&line, "conn"), Some(ssh_id.to_string().as_str()), "{line}");
     assert!(line.contains("closed by uid 0"), "{line}");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !sshd.log_text().contains("reset") {
-        assert!(
-            Instant::now() < deadline,
-            "sshd did not see a reset: {:?}",
-            sshd.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    until(
+        || sshd.log_text().contains("reset").then_some(()),
+        Duration::from_secs(5),
+    )
+    .unwrap_or_else(|| panic!("sshd did not see a reset: {:?}", sshd.log_text()));
     let metrics = daemon.health_request("GET /metrics HTTP/1.0\r\n\r\n").unwrap();
     assert!(
         metrics.contains("ferryd_connection_ends_total{route=\"test\",end=\"closed-by-admin\"} 1"),

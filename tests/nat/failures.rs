@@ -164,12 +164,17 @@ fn turning_nat_off_removes_the_rules_at_reload_and_at_start() {
         Duration::from_secs(10),
     );
     daemon.expect_log("configuration reloaded", Duration::from_secs(10));
-    std::thread::sleep(Duration::from_millis(1500));
+    // The relay learns it from the keeper's report (written and read once a second each).
+    let disabled = || {
+        let status = health_in_proxy(&topo, "/status");
+        status.contains("\"state\":\"disabled\"").then_some(status)
+    };
+    until(disabled, Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("NAT not reported disabled: {}", health_in_proxy(&topo, "/status")));
     assert!(!topo.save("filter").contains("FERRYD"));
     assert!(!topo.save("nat").contains("FERRYD"));
     assert_eq!(topo.sh("proxy", "cat /proc/sys/net/ipv4/ip_forward").trim(), "0");
     assert!(topo.get_from_buildvm("http://192.0.2.1/").is_err());
-    assert!(health_in_proxy(&topo, "/status").contains("\"state\":\"disabled\""));
     assert!(banner_through_relay(&topo).starts_with("SSH-2.0-"));
     daemon.stop();
     keeper.stop();
